@@ -1,0 +1,383 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file (see configs/) plus optional dotted
+overrides from the command line (`--set train.lr=1e-4`). The YAML is loaded
+into frozen dataclasses; every value is checked where it is defined:
+
+* an unknown key fails with the file, the dotted key and the closest valid key;
+* a wrong type fails with the expected type;
+* an out-of-range value fails with the accepted range or choices.
+
+Each dataclass documents its fields; the defaults are the ones in
+DESIGN.md section 1. Functions elsewhere take plain keyword arguments, so only
+the entry points read this module. The DeepSpeed section is passed through as
+DeepSpeed defines it (a plain dict), merged over our CPU-safe defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dmea_dist.errors import ConfigError
+
+METHODS = ("dmea", "acm", "lamol", "finetune", "adapter", "multitask")
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """A GPT-2 built from scratch (offline default; tokenizer trained on the run's data)."""
+
+    n_layer: int = 4
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 256
+    vocab_size: int = 2000  # size of the byte-level BPE trained on the run's data
+
+    def __post_init__(self):
+        _check_range("model.tiny.n_layer", self.n_layer, 1, 96)
+        _check_range("model.tiny.n_embd", self.n_embd, 8, 8192)
+        _check_range("model.tiny.n_positions", self.n_positions, 16, 8192)
+        _check_range("model.tiny.vocab_size", self.vocab_size, 300, 200_000)
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.tiny.n_embd={self.n_embd} must be divisible by model.tiny.n_head={self.n_head}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: a pretrained checkpoint (local dir or hub name) or a tiny fresh GPT-2."""
+
+    pretrained: str | None = None  # e.g. "gpt2", "gpt2-medium", or a local directory
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    bottleneck: int | None = None  # adapter width; None = d_model // 16
+    max_tasks: int = 128  # generation tokens reserved up front (no embedding resize mid-run)
+    max_length: int = 128  # tokens per training example; longer ones are truncated keeping the answer
+
+    def __post_init__(self):
+        if self.bottleneck is not None:
+            _check_range("model.bottleneck", self.bottleneck, 1, 65536)
+        _check_range("model.max_tasks", self.max_tasks, 1, 100_000)
+        _check_range("model.max_length", self.max_length, 16, 8192)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which tasks, in which order, and where their data lives."""
+
+    tasks: list[str] = field(default_factory=list)
+    root: str = "../shared/data"  # real corpora (RNNLG, E2E); relative to the working directory
+    user_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> UserTaskSpec fields
+    synth_seed: int = 0
+    synth_sizes: list[int] = field(default_factory=lambda: [400, 50, 50])  # train, validation, test
+    max_train_samples: int | None = None  # cap per task, for quick runs
+    max_eval_samples: int | None = None  # cap on validation/test rows per task
+    train_references: Literal["first", "all"] = "first"  # which references become training examples
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ConfigError("data.tasks is empty: list the task names to learn, e.g. [synth.travel.00, e2e]")
+        if len(set(self.tasks)) != len(self.tasks):
+            dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            raise ConfigError(f"data.tasks lists {dup} more than once; each task appears once in a sequence")
+        if len(self.synth_sizes) != 3 or min(self.synth_sizes) < 1:
+            raise ConfigError(f"data.synth_sizes={self.synth_sizes} must be three positive ints [train, validation, test]")
+        for key in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_range(f"data.{key}", value, 1, 10**9)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation shared by every stage (reference values for GPT-2 small)."""
+
+    lr: float = 1.75e-4
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 4  # per task sub-batch
+    lm_lambda: float = 0.25  # weight of the LM loss that teaches the model to generate pseudo samples
+    first_task_epochs: float = 9.0
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_range("train.lr", self.lr, 1e-8, 1.0)
+        _check_range("train.batch_size", self.batch_size, 1, 4096)
+        _check_range("train.lm_lambda", self.lm_lambda, 0.0, 10.0)
+        _check_range("train.first_task_epochs", self.first_task_epochs, 0.01, 1000.0)
+        _check_range("train.grad_clip", self.grad_clip, 0.0, 1e6)
+
+
+@dataclass(frozen=True)
+class ExpansionConfig:
+    """Stage 1: architecture search over {old modules, one new module} per layer."""
+
+    epochs: float = 6.0
+    warmup_epochs: float = 3.0  # coefficients frozen for this part
+    beta: float = 1.0  # scale of the similarity-initialised logits
+    init: Literal["similarity", "static"] = "similarity"  # static: fixed hand-set logit (ACM)
+    static_logit: float = 1.0  # ACM's fixed initial logit for old modules (new module gets 0)
+    entropy_weight: float = 0.01
+    coefficient_lr: float = 1e-2
+    candidates: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # overrides: beta, entropy_weight, seed
+
+    def __post_init__(self):
+        _check_range("method.expansion.epochs", self.epochs, 0.01, 1000.0)
+        _check_range("method.expansion.warmup_epochs", self.warmup_epochs, 0.0, self.epochs)
+        _check_range("method.expansion.entropy_weight", self.entropy_weight, 0.0, 100.0)
+        if not self.candidates:
+            raise ConfigError("method.expansion.candidates is empty: give at least one candidate ({} = defaults)")
+        allowed = {"beta", "entropy_weight", "seed"}
+        for i, cand in enumerate(self.candidates):
+            unknown = set(cand) - allowed
+            if unknown:
+                raise ConfigError(
+                    f"method.expansion.candidates[{i}] has unknown keys {sorted(unknown)}; accepted: {sorted(allowed)}"
+                )
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Stage 2: pick the most similar earlier tasks by input-subspace similarity."""
+
+    mode: Literal["subspace", "random", "none"] = "subspace"
+    top_k: int = 2
+    epsilon: float = 0.97  # energy kept by each task's per-layer basis
+    n_samples: int = 100  # samples whose representations define a task's subspace
+    site: Literal["block_input"] = "block_input"  # where representations are read
+
+    def __post_init__(self):
+        _check_range("method.selection.top_k", self.top_k, 0, 1000)
+        _check_range("method.selection.epsilon", self.epsilon, 0.01, 1.0)
+        _check_range("method.selection.n_samples", self.n_samples, 1, 100_000)
+
+
+@dataclass(frozen=True)
+class AdaptationConfig:
+    """Stage 3: train the new task with transfer and replay, balanced by gradient scaling."""
+
+    epochs: float = 9.0
+    gamma: float = 0.2  # pseudo samples per earlier task = gamma * new task's training size
+    gradient_scaling: bool = True
+    eta_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])
+    progress: Literal["epochs", "fraction"] = "epochs"  # meaning of t in exp(-t)
+    transfer: Literal["new_path", "off"] = "new_path"  # selected tasks' pseudo samples through the new path
+    replay: Literal["shared", "all", "none"] = "shared"  # which earlier tasks replay through their own paths
+    top_k_sampling: int = 20  # generation of pseudo samples
+
+    def __post_init__(self):
+        _check_range("method.adaptation.epochs", self.epochs, 0.0, 1000.0)
+        _check_range("method.adaptation.gamma", self.gamma, 0.0, 100.0)
+        if len(self.eta_clamp) != 2 or not 0 < self.eta_clamp[0] <= self.eta_clamp[1]:
+            raise ConfigError(f"method.adaptation.eta_clamp={self.eta_clamp} must be [low, high] with 0 < low <= high")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: Literal["dmea", "acm", "lamol", "finetune", "adapter", "multitask"] = "dmea"
+    expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    decoding: Literal["greedy", "top_k"] = "greedy"
+    top_k: int = 20
+    max_new_tokens: int = 64
+    max_samples: int | None = None  # cap on test rows per task, for quick runs
+    all_tasks: bool = False  # also evaluate tasks not yet seen (forward transfer)
+    metric: Literal["rouge", "bleu", "em"] = "rouge"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _check_range("eval.max_new_tokens", self.max_new_tokens, 1, 4096)
+        if self.max_samples is not None:
+            _check_range("eval.max_samples", self.max_samples, 1, 10**9)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"  # any MLflow tracking URI; a server for multi-node runs
+    experiment: str = "dmea-dist"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... to join
+    num_search_workers: int = 1  # expansion candidates in flight at once
+    search_cpus: float = 1.0
+    num_generation_actors: int = 1
+    generation_cpus: float = 1.0
+    num_train_workers: int = 1
+    train_cpus: float = 1.0
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One lifelong run: a task sequence, a model, a method and how to run it."""
+
+    data: DataConfig
+    name: str = "dmea"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed's own config, merged over defaults
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config and apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see configs/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
+    for item in overrides or []:
+        apply_override(raw, item, source=str(path))
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
+    try:
+        return _build(RunConfig, raw, prefix="", source=source)
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `true`, `[a, b]`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=1e-4)")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+
+
+def _build(cls: type, raw: Any, *, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{key}'{hint} (accepted under "
+            f"{prefix.rstrip('.') or 'top level'}: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, key=f"{prefix}{name}", source=source)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key {prefix}{missing[0]}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _coerce(tp: Any, value: Any, *, key: str, source: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.", source=source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key=key, source=source)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: {key}={value!r} is not accepted{hint}; choose one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, key=f"{key}[{i}]", source=source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return {str(k): v for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={value} is out of range; accepted: {low} <= {key.split('.')[-1]} <= {high}")
+
+
+def deepspeed_config(user: dict[str, Any], *, lr: float, weight_decay: float, eps: float, grad_clip: float,
+                     micro_batch: int) -> dict[str, Any]:
+    """DeepSpeed's config: CPU-safe defaults (ZeRO 1, fp32, torch AdamW) deep-merged with the user's section."""
+    defaults: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "eps": eps, "weight_decay": weight_decay,
+                                                   "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(defaults, user)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,0 +1,18 @@
+"""Exceptions the user sees.
+
+Every error raised for bad input names the offending file, row or key and says
+how to fix it; these classes only group them so the CLI can print them cleanly
+(no traceback) and tests can match them.
+"""
+
+
+class DmeaError(Exception):
+    """Base class for errors caused by user input or environment, not by a bug."""
+
+
+class ConfigError(DmeaError, ValueError):
+    """An invalid run configuration: unknown key, wrong type, out-of-range value."""
+
+
+class DataError(DmeaError, ValueError):
+    """Invalid task data: missing file, malformed row, empty split, unknown task."""

@@ -1,0 +1,70 @@
+"""Config loading: typed values, overrides, and errors that name the key and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from dmea_dist.config import RunConfig, load_config
+from dmea_dist.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_design_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  tasks: [synth.travel.00, synth.travel.01]\n"))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.method.name == "dmea"
+    assert cfg.method.selection.top_k == 2 and cfg.method.selection.epsilon == 0.97
+    assert cfg.method.selection.n_samples == 100
+    assert cfg.method.adaptation.gamma == 0.2 and cfg.method.adaptation.eta_clamp == [0.1, 10.0]
+    assert cfg.train.lm_lambda == 0.25 and cfg.train.lr == 1.75e-4
+    assert cfg.tracking.uri == "sqlite:///mlflow.db"
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = write(tmp_path, "data:\n  tasks: [a.b]\n")
+    cfg = load_config(path, ["train.lr=1e-3", "method.selection.top_k=3", "data.tasks=[x, y]",
+                             "method.adaptation.gradient_scaling=false", "deepspeed.zero_optimization.stage=2"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.method.selection.top_k == 3
+    assert cfg.data.tasks == ["x", "y"]
+    assert cfg.method.adaptation.gradient_scaling is False
+    assert cfg.deepspeed == {"zero_optimization": {"stage": 2}}
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path, "data:\n  tasks: [a]\nmethod:\n  selection:\n    topk: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert str(path) in msg and "method.selection.topk" in msg and "top_k" in msg
+
+
+def test_wrong_type_and_range_and_choice(tmp_path):
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError, match=r"train.batch_size must be int"):
+        load_config(path, ["train.batch_size=four"])
+    with pytest.raises(ConfigError, match=r"method.selection.epsilon=1.5 is out of range"):
+        load_config(path, ["method.selection.epsilon=1.5"])
+    with pytest.raises(ConfigError, match=r"did you mean 'dmea'"):
+        load_config(path, ["method.name=dmae"])
+    with pytest.raises(ConfigError, match=r"data.tasks is empty"):
+        load_config(path, ["data.tasks=[]"])
+    with pytest.raises(ConfigError, match=r"must look like key.sub=value"):
+        load_config(path, ["train.lr"])
+
+
+def test_every_shipped_config_loads():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert files, "configs/ has no YAML files"
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.data.tasks
+        header = path.read_text().splitlines()[0]
+        assert header.startswith("#"), f"{path.name} must start with a comment saying how to launch it"
