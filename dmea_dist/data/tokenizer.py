@@ -1,0 +1,93 @@
+"""Tokenizers and the special tokens every run reserves up front.
+
+Two sources:
+
+* a pretrained checkpoint's own tokenizer (`load_pretrained_tokenizer`), with
+  the special tokens added once; the model's embeddings are resized to match
+  once, when the model is built, never mid-run;
+* for the offline tiny default, a byte-level BPE trained on the run's task
+  data (`train_bpe_tokenizer`) and saved with the run.
+
+Special tokens: one answer separator, an end-of-sequence token that doubles as
+padding (labels mask padding out, so they never clash), and `max_tasks`
+generation tokens `<|task_i|>`, one per position in the task sequence. All are
+reserved before training starts so a sequence of 100+ tasks never needs an
+embedding resize; they stay frozen like the rest of the backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+ANS_TOKEN = "<|ans|>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def task_token(index: int) -> str:
+    """The generation token of the task at position `index` of the sequence."""
+    return f"<|task_{index}|>"
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    ans: int
+    eos: int
+    pad: int
+    tasks: tuple[int, ...]  # tasks[i] = id of task_token(i)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> SpecialTokenIds:
+        ids = [tokenizer.convert_tokens_to_ids(ANS_TOKEN), tokenizer.eos_token_id]
+        n_tasks = sum(1 for tok in tokenizer.get_vocab() if tok.startswith("<|task_"))
+        tasks = tuple(tokenizer.convert_tokens_to_ids([task_token(i) for i in range(n_tasks)]))
+        unk = tokenizer.unk_token_id
+        if unk is not None and (unk in ids or unk in tasks):
+            raise ValueError("tokenizer lacks the reserved special tokens; build it with train_bpe_tokenizer "
+                             "or load_pretrained_tokenizer")
+        return cls(ans=ids[0], eos=ids[1], pad=tokenizer.pad_token_id, tasks=tasks)
+
+
+def _special_tokens(max_tasks: int) -> list[str]:
+    return [EOS_TOKEN, ANS_TOKEN] + [task_token(i) for i in range(max_tasks)]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, max_tasks: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` with the reserved special tokens (offline, seconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = _special_tokens(max_tasks)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + len(specials),
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+                                   bos_token=EOS_TOKEN, unk_token=None)
+    fast.add_special_tokens({"additional_special_tokens": specials[1:]})
+    return fast
+
+
+def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int):
+    """The checkpoint's own tokenizer plus the reserved special tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # GPT-2's eos is already <|endoftext|>; add the answer separator and task tokens.
+    tokenizer.add_special_tokens({"additional_special_tokens": _special_tokens(max_tasks)[1:]})
+    return tokenizer
+
+
+def load_tokenizer(directory: str | Path):
+    """Load a tokenizer saved with a run (`tokenizer.save_pretrained(directory)`)."""
+    return AutoTokenizer.from_pretrained(str(directory))

@@ -1,0 +1,109 @@
+"""Tokenizer with reserved tokens, LAMOL formatting, truncation, batching, parsing."""
+
+import pytest
+import torch
+
+from dmea_dist.data.formatting import IGNORE, Formatter, collate, encode_task, iterate_batches, left_pad
+from dmea_dist.data.tokenizer import (
+    ANS_TOKEN, SpecialTokenIds, load_tokenizer, task_token, train_bpe_tokenizer,
+)
+
+TEXTS = [
+    "inform(name='red lion';area='north')",
+    "the red lion is in the north of town",
+    "inform(name='blue bell';food='thai')",
+    "blue bell serves thai food",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(TEXTS, vocab_size=400, max_tasks=130)
+
+
+def test_reserved_tokens_are_single_ids(tokenizer):
+    special = SpecialTokenIds.from_tokenizer(tokenizer)
+    assert len(special.tasks) == 130  # 100+ tasks need no resize later
+    assert len(set(special.tasks) | {special.ans, special.eos}) == 132
+    for i in (0, 57, 129):
+        assert tokenizer(task_token(i), add_special_tokens=False)["input_ids"] == [special.tasks[i]]
+    assert tokenizer(ANS_TOKEN, add_special_tokens=False)["input_ids"] == [special.ans]
+    assert special.pad == special.eos
+
+
+def test_tokenizer_save_load_roundtrip(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    text = "the red lion serves thai food"
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert SpecialTokenIds.from_tokenizer(again) == SpecialTokenIds.from_tokenizer(tokenizer)
+
+
+def test_qa_and_lm_examples(tokenizer):
+    fmt = Formatter(tokenizer, max_length=64)
+    sp = fmt.special
+    qa = fmt.qa_example("inform(name='red lion')", "", "the red lion")
+    sep = qa.input_ids.index(sp.ans)
+    assert qa.labels[: sep + 1] == [IGNORE] * (sep + 1)  # no loss on the prompt
+    assert qa.labels[sep + 1:] == qa.input_ids[sep + 1:]
+    assert qa.input_ids[-1] == sp.eos
+    assert tokenizer.decode(qa.input_ids[sep + 1:-1]).strip() == "the red lion"
+
+    lm = fmt.lm_example("inform(name='red lion')", "", "the red lion", task_index=3)
+    assert lm.input_ids[0] == sp.tasks[3]
+    assert lm.labels[0] == IGNORE and lm.labels[1:] == lm.input_ids[1:]
+    assert lm.input_ids[1:] == qa.input_ids  # same body, plus the generation token
+
+
+def test_truncation_keeps_the_answer(tokenizer):
+    fmt = Formatter(tokenizer, max_length=24)
+    long_context = " ".join(["inform(name='red lion';area='north')"] * 10)
+    ex = fmt.lm_example(long_context, "", "blue bell serves thai food", task_index=0)
+    assert len(ex.input_ids) <= 24
+    sep = ex.input_ids.index(fmt.special.ans)
+    assert tokenizer.decode(ex.input_ids[sep + 1:-1]).strip() == "blue bell serves thai food"
+    assert fmt.truncated == 1
+    # an answer longer than the budget is itself cut, and still ends with eos
+    ex = fmt.qa_example("x", "", " ".join(["the red lion"] * 30))
+    assert len(ex.input_ids) <= 24 and ex.input_ids[-1] == fmt.special.eos
+
+
+def test_parse_generated_roundtrip_and_malformed(tokenizer):
+    fmt = Formatter(tokenizer, max_length=64)
+    lm = fmt.lm_example("inform(name='blue bell')", "", "blue bell serves thai food", task_index=0)
+    assert fmt.parse_generated(lm.input_ids[1:]) == ("inform(name='blue bell')", "blue bell serves thai food")
+    body = lm.input_ids[1:]
+    sp = fmt.special
+    assert fmt.parse_generated([i for i in body if i != sp.ans]) is None  # no separator
+    assert fmt.parse_generated(body[:-1]) is None  # no end token
+    assert fmt.parse_generated([sp.ans] + body) is None  # empty context
+    assert fmt.parse_generated(body[: body.index(sp.ans) + 1] + [sp.eos]) is None  # empty answer
+
+
+def test_collate_and_left_pad():
+    from dmea_dist.data.formatting import Example
+
+    batch = collate([Example([5, 6, 7], [IGNORE, 6, 7]), Example([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    lp = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert lp["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert lp["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batches_hold_one_task_and_shards_are_disjoint(tokenizer):
+    fmt = Formatter(tokenizer, max_length=64)
+    rows = [{"context": f"inform(name='n{i}')", "question": "", "answer": [f"name {i}", "alt"]} for i in range(10)]
+    qa, lm = encode_task(fmt, rows, task_index=2)
+    assert len(qa) == len(lm) == 10
+    assert all(ex.input_ids[0] == fmt.special.tasks[2] for ex in lm)
+    qa_all, _ = encode_task(fmt, rows, task_index=2, references="all")
+    assert len(qa_all) == 20
+    seen = []
+    for rank in range(2):
+        for qb, lb in iterate_batches(qa, lm, batch_size=2, pad_id=fmt.special.pad, seed=0, shard=(rank, 2)):
+            assert qb["input_ids"].shape[0] == lb["input_ids"].shape[0]
+            assert torch.all(lb["input_ids"][:, 0] == fmt.special.tasks[2])
+            seen += [tuple(r[r != fmt.special.pad].tolist()) for r in qb["input_ids"]]
+    assert len(seen) == len(set(seen)) == 10
