@@ -1,0 +1,370 @@
+"""`DMEAModel`: a frozen GPT-2 with a pool of modules in every layer, and paths.
+
+Key decisions:
+- The backbone (embeddings and LM head included) is frozen on construction;
+  all trainable capacity lives in `self.pools` (one `nn.ModuleDict` per layer,
+  str(module_id) -> `LayerModule`).
+- Routing is a context (`route(path)`, `mixing(candidates, logits)`) that sets
+  the per-layer routers for the duration of the block and restores the
+  previous state on exit, so `backbone.generate` inside `route` runs along the
+  path with the KV cache, and contexts nest.
+- Module ids are per layer and never reused within a model (`next_ids` is
+  saved with the modules), so a path stays unambiguous across the whole run.
+- Reserved special tokens: `from_pretrained(vocab_size=...)` grows the
+  embeddings once, before freezing, with *distinct* seeded rows.
+  transformers' default "mean resizing" samples new rows with covariance
+  scaled by 1e-9, i.e. practically identical rows: with a frozen, tied LM head
+  the model could then never tell the answer separator from a task's
+  generation token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dmea_dist.modeling.adapters import LayerModule, LayerRouter, RoutedSublayer
+
+
+@dataclass
+class BlockInputs:
+    """What `capture_block_inputs` recorded: per layer, the latest block input."""
+
+    layers: list[torch.Tensor | None] = field(default_factory=list)  # (batch, seq, d_model)
+
+
+class DMEAModel(nn.Module):
+    """A frozen GPT-2 whose blocks run along a path through per-layer module pools."""
+
+    def __init__(self, backbone: GPT2LMHeadModel, *, bottleneck: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(backbone, GPT2LMHeadModel):
+            raise TypeError(f"backbone must be a GPT2LMHeadModel, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.d_model = int(backbone.config.n_embd)
+        self.n_layers = int(backbone.config.n_layer)
+        self.bottleneck = int(bottleneck) if bottleneck is not None else max(1, self.d_model // 16)
+        if self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be >= 1, got {bottleneck}")
+        self.pools = nn.ModuleList(nn.ModuleDict() for _ in range(self.n_layers))
+        self.next_ids = [0] * self.n_layers
+        self._paths: dict[str, list[int]] = {}
+        self._routers = [LayerRouter(pool) for pool in self.pools]
+        for block, router in zip(self.blocks, self._routers, strict=True):
+            if isinstance(block.attn, RoutedSublayer):
+                raise ValueError("this backbone is already wrapped by another DMEAModel")
+            block.attn = RoutedSublayer(block.attn, router, "attn")
+            block.mlp = RoutedSublayer(block.mlp, router, "mlp")
+
+    # ----------------------------------------------------------------- building
+
+    @classmethod
+    def from_config(
+        cls, config: GPT2Config, *, bottleneck: int | None = None, seed: int = 0
+    ) -> DMEAModel:
+        """A randomly initialised backbone, deterministic in `seed` (the offline default)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = GPT2LMHeadModel(config)
+        return cls(backbone, bottleneck=bottleneck)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        vocab_size: int | None = None,
+        bottleneck: int | None = None,
+        seed: int = 0,
+    ) -> DMEAModel:
+        """Load a GPT-2 checkpoint; grow its vocabulary to `vocab_size` (once, here)."""
+        backbone = GPT2LMHeadModel.from_pretrained(name_or_path)
+        if vocab_size is not None:
+            grow_vocabulary(backbone, vocab_size=vocab_size, seed=seed)
+        return cls(backbone, bottleneck=bottleneck)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.transformer.h
+
+    def _new_module(self) -> LayerModule:
+        reference = self.backbone.transformer.wte.weight
+        module = LayerModule(self.d_model, self.bottleneck)
+        return module.to(device=reference.device, dtype=reference.dtype)
+
+    # ------------------------------------------------------------------ modules
+
+    def add_module(self, *args, layers: list[int] | None = None, generator=None):
+        """Add one fresh (identity) module to every layer, or to `layers`.
+
+        Returns the new module id of each layer added to, in the order of
+        `layers` (for `layers=None`, a full path of the new modules).
+        `generator` seeds the `down` projections.
+        """
+        if args and isinstance(args[0], str):
+            # nn.Module.add_module(name, module), still used by torch internals.
+            return super().add_module(*args)
+        if args:
+            raise TypeError("add_module takes keyword arguments: add_module(layers=[...])")
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        for layer in layers:
+            self._check_layer(layer)
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"add_module: layers has duplicates: {layers}")
+        new_ids = []
+        for layer in layers:
+            module = self._new_module()
+            if generator is not None:
+                module.reset_parameters(generator)
+            new_ids.append(self.next_ids[layer])
+            self.pools[layer][str(self.next_ids[layer])] = module
+            self.next_ids[layer] += 1
+        return new_ids
+
+    def put_module(self, layer: int, module_id: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Create (or overwrite) module `module_id` of `layer` with the given weights."""
+        self._check_layer(layer)
+        if not isinstance(module_id, int) or module_id < 0:
+            raise ValueError(f"module_id must be an int >= 0, got {module_id!r}")
+        module = self._new_module()
+        module.load_state_dict(state_dict)  # strict: names and shapes must match
+        self.pools[layer][str(module_id)] = module
+        self.next_ids[layer] = max(self.next_ids[layer], module_id + 1)
+
+    def get_module(self, layer: int, module_id: int) -> LayerModule:
+        self._check_module(layer, module_id)
+        return self.pools[layer][str(module_id)]
+
+    def pool_sizes(self) -> list[int]:
+        return [len(pool) for pool in self.pools]
+
+    def module_ids(self, layer: int) -> list[int]:
+        self._check_layer(layer)
+        return sorted(int(key) for key in self.pools[layer].keys())
+
+    def drop_modules(self, layer: int, ids: list[int]) -> None:
+        """Remove modules from a layer; refuses modules a stored path uses."""
+        for module_id in ids:
+            self._check_module(layer, module_id)
+            users = [t for t, p in self._paths.items() if p[layer] == module_id]
+            if users:
+                raise ValueError(
+                    f"cannot drop module {module_id} of layer {layer}: the paths of tasks "
+                    f"{users} use it (drop those paths first)"
+                )
+        for module_id in ids:
+            del self.pools[layer][str(module_id)]
+
+    def drop_unused(self) -> int:
+        """Remove every module no stored path uses; returns how many were removed."""
+        dropped = 0
+        for layer in range(self.n_layers):
+            used = {path[layer] for path in self._paths.values()}
+            unused = [m for m in self.module_ids(layer) if m not in used]
+            self.drop_modules(layer, unused)
+            dropped += len(unused)
+        return dropped
+
+    # -------------------------------------------------------------------- paths
+
+    def set_path(self, task_id: str, path: list[int]) -> None:
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"task_id must be a non-empty string, got {task_id!r}")
+        self._paths[task_id] = self._checked_path(path)
+
+    def path_of(self, task_id: str) -> list[int]:
+        if task_id not in self._paths:
+            raise ValueError(f"no path stored for task {task_id!r}; known tasks: {sorted(self._paths)}")
+        return list(self._paths[task_id])
+
+    def remove_path(self, task_id: str) -> None:
+        self.path_of(task_id)  # raises for an unknown task
+        del self._paths[task_id]
+
+    @property
+    def paths(self) -> dict[str, list[int]]:
+        return {task_id: list(path) for task_id, path in self._paths.items()}
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be an int in [0, {self.n_layers}), got {layer!r}")
+
+    def _check_module(self, layer: int, module_id: int) -> None:
+        self._check_layer(layer)
+        if str(module_id) not in self.pools[layer] or isinstance(module_id, bool):
+            raise ValueError(
+                f"layer {layer} has no module {module_id!r} (its modules: {self.module_ids(layer)})"
+            )
+
+    def _checked_path(self, path: list[int]) -> list[int]:
+        path = list(path)
+        if len(path) != self.n_layers:
+            raise ValueError(
+                f"a path needs one module id per layer ({self.n_layers}), got {len(path)}: {path}"
+            )
+        for layer, module_id in enumerate(path):
+            if not isinstance(module_id, int):
+                raise ValueError(f"path[{layer}] must be an int module id, got {module_id!r}")
+            self._check_module(layer, module_id)
+        return path
+
+    # ------------------------------------------------------------------ routing
+
+    @contextlib.contextmanager
+    def route(self, path: list[int] | None) -> Iterator[None]:
+        """Run every forward inside the block along `path` (None: the plain backbone)."""
+        modules = [None] * self.n_layers if path is None else self._checked_path(path)
+        saved = [router.state() for router in self._routers]
+        try:
+            for router, module_id in zip(self._routers, modules, strict=True):
+                router.set_module(module_id)
+            yield
+        finally:
+            for router, state in zip(self._routers, saved, strict=True):
+                router.restore(state)
+
+    @contextlib.contextmanager
+    def mixing(self, candidates: list[list[int]], logits: list[torch.Tensor]) -> Iterator[None]:
+        """Per layer, add `sum_k softmax(logits[l])_k * adapter_k(h)` over `candidates[l]`."""
+        self._check_mixing(candidates, logits)
+        saved = [router.state() for router in self._routers]
+        try:
+            for router, ids, layer_logits in zip(self._routers, candidates, logits, strict=True):
+                router.set_mixture(ids, layer_logits)
+            yield
+        finally:
+            for router, state in zip(self._routers, saved, strict=True):
+                router.restore(state)
+
+    def _check_mixing(self, candidates: list[list[int]], logits: list[torch.Tensor]) -> None:
+        if len(candidates) != self.n_layers or len(logits) != self.n_layers:
+            raise ValueError(
+                f"mixing needs one candidate list and one logits tensor per layer "
+                f"({self.n_layers}), got {len(candidates)} and {len(logits)}"
+            )
+        for layer, (ids, layer_logits) in enumerate(zip(candidates, logits, strict=True)):
+            if not ids or len(set(ids)) != len(ids):
+                raise ValueError(f"candidates[{layer}] must be non-empty and distinct, got {ids}")
+            for module_id in ids:
+                self._check_module(layer, module_id)
+            if tuple(layer_logits.shape) != (len(ids),):
+                raise ValueError(
+                    f"logits[{layer}] must have shape ({len(ids)},) for candidates {ids}, "
+                    f"got {tuple(layer_logits.shape)}"
+                )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        path: list[int] | None = None,
+        task_id: str | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """The backbone's CausalLMOutput, along `path` / the task's path / the active route."""
+        if path is not None and task_id is not None:
+            raise ValueError("give either path or task_id, not both")
+        if task_id is not None:
+            path = self.path_of(task_id)
+        if path is not None and self.training and _activation_checkpointing(self.backbone):
+            raise RuntimeError(
+                "with gradient checkpointing, blocks are recomputed during backward, after a "
+                "per-call path is reset: run forward and backward inside `with model.route(path):`"
+            )
+        # no path: whatever route/mixing is active; none -> the plain backbone
+        with contextlib.nullcontext() if path is None else self.route(path):
+            return self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+
+    def generate(self, input_ids: torch.Tensor, *, path: list[int] | None = None, **kwargs):
+        """`backbone.generate` along `path` (None: the active route)."""
+        with contextlib.nullcontext() if path is None else self.route(path):
+            return self.backbone.generate(input_ids=input_ids, **kwargs)
+
+    # ------------------------------------------------------------- parameters
+
+    def module_parameters(self, layer: int, module_id: int) -> list[nn.Parameter]:
+        return list(self.get_module(layer, module_id).parameters())
+
+    def trainable_parameters(self, path: list[int]) -> list[nn.Parameter]:
+        """The parameters of the modules on `path`, layer by layer, in a fixed order."""
+        path = self._checked_path(path)
+        return [p for layer, m in enumerate(path) for p in self.module_parameters(layer, m)]
+
+    def set_trainable(self, path: list[int] | None) -> None:
+        """requires_grad True only for the modules on `path` (None: nothing trains)."""
+        chosen = [] if path is None else self.trainable_parameters(path)
+        self.requires_grad_(False)
+        for param in chosen:
+            param.requires_grad_(True)
+
+    # --------------------------------------------------------------- selection
+
+    @contextlib.contextmanager
+    def capture_block_inputs(self) -> Iterator[BlockInputs]:
+        """Record, for every block, its input hidden states (detached) of the latest call."""
+        record = BlockInputs(layers=[None] * self.n_layers)
+
+        def hook_for(layer: int):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                record.layers[layer] = hidden.detach()  # (batch, seq, d_model)
+
+            return hook
+
+        handles = [
+            block.register_forward_pre_hook(hook_for(layer), with_kwargs=True)
+            for layer, block in enumerate(self.blocks)
+        ]
+        try:
+            yield record
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _activation_checkpointing(backbone: GPT2LMHeadModel) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing (which now warns); 4.x has only the old name
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(backbone), name):
+            return bool(getattr(backbone, name))
+    return False
+
+
+def grow_vocabulary(backbone: GPT2LMHeadModel, *, vocab_size: int, seed: int = 0) -> None:
+    """Resize the embeddings to `vocab_size` rows; new rows are distinct and seeded.
+
+    Each new row is `mean + std * z` (per-dimension statistics of the existing
+    rows, z ~ N(0, 1) from a generator seeded with `seed`), so reserved tokens
+    look like ordinary tokens but can be told apart, and the same checkpoint
+    and seed always give the same rows.
+    """
+    old = backbone.get_input_embeddings().weight.shape[0]
+    if vocab_size < old:
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the checkpoint's {old}: "
+            "tokens would be lost; pass vocab_size >= the checkpoint's size (or None)"
+        )
+    if vocab_size == old:
+        return
+    backbone.resize_token_embeddings(vocab_size, mean_resizing=False)
+    generator = torch.Generator().manual_seed(seed)
+    weights = [backbone.get_input_embeddings().weight]
+    output = backbone.get_output_embeddings()
+    if output is not None and output.weight is not weights[0]:
+        weights.append(output.weight)  # untied head: its new rows need the same treatment
+    with torch.no_grad():
+        for weight in weights:
+            existing = weight[:old].float()
+            noise = torch.randn(vocab_size - old, weight.shape[1], generator=generator)
+            new_rows = existing.mean(0) + existing.std(0) * noise
+            weight[old:] = new_rows.to(device=weight.device, dtype=weight.dtype)
