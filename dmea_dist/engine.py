@@ -1,0 +1,400 @@
+"""The DeepSpeed engine wrapper with DMEA's gradient-scaled optimizer step.
+
+The only module that imports DeepSpeed. `build_engine` wraps a model with a
+frozen backbone in a `deepspeed.DeepSpeedEngine` (ZeRO 1, 2 or 3) optimizing
+only the trainable parameters; `ScaledStepEngine.step` runs one optimizer step
+over several task sub-batches with dynamic gradient scaling
+(`dmea_dist.method.scaling`): update with `g_j + sum_i eta_i g_i`, `g_j` the
+new task's gradient, `g_i` a replayed task's.
+
+One step (file:line in deepspeed 0.19.8, deepspeed/runtime/):
+1. Every sub-batch's forward/backward runs inside
+   `engine.coalesce_grad_reduction()` (engine.py:3239). While it is open the
+   ZeRO gradient hooks return before reducing (zero/stage_1_and_2.py:2284,
+   zero/stage3.py:2160) and the engine skips its all-reduce (engine.py:3163),
+   so a backward only accumulates into `param.grad`, unreduced and full-size,
+   at all three stages; at ZeRO-3 too, although the parameter itself is
+   partitioned (`param.data` is empty between uses).
+2. After each sub-batch the accumulated gradient is copied into row k of a
+   (n_groups, n_trainable) buffer and `param.grad` is zeroed in place: group
+   k's gradient is the difference of the accumulated gradients around its
+   backward, and resetting the accumulator makes that difference exact (no
+   cancellation against the earlier groups' sum). In place, because at ZeRO-3
+   a full-size tensor cannot be assigned to the `.grad` of a partitioned
+   parameter (torch checks its shape against `param.data`).
+3. The buffer is averaged over the data-parallel group ZeRO reduces over
+   (`engine.seq_data_parallel_group`, engine.py:2626): norms and eta come from
+   the global per-group gradients and are identical on every rank.
+4. The global `g_j + sum_i eta_i g_i` is written into `param.grad` in place.
+   Leaving the block runs DeepSpeed's one reduction pass (engine.py:3300,
+   3327), which averages identical tensors; then `engine.step()` (clipping,
+   AdamW) as usual.
+
+Other decisions:
+- `gradient_accumulation_steps` must be 1: one block is one optimizer step;
+  with more, `engine.step()` would not apply it (engine.py:3463). fp16/bf16
+  are rejected: their optimizer wrappers are refused by the block
+  (engine.py:3263) or keep gradients in `param.grad_accum`
+  (zero/stage_1_and_2.py:402); the design runs fp32.
+- Closures must run the forward through the engine (`eng(...)`), not the bare
+  module: DeepSpeed resets its backward-hook state and arms the backward
+  prologue there (engine.py:2983). Checked on every sub-batch.
+- A failed step drops its gradients and ZeRO's accumulation state, else
+  ZeRO-3 would add the next step onto it (zero/stage3.py:2024).
+- A trainable parameter no sub-batch reaches has no gradient; ZeRO treats it
+  as zero, so AdamW still decays it (torch would skip it).
+- `scale=False` is the "no gradient scaling" ablation: the plain summed
+  gradient, without the per-group buffer or extra communication.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dmea_dist.errors import ConfigError
+from dmea_dist.method.scaling import DEFAULT_CLAMP, combine_gradients, scale_factors
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+Closure = Callable[[], Tensor]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one gradient-scaled step did; plain floats, identical on every rank.
+
+    losses: group key -> loss, mean over data-parallel ranks, in sub-batch order.
+    etas: replayed group key -> eta (1.0 for every replayed group when not scaled).
+    sq_norms: group key -> ||g||^2 of its rank-averaged gradient (empty when not scaled).
+    """
+
+    losses: dict[str, float]
+    etas: dict[str, float]
+    sq_norms: dict[str, float]
+    scaled: bool
+
+
+def build_engine(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    *,
+    ds_config: dict[str, Any],
+    clamp: tuple[float, float] = DEFAULT_CLAMP,
+    dist_backend: str | None = None,
+) -> ScaledStepEngine:
+    """Wrap `model` in a DeepSpeed engine that optimizes exactly `params`.
+
+    ds_config: DeepSpeed's own config dict (ZeRO stage 1-3, an optimizer section,
+    gradient_accumulation_steps 1); it is copied, not modified.
+    dist_backend: default "gloo" on DeepSpeed's CPU accelerator, else "nccl".
+    Joins an existing torch.distributed group (Ray Train, deepspeed launcher);
+    without one and without RANK in the environment, starts a one-rank group.
+    """
+    names = _check_params(model, params)
+    deepspeed = _import_deepspeed()
+    on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
+    config = _check_ds_config(ds_config, on_cpu=on_cpu)
+    _init_distributed(deepspeed, dist_backend or ("gloo" if on_cpu else "nccl"))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(params), config=config)
+    if engine.gradient_accumulation_steps() != 1:
+        raise ConfigError(
+            f"ds_config implies gradient_accumulation_steps={engine.gradient_accumulation_steps()} "
+            "(train_batch_size / micro batch / world size); give train_micro_batch_size_per_gpu only"
+        )
+    return ScaledStepEngine(engine, list(params), names, clamp=clamp)
+
+
+class ScaledStepEngine:
+    """A DeepSpeed engine plus the gradient-scaled optimizer step.
+
+    `eng(*args, **kwargs)` runs the forward through DeepSpeed; closures passed to
+    `step` must use it. `eng.engine` is the plain DeepSpeedEngine.
+    """
+
+    def __init__(
+        self,
+        engine: DeepSpeedEngine,
+        params: list[nn.Parameter],
+        names: list[str],
+        *,
+        clamp: tuple[float, float] = DEFAULT_CLAMP,
+    ):
+        self.engine = engine
+        self.clamp = clamp
+        self._params = params
+        self._names = names
+        # ZeRO-3 partitions parameters (numel() is 0 between uses); ds_numel is the full size.
+        self._numels = [int(getattr(p, "ds_numel", p.numel())) for p in params]
+        self._offsets = [sum(self._numels[:k]) for k in range(len(params))]
+        self._n_trainable = sum(self._numels)
+        self._forward_calls = 0
+        engine.register_forward_pre_hook(self._count_forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(group=self.engine.seq_data_parallel_group)
+
+    def step(
+        self,
+        sub_batches: Sequence[tuple[str, Closure]],
+        *,
+        progress: float,
+        scale: bool = True,
+    ) -> StepStats:
+        """One optimizer step over `sub_batches`: (group key, closure returning the loss).
+
+        The first group is the new task (g_j), every other a replayed task (g_i).
+        progress: training progress in epochs (fractional), the t of exp(-t).
+        scale=False: the plain sum of the group gradients (ablation).
+        """
+        keys, closures = _check_sub_batches(sub_batches)
+        if not math.isfinite(progress) or progress < 0:
+            raise ValueError(f"progress must be a finite number of epochs >= 0, got {progress!r}")
+        self._check_no_pending_grads()
+        device = self._params[0].device
+        losses = torch.zeros(len(keys), dtype=torch.float64, device=device)  # (n_groups,)
+        grads = None
+        if scale:
+            # (n_groups, n_trainable): row k is group k's flattened gradient.
+            grads = torch.zeros(len(keys), self._n_trainable, dtype=self._params[0].dtype, device=device)
+        try:
+            with self.engine.coalesce_grad_reduction():
+                for k, (key, closure) in enumerate(zip(keys, closures, strict=True)):
+                    loss = self._forward(key, closure)
+                    self.engine.backward(loss)
+                    losses[k] = loss.detach()
+                    if grads is not None:
+                        self._take_group_grad(grads[k], reset=k < len(keys) - 1)
+                if grads is not None:
+                    sq_norms, etas = self._scale_and_write(grads, progress)
+                else:
+                    sq_norms, etas = {}, dict.fromkeys(keys[1:], 1.0)
+        except BaseException:
+            self.engine.optimizer.zero_grad()  # drop the half-done step (module docstring)
+            raise
+        self.engine.step()
+        losses = self._mean_over_ranks(losses)
+        return StepStats(
+            losses=dict(zip(keys, losses.tolist(), strict=True)),
+            etas=etas if grads is None else dict(zip(keys[1:], etas, strict=True)),
+            sq_norms={} if grads is None else dict(zip(keys, sq_norms, strict=True)),
+            scaled=scale,
+        )
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Full CPU copies of the trainable parameters by name. At ZeRO-3 call it on every rank."""
+        import deepspeed
+
+        # Gathers the partitions at ZeRO-3 (a collective); a no-op for unpartitioned parameters.
+        with deepspeed.zero.GatheredParameters(self._params, enabled=self.zero_stage == 3):
+            return {n: p.detach().cpu().clone() for n, p in zip(self._names, self._params, strict=True)}
+
+    def save_checkpoint(self, save_dir: str | os.PathLike, *, tag: str | None = None) -> None:
+        """DeepSpeed checkpoint of the trainable parameters and optimizer state (no backbone)."""
+        self.engine.save_checkpoint(str(save_dir), tag=tag, exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, load_dir: str | os.PathLike, *, tag: str | None = None) -> None:
+        """Load a checkpoint written by `save_checkpoint`; the frozen backbone stays as built."""
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag {tag!r}) under {load_dir}")
+
+    def _count_forward(self, module: nn.Module, args: Any) -> None:
+        self._forward_calls += 1
+
+    def _forward(self, key: str, closure: Closure) -> Tensor:
+        calls = self._forward_calls
+        loss = closure()
+        if self._forward_calls == calls:
+            raise RuntimeError(
+                f"sub-batch {key!r}: the closure did not run a forward through the DeepSpeed engine; "
+                "call the ScaledStepEngine (eng(...)) instead of the bare module, DeepSpeed's "
+                "per-forward bookkeeping runs there"
+            )
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""
+            raise TypeError(
+                f"sub-batch {key!r}: the closure must return a scalar loss tensor, "
+                f"got {type(loss).__name__}{shape}"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                f"sub-batch {key!r}: its loss does not depend on any trainable parameter (its path "
+                "reaches none of the engine's parameters, or it ran under torch.no_grad); leave "
+                "this task out of the step"
+            )
+        return loss.reshape(())
+
+    def _check_no_pending_grads(self) -> None:
+        for name, param in zip(self._names, self._params, strict=True):
+            if param.grad is not None:
+                raise RuntimeError(
+                    f"parameter {name!r} already holds a gradient before the step; run every "
+                    "backward inside ScaledStepEngine.step (DeepSpeed clears gradients after each step)"
+                )
+
+    def _take_group_grad(self, row: Tensor, *, reset: bool) -> None:
+        """Move the gradient accumulated since the last reset into `row` (n_trainable,)."""
+        for param, offset, numel in zip(self._params, self._offsets, self._numels, strict=True):
+            grad = param.grad
+            if grad is None:  # no sub-batch so far reached this parameter: row stays 0
+                continue
+            row[offset:offset + numel].copy_(grad.reshape(-1))
+            if reset:
+                grad.zero_()
+
+    def _scale_and_write(self, grads: Tensor, progress: float) -> tuple[list[float], list[float]]:
+        """Average `grads` (n_groups, n_trainable) over ranks, compute eta, write the update."""
+        grads = self._mean_over_ranks(grads)
+        # (n_groups,) in float64: see dmea_dist.method.scaling on precision.
+        sq_norms = torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64).cpu().pow(2)
+        etas = scale_factors(sq_norms[0], sq_norms[1:], progress, clamp=self.clamp)
+        (update,) = combine_gradients([grads[0]], [[row] for row in grads[1:]], etas)
+        self._write_grads(update)
+        return sq_norms.tolist(), etas.tolist()
+
+    def _write_grads(self, update: Tensor) -> None:
+        for name, param, offset, numel in zip(
+            self._names, self._params, self._offsets, self._numels, strict=True
+        ):
+            piece = update[offset:offset + numel]
+            if param.grad is not None:
+                param.grad.copy_(piece.view_as(param.grad))
+            elif bool(piece.any()):
+                # Another rank's sub-batch reached this parameter, this rank's did not.
+                if self.zero_stage == 3:
+                    raise RuntimeError(
+                        f"parameter {name!r} has a gradient on another rank but not on this one; at "
+                        "ZeRO-3 every rank must route each group through the same modules"
+                    )
+                param.grad = piece.view_as(param).clone()
+
+    def _mean_over_ranks(self, tensor: Tensor) -> Tensor:
+        group = self.engine.seq_data_parallel_group
+        world_size = dist.get_world_size(group=group)
+        if world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+            tensor.div_(world_size)
+        return tensor
+
+
+def _check_sub_batches(sub_batches: Sequence[tuple[str, Closure]]) -> tuple[list[str], list[Closure]]:
+    if len(sub_batches) == 0:
+        raise ValueError("step needs at least one sub-batch: the new task's ('new', closure)")
+    keys, closures = [], []
+    for item in sub_batches:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and callable(item[1])):
+            raise TypeError(f"each sub-batch must be a (group_key: str, closure) pair, got {item!r}")
+        if item[0] in keys:
+            raise ValueError(
+                f"group key {item[0]!r} appears twice; give each task one sub-batch per step "
+                "(its gradient is scaled as one)"
+            )
+        keys.append(item[0])
+        closures.append(item[1])
+    return keys, closures
+
+
+def _check_params(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
+    """Names of `params` in `model`; they must be exactly the model's trainable parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: set[int] = set()
+    for k, param in enumerate(params):
+        if id(param) not in names:
+            raise ValueError(f"params[{k}] (shape {tuple(param.shape)}) is not a parameter of the model")
+        if not param.requires_grad:
+            raise ValueError(f"params[{k}] ({names[id(param)]}) is frozen; pass only trainable parameters")
+        if id(param) in seen:
+            raise ValueError(f"params[{k}] ({names[id(param)]}) is listed twice")
+        seen.add(id(param))
+    if not params:
+        raise ValueError("params is empty: nothing to train")
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            raise ValueError(
+                f"model parameter {name!r} requires grad but is not in params; freeze it "
+                "(requires_grad_(False)) or pass it to build_engine"
+            )
+    return [names[id(p)] for p in params]
+
+
+def _check_ds_config(ds_config: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
+    config = copy.deepcopy(ds_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(
+            f"ds_config['zero_optimization']['stage'] is {stage!r}; the gradient-scaled step needs "
+            "ZeRO stage 1, 2 or 3 (DeepSpeed's coalesce_grad_reduction)"
+        )
+    if config.get("gradient_accumulation_steps", 1) != 1:
+        raise ConfigError(
+            "ds_config['gradient_accumulation_steps'] must be 1: one ScaledStepEngine.step is one "
+            "optimizer step over all its sub-batches"
+        )
+    for key in ("fp16", "bf16"):
+        if config.get(key, {}).get("enabled", False):
+            raise ConfigError(
+                f"ds_config['{key}']['enabled'] is set; the gradient-scaled step runs in fp32 "
+                f"(remove the '{key}' section)"
+            )
+    optimizer = config.get("optimizer")
+    if not isinstance(optimizer, dict) or "type" not in optimizer:
+        raise ConfigError(
+            "ds_config has no 'optimizer' section with a 'type'; add e.g. "
+            "{'type': 'AdamW', 'params': {'lr': 1.75e-4, 'torch_adam': true}}"
+        )
+    adam = str(optimizer["type"]).lower() in ("adam", "adamw")
+    if on_cpu and adam and not optimizer.get("params", {}).get("torch_adam", False):
+        raise ConfigError(
+            "ds_config['optimizer']['params']['torch_adam'] must be true on CPU "
+            "(DeepSpeed's fused Adam needs CUDA)"
+        )
+    return config
+
+
+def _import_deepspeed():
+    # DeepSpeed picks its accelerator once, at first use: CPU unless CUDA is present
+    # or DS_ACCELERATOR says otherwise (set it to "cpu" for CPU runs on GPU nodes).
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    return deepspeed
+
+
+def _init_distributed(deepspeed, dist_backend: str) -> None:
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        # A plain single process (tests, debugging): a one-rank group on a free local port.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(dist_backend=dist_backend)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
