@@ -1,0 +1,139 @@
+"""Drive one lifelong run: lifecycle + executor + tracking + the final report.
+
+`run_sequence` is what `dmea run` and the Ray job entry point call. It builds
+the run, opens the MLflow parent run, steps the lifecycle (progress per stage
+and task), records every finished task in a nested MLflow run (the driver is
+the only process that talks to MLflow), and ends with the R matrix, the
+continual-learning metrics and a Markdown/HTML report in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dmea_dist.config import RunConfig
+from dmea_dist.evaluation import continual, report
+from dmea_dist.method.lifecycle import Lifecycle, LifecycleState, Stage
+
+
+@dataclass
+class SequenceResult:
+    run_dir: Path
+    tasks: list[str]
+    R: np.ndarray
+    metrics: dict[str, float]
+    parent_run_id: str | None
+    history: list[dict[str, Any]]
+
+
+class StageProgress:
+    """A progress bar per stage of each task (tqdm to stderr; plain lines when not a terminal)."""
+
+    def __init__(self, tasks: list[str], *, enabled: bool = True):
+        self.tasks = tasks
+        self.enabled = enabled
+        self.bar = None
+        self.what = ""
+
+    def start(self, task_index: int, stage: Stage) -> None:
+        self.close()
+        if self.enabled:
+            print(f"[{task_index + 1}/{len(self.tasks)}] {self.tasks[task_index]} {stage.value}",
+                  file=sys.stderr, flush=True)
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        if self.bar is None or self.what != what:
+            self.close()
+            from tqdm import tqdm
+
+            self.what = what
+            self.bar = tqdm(total=total, desc=f"  {what}", leave=False, file=sys.stderr,
+                            disable=not sys.stderr.isatty())
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
+                 executor_factory: Callable[..., Any] | None = None, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> SequenceResult:
+    """Run the whole task sequence of `config`; returns the R matrix and final metrics."""
+    from dmea_dist.pipeline import InProcessExecutor
+    from dmea_dist.run import build_run
+    from dmea_dist.tracking import Tracker
+
+    run_dir = Path(run_dir or Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = build_run(config, run_dir=run_dir)
+    bar = StageProgress(config.data.tasks, enabled=progress)
+    executor = (executor_factory or InProcessExecutor)(run, progress=bar)
+    tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment, enabled=config.tracking.enabled)
+    parent = tracker.start_sequence(run_name=run_dir.name, config=config.to_dict(), tasks=config.data.tasks,
+                                    tags={"method": config.method.name})
+    state = LifecycleState(tasks=list(config.data.tasks))
+
+    def on_transition(s: LifecycleState) -> None:
+        done = s.history[-1]
+        (run_dir / "lifecycle.json").write_text(json.dumps(s.to_dict(), indent=1, default=str))
+        if done["stage"] == Stage.RECORD.value:
+            rec = executor.records[done["task"]]
+            tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
+                                metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
+                                model_dir=rec.get("model_dir"),
+                                registered_model=f"{config.name}-{config.method.name}")
+        if not s.done:
+            bar.start(s.task_index, s.stage)
+
+    lifecycle = Lifecycle(state, executor, on_transition=on_transition)
+    bar.start(0, Stage.EXPAND)
+    try:
+        lifecycle.run()
+    except BaseException:
+        bar.close()
+        tracker.finish_sequence(status="FAILED")
+        raise
+    bar.close()
+
+    R = executor.R
+    metrics = sequence_metrics(R)
+    names = config.data.tasks
+    paths = {t: p for t, p in run.model.paths.items()} if not run.policy.full_finetune else None
+    md = report.render_markdown(names, R, metrics, similarity=executor.similarity, paths=paths,
+                                title=f"dmea-dist: {config.name} ({config.method.name})")
+    (run_dir / "report.md").write_text(md)
+    (run_dir / "report.html").write_text(report.render_html(names, R, metrics, similarity=executor.similarity,
+                                                            paths=paths, title=f"dmea-dist: {config.name}"))
+    np.save(run_dir / "R.npy", R)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    tracker.log_sequence_metrics(metrics, artifacts={"report": run_dir / "report.md", "report_html": run_dir / "report.html",
+                                                     "R": run_dir / "R.npy"})
+    tracker.finish_sequence(status="FINISHED")
+
+    echo(f"\nR matrix ({config.eval.metric}, row j = after training task j):")
+    echo(report.format_matrix_table(names, R))
+    echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+    echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   tracking: {config.tracking.uri}")
+    return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
+                          history=state.history)
+
+
+def sequence_metrics(R: np.ndarray) -> dict[str, float]:
+    """Final average, BWT and forgetting where the R matrix has what they need."""
+    out = {"final_average": continual.final_average(R)}
+    if not np.isnan(np.diag(R)).any():
+        out["bwt"] = continual.backward_transfer(R)
+        out["forgetting"] = continual.forgetting(R)
+    return out

@@ -1,0 +1,81 @@
+"""Adaptation: train the new task with knowledge transfer and pseudo-sample replay.
+
+Every optimizer step takes one sub-batch from each *source*:
+
+* `new`: the new task's real data, through the new task's path (g_j);
+* `transfer:<task>`: pseudo samples of a selected similar task, through the
+  new task's path (knowledge transfer);
+* `replay:<task>`: pseudo samples of an earlier task, through that task's own
+  path (against forgetting of the modules it shares with the new path).
+
+and hands them to an engine step (`Engine`: the DeepSpeed wrapper in
+dmea_dist.engine, or anything with the same contract), which combines the
+per-source gradients as `g_j + sum_i eta_i g_i` (dynamic gradient scaling) or
+plainly sums them. An epoch is one pass over the new task's batches; pseudo
+sources cycle. Progress `t` is the fractional epoch (or the fraction of
+training, by option).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dmea_dist.method.training import task_loss
+
+
+@dataclass
+class Source:
+    """The batches of one sub-batch stream and the path they run along."""
+
+    key: str  # "new", "transfer:<task>", "replay:<task>", or a task id (multitask)
+    batches: Sequence[tuple[dict, dict]]  # (qa_batch, lm_batch) pairs
+    path: list[int] | None
+
+
+class Engine(Protocol):
+    """Forward (`engine(...)`, e.g. through DeepSpeed) and one combined optimizer step."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def step(self, sub_batches: Sequence[tuple[str, Callable[[], Any]]], *, progress: float,
+             scale: bool) -> Any: ...
+
+
+@dataclass
+class AdaptResult:
+    steps: int
+    losses: dict[str, list[float]] = field(default_factory=dict)  # per source key, per step
+    etas: dict[str, list[float]] = field(default_factory=dict)  # per scaled source key, per step
+
+
+def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda: float,
+          scale: bool, progress: str = "epochs",
+          on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
+    """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask)."""
+    if not sources or not sources[0].batches:
+        raise ValueError("adaptation needs the new task's batches; its training split is empty")
+    if progress not in ("epochs", "fraction"):
+        raise ValueError(f"progress {progress!r} unknown; choose epochs or fraction")
+    live = [s for s in sources if s.batches]
+    per_epoch = len(live[0].batches)
+    total = max(1, round(epochs * per_epoch))
+    result = AdaptResult(steps=total)
+    engine.module.train()
+    for step in range(total):
+        t = step / per_epoch if progress == "epochs" else step / total
+        sub_batches = []
+        for src in live:
+            qa, lm = src.batches[step % len(src.batches)]
+            sub_batches.append((src.key, functools.partial(task_loss, engine, qa, lm, path=src.path,
+                                                           lm_lambda=lm_lambda)))
+        stats = engine.step(sub_batches, progress=t, scale=scale)
+        for key, loss in getattr(stats, "losses", {}).items():
+            result.losses.setdefault(key, []).append(float(loss))
+        for key, eta in getattr(stats, "etas", {}).items():
+            result.etas.setdefault(key, []).append(float(eta))
+        if on_step is not None:
+            on_step(step + 1, total)
+    return result

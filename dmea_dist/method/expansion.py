@@ -1,0 +1,155 @@
+"""Expansion: architecture search over {existing modules, one new module} per layer.
+
+For a new task, one fresh module is added to every layer and each layer gets
+learnable logits over its candidates; the sublayer outputs mix the candidates
+by softmax of the logits. The logits start from *task similarity*
+(`initial_logits`): the cosine similarity of token-frequency distributions
+between the new task and each earlier task; an old module scores the best
+similarity among the tasks whose path uses it, and the new module starts at
+minus the best old score, all scaled by `beta`. (ACM's static initialisation
+gives old modules a fixed logit and the new one 0.)
+
+Only the new modules and the logits train, on the new task's data, logits
+frozen for a warm-up part, with an entropy penalty that sharpens each layer's
+choice. Then each layer keeps its argmax; unchosen new modules are dropped.
+
+`search_candidate` is a pure function of its inputs and mutates only the model
+it is given (callers pass a copy), so candidates with different scales,
+entropy weights and seeds run independently, in one process or as Ray tasks.
+`pick_best` keeps the lowest validation loss, ties to fewer new modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dmea_dist.method.training import evaluate_loss, make_optimizer, task_loss
+
+
+def token_distribution(token_lists: Iterable[Sequence[int]]) -> Counter:
+    """Token counts of a task's training inputs (a sparse frequency distribution)."""
+    counts: Counter = Counter()
+    for ids in token_lists:
+        counts.update(ids)
+    return counts
+
+
+def cosine_similarity(a: Mapping[int, float], b: Mapping[int, float]) -> float:
+    """Cosine of two sparse non-negative count vectors (0 if either is empty)."""
+    dot = sum(v * b.get(k, 0.0) for k, v in a.items())
+    na = math.sqrt(sum(v * v for v in a.values()))
+    nb = math.sqrt(sum(v * v for v in b.values()))
+    return dot / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def initial_logits(*, old_modules: Sequence[Sequence[int]], paths: Mapping[str, Sequence[int]],
+                   similarities: Mapping[str, float], beta: float, init: str = "similarity",
+                   static_logit: float = 1.0) -> list[torch.Tensor]:
+    """Per layer, logits over `old_modules[l] + [new]` (new last)."""
+    logits = []
+    for layer, ids in enumerate(old_modules):
+        if init == "static":
+            values = [static_logit] * len(ids) + [0.0]
+        elif init == "similarity":
+            scores = [
+                max((similarities.get(t, 0.0) for t, p in paths.items() if p[layer] == m), default=0.0)
+                for m in ids
+            ]
+            best = max(scores, default=0.0)
+            values = [beta * s for s in scores] + [-beta * best]
+        else:
+            raise ValueError(f"expansion init {init!r} unknown; choose similarity or static")
+        logits.append(torch.tensor(values, dtype=torch.float32))
+    return logits
+
+
+def mixing_entropy(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over layers of the entropy of softmax(logits_l) (differentiable)."""
+    total = logits[0].new_zeros(())
+    for layer_logits in logits:
+        logp = torch.log_softmax(layer_logits, dim=-1)
+        total = total - (logp.exp() * logp).sum()
+    return total
+
+
+@dataclass
+class CandidateResult:
+    """One searched architecture: the path it chose and how well it does."""
+
+    candidate: int
+    path: list[int]
+    new_layers: list[int]  # layers whose chosen module is the new one
+    val_loss: float
+    logits: list[list[float]]
+    params: dict[str, float]  # beta, entropy_weight, seed
+    new_modules: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_new(self) -> int:
+        return len(self.new_layers)
+
+
+def search_candidate(model, *, candidate: int, train_batches: Sequence, val_batches: Sequence,
+                     init: Sequence[torch.Tensor], epochs: float, warmup_epochs: float,
+                     entropy_weight: float, lr: float, coefficient_lr: float, lm_lambda: float,
+                     weight_decay: float = 0.01, adam_eps: float = 1e-6, grad_clip: float = 1.0,
+                     seed: int = 0, params: Mapping[str, float] | None = None) -> CandidateResult:
+    """Search one candidate architecture on `model` (mutated: pass a copy)."""
+    torch.manual_seed(seed)
+    old = [model.module_ids(layer) for layer in range(model.n_layers)]
+    new_ids = model.add_module(generator=torch.Generator().manual_seed(seed))
+    candidates = [ids + [n] for ids, n in zip(old, new_ids, strict=True)]
+    logits = [torch.nn.Parameter(x.clone()) for x in init]
+    new_path = list(new_ids)
+    model.set_trainable(new_path)
+    optimizer = make_optimizer(model.trainable_parameters(new_path), lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    coef_optimizer = torch.optim.Adam(logits, lr=coefficient_lr)
+
+    total_steps = max(1, round(epochs * len(train_batches)))
+    warmup_steps = round(warmup_epochs * len(train_batches))
+    model.train()
+    with model.mixing(candidates, logits):
+        for step in range(total_steps):
+            qa, lm = train_batches[step % len(train_batches)]
+            loss = task_loss(model, qa, lm, path=None, lm_lambda=lm_lambda)
+            loss = loss + entropy_weight * mixing_entropy(logits)
+            optimizer.zero_grad(set_to_none=True)
+            coef_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(new_path), grad_clip)
+            optimizer.step()
+            if step >= warmup_steps:  # coefficients frozen during warm-up
+                coef_optimizer.step()
+
+    path = [ids[int(torch.argmax(x))] for ids, x in zip(candidates, logits, strict=True)]
+    new_layers = [layer for layer, m in enumerate(path) if m == new_ids[layer]]
+    for layer, new in enumerate(new_ids):
+        if layer not in new_layers:
+            model.drop_modules(layer, [new])
+    model.set_trainable(None)
+    val_loss = evaluate_loss(model, val_batches, path=path, lm_lambda=lm_lambda)
+    return CandidateResult(
+        candidate=candidate, path=path, new_layers=new_layers, val_loss=val_loss,
+        logits=[x.detach().tolist() for x in logits], params=dict(params or {}),
+        new_modules={layer: {k: v.detach().clone() for k, v in model.get_module(layer, path[layer]).state_dict().items()}
+                     for layer in new_layers},
+    )
+
+
+def pick_best(results: Sequence[CandidateResult]) -> CandidateResult:
+    """Lowest validation loss; ties (within 1e-9) go to fewer new modules, then lower index."""
+    if not results:
+        raise ValueError("no expansion candidates to choose from")
+    return min(results, key=lambda r: (round(r.val_loss, 9), r.n_new, r.candidate))
+
+
+def install_candidate(model, result: CandidateResult) -> list[int]:
+    """Put the winner's new modules into `model` (same ids as in the search) and return its path."""
+    for layer, state in result.new_modules.items():
+        model.put_module(layer, result.path[layer], state)
+    return list(result.path)

@@ -1,0 +1,330 @@
+"""The in-process stage executor: one lifelong run in one Python process.
+
+`dmea_dist.run.build_run(config)` resolves a `RunConfig` into plain parts
+(tasks, tokenizer, model, formatter) and `InProcessExecutor` implements every lifecycle stage on
+them by calling the method functions with explicit arguments:
+
+    EXPAND   add modules / search candidates      (method.expansion)
+    SELECT   subspace similarity, top-K           (method.selection)
+    GENERATE pseudo samples -> Parquet            (method.generation)
+    ADAPT    DeepSpeed step with gradient scaling (method.adaptation + engine)
+    EVALUATE the R-matrix row                     (evaluation.metrics)
+    RECORD   the task's modules + path manifest on disk; the driver logs to MLflow
+
+Each stage's summary is JSON-able; the task's full record (everything MLflow
+gets) accumulates in `executor.records[task_id]`. The Ray executor in
+dmea_dist.distributed reuses these parts and farms the heavy stages out.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmea_dist.config import RunConfig, deepspeed_config
+from dmea_dist.data.formatting import collate, encode_task, iterate_batches
+from dmea_dist.evaluation.metrics import score_task
+from dmea_dist.method import expansion, selection
+from dmea_dist.method.adaptation import Source, adapt
+from dmea_dist.method.generation import (
+    generate_answers,
+    generate_pseudo_samples,
+    write_pseudo_samples,
+)
+from dmea_dist.method.lifecycle import Stage
+from dmea_dist.method.policy import replay_tasks
+from dmea_dist.modeling.io import save_backbone, save_path_modules
+from dmea_dist.run import Run, Task
+
+EngineFactory = Callable[..., Any]  # (model, params, ds_config=, eta_clamp=) -> Engine
+
+
+def deepspeed_engine_factory(model, params, *, ds_config: dict, eta_clamp: tuple[float, float]):
+    from dmea_dist.engine import build_engine  # DeepSpeed lives there only
+
+    return build_engine(model, params, ds_config=ds_config, clamp=eta_clamp)
+
+
+class InProcessExecutor:
+    """Runs every stage of the lifecycle in this process (see module docstring)."""
+
+    def __init__(self, run: Run, *, engine_factory: EngineFactory = deepspeed_engine_factory,
+                 search_fn: Callable | None = None, progress: Callable[[str, int, int], None] | None = None):
+        self.run = run
+        self.engine_factory = engine_factory
+        self.search_fn = search_fn or self._search_in_process
+        self.progress = progress or (lambda label, done, total: None)
+        n = len(run.tasks)
+        self.R = np.full((n, n), np.nan)
+        self.token_counts = {}
+        self.bases: dict[str, list[torch.Tensor]] = {}
+        self.similarity = np.full((n, n), np.nan)  # [new, earlier]: subspace similarity
+        self.selected: dict[str, list[str]] = {}
+        self.pseudo: dict[str, dict[str, list[dict]]] = {}  # new task -> earlier task -> rows
+        self.records: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.run.config
+
+    def _batches(self, examples, *, seed: int) -> list[tuple[dict, dict]]:
+        qa, lm = examples
+        return list(iterate_batches(qa, lm, batch_size=self.cfg.train.batch_size,
+                                    pad_id=self.run.formatter.special.pad, seed=seed))
+
+    def _path(self, task_id: str) -> list[int] | None:
+        return None if self.run.policy.full_finetune else self.run.model.path_of(task_id)
+
+    def _record(self, task: Task) -> dict[str, Any]:
+        return self.records.setdefault(task.task_id, {"task_id": task.task_id, "task_index": task.index,
+                                                      "params": {}, "metrics": {}, "series": {}, "artifacts": {}})
+
+    def task_dir(self, task: Task) -> Path:
+        return self.run.run_dir / "tasks" / f"{task.index:03d}-{task.task_id}"
+
+    def run_stage(self, stage: Stage, task_index: int) -> dict[str, Any]:
+        task = self.run.tasks[task_index]
+        return getattr(self, stage.value)(task)
+
+    # ------------------------------------------------------------------ EXPAND
+
+    def expand(self, task: Task) -> dict[str, Any]:
+        model, policy = self.run.model, self.run.policy
+        rec = self._record(task)
+        self.token_counts[task.task_id] = expansion.token_distribution(ex.input_ids for ex in task.train[0])
+        if policy.full_finetune:
+            return {"path": None, "new_modules": 0}
+        earlier = [t.task_id for t in self.run.tasks[: task.index]]
+        if policy.joint and earlier:
+            path = model.path_of(earlier[0])  # multitask: one shared module set
+        elif not earlier or not policy.search:
+            path = model.add_module(generator=torch.Generator().manual_seed(self.cfg.train.seed + task.index))
+        else:
+            sims = {t: expansion.cosine_similarity(self.token_counts[task.task_id], self.token_counts[t]) for t in earlier}
+            rec["params"]["token_similarity"] = sims
+            path, candidates = self._search(task, sims)
+            rec["params"]["candidates"] = candidates
+        model.set_path(task.task_id, path)
+        new = sum(1 for layer, m in enumerate(path) if all(model.paths[t][layer] != m for t in earlier))
+        rec["params"]["path"] = path
+        rec["metrics"]["new_modules"] = float(new)
+        return {"path": path, "new_modules": new}
+
+    def _search(self, task: Task, sims: dict[str, float]) -> tuple[list[int], list[dict]]:
+        model, exp = self.run.model, self.cfg.method.expansion
+        old = [model.module_ids(layer) for layer in range(model.n_layers)]
+        jobs = []
+        for i, overrides in enumerate(exp.candidates):
+            beta = float(overrides.get("beta", exp.beta))
+            jobs.append({
+                "candidate": i, "seed": int(overrides.get("seed", self.cfg.train.seed + i)),
+                "entropy_weight": float(overrides.get("entropy_weight", exp.entropy_weight)),
+                "init": expansion.initial_logits(old_modules=old, paths=model.paths, similarities=sims, beta=beta,
+                                                 init=self.run.policy.init, static_logit=exp.static_logit),
+                "params": {"beta": beta, **overrides},
+            })
+        common = dict(train_batches=self._batches(task.train, seed=self.cfg.train.seed),
+                      val_batches=self._batches(task.val, seed=0), epochs=exp.epochs,
+                      warmup_epochs=exp.warmup_epochs, lr=self.cfg.train.lr, coefficient_lr=exp.coefficient_lr,
+                      lm_lambda=self.cfg.train.lm_lambda, weight_decay=self.cfg.train.weight_decay,
+                      adam_eps=self.cfg.train.adam_eps, grad_clip=self.cfg.train.grad_clip)
+        results = self.search_fn(model, jobs, common)
+        best = expansion.pick_best(results)
+        path = expansion.install_candidate(model, best)
+        table = [{"candidate": r.candidate, "val_loss": r.val_loss, "new_modules": r.n_new, "path": r.path,
+                  "winner": r.candidate == best.candidate, **r.params} for r in results]
+        return path, table
+
+    def _search_in_process(self, model, jobs, common) -> list[expansion.CandidateResult]:
+        results = []
+        for k, job in enumerate(jobs):
+            self.progress("search", k, len(jobs))
+            results.append(expansion.search_candidate(copy.deepcopy(model), **job, **common))
+        self.progress("search", len(jobs), len(jobs))
+        return results
+
+    # ------------------------------------------------------------------ SELECT
+
+    def select(self, task: Task) -> dict[str, Any]:
+        policy = self.run.policy
+        earlier = [t.task_id for t in self.run.tasks[: task.index]]
+        if policy.selection == "none" or not earlier:
+            self.selected[task.task_id] = []
+            return {"selected": []}
+        sims = {}
+        if policy.selection == "subspace":
+            reps = self._representations(task)
+            for t in self.run.tasks[: task.index]:
+                sims[t.task_id] = selection.task_similarity(self.bases[t.task_id], reps)
+                self.similarity[task.index, t.index] = sims[t.task_id]
+        else:
+            sims = dict.fromkeys(earlier, 0.0)
+        chosen = selection.select_tasks(sims, top_k=policy.top_k, mode=policy.selection,
+                                        seed=self.cfg.train.seed + task.index)
+        self.selected[task.task_id] = chosen
+        rec = self._record(task)
+        rec["params"].update(subspace_similarity=sims, selected=chosen)
+        return {"selected": chosen, "similarity": sims}
+
+    def _representations(self, task: Task) -> list[torch.Tensor]:
+        n = self.cfg.method.selection.n_samples
+        qa = task.train[0][:n]
+        batches = [collate(qa[i:i + 32], pad_id=self.run.formatter.special.pad) for i in range(0, len(qa), 32)]
+        return selection.collect_representations(self.run.model, batches, path=self._path(task.task_id), n_samples=n)
+
+    # ---------------------------------------------------------------- GENERATE
+
+    def generate(self, task: Task) -> dict[str, Any]:
+        policy, model = self.run.policy, self.run.model
+        earlier = [t.task_id for t in self.run.tasks[: task.index]]
+        transfer = self.selected.get(task.task_id, []) if policy.transfer else []
+        replay = replay_tasks(policy=policy, new_path=self._path(task.task_id),
+                              paths=model.paths, earlier=earlier)
+        wanted = sorted(set(transfer) | set(replay), key=earlier.index)
+        n = math.ceil(self.cfg.method.adaptation.gamma * len(task.rows["train"]))
+        self.pseudo[task.task_id] = {}
+        summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "malformed": {}}
+        for k, old_id in enumerate(wanted):
+            self.progress("generate", k, len(wanted))
+            old = self.run.tasks[earlier.index(old_id)]
+            out = generate_pseudo_samples(model, self.run.formatter, task_id=old_id, task_index=old.index,
+                                          path=self._path(old_id), n=n, top_k=self.cfg.method.adaptation.top_k_sampling,
+                                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.train.seed + task.index)
+            self.pseudo[task.task_id][old_id] = out.rows
+            summary["pseudo_samples"][old_id] = len(out.rows)
+            summary["malformed"][old_id] = out.malformed
+            if out.rows:
+                file = write_pseudo_samples(out.rows, self.task_dir(task) / "pseudo_samples" / f"{old_id}.parquet")
+                self._record(task)["artifacts"][f"pseudo_samples/{old_id}.parquet"] = str(file)
+        rec = self._record(task)
+        rec["params"].update(transfer=transfer, replay=replay)
+        rec["metrics"].update({f"pseudo_samples.{k}": float(v) for k, v in summary["pseudo_samples"].items()})
+        rec["metrics"].update({f"malformed.{k}": float(v) for k, v in summary["malformed"].items()})
+        return summary
+
+    # ------------------------------------------------------------------- ADAPT
+
+    def adapt(self, task: Task) -> dict[str, Any]:
+        cfg, policy, model = self.cfg, self.run.policy, self.run.model
+        last = task.index == len(self.run.tasks) - 1
+        if policy.joint and not last:
+            return {"skipped": "multitask trains once, on every task, at the last task"}
+        sources = self._sources(task)
+        if policy.full_finetune:
+            model.set_trainable(None)
+            model.backbone.requires_grad_(True)
+            params = [p for p in model.backbone.parameters() if p.requires_grad]
+        else:
+            path = model.path_of(task.task_id)
+            model.set_trainable(path)
+            params = model.trainable_parameters(path)
+        # a fresh module set (first task, or multitask's joint training) trains longer
+        epochs = cfg.train.first_task_epochs if task.index == 0 or policy.joint else cfg.method.adaptation.epochs
+        ds_config = deepspeed_config(cfg.deepspeed, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     eps=cfg.train.adam_eps, grad_clip=cfg.train.grad_clip,
+                                     micro_batch=cfg.train.batch_size)
+        engine = self.engine_factory(model, params, ds_config=ds_config,
+                                     eta_clamp=tuple(cfg.method.adaptation.eta_clamp))
+        result = adapt(engine, sources=sources, epochs=epochs, lm_lambda=cfg.train.lm_lambda,
+                       scale=policy.scaling, progress=cfg.method.adaptation.progress,
+                       on_step=lambda done, total: self.progress("adapt", done, total))
+        model.set_trainable(None)
+        model.backbone.requires_grad_(False)
+        if policy.selection == "subspace" or cfg.method.selection.mode == "subspace":
+            reps = self._representations(task)
+            self.bases[task.task_id] = [selection.subspace_basis(r, epsilon=cfg.method.selection.epsilon) for r in reps]
+        rec = self._record(task)
+        rec["series"].update({f"loss.{k}": v for k, v in result.losses.items()})
+        rec["series"].update({f"eta.{k}": v for k, v in result.etas.items()})
+        rec["metrics"]["adapt_steps"] = float(result.steps)
+        final = {k: v[-1] for k, v in result.losses.items() if v}
+        return {"steps": result.steps, "final_losses": final,
+                "mean_eta": {k: float(np.mean(v)) for k, v in result.etas.items()}}
+
+    def _sources(self, task: Task) -> list[Source]:
+        seed = self.cfg.train.seed + task.index
+        if self.run.policy.joint:  # multitask: every task's real data through the shared path
+            return [Source(t.task_id, self._batches(t.train, seed=seed), self._path(t.task_id))
+                    for t in self.run.tasks]
+        sources = [Source("new", self._batches(task.train, seed=seed), self._path(task.task_id))]
+        pseudo = self.pseudo.get(task.task_id, {})
+        earlier = {t.task_id: t for t in self.run.tasks[: task.index]}
+        encode = lambda old_id: encode_task(self.run.formatter, pseudo[old_id], task_index=earlier[old_id].index)  # noqa: E731
+        for old_id in self.selected.get(task.task_id, []) if self.run.policy.transfer else []:
+            if pseudo.get(old_id):
+                sources.append(Source(f"transfer:{old_id}", self._batches(encode(old_id), seed=seed),
+                                      self._path(task.task_id)))
+        replay = replay_tasks(policy=self.run.policy, new_path=self._path(task.task_id),
+                              paths=self.run.model.paths, earlier=list(earlier))
+        for old_id in replay:
+            if pseudo.get(old_id):
+                sources.append(Source(f"replay:{old_id}", self._batches(encode(old_id), seed=seed),
+                                      self._path(old_id)))
+        return sources
+
+    # ---------------------------------------------------------------- EVALUATE
+
+    def evaluate(self, task: Task) -> dict[str, Any]:
+        ev = self.cfg.eval
+        if self.run.policy.joint and task.index != len(self.run.tasks) - 1:
+            return {"skipped": "multitask is evaluated once, after joint training"}
+        targets = self.run.tasks if ev.all_tasks else self.run.tasks[: task.index + 1]
+        row = {}
+        for k, target in enumerate(targets):
+            self.progress("evaluate", k, len(targets))
+            rows = target.rows["test"][: ev.max_samples] if ev.max_samples else target.rows["test"]
+            seen = target.index <= task.index
+            path = self._path(target.task_id if seen else task.task_id)
+            answers = generate_answers(self.run.model, self.run.formatter, rows, path=path,
+                                       batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                       decoding=ev.decoding, top_k=ev.top_k, seed=self.cfg.train.seed)
+            scores = score_task(ev.metric, answers, [r["answer"] for r in rows])
+            self.R[task.index, target.index] = scores["primary"]
+            row[target.task_id] = scores
+        rec = self._record(task)
+        rec["metrics"].update({f"R.{t}": s["primary"] for t, s in row.items()})
+        rec["metrics"].update({f"{k}.{t}": v for t, s in row.items() for k, v in s.items() if k != "primary"})
+        return {"scores": {t: s["primary"] for t, s in row.items()}}
+
+    # ------------------------------------------------------------------ RECORD
+
+    def record(self, task: Task) -> dict[str, Any]:
+        out = self.task_dir(task)
+        rec = self._record(task)
+        if self.run.policy.full_finetune:
+            model_dir = save_backbone(self.run.model, out / "modules")
+        else:
+            model_dir = save_path_modules(self.run.model, task.task_id, out / "modules")
+        if (self.run.run_dir / "tokenizer").is_dir():
+            rec["artifacts"]["tokenizer"] = str(self.run.run_dir / "tokenizer")
+        rec["model_dir"] = str(model_dir)
+        (out / "record.json").write_text(json.dumps(_jsonable(rec), indent=1))
+        return {"model_dir": str(model_dir)}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(float(value)):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def configure_threads(cpus: float | None = None) -> None:
+    """Threads = the CPU share of this process (no oversubscription under Ray)."""
+    n = max(1, int(cpus or os.cpu_count() or 1))
+    torch.set_num_threads(n)

@@ -1,0 +1,181 @@
+"""Resolve a `RunConfig` into the plain parts of one run: tasks, tokenizer, model.
+
+`build_run(config, run_dir=...)` loads every task of the sequence (failing
+early, before any training, on an unknown task, a malformed row or an empty
+split), builds the tokenizer and the model, checks that examples fit the
+model, and encodes the training and validation examples.
+
+Backbones:
+* `model.pretrained`: a GPT-2 checkpoint (local folder or hub name) with its
+  own tokenizer plus the reserved special tokens;
+* otherwise a tiny GPT-2 with a byte-level BPE trained on the run's text,
+  pretrained as a plain LM first (modeling/pretrain.py explains why) and
+  cached under `output_dir/_cache/` by a hash of what it depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmea_dist.config import RunConfig
+from dmea_dist.data.formatting import Formatter, encode_task
+from dmea_dist.data.registry import load_task
+from dmea_dist.data.synthetic import parse_synthetic_name
+from dmea_dist.data.tokenizer import (
+    SpecialTokenIds,
+    load_pretrained_tokenizer,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
+from dmea_dist.errors import ConfigError, DataError
+from dmea_dist.method.policy import MethodPolicy, method_policy
+from dmea_dist.modeling.model import DMEAModel
+from dmea_dist.modeling.pretrain import pretrain_lm, reserve_rows
+
+HELDOUT_INDEX = 1000  # synthetic tasks at this index and above pretrain tiny backbones
+
+
+@dataclass
+class Task:
+    """One task of the sequence: its rows and encoded training/validation examples."""
+
+    task_id: str
+    index: int
+    rows: dict[str, list[dict]]  # split -> rows
+    train: tuple[list, list] = field(default_factory=lambda: ([], []))  # (qa, lm) examples
+    val: tuple[list, list] = field(default_factory=lambda: ([], []))
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    tasks: list[Task]
+    tokenizer: Any
+    model: DMEAModel
+    formatter: Formatter
+    policy: MethodPolicy
+    run_dir: Path
+
+
+def build_policy(config: RunConfig) -> MethodPolicy:
+    m = config.method
+    return method_policy(m.name, init=m.expansion.init, selection=m.selection.mode, top_k=m.selection.top_k,
+                         replay=m.adaptation.replay, transfer=m.adaptation.transfer != "off",
+                         scaling=m.adaptation.gradient_scaling)
+
+
+def load_tasks(config: RunConfig) -> list[Task]:
+    d = config.data
+    caps = {}
+    if d.max_train_samples:
+        caps["train"] = d.max_train_samples
+    if d.max_eval_samples:
+        caps["validation"] = caps["test"] = d.max_eval_samples
+    if len(d.tasks) > config.model.max_tasks:
+        raise ConfigError(f"data.tasks has {len(d.tasks)} tasks but model.max_tasks={config.model.max_tasks} "
+                          f"generation tokens are reserved; raise model.max_tasks")
+    tasks = []
+    for index, name in enumerate(d.tasks):
+        data = load_task(name, data_root=d.root, user_tasks=d.user_tasks, synth_seed=d.synth_seed,
+                         synth_sizes=d.synth_sizes, max_samples=caps or None)
+        rows = {split: data[split].to_list() for split in ("train", "validation", "test")}
+        for split, split_rows in rows.items():
+            if not split_rows:
+                raise DataError(f"task {name!r} has an empty {split} split; give it data or drop it from data.tasks")
+        tasks.append(Task(task_id=name, index=index, rows=rows))
+    return tasks
+
+
+def _plain_text(rows: list[dict]) -> list[str]:
+    return [f"{r['context']} {r['question']} {a}".replace("  ", " ") for r in rows for a in r["answer"]]
+
+
+def pretraining_text(config: RunConfig, tasks: list[Task]) -> list[str]:
+    """Plain text for the tiny backbone's LM pretraining (model.tiny.pretrain.corpus)."""
+    pre = config.model.tiny.pretrain
+    if pre.corpus == "task_text":
+        return [text for t in tasks for text in _plain_text(t.rows["train"])]
+    families = sorted({parse_synthetic_name(t.task_id)[0] for t in tasks if t.task_id.startswith("synth.")})
+    if not families:
+        raise ConfigError("model.tiny.pretrain.corpus=heldout_synth needs synthetic tasks in data.tasks; "
+                          "for corpora set model.tiny.pretrain.corpus: task_text")
+    used = set(config.data.tasks)
+    texts = []
+    for family in families:
+        for k in range(pre.heldout_tasks):
+            name = f"synth.{family}.{HELDOUT_INDEX + k}"
+            if name in used:
+                raise ConfigError(f"{name} is both in data.tasks and a held-out pretraining task; "
+                                  f"use indices below {HELDOUT_INDEX} for sequence tasks")
+            data = load_task(name, data_root=None, synth_seed=config.data.synth_seed,
+                             synth_sizes=config.data.synth_sizes)
+            texts += _plain_text(data["train"].to_list())
+    return texts
+
+
+def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
+    """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny, pre = config.model.tiny, config.model.tiny.pretrain
+    key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
+               "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
+               "max_tasks": config.model.max_tasks, "version": 2}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    cache = cache_root / f"backbone-{key}"
+    if (cache / "model.safetensors").is_file():
+        return load_tokenizer(cache), GPT2LMHeadModel.from_pretrained(cache)
+    run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
+    extra = pretraining_text(config, tasks) if pre.corpus != "none" else []
+    tokenizer = train_bpe_tokenizer(run_text + extra, vocab_size=tiny.vocab_size, max_tasks=config.model.max_tasks)
+    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_positions=tiny.n_positions, n_embd=tiny.n_embd,
+                      n_layer=tiny.n_layer, n_head=tiny.n_head, bos_token_id=tokenizer.eos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(config.train.seed)
+    backbone = GPT2LMHeadModel(gpt2)
+    if extra:
+        ids = tokenizer(extra, add_special_tokens=False)["input_ids"]
+        losses = pretrain_lm(backbone, ids, steps=pre.steps, lr=pre.lr, batch_size=pre.batch_size,
+                             seq_len=min(pre.seq_len, tiny.n_positions), eos_id=tokenizer.eos_token_id,
+                             seed=config.train.seed)
+        backbone.config.dmea_pretrain_loss = [losses[0], losses[-1]]
+        special = SpecialTokenIds.from_tokenizer(tokenizer)
+        reserve_rows(backbone, [special.ans, *special.tasks], seed=config.train.seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(cache)
+    backbone.save_pretrained(cache)
+    return tokenizer, backbone
+
+
+def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
+    """Resolve the config into tasks, tokenizer, model and formatter (no DMEA training yet)."""
+    tasks = load_tasks(config)
+    m = config.model
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if m.pretrained:
+        tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
+        model = DMEAModel.from_pretrained(m.pretrained, vocab_size=len(tokenizer), bottleneck=m.bottleneck)
+    else:
+        tokenizer, backbone = tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache")
+        model = DMEAModel(backbone, bottleneck=m.bottleneck)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    positions = int(model.backbone.config.n_positions)
+    if m.max_length > positions:
+        raise ConfigError(f"model.max_length={m.max_length} is longer than the model's {positions} positions; "
+                          f"set model.max_length <= {positions}")
+    formatter = Formatter(tokenizer, max_length=m.max_length)
+    for task in tasks:
+        task.train = encode_task(formatter, task.rows["train"], task_index=task.index,
+                                 references=config.data.train_references)
+        task.val = encode_task(formatter, task.rows["validation"], task_index=task.index)
+    torch.manual_seed(config.train.seed)
+    return Run(config=config, tasks=tasks, tokenizer=tokenizer, model=model, formatter=formatter,
+               policy=build_policy(config), run_dir=run_dir)
