@@ -1,0 +1,33 @@
+# dmea-dist image. CPU by default; a CUDA PyTorch build with:
+#   docker build --build-arg BASE=nvidia/cuda:12.4.1-cudnn-devel-ubuntu22.04 \
+#                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 -t dmea-dist:cuda .
+# Run the quick start:   docker run --rm dmea-dist
+# Cluster images: the same image on every Ray node (launch/README.md).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+# g++ and ninja: DeepSpeed JIT-compiles a small op at first use. python3 for CUDA bases.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ make python3 python3-pip python3-venv git \
+ && rm -rf /var/lib/apt/lists/* \
+ && (command -v python >/dev/null || ln -s /usr/bin/python3 /usr/local/bin/python)
+
+WORKDIR /opt/dmea-dist
+# torch first, from the chosen index, so no dependency pulls another build
+RUN python -m pip install "torch${TORCH_VERSION:+==${TORCH_VERSION}}" --index-url ${TORCH_INDEX} \
+ && python -m pip install ninja
+COPY pyproject.toml README.md ./
+COPY dmea_dist ./dmea_dist
+RUN python -m pip install .
+COPY configs ./configs
+COPY ray_jobs ./ray_jobs
+COPY launch ./launch
+
+# DS_ACCELERATOR=cpu keeps CPU runs on CPU even on GPU nodes; unset it for GPU training.
+ENV DS_ACCELERATOR=cpu
+CMD ["dmea", "run", "configs/quickstart.yaml"]
