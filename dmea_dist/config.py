@@ -32,6 +32,23 @@ METHODS = ("dmea", "acm", "lamol", "finetune", "adapter", "multitask")
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Plain-LM pretraining of the tiny backbone before it is frozen (see modeling/pretrain.py)."""
+
+    corpus: Literal["heldout_synth", "task_text", "none"] = "heldout_synth"
+    steps: int = 400
+    lr: float = 3e-3
+    batch_size: int = 32
+    seq_len: int = 64
+    heldout_tasks: int = 4  # held-out synthetic tasks per family of the run
+
+    def __post_init__(self):
+        _check_range("model.tiny.pretrain.steps", self.steps, 1, 10**7)
+        _check_range("model.tiny.pretrain.seq_len", self.seq_len, 8, 8192)
+        _check_range("model.tiny.pretrain.heldout_tasks", self.heldout_tasks, 1, 1000)
+
+
+@dataclass(frozen=True)
 class TinyModelConfig:
     """A GPT-2 built from scratch (offline default; tokenizer trained on the run's data)."""
 
@@ -40,6 +57,7 @@ class TinyModelConfig:
     n_head: int = 4
     n_positions: int = 256
     vocab_size: int = 2000  # size of the byte-level BPE trained on the run's data
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self):
         _check_range("model.tiny.n_layer", self.n_layer, 1, 96)

@@ -33,8 +33,9 @@ from dmea_dist.config import RunConfig, deepspeed_config
 from dmea_dist.data.formatting import collate, encode_task, iterate_batches
 from dmea_dist.evaluation.metrics import score_task
 from dmea_dist.method import expansion, selection
-from dmea_dist.method.adaptation import Source, adapt
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
 from dmea_dist.method.generation import (
+    PseudoSamples,
     generate_answers,
     generate_pseudo_samples,
     write_pseudo_samples,
@@ -44,23 +45,37 @@ from dmea_dist.method.policy import replay_tasks
 from dmea_dist.modeling.io import save_backbone, save_path_modules
 from dmea_dist.run import Run, Task
 
-EngineFactory = Callable[..., Any]  # (model, params, ds_config=, eta_clamp=) -> Engine
+EngineFactory = Callable[..., Any]  # (model, params) -> Engine (see method.adaptation)
 
 
-def deepspeed_engine_factory(model, params, *, ds_config: dict, eta_clamp: tuple[float, float]):
-    from dmea_dist.engine import build_engine  # DeepSpeed lives there only
+def deepspeed_engine_factory(config: RunConfig) -> Callable[..., Any]:
+    """(model, params) -> the DeepSpeed engine with the gradient-scaling step, as the config says."""
+    t = config.train
+    ds_config = deepspeed_config(config.deepspeed, lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps,
+                                 grad_clip=t.grad_clip, micro_batch=t.batch_size)
+    clamp = tuple(config.method.adaptation.eta_clamp)
 
-    return build_engine(model, params, ds_config=ds_config, clamp=eta_clamp)
+    def factory(model, params):
+        from dmea_dist.engine import build_engine  # DeepSpeed lives there only
+
+        return build_engine(model, params, ds_config=ds_config, clamp=clamp)
+
+    return factory
 
 
 class InProcessExecutor:
     """Runs every stage of the lifecycle in this process (see module docstring)."""
 
-    def __init__(self, run: Run, *, engine_factory: EngineFactory = deepspeed_engine_factory,
-                 search_fn: Callable | None = None, progress: Callable[[str, int, int], None] | None = None):
+    def __init__(self, run: Run, *, engine_factory: EngineFactory | None = None, search_fn: Callable | None = None,
+                 generate_fn: Callable | None = None, answer_fn: Callable | None = None,
+                 adapt_fn: Callable | None = None, progress: Callable[[str, int, int], None] | None = None):
+        # the heavy kernels are injectable: the Ray executor passes distributed ones
         self.run = run
-        self.engine_factory = engine_factory
+        self.engine_factory = engine_factory or deepspeed_engine_factory(run.config)
         self.search_fn = search_fn or self._search_in_process
+        self.generate_fn = generate_fn or self._generate_in_process
+        self.answer_fn = answer_fn or self._answer_in_process
+        self.adapt_fn = adapt_fn or self._adapt_in_process
         self.progress = progress or (lambda label, done, total: None)
         n = len(run.tasks)
         self.R = np.full((n, n), np.nan)
@@ -194,53 +209,43 @@ class InProcessExecutor:
         n = math.ceil(self.cfg.method.adaptation.gamma * len(task.rows["train"]))
         self.pseudo[task.task_id] = {}
         summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "malformed": {}}
-        for k, old_id in enumerate(wanted):
-            self.progress("generate", k, len(wanted))
-            old = self.run.tasks[earlier.index(old_id)]
-            out = generate_pseudo_samples(model, self.run.formatter, task_id=old_id, task_index=old.index,
-                                          path=self._path(old_id), n=n, top_k=self.cfg.method.adaptation.top_k_sampling,
-                                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.train.seed + task.index)
-            self.pseudo[task.task_id][old_id] = out.rows
-            summary["pseudo_samples"][old_id] = len(out.rows)
-            summary["malformed"][old_id] = out.malformed
+        requests = [{"task_id": old_id, "task_index": earlier.index(old_id), "path": self._path(old_id), "n": n,
+                     "seed": self.cfg.train.seed + task.index} for old_id in wanted]
+        for out in self.generate_fn(model, requests) if requests else []:
+            self.pseudo[task.task_id][out.task_id] = out.rows
+            summary["pseudo_samples"][out.task_id] = len(out.rows)
+            summary["malformed"][out.task_id] = out.malformed
             if out.rows:
-                file = write_pseudo_samples(out.rows, self.task_dir(task) / "pseudo_samples" / f"{old_id}.parquet")
-                self._record(task)["artifacts"][f"pseudo_samples/{old_id}.parquet"] = str(file)
+                file = write_pseudo_samples(out.rows, self.task_dir(task) / "pseudo_samples" / f"{out.task_id}.parquet")
+                self._record(task)["artifacts"][f"pseudo_samples/{out.task_id}.parquet"] = str(file)
         rec = self._record(task)
         rec["params"].update(transfer=transfer, replay=replay)
         rec["metrics"].update({f"pseudo_samples.{k}": float(v) for k, v in summary["pseudo_samples"].items()})
         rec["metrics"].update({f"malformed.{k}": float(v) for k, v in summary["malformed"].items()})
         return summary
 
+    def _generate_in_process(self, model, requests: list[dict]) -> list[PseudoSamples]:
+        out = []
+        for k, req in enumerate(requests):
+            self.progress("generate", k, len(requests))
+            out.append(generate_pseudo_samples(model, self.run.formatter, top_k=self.cfg.method.adaptation.top_k_sampling,
+                                               batch_size=self.cfg.eval.batch_size, **req))
+        return out
+
     # ------------------------------------------------------------------- ADAPT
 
     def adapt(self, task: Task) -> dict[str, Any]:
-        cfg, policy, model = self.cfg, self.run.policy, self.run.model
-        last = task.index == len(self.run.tasks) - 1
-        if policy.joint and not last:
+        cfg, policy = self.cfg, self.run.policy
+        if policy.joint and task.index != len(self.run.tasks) - 1:
             return {"skipped": "multitask trains once, on every task, at the last task"}
-        sources = self._sources(task)
-        if policy.full_finetune:
-            model.set_trainable(None)
-            model.backbone.requires_grad_(True)
-            params = [p for p in model.backbone.parameters() if p.requires_grad]
-        else:
-            path = model.path_of(task.task_id)
-            model.set_trainable(path)
-            params = model.trainable_parameters(path)
         # a fresh module set (first task, or multitask's joint training) trains longer
         epochs = cfg.train.first_task_epochs if task.index == 0 or policy.joint else cfg.method.adaptation.epochs
-        ds_config = deepspeed_config(cfg.deepspeed, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                     eps=cfg.train.adam_eps, grad_clip=cfg.train.grad_clip,
-                                     micro_batch=cfg.train.batch_size)
-        engine = self.engine_factory(model, params, ds_config=ds_config,
-                                     eta_clamp=tuple(cfg.method.adaptation.eta_clamp))
-        result = adapt(engine, sources=sources, epochs=epochs, lm_lambda=cfg.train.lm_lambda,
-                       scale=policy.scaling, progress=cfg.method.adaptation.progress,
-                       on_step=lambda done, total: self.progress("adapt", done, total))
-        model.set_trainable(None)
-        model.backbone.requires_grad_(False)
-        if policy.selection == "subspace" or cfg.method.selection.mode == "subspace":
+        job = AdaptJob(sources=self._sources(task), trainable=self._path(task.task_id), epochs=epochs,
+                       lm_lambda=cfg.train.lm_lambda, scale=policy.scaling, progress=cfg.method.adaptation.progress,
+                       batch_size=cfg.train.batch_size, pad_id=self.run.formatter.special.pad,
+                       seed=cfg.train.seed + task.index)
+        result = self.adapt_fn(self.run.model, job)
+        if cfg.method.selection.mode == "subspace":
             reps = self._representations(task)
             self.bases[task.task_id] = [selection.subspace_basis(r, epsilon=cfg.method.selection.epsilon) for r in reps]
         rec = self._record(task)
@@ -251,25 +256,26 @@ class InProcessExecutor:
         return {"steps": result.steps, "final_losses": final,
                 "mean_eta": {k: float(np.mean(v)) for k, v in result.etas.items()}}
 
-    def _sources(self, task: Task) -> list[Source]:
-        seed = self.cfg.train.seed + task.index
+    def _adapt_in_process(self, model, job: AdaptJob) -> AdaptResult:
+        return run_adapt_job(model, job, engine_factory=self.engine_factory,
+                             on_step=lambda done, total: self.progress("adapt", done, total))
+
+    def _sources(self, task: Task) -> list:
+        """(key, (qa, lm) examples, path) of every sub-batch stream of the new task's adaptation."""
         if self.run.policy.joint:  # multitask: every task's real data through the shared path
-            return [Source(t.task_id, self._batches(t.train, seed=seed), self._path(t.task_id))
-                    for t in self.run.tasks]
-        sources = [Source("new", self._batches(task.train, seed=seed), self._path(task.task_id))]
+            return [(t.task_id, t.train, self._path(t.task_id)) for t in self.run.tasks]
+        sources = [("new", task.train, self._path(task.task_id))]
         pseudo = self.pseudo.get(task.task_id, {})
         earlier = {t.task_id: t for t in self.run.tasks[: task.index]}
         encode = lambda old_id: encode_task(self.run.formatter, pseudo[old_id], task_index=earlier[old_id].index)  # noqa: E731
         for old_id in self.selected.get(task.task_id, []) if self.run.policy.transfer else []:
             if pseudo.get(old_id):
-                sources.append(Source(f"transfer:{old_id}", self._batches(encode(old_id), seed=seed),
-                                      self._path(task.task_id)))
+                sources.append((f"transfer:{old_id}", encode(old_id), self._path(task.task_id)))
         replay = replay_tasks(policy=self.run.policy, new_path=self._path(task.task_id),
                               paths=self.run.model.paths, earlier=list(earlier))
         for old_id in replay:
             if pseudo.get(old_id):
-                sources.append(Source(f"replay:{old_id}", self._batches(encode(old_id), seed=seed),
-                                      self._path(old_id)))
+                sources.append((f"replay:{old_id}", encode(old_id), self._path(old_id)))
         return sources
 
     # ---------------------------------------------------------------- EVALUATE
@@ -279,22 +285,30 @@ class InProcessExecutor:
         if self.run.policy.joint and task.index != len(self.run.tasks) - 1:
             return {"skipped": "multitask is evaluated once, after joint training"}
         targets = self.run.tasks if ev.all_tasks else self.run.tasks[: task.index + 1]
-        row = {}
-        for k, target in enumerate(targets):
-            self.progress("evaluate", k, len(targets))
+        requests = []
+        for target in targets:
+            seen = target.index <= task.index  # unseen tasks (forward transfer) run along the newest path
             rows = target.rows["test"][: ev.max_samples] if ev.max_samples else target.rows["test"]
-            seen = target.index <= task.index
-            path = self._path(target.task_id if seen else task.task_id)
-            answers = generate_answers(self.run.model, self.run.formatter, rows, path=path,
-                                       batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                                       decoding=ev.decoding, top_k=ev.top_k, seed=self.cfg.train.seed)
-            scores = score_task(ev.metric, answers, [r["answer"] for r in rows])
+            requests.append({"task_id": target.task_id, "rows": rows,
+                             "path": self._path(target.task_id if seen else task.task_id)})
+        row = {}
+        for target, req, answers in zip(targets, requests, self.answer_fn(self.run.model, requests), strict=True):
+            scores = score_task(ev.metric, answers, [r["answer"] for r in req["rows"]])
             self.R[task.index, target.index] = scores["primary"]
             row[target.task_id] = scores
         rec = self._record(task)
         rec["metrics"].update({f"R.{t}": s["primary"] for t, s in row.items()})
         rec["metrics"].update({f"{k}.{t}": v for t, s in row.items() for k, v in s.items() if k != "primary"})
         return {"scores": {t: s["primary"] for t, s in row.items()}}
+
+    def _answer_in_process(self, model, requests: list[dict]) -> list[list[str]]:
+        ev, out = self.cfg.eval, []
+        for k, req in enumerate(requests):
+            self.progress("evaluate", k, len(requests))
+            out.append(generate_answers(model, self.run.formatter, req["rows"], path=req["path"],
+                                        batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                                        decoding=ev.decoding, top_k=ev.top_k, seed=self.cfg.train.seed))
+        return out
 
     # ------------------------------------------------------------------ RECORD
 

@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
+from dmea_dist.data.formatting import Example, iterate_batches
 from dmea_dist.method.training import task_loss
 
 
@@ -79,3 +82,65 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         if on_step is not None:
             on_step(step + 1, total)
     return result
+
+
+@dataclass
+class AdaptJob:
+    """Everything one adaptation needs, as plain picklable values (runs in-process or on Ray Train).
+
+    `sources` hold examples, not batches: each data-parallel rank batches its
+    own shard. `trainable` is the path whose modules train, or None for full
+    fine-tuning of the backbone (the lamol / finetune baselines).
+    """
+
+    sources: list[tuple[str, tuple[list[Example], list[Example]], list[int] | None]]  # (key, (qa, lm), path)
+    trainable: list[int] | None
+    epochs: float
+    lm_lambda: float
+    scale: bool
+    progress: str
+    batch_size: int
+    pad_id: int
+    seed: int
+
+
+def set_trainable(model, trainable: list[int] | None) -> list[torch.nn.Parameter]:
+    """Unfreeze exactly what a job trains and return it (modules of a path, or the whole backbone)."""
+    model.set_trainable(trainable)
+    if trainable is None:
+        model.backbone.requires_grad_(True)
+        return [p for p in model.backbone.parameters()]
+    return model.trainable_parameters(trainable)
+
+
+def trained_state(model, trainable: list[int] | None) -> dict[str, Any]:
+    """The weights a job changed: {"modules": {layer: state}} or {"backbone": state} (CPU tensors)."""
+    if trainable is None:
+        return {"backbone": {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}}
+    return {"modules": {layer: {k: v.detach().cpu().clone() for k, v in model.get_module(layer, m).state_dict().items()}
+                        for layer, m in enumerate(trainable)}}
+
+
+def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]) -> None:
+    """Install what `trained_state` returned (e.g. from a Ray Train worker) into `model`."""
+    if trainable is None:
+        model.backbone.load_state_dict(state["backbone"])
+        return
+    for layer, module_state in state["modules"].items():
+        model.put_module(int(layer), trainable[int(layer)], module_state)
+
+
+def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tuple[int, int] = (0, 1),
+                  on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
+    """Train `model` in place on this rank's shard of `job`; everything is frozen again after."""
+    params = set_trainable(model, job.trainable)
+    try:
+        engine = engine_factory(model, params)
+        sources = [Source(key, list(iterate_batches(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
+                                                    seed=job.seed, shard=shard)), path)
+                   for key, (qa, lm), path in job.sources]
+        return adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
+                     progress=job.progress, on_step=on_step)
+    finally:
+        model.set_trainable(None)
+        model.backbone.requires_grad_(False)

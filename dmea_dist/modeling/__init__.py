@@ -2,7 +2,12 @@
 
 from dmea_dist.modeling.adapters import BottleneckAdapter, LayerModule, mixing_weights
 from dmea_dist.modeling.io import (
-    ModuleFileError, load_modules, load_path_modules, save_backbone, save_modules, save_path_modules,
+    ModuleFileError,
+    load_modules,
+    load_path_modules,
+    save_backbone,
+    save_modules,
+    save_path_modules,
 )
 from dmea_dist.modeling.model import BlockInputs, DMEAModel, grow_vocabulary
 
