@@ -4,6 +4,7 @@
     dmea data list                          the tasks the registry knows
     dmea data show TASK                     split sizes, formatted examples, token lengths
     dmea model summary CONFIG               the backbone, its modules and parameter counts
+    dmea generate RUN_DIR TASK CONTEXT...   answer inputs with any recorded task of a run
 
 Errors caused by input (config, data) print one clear line and exit 2; no
 traceback.
@@ -107,7 +108,24 @@ def cmd_run(args) -> int:
     from dmea_dist.driver import run_sequence
 
     config = load_config(args.config, args.set)
-    run_sequence(config, run_dir=args.run_dir, progress=not args.quiet)
+    if args.in_process:
+        run_sequence(config, run_dir=args.run_dir, progress=not args.quiet)
+        return 0
+    from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
+
+    where = connect(args.address or config.ray.address, num_cpus=config.ray.num_cpus)
+    print(f"ray: {'embedded local cluster' if where == 'local' else where}", file=sys.stderr)
+    run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=ray_coordinator_factory)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from dmea_dist.serving import answer
+
+    for context, out in zip(args.context, answer(args.run_dir, args.task, args.context, question=args.question,
+                                                 decoding=args.decoding, max_new_tokens=args.max_new_tokens),
+                            strict=True):
+        print(f"{context}\n  -> {out}")
     return 0
 
 
@@ -120,7 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     run.add_argument("--run-dir", help="where the run's files go (default: output_dir/name-timestamp)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--address", help="join this Ray cluster (default: ray.address, $RAY_ADDRESS, else embedded)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run every stage in this process, without Ray (debugging, tests)")
     run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="answer inputs with a recorded task of a run")
+    gen.add_argument("run_dir", help="the run directory `dmea run` printed")
+    gen.add_argument("task", help="a task of that run, e.g. synth.restaurant.00")
+    gen.add_argument("context", nargs="+", help="one or more inputs (e.g. an MR)")
+    gen.add_argument("--question", default="")
+    gen.add_argument("--decoding", choices=["greedy", "top_k"], default="greedy")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.set_defaults(func=cmd_generate)
 
     data = sub.add_parser("data", help="inspect task data").add_subparsers(dest="data_command", required=True)
     for name, func, helptext in (("list", cmd_data_list, "list known tasks"),

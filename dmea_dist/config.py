@@ -232,14 +232,25 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://... to join
+    """Where the stages run: `dmea run` starts an embedded local Ray unless `address` joins a cluster."""
+
+    address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS); "auto", "host:6379", ray://...
+    num_cpus: int | None = None  # CPUs of the embedded local Ray (None: all)
     num_search_workers: int = 1  # expansion candidates in flight at once
     search_cpus: float = 1.0
-    num_generation_actors: int = 1
+    num_generation_actors: int = 1  # model replicas sharing pseudo-sample generation and evaluation
     generation_cpus: float = 1.0
-    num_train_workers: int = 1
+    num_train_workers: int = 1  # Ray Train data-parallel ranks of the DeepSpeed adaptation
     train_cpus: float = 1.0
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per training worker (bf16/fp16 unsupported by the scaled step: fp32)
+    placement_strategy: Literal["SPREAD", "PACK"] = "SPREAD"
+    adapt_on: Literal["ray_train", "coordinator"] = "ray_train"  # coordinator: skip Ray Train's start-up
+
+    def __post_init__(self):
+        for key in ("num_search_workers", "num_generation_actors", "num_train_workers"):
+            _check_range(f"ray.{key}", getattr(self, key), 1, 10_000)
+        for key in ("search_cpus", "generation_cpus", "train_cpus"):
+            _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
 
 
 @dataclass(frozen=True)

@@ -68,56 +68,87 @@ class StageProgress:
             self.bar = None
 
 
-def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
-                 executor_factory: Callable[..., Any] | None = None, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> SequenceResult:
-    """Run the whole task sequence of `config`; returns the R matrix and final metrics."""
-    from dmea_dist.pipeline import InProcessExecutor
-    from dmea_dist.run import build_run
+class Coordinator:
+    """Owns one run's lifecycle: builds the run, steps its stages, hands out finished records.
+
+    No Ray here: the Ray actor in dmea_dist.distributed.coordinator holds one of
+    these (with distributed kernels) and forwards `step` and `results`.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *,
+                 kernels: Callable[[Any], dict[str, Any]] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None):
+        """`kernels(run)` returns executor kernels (search_fn, generate_fn, answer_fn, adapt_fn) to use."""
+        from dmea_dist.pipeline import InProcessExecutor
+        from dmea_dist.run import build_run
+
+        self.run = build_run(config, run_dir=run_dir)
+        self.executor = InProcessExecutor(self.run, progress=progress, **(kernels(self.run) if kernels else {}))
+        self.lifecycle = Lifecycle(LifecycleState(tasks=list(config.data.tasks)), self.executor,
+                                   on_transition=self._persist)
+
+    def _persist(self, state: LifecycleState) -> None:
+        (self.run.run_dir / "lifecycle.json").write_text(json.dumps(state.to_dict(), indent=1, default=str))
+
+    def step(self) -> dict[str, Any]:
+        """Run the current stage; returns what finished, what comes next, and a finished task's record."""
+        self.lifecycle.step()
+        state = self.lifecycle.state
+        finished = state.history[-1]
+        record = self.executor.records[finished["task"]] if finished["stage"] == Stage.RECORD.value else None
+        return {"finished": finished, "record": record, "done": state.done,
+                "next": None if state.done else (state.task_index, state.stage.value)}
+
+    def results(self) -> dict[str, Any]:
+        full_ft = self.run.policy.full_finetune
+        return {"R": self.executor.R, "similarity": self.executor.similarity,
+                "paths": None if full_ft else self.run.model.paths, "history": self.lifecycle.state.history}
+
+
+def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None, coordinator_factory: Callable | None = None,
+                 progress: bool = True, echo: Callable[[str], None] = print) -> SequenceResult:
+    """Run the whole task sequence of `config`; returns the R matrix and final metrics.
+
+    `coordinator_factory(config, run_dir, progress)` makes what steps the
+    lifecycle: by default an in-process `Coordinator`; `dmea run` on Ray passes
+    one that starts the coordinator actor. This process alone talks to MLflow.
+    """
     from dmea_dist.tracking import Tracker
 
     run_dir = Path(run_dir or Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run = build_run(config, run_dir=run_dir)
     bar = StageProgress(config.data.tasks, enabled=progress)
-    executor = (executor_factory or InProcessExecutor)(run, progress=bar)
+    make = coordinator_factory or (lambda cfg, rd, prog: Coordinator(cfg, rd, progress=prog))
+    coordinator = make(config, run_dir, bar)
     tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment, enabled=config.tracking.enabled)
     parent = tracker.start_sequence(run_name=run_dir.name, config=config.to_dict(), tasks=config.data.tasks,
                                     tags={"method": config.method.name})
-    state = LifecycleState(tasks=list(config.data.tasks))
-
-    def on_transition(s: LifecycleState) -> None:
-        done = s.history[-1]
-        (run_dir / "lifecycle.json").write_text(json.dumps(s.to_dict(), indent=1, default=str))
-        if done["stage"] == Stage.RECORD.value:
-            rec = executor.records[done["task"]]
-            tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
-                                metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
-                                model_dir=rec.get("model_dir"),
-                                registered_model=f"{config.name}-{config.method.name}")
-        if not s.done:
-            bar.start(s.task_index, s.stage)
-
-    lifecycle = Lifecycle(state, executor, on_transition=on_transition)
+    tracker.log_sequence_metrics({}, artifacts={name: run_dir / name for name in ("tokenizer", "backbone")
+                                                 if (run_dir / name).exists()})
     bar.start(0, Stage.EXPAND)
     try:
-        lifecycle.run()
+        while True:
+            out = coordinator.step()
+            rec = out["record"]
+            if rec is not None:
+                tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
+                                    metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
+                                    model_dir=rec.get("model_dir"),
+                                    registered_model=f"{config.name}-{config.method.name}")
+            if out["done"]:
+                break
+            bar.start(out["next"][0], Stage(out["next"][1]))
+        results = coordinator.results()
     except BaseException:
         bar.close()
         tracker.finish_sequence(status="FAILED")
         raise
+    finally:
+        if hasattr(coordinator, "close"):
+            coordinator.close()
     bar.close()
-
-    R = executor.R
+    R, names = results["R"], config.data.tasks
     metrics = sequence_metrics(R)
-    names = config.data.tasks
-    paths = {t: p for t, p in run.model.paths.items()} if not run.policy.full_finetune else None
-    md = report.render_markdown(names, R, metrics, similarity=executor.similarity, paths=paths,
-                                title=f"dmea-dist: {config.name} ({config.method.name})")
-    (run_dir / "report.md").write_text(md)
-    (run_dir / "report.html").write_text(report.render_html(names, R, metrics, similarity=executor.similarity,
-                                                            paths=paths, title=f"dmea-dist: {config.name}"))
-    np.save(run_dir / "R.npy", R)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_reports(run_dir, config, R, metrics, similarity=results["similarity"], paths=results["paths"])
     tracker.log_sequence_metrics(metrics, artifacts={"report": run_dir / "report.md", "report_html": run_dir / "report.html",
                                                      "R": run_dir / "R.npy"})
     tracker.finish_sequence(status="FINISHED")
@@ -127,7 +158,19 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
     echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   tracking: {config.tracking.uri}")
     return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
-                          history=state.history)
+                          history=results["history"])
+
+
+def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict[str, float], *,
+                  similarity: np.ndarray, paths: dict[str, list[int]] | None) -> None:
+    names = config.data.tasks
+    title = f"dmea-dist: {config.name} ({config.method.name})"
+    (run_dir / "report.md").write_text(report.render_markdown(names, R, metrics, similarity=similarity,
+                                                              paths=paths, title=title))
+    (run_dir / "report.html").write_text(report.render_html(names, R, metrics, similarity=similarity,
+                                                            paths=paths, title=title))
+    np.save(run_dir / "R.npy", R)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
 def sequence_metrics(R: np.ndarray) -> dict[str, float]:

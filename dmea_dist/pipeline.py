@@ -60,6 +60,7 @@ def deepspeed_engine_factory(config: RunConfig) -> Callable[..., Any]:
 
         return build_engine(model, params, ds_config=ds_config, clamp=clamp)
 
+    factory.partitions_model = ds_config["zero_optimization"].get("stage", 0) == 3
     return factory
 
 

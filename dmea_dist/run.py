@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from dmea_dist.config import RunConfig
 from dmea_dist.data.formatting import Formatter, encode_task
@@ -160,13 +161,16 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
     m = config.model
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if m.pretrained:
         tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
         model = DMEAModel.from_pretrained(m.pretrained, vocab_size=len(tokenizer), bottleneck=m.bottleneck)
     else:
         tokenizer, backbone = tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache")
-        model = DMEAModel(backbone, bottleneck=m.bottleneck)
+        # the run keeps its own backbone and tokenizer, so any task can be served from it later
+        backbone.save_pretrained(run_dir / "backbone")
         tokenizer.save_pretrained(run_dir / "tokenizer")
+        model = DMEAModel(backbone, bottleneck=m.bottleneck)
     positions = int(model.backbone.config.n_positions)
     if m.max_length > positions:
         raise ConfigError(f"model.max_length={m.max_length} is longer than the model's {positions} positions; "

@@ -18,6 +18,7 @@ training, by option).
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,11 +68,12 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
     total = max(1, round(epochs * per_epoch))
     result = AdaptResult(steps=total)
     engine.module.train()
+    device = next(engine.module.parameters()).device  # batches are built on the CPU
     for step in range(total):
         t = step / per_epoch if progress == "epochs" else step / total
         sub_batches = []
         for src in live:
-            qa, lm = src.batches[step % len(src.batches)]
+            qa, lm = (_to(b, device) for b in src.batches[step % len(src.batches)])
             sub_batches.append((src.key, functools.partial(task_loss, engine, qa, lm, path=src.path,
                                                            lm_lambda=lm_lambda)))
         stats = engine.step(sub_batches, progress=t, scale=scale)
@@ -82,6 +84,10 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         if on_step is not None:
             on_step(step + 1, total)
     return result
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @dataclass
@@ -132,15 +138,39 @@ def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]
 
 def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tuple[int, int] = (0, 1),
                   on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
-    """Train `model` in place on this rank's shard of `job`; everything is frozen again after."""
-    params = set_trainable(model, job.trainable)
+    """Train `model` in place on this rank's shard of `job`; everything is frozen again after.
+
+    An engine factory that partitions the model it is given (ZeRO-3:
+    `engine_factory.partitions_model`) trains a copy instead, whose gathered
+    trainable weights are then loaded back: ZeRO-3 leaves its hooks and
+    partitioned tensors on every module it saw, which later stages (search,
+    generation) must not inherit.
+    """
+    isolate = getattr(engine_factory, "partitions_model", False)
+    target = copy.deepcopy(model) if isolate else model
+    params = set_trainable(target, job.trainable)
+    # dropout draws from a generator seeded by the job and rank, not by whatever ran before
+    with torch.random.fork_rng():
+        torch.manual_seed(job.seed + shard[0])
+        return _run(model, target, params, job, engine_factory=engine_factory, shard=shard, on_step=on_step,
+                    isolate=isolate)
+
+
+def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step, isolate: bool) -> AdaptResult:
     try:
-        engine = engine_factory(model, params)
+        engine = engine_factory(target, params)
         sources = [Source(key, list(iterate_batches(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
                                                     seed=job.seed, shard=shard)), path)
                    for key, (qa, lm), path in job.sources]
-        return adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
-                     progress=job.progress, on_step=on_step)
+        result = adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
+                       progress=job.progress, on_step=on_step)
+        if isolate:
+            state = engine.trainable_state_dict()  # a collective at ZeRO-3: every rank gets here
+            missing = set(state) - {n for n, _ in model.named_parameters()}
+            if missing:
+                raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no counterpart in the model")
+            model.load_state_dict(state, strict=False)
+        return result
     finally:
-        model.set_trainable(None)
-        model.backbone.requires_grad_(False)
+        target.set_trainable(None)
+        target.backbone.requires_grad_(False)

@@ -59,7 +59,7 @@ def pretrain_lm(backbone, token_lists: Sequence[Sequence[int]], *, steps: int, l
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     backbone.eval()
     for p in params:
         p.requires_grad_(False)
