@@ -1,0 +1,269 @@
+"""The ADAPT stage on Ray Train: one `AdaptJob` on a `TorchTrainer` with N data-parallel workers.
+
+`RayTrainAdapter(run_config, num_workers=..., cpus_per_worker=...)` is an
+`adapt_fn` for `InProcessExecutor(run, adapt_fn=...)`: called with the
+driver's model and a job, it trains on Ray Train and installs the trained
+weights into the driver's model, exactly as the in-process kernel leaves them.
+
+One call:
+1. The driver puts the model and the job in the object store once; the refs
+   travel in `train_loop_config`. Ray resolves only top-level ObjectRef
+   arguments of a task, not refs nested in a dict (checked on Ray 2.60), so
+   each worker `ray.get`s them itself.
+2. Ray Train starts one torch.distributed group over the workers (gloo on CPU,
+   nccl on GPU; `TorchConfig`) and exports RANK/WORLD_SIZE/MASTER_*. The
+   DeepSpeed engine (`pipeline.deepspeed_engine_factory`, `engine.build_engine`)
+   finds the group initialised and joins it instead of starting its own.
+3. Every worker runs `run_adapt_job(model, job, shard=(rank, world))`: each
+   rank batches every world-th example of every source (`iterate_batches`),
+   so the global batch is world x train.batch_size and DeepSpeed averages the
+   gradients; with one worker the job is the in-process one, step for step.
+   Dropout draws from torch's global generator, seeded here with
+   `job.seed + rank` right before the job (the in-process reference must seed
+   the same way to match bit for bit).
+4. Every rank calls `ray.train.report` exactly once (it is a barrier) with
+   plain-float metrics; rank 0 attaches an adapters-only checkpoint: the
+   trained weights (`trained_state`: the path's modules, or the backbone for
+   full fine-tuning) as safetensors plus the `AdaptResult` as JSON. No
+   DeepSpeed checkpoint, no frozen backbone, no optimizer state: the next
+   stage needs the weights only.
+5. The driver reads the checkpoint and `load_trained_state`s it.
+
+Storage: Ray Train v2 persists checkpoints under `RunConfig.storage_path`
+(default `<output_dir>/_ray_train`, one folder per call). That is a local
+path: a multi-node cluster needs shared storage there (NFS, or an S3/GCS URI).
+GPU workers (`use_gpu=True`) are written for but untested here (no GPU):
+DeepSpeed moves the model to the worker's device, the engine wrapper below
+moves each batch there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmea_dist.config import RunConfig
+from dmea_dist.errors import ConfigError
+from dmea_dist.method.adaptation import (
+    AdaptJob,
+    AdaptResult,
+    load_trained_state,
+    run_adapt_job,
+    trained_state,
+)
+from dmea_dist.pipeline import deepspeed_engine_factory
+
+CHECKPOINT_FORMAT = "dmea-adapt-checkpoint"
+CHECKPOINT_VERSION = 1
+RESULT_FILE = "adapt_result.json"
+WEIGHT_FILES = {"modules": "adapters.safetensors", "backbone": "backbone.safetensors"}
+
+
+class RayTrainAdapter:
+    """`adapt_fn(model, job) -> AdaptResult` running the job on Ray Train (module docstring).
+
+    num_workers: data-parallel ranks; cpus_per_worker: CPUs reserved per rank
+    (also its torch thread count); use_gpu: one GPU per rank (untested here).
+    storage_path: where Ray Train persists checkpoints (shared storage on
+    multi-node clusters); default `<run_config.output_dir>/_ray_train`.
+    Needs a running Ray (`ray.init`); `last_checkpoint` / `last_metrics` hold
+    the latest call's adapters-only checkpoint and rank 0's reported metrics.
+    """
+
+    def __init__(self, run_config: RunConfig, *, num_workers: int, cpus_per_worker: float,
+                 use_gpu: bool = False, storage_path: str | os.PathLike | None = None):
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise ConfigError(f"ray.num_train_workers={num_workers!r} must be an int >= 1")
+        if not cpus_per_worker > 0:
+            raise ConfigError(f"ray.train_cpus={cpus_per_worker!r} must be > 0 (CPUs per training worker)")
+        self.run_config = run_config
+        self.num_workers = num_workers
+        self.cpus_per_worker = float(cpus_per_worker)
+        self.use_gpu = bool(use_gpu)
+        if storage_path is None:
+            storage_path = Path(run_config.output_dir) / "_ray_train"
+        # Ray Train wants an absolute path or a URI (s3://...); keep URIs as given.
+        text = os.fspath(storage_path)
+        self.storage_path = text if "://" in text else str(Path(text).resolve())
+        self.last_checkpoint: ray.train.Checkpoint | None = None
+        self.last_metrics: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, run_config: RunConfig, *, storage_path: str | os.PathLike | None = None) -> RayTrainAdapter:
+        """Workers, CPUs and GPU use from the config's `ray:` section."""
+        ray_cfg = run_config.ray
+        return cls(run_config, num_workers=ray_cfg.num_train_workers, cpus_per_worker=ray_cfg.train_cpus,
+                   use_gpu=ray_cfg.use_gpu, storage_path=storage_path)
+
+    def __call__(self, model, job: AdaptJob) -> AdaptResult:
+        result = self._trainer(model, job).fit()  # raises TrainingFailedError when a worker fails
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run {result.path} ended without the adapters checkpoint rank 0 reports")
+        self.last_checkpoint = result.checkpoint
+        self.last_metrics = dict(result.metrics or {})
+        with result.checkpoint.as_directory() as directory:
+            state, adapt_result = read_adapt_checkpoint(directory, trainable=job.trainable)
+        load_trained_state(model, job.trainable, state)
+        return adapt_result
+
+    def _trainer(self, model, job: AdaptJob):
+        from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        env = {"OMP_NUM_THREADS": str(self._threads())}
+        if not self.use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed must not pick CUDA on a GPU node (DESIGN section 4)
+        loop_config = {"model": ray.put(model), "job": ray.put(job), "run_config": self.run_config,
+                       "threads": self._threads(), "use_gpu": self.use_gpu}
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                                         resources_per_worker={"CPU": self.cpus_per_worker}),
+            run_config=RunConfig(name=f"adapt-seed{job.seed}-{uuid.uuid4().hex[:8]}", storage_path=self.storage_path,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
+        )
+
+    def _threads(self) -> int:
+        return max(1, int(self.cpus_per_worker))
+
+
+# ------------------------------------------------------------------ the worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One rank of the job: train its shard, report once; rank 0 attaches the checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(config["threads"])
+    model, job = _resolve(config["model"]), _resolve(config["job"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else None
+    build = deepspeed_engine_factory(config["run_config"])
+    engines = []
+
+    def engine_factory(model, params):
+        engines.append(build(model, params))  # joins Ray Train's process group (module docstring)
+        return engines[-1] if device is None else _OnDevice(engines[-1], device)
+
+    torch.manual_seed(job.seed + rank)  # dropout masks: reproducible, different per rank
+    start = time.perf_counter()
+    result = run_adapt_job(model, job, engine_factory=engine_factory, shard=(rank, world_size))
+    metrics = adapt_metrics(result, wall_s=time.perf_counter() - start)
+    state = _trained_weights(model, job.trainable, engines[0])  # a collective at ZeRO-3: every rank
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        write_adapt_checkpoint(directory, trainable=job.trainable, state=state, result=result, world_size=world_size)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _resolve(value):
+    # Refs nested in train_loop_config arrive as refs (module docstring, step 1).
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _trained_weights(model, trainable: list[int] | None, engine) -> dict[str, Any]:
+    """`trained_state` of the job; at ZeRO-3 the modules' weights are gathered from the partitions."""
+    if engine.zero_stage != 3:
+        return trained_state(model, trainable)
+    if trainable is None:
+        raise ConfigError("full fine-tuning (lamol/finetune) on Ray Train supports ZeRO stage 1 or 2; "
+                          "set deepspeed.zero_optimization.stage to 1 or 2")
+    gathered = engine.trainable_state_dict()  # name -> full CPU tensor; gathers on every rank
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {"modules": {layer: {k: gathered[names[id(p)]] for k, p in model.get_module(layer, m).named_parameters()}
+                        for layer, m in enumerate(trainable)}}
+
+
+class _OnDevice:
+    """A ScaledStepEngine whose forward first moves tensor arguments to `device` (GPU workers).
+
+    iterate_batches yields CPU tensors and task_loss passes them on as they are.
+    """
+
+    def __init__(self, engine, device: torch.device):
+        self.engine, self.device = engine, device
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        move = lambda v: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return self.engine(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
+
+    def step(self, sub_batches, *, progress: float, scale: bool = True):
+        return self.engine.step(sub_batches, progress=progress, scale=scale)
+
+
+def adapt_metrics(result: AdaptResult, *, wall_s: float) -> dict[str, float]:
+    """What a rank reports: plain floats (Ray Train v2 requires them), identical on every rank but wall_s."""
+    metrics = {"steps": float(result.steps), "wall_s": float(wall_s)}
+    metrics.update({f"final_loss.{key}": float(values[-1]) for key, values in result.losses.items() if values})
+    metrics.update({f"mean_eta.{key}": float(sum(values) / len(values)) for key, values in result.etas.items() if values})
+    return metrics
+
+
+# ------------------------------------------------------------- the checkpoint
+
+
+def write_adapt_checkpoint(directory: str | os.PathLike, *, trainable: list[int] | None, state: dict[str, Any],
+                           result: AdaptResult, world_size: int) -> Path:
+    """Write `trained_state` output as safetensors and the AdaptResult as JSON; returns the directory.
+
+    Keys: `{layer}.{name}` in adapters.safetensors (the path's modules), or the
+    backbone's own state-dict keys in backbone.safetensors (full fine-tuning).
+    """
+    directory = Path(directory)
+    kind = "backbone" if trainable is None else "modules"
+    if kind == "modules":
+        tensors = {f"{layer}.{name}": t for layer, module in state["modules"].items() for name, t in module.items()}
+    else:
+        tensors = dict(state["backbone"])
+    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(directory / WEIGHT_FILES[kind]),
+              metadata={"format": "pt"})
+    manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind, "trainable": trainable,
+                "world_size": world_size, "result": asdict(result)}
+    (directory / RESULT_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return directory
+
+
+def read_adapt_checkpoint(directory: str | os.PathLike, *,
+                          trainable: list[int] | None) -> tuple[dict[str, Any], AdaptResult]:
+    """(state for `load_trained_state`, AdaptResult) from a checkpoint of a job that trains `trainable`."""
+    directory = Path(directory)
+    file = directory / RESULT_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found; is {directory} a checkpoint written by write_adapt_checkpoint?")
+    manifest = json.loads(file.read_text())
+    if manifest.get("format") != CHECKPOINT_FORMAT or manifest.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{file}: format {manifest.get('format')!r} version {manifest.get('version')!r} "
+                         f"is not {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}")
+    if manifest["trainable"] != trainable:
+        raise ValueError(f"{file}: holds the weights of trainable={manifest['trainable']}, "
+                         f"the job trains {trainable}; was it written for another job?")
+    tensors = load_file(str(directory / WEIGHT_FILES[manifest["kind"]]), device="cpu")
+    if manifest["kind"] == "backbone":
+        state = {"backbone": tensors}
+    else:
+        modules: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in range(len(trainable))}
+        for key, tensor in tensors.items():
+            layer, name = key.split(".", 1)
+            modules[int(layer)][name] = tensor
+        state = {"modules": modules}
+    return state, AdaptResult(**manifest["result"])

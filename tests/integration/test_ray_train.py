@@ -1,0 +1,218 @@
+"""The ADAPT stage on real Ray Train + DeepSpeed against independent references.
+
+One embedded Ray session (2 CPUs) serves the module; every case trains a tiny
+run built in tmp_path (2-layer GPT-2, 48 training rows per task).
+
+* 1 worker == the in-process `run_adapt_job` (same seed) to 1e-6, and the
+  driver's model holds exactly the trained adapters afterwards, from an
+  adapters-only checkpoint.
+* 2 workers train different data than 1 worker (each rank takes every other
+  example; the global batch doubles, so there are half as many steps), so
+  they are compared with what that sharding means: a 2-process
+  `run_adapt_job` on gloo launched here with torch.multiprocessing, rank r on
+  shard (r, 2). Weights, losses and eta must agree to 1e-6, and both reference
+  ranks end with identical weights. The job has a replay source, so the
+  gradient-scaling all-reduce runs across the Ray Train ranks.
+* ZeRO-3 on Ray Train (weights gathered from the partitions) == ZeRO-1 in-process.
+* The checkpoint format round-trips and rejects a checkpoint of another job.
+* A failing worker raises on the driver with its cause; the driver's model is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from dmea_dist.config import config_from_dict
+from dmea_dist.data.formatting import encode_task
+from dmea_dist.engine import free_port
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job, trained_state
+from dmea_dist.pipeline import deepspeed_engine_factory
+from dmea_dist.run import build_run
+
+ray = pytest.importorskip("ray")
+from dmea_dist.distributed.training import (  # noqa: E402  (after the importorskip)
+    RESULT_FILE,
+    WEIGHT_FILES,
+    RayTrainAdapter,
+    read_adapt_checkpoint,
+    write_adapt_checkpoint,
+)
+
+pytestmark = pytest.mark.integration
+
+TOL = 1e-6
+N_TRAIN, BATCH, EPOCHS = 48, 8, 2
+
+
+def tiny_config(output_dir, deepspeed=None):
+    return config_from_dict({
+        "name": "ray-train-test", "output_dir": str(output_dir),
+        "data": {"tasks": ["synth.restaurant.00", "synth.restaurant.01"], "synth_sizes": [N_TRAIN, 8, 8]},
+        "model": {"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 128, "vocab_size": 400,
+                           "pretrain": {"steps": 20, "batch_size": 16, "seq_len": 32, "heldout_tasks": 1}},
+                  "bottleneck": 8, "max_length": 96},
+        "train": {"batch_size": BATCH, "lr": 3e-3},
+        "tracking": {"enabled": False},
+        "deepspeed": deepspeed or {},
+    })
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config, model, first-task job, second-task job with replay), built like InProcessExecutor.adapt."""
+    out = tmp_path_factory.mktemp("ray-train")
+    cfg = tiny_config(out)
+    run = build_run(cfg, run_dir=out / "run")
+    model, (t0, t1) = run.model, run.tasks
+    path0 = model.add_module(generator=torch.Generator().manual_seed(0))
+    model.set_path(t0.task_id, path0)
+    # task 1 shares task 0's layer-0 module and adds a new one in layer 1: replay of task 0 reaches layer 0
+    path1 = [path0[0], *model.add_module(layers=[1], generator=torch.Generator().manual_seed(1))]
+    model.set_path(t1.task_id, path1)
+    common = dict(epochs=EPOCHS, lm_lambda=0.25, scale=True, progress="epochs", batch_size=BATCH,
+                  pad_id=run.formatter.special.pad)
+    first = AdaptJob(sources=[("new", t0.train, path0)], trainable=path0, seed=10, **common)
+    pseudo = encode_task(run.formatter, t0.rows["train"][:16], task_index=0)  # stand-in pseudo samples
+    second = AdaptJob(sources=[("new", t1.train, path1), (f"replay:{t0.task_id}", pseudo, path0)],
+                      trainable=path1, seed=11, **common)
+    return cfg, model, first, second
+
+
+@pytest.fixture(scope="module")
+def in_process_first(tiny):
+    """The in-process reference of the first job: (model after, AdaptResult)."""
+    cfg, model, job, _ = tiny
+    model = copy.deepcopy(model)
+    torch.manual_seed(job.seed)  # what the Ray worker of rank 0 seeds (dropout)
+    return model, run_adapt_job(model, job, engine_factory=deepspeed_engine_factory(cfg))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[layer][k] - b[layer][k]).abs().max().item() for layer in a for k in a[layer])
+
+
+def assert_results_close(got: AdaptResult, want: AdaptResult):
+    assert got.steps == want.steps
+    for series in ("losses", "etas"):
+        g, w = getattr(got, series), getattr(want, series)
+        assert g.keys() == w.keys(), series
+        for key in w:
+            assert g[key] == pytest.approx(w[key], abs=TOL), f"{series}[{key}]"
+
+
+def test_one_worker_equals_in_process_and_installs_adapters(ray_session, tiny, in_process_first):
+    cfg, model, job, _ = tiny
+    want_model, want_result = in_process_first
+    driver_model = copy.deepcopy(model)
+    before = trained_state(driver_model, job.trainable)
+    adapter = RayTrainAdapter(cfg, num_workers=1, cpus_per_worker=2)
+    got_result = adapter(driver_model, job)
+
+    got, want = trained_state(driver_model, job.trainable)["modules"], trained_state(want_model, job.trainable)["modules"]
+    assert max_diff(got, before["modules"]) > 1e-3  # it trained, and the driver's model got the result
+    assert max_diff(got, want) <= TOL
+    assert got_result.steps == EPOCHS * N_TRAIN // BATCH
+    assert_results_close(got_result, want_result)
+    backbone_after = driver_model.backbone.state_dict()
+    for key, tensor in model.backbone.state_dict().items():
+        assert torch.equal(backbone_after[key], tensor), key  # the frozen backbone is untouched
+    assert all(isinstance(v, float) for v in adapter.last_metrics.values())
+    assert adapter.last_metrics["final_loss.new"] == pytest.approx(want_result.losses["new"][-1], abs=TOL)
+
+    # adapters-only: the path's module weights and the result, nothing of the backbone or the optimizer
+    with adapter.last_checkpoint.as_directory() as directory:
+        assert sorted(os.listdir(directory)) == sorted([RESULT_FILE, WEIGHT_FILES["modules"]])
+        keys = set(load_file(os.path.join(directory, WEIGHT_FILES["modules"])))
+    assert keys == {f"{layer}.{name}" for layer in want for name in want[layer]}
+
+
+def _reference_rank(rank, world_size, port, cfg, model, job, out_dir):
+    """One rank of the plain 2-process run (no Ray): the same shard and seed as Ray Train's rank."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    torch.manual_seed(job.seed + rank)
+    result = run_adapt_job(model, job, engine_factory=deepspeed_engine_factory(cfg), shard=(rank, world_size))
+    torch.save({"state": trained_state(model, job.trainable), "result": asdict(result)}, out_dir / f"rank{rank}.pt")
+
+
+def test_two_workers_equal_a_two_process_run_on_the_same_shards(ray_session, tiny, tmp_path):
+    cfg, model, _, job = tiny
+    driver_model = copy.deepcopy(model)
+    before = trained_state(driver_model, job.trainable)["modules"]
+    got_result = RayTrainAdapter(cfg, num_workers=2, cpus_per_worker=1)(driver_model, job)
+    mp.spawn(_reference_rank, args=(2, free_port(), cfg, copy.deepcopy(model), job, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    assert max_diff(ranks[0]["state"]["modules"], ranks[1]["state"]["modules"]) == 0.0  # data parallel: one model
+    got = trained_state(driver_model, job.trainable)["modules"]
+    assert max_diff(got, before) > 1e-3
+    assert max_diff(got, ranks[0]["state"]["modules"]) <= TOL
+    assert_results_close(got_result, AdaptResult(**ranks[0]["result"]))
+    # each rank batches half the examples: half the steps of one worker, twice the global batch
+    assert got_result.steps == EPOCHS * (N_TRAIN // 2) // BATCH
+    etas = got_result.etas[job.sources[1][0]]
+    assert len(etas) == got_result.steps and any(abs(e - 1.0) > 1e-3 for e in etas)  # scaling was active
+
+
+def test_zero3_gathers_the_partitioned_adapters(ray_session, tiny, in_process_first, tmp_path):
+    _, model, job, _ = tiny
+    cfg3 = tiny_config(tmp_path, deepspeed={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    driver_model = copy.deepcopy(model)
+    RayTrainAdapter(cfg3, num_workers=1, cpus_per_worker=2, storage_path=tmp_path / "storage")(driver_model, job)
+    want_model, _ = in_process_first  # ZeRO-1: on one rank the stages compute the same update
+    got = trained_state(driver_model, job.trainable)["modules"]
+    assert max_diff(got, trained_state(want_model, job.trainable)["modules"]) <= TOL
+    assert any((tmp_path / "storage").iterdir())  # the storage_path given is the one used
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny_gpt2_config):
+    from dmea_dist.modeling.model import DMEAModel
+
+    model = DMEAModel.from_config(tiny_gpt2_config, bottleneck=4)
+    path = model.add_module(generator=torch.Generator().manual_seed(0))
+    result = AdaptResult(steps=2, losses={"new": [2.0, 1.5], "replay:a": [3.0, 2.5]}, etas={"replay:a": [0.5, 2.0]})
+    for trainable, key in ((path, "modules"), (None, "backbone")):
+        directory = tmp_path / key
+        directory.mkdir()
+        state = trained_state(model, trainable)
+        write_adapt_checkpoint(directory, trainable=trainable, state=state, result=result, world_size=2)
+        got_state, got_result = read_adapt_checkpoint(directory, trainable=trainable)
+        assert got_result == result
+        assert got_state[key].keys() == state[key].keys()
+        for name, value in state[key].items():
+            if key == "modules":
+                assert all(torch.equal(got_state[key][name][k], v) for k, v in value.items())
+            else:
+                assert torch.equal(got_state[key][name], value), name
+    with pytest.raises(ValueError, match=r"trainable=\[0, 0, 0\].*the job trains \[1, 1, 1\]"):
+        read_adapt_checkpoint(tmp_path / "modules", trainable=[1, 1, 1])
+    with pytest.raises(FileNotFoundError, match="write_adapt_checkpoint"):
+        read_adapt_checkpoint(tmp_path, trainable=path)
+
+
+def test_a_failing_worker_surfaces_its_error_and_leaves_the_model(ray_session, tiny):
+    cfg, model, job, _ = tiny
+    driver_model = copy.deepcopy(model)
+    before = trained_state(driver_model, job.trainable)["modules"]
+    empty = dataclasses.replace(job, sources=[("new", ([], []), job.trainable)])
+    with pytest.raises(ray.train.TrainingFailedError, match="training split is empty"):
+        RayTrainAdapter(cfg, num_workers=1, cpus_per_worker=1)(driver_model, empty)
+    assert max_diff(trained_state(driver_model, job.trainable)["modules"], before) == 0.0
+
