@@ -126,6 +126,7 @@ class TrainConfig:
     lm_lambda: float = 0.25  # weight of the LM loss that teaches the model to generate pseudo samples
     first_task_epochs: float = 9.0
     seed: int = 0
+    autocast: Literal["none", "bf16"] = "none"  # bf16 matmuls in adaptation; weights/grads/optimizer stay fp32
 
     def __post_init__(self):
         _check_range("train.lr", self.lr, 1e-8, 1.0)

@@ -244,7 +244,7 @@ class InProcessExecutor:
         job = AdaptJob(sources=self._sources(task), trainable=self._path(task.task_id), epochs=epochs,
                        lm_lambda=cfg.train.lm_lambda, scale=policy.scaling, progress=cfg.method.adaptation.progress,
                        batch_size=cfg.train.batch_size, pad_id=self.run.formatter.special.pad,
-                       seed=cfg.train.seed + task.index)
+                       seed=cfg.train.seed + task.index, autocast=cfg.train.autocast)
         result = self.adapt_fn(self.run.model, job)
         if cfg.method.selection.mode == "subspace":
             reps = self._representations(task)

@@ -55,8 +55,14 @@ class AdaptResult:
     etas: dict[str, list[float]] = field(default_factory=dict)  # per scaled source key, per step
 
 
+def _loss(engine, qa: dict, lm: dict, *, path, lm_lambda: float, autocast: str) -> torch.Tensor:
+    device = qa["input_ids"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+        return task_loss(engine, qa, lm, path=path, lm_lambda=lm_lambda).float()
+
+
 def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda: float,
-          scale: bool, progress: str = "epochs",
+          scale: bool, progress: str = "epochs", autocast: str = "none",
           on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
     """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask)."""
     if not sources or not sources[0].batches:
@@ -74,8 +80,8 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         sub_batches = []
         for src in live:
             qa, lm = (_to(b, device) for b in src.batches[step % len(src.batches)])
-            sub_batches.append((src.key, functools.partial(task_loss, engine, qa, lm, path=src.path,
-                                                           lm_lambda=lm_lambda)))
+            sub_batches.append((src.key, functools.partial(_loss, engine, qa, lm, path=src.path,
+                                                           lm_lambda=lm_lambda, autocast=autocast)))
         stats = engine.step(sub_batches, progress=t, scale=scale)
         for key, loss in getattr(stats, "losses", {}).items():
             result.losses.setdefault(key, []).append(float(loss))
@@ -108,6 +114,7 @@ class AdaptJob:
     batch_size: int
     pad_id: int
     seed: int
+    autocast: str = "none"  # "bf16": forward/backward under bf16 autocast (fp32 weights and gradients)
 
 
 def set_trainable(model, trainable: list[int] | None) -> list[torch.nn.Parameter]:
@@ -163,7 +170,7 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
                                                     seed=job.seed, shard=shard)), path)
                    for key, (qa, lm), path in job.sources]
         result = adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
-                       progress=job.progress, on_step=on_step)
+                       progress=job.progress, autocast=job.autocast, on_step=on_step)
         if isolate:
             state = engine.trainable_state_dict()  # a collective at ZeRO-3: every rank gets here
             missing = set(state) - {n for n, _ in model.named_parameters()}

@@ -3,9 +3,20 @@
 import pytest
 import torch
 
-from dmea_dist.data.formatting import IGNORE, Formatter, collate, encode_task, iterate_batches, left_pad
+from dmea_dist.data.formatting import (
+    IGNORE,
+    Formatter,
+    collate,
+    encode_task,
+    iterate_batches,
+    left_pad,
+)
 from dmea_dist.data.tokenizer import (
-    ANS_TOKEN, SpecialTokenIds, load_tokenizer, task_token, train_bpe_tokenizer,
+    ANS_TOKEN,
+    SpecialTokenIds,
+    load_tokenizer,
+    task_token,
+    train_bpe_tokenizer,
 )
 
 TEXTS = [
