@@ -1,0 +1,361 @@
+"""A pool of Ray generation actors: pseudo samples (GENERATE) and answers (EVALUATE).
+
+`GenerationPool` holds `num_actors` `GenerationWorker` actors, each with one
+model replica, the tokenizer and the formatter, in a placement group of one
+`{CPU: cpus}` bundle per actor (SPREAD by default, so replicas land on
+different nodes). It is started lazily from the coordinator's model at the
+first call and then reused.
+
+Key decisions:
+- Work is cut by a *plan* that depends only on the request sizes and the
+  number of actors (`plan_shards`), never on timing: each request is split
+  into at most `num_actors` contiguous ranges (of samples, or of rows) and
+  the ranges go to the least-loaded actor. Results are reassembled in
+  (request, range) order, so a call is deterministic.
+- Pseudo samples: range `part` of a request samples with seed
+  `derive_seed(seed, part)`, and part 0 keeps the request's seed. With one
+  actor (or a request too small to split) the actor runs the unchanged
+  request, so the result equals the in-process `generate_pseudo_samples`.
+  Each range comes back as a `pyarrow.Table` with `PSEUDO_SCHEMA` (plain Arrow
+  columns) plus its malformed/generated counts.
+- Answers: row ranges are cut at multiples of the batch size, so every batch
+  holds the same rows (same padding) as in-process: greedy answers are
+  exactly the in-process ones. (Top-k decoding reseeds each range: it is
+  deterministic but differs from an unsharded run.)
+- Model sync: before every call the pool sends, in one `ray.put` read by all
+  actors, the module pools, the paths and `next_ids` (small); the backbone
+  only when it may have changed: always for full fine-tuning
+  (`always_sync_backbone`), or when a checksum of its weights (sum and
+  norm per tensor: one vectorised pass, ~30 ms for GPT-2 small) differs from
+  the last one sent.
+- The tokenizer travels as its saved files' bytes (`tokenizer_files`): an
+  actor on another node cannot read the run directory on the driver's disk.
+- If any actor fails, the pool is torn down and restarted at the next call
+  (a restarted actor would miss the state synced before its failure).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from transformers import GPT2LMHeadModel
+
+from dmea_dist.data.formatting import Formatter
+from dmea_dist.data.tokenizer import load_tokenizer
+from dmea_dist.method.generation import (
+    PSEUDO_SCHEMA,
+    PseudoSamples,
+    generate_answers,
+    generate_pseudo_samples,
+)
+from dmea_dist.modeling.model import DMEAModel
+from dmea_dist.pipeline import configure_threads
+
+try:  # skip random init of a backbone whose weights are loaded right after
+    from transformers.initialization import no_init_weights  # transformers >= 5
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+Progress = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Range [start, stop) of request `request`, its `part`-th piece, run by actor `actor`."""
+
+    request: int
+    part: int
+    start: int
+    stop: int
+    actor: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(sizes: Sequence[int], *, n_actors: int, granule: int = 1) -> list[Shard]:
+    """Split each request into <= n_actors ranges cut at multiples of `granule`; balance over actors.
+
+    A request of size s has ceil(s / granule) granules; they are split into
+    k = min(n_actors, that) near-equal contiguous groups. Shards are then
+    given, in (request, part) order, to the actor with the least work so far
+    (ties to the lowest index). Depends on the sizes only: deterministic.
+    """
+    if n_actors < 1 or granule < 1:
+        raise ValueError(f"plan_shards needs n_actors >= 1 and granule >= 1, got {n_actors} and {granule}")
+    load = [0] * n_actors
+    shards = []
+    for request, size in enumerate(sizes):
+        granules = math.ceil(size / granule)
+        k = max(1, min(n_actors, granules))
+        bounds = [min(size, (granules * i // k) * granule) for i in range(k + 1)]
+        for part in range(k):
+            actor = min(range(n_actors), key=lambda a: (load[a], a))
+            load[actor] += bounds[part + 1] - bounds[part]
+            shards.append(Shard(request, part, bounds[part], bounds[part + 1], actor))
+    return shards
+
+
+def derive_seed(seed: int, part: int) -> int:
+    """The seed of range `part` of a request: the request's own for part 0, else a hashed stream."""
+    if part == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed) % 2**63, part]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) % 2**63
+
+
+# --------------------------------------------------------------------- model state
+
+
+def model_state(model, *, with_backbone: bool) -> dict[str, Any]:
+    """What a replica needs to match `model`: module weights, paths, next_ids (+ backbone)."""
+    modules = {
+        layer: {m: model.get_module(layer, m).state_dict() for m in model.module_ids(layer)}
+        for layer in range(model.n_layers)
+    }
+    return {"modules": modules, "paths": model.paths, "next_ids": list(model.next_ids),
+            "backbone": model.backbone.state_dict() if with_backbone else None}
+
+
+def apply_model_state(model, state: dict[str, Any]) -> None:
+    """Make `model`'s modules, paths and next_ids (and backbone, if sent) those of `state`."""
+    if state["backbone"] is not None:
+        model.backbone.load_state_dict(state["backbone"], strict=True)
+    for task_id in model.paths:
+        model.remove_path(task_id)  # paths first: drop_modules refuses modules a path uses
+    for layer, modules in state["modules"].items():
+        model.drop_modules(layer, [m for m in model.module_ids(layer) if m not in modules])
+        for module_id, weights in modules.items():
+            if module_id in model.module_ids(layer):
+                model.get_module(layer, module_id).load_state_dict(weights)
+            else:
+                model.put_module(layer, module_id, weights)
+    model.next_ids[:] = list(state["next_ids"])
+    for task_id, path in state["paths"].items():
+        model.set_path(task_id, path)
+
+
+def model_snapshot(model) -> dict[str, Any]:
+    """Everything needed to rebuild `model` on any node: plain config and tensors, no live objects.
+
+    The coordinator's model itself is not shipped: after ADAPT it carries
+    what DeepSpeed attached to it (a patched `_apply` holding a process
+    group), which does not pickle.
+    """
+    return {"config": model.backbone.config, "bottleneck": model.bottleneck, **model_state(model, with_backbone=True)}
+
+
+def build_model(snapshot: dict[str, Any]) -> DMEAModel:
+    """A fresh DMEAModel equal to the snapshotted one (weights, modules, paths, next_ids)."""
+    with no_init_weights():
+        backbone = GPT2LMHeadModel(copy.deepcopy(snapshot["config"]))
+    backbone.tie_weights()  # skipping init also skipped tying the LM head to the embeddings
+    model = DMEAModel(backbone, bottleneck=snapshot["bottleneck"])
+    apply_model_state(model, snapshot)
+    return model
+
+
+@torch.no_grad()
+def backbone_checksum(model) -> tuple[float, ...]:
+    """Per backbone tensor, its sum and norm: a change detector (~30 ms for GPT-2 small on one core).
+
+    float32 reductions, vectorised; a false "changed" only costs one backbone transfer.
+    """
+    out: list[float] = []
+    for tensor in model.backbone.state_dict().values():
+        t = tensor if tensor.is_floating_point() else tensor.float()
+        out += [float(t.sum()), float(torch.linalg.vector_norm(t))]
+    return tuple(out)
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The tokenizer's `save_pretrained` files as {relative name: bytes} (shippable to any node)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.relative_to(tmp).as_posix(): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+
+
+def load_tokenizer_files(files: dict[str, bytes]):
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(data)
+        return load_tokenizer(tmp)
+
+
+# -------------------------------------------------------------------------- actor
+
+
+class GenerationWorker:
+    """One model replica (run as a Ray actor; plain class, so it also runs in-process)."""
+
+    def __init__(self, snapshot: dict[str, Any], files: dict[str, bytes], *, max_length: int, cpus: float):
+        configure_threads(cpus)
+        self.model = build_model(snapshot)
+        self.formatter = Formatter(load_tokenizer_files(files), max_length=max_length)
+
+    def sync(self, state: dict[str, Any]) -> None:
+        apply_model_state(self.model, state)
+
+    def pseudo_samples(self, request: dict[str, Any], *, top_k: int, batch_size: int) -> dict[str, Any]:
+        out = generate_pseudo_samples(self.model, self.formatter, top_k=top_k, batch_size=batch_size, **request)
+        table = pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA)
+        return {"table": table, "malformed": out.malformed, "generated": out.generated}
+
+    def answers(self, rows: list[dict], **kwargs) -> list[str]:
+        return generate_answers(self.model, self.formatter, rows, **kwargs)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def worker_env(cpus: float) -> dict[str, str]:
+    """Environment of every worker process: CPU DeepSpeed, threads = the CPU share."""
+    return {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str):
+    """A ready placement group of `n_bundles` x {CPU: cpus}, or a clear error."""
+    pg = placement_group([{"CPU": float(cpus)}] * n_bundles, strategy=strategy)
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+        raise RuntimeError(
+            f"could not reserve {n_bundles} x {{CPU: {cpus}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
+            f"the cluster has {free:g} of {total:g} CPUs free. Lower the number of workers or CPUs per worker, "
+            f"add nodes, or release other holders (a live generation pool keeps its CPUs between calls)")
+    return pg
+
+
+def gather(refs: list, *, label: str, progress: Progress | None) -> list:
+    """ray.get of `refs` in their order, reporting progress as they finish in any order."""
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done += len(ready)
+        if progress:
+            progress(label, done, len(refs))
+    return ray.get(refs)
+
+
+# --------------------------------------------------------------------------- pool
+
+
+class GenerationPool:
+    """`num_actors` replicas that share generation work (see module docstring)."""
+
+    def __init__(self, *, tokenizer, max_length: int, num_actors: int = 1, cpus: float = 1.0,
+                 strategy: str = "SPREAD", always_sync_backbone: bool = False, ready_timeout_s: float = 120.0):
+        if num_actors < 1 or cpus <= 0:
+            raise ValueError(f"GenerationPool needs num_actors >= 1 and cpus > 0, got {num_actors} and {cpus}")
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.num_actors, self.cpus, self.strategy = num_actors, cpus, strategy
+        self.always_sync_backbone, self.ready_timeout_s = always_sync_backbone, ready_timeout_s
+        self.actors: list = []
+        self._pg = None
+        self._checksum: tuple[float, ...] | None = None  # of the backbone the replicas hold
+
+    @property
+    def started(self) -> bool:
+        return bool(self.actors)
+
+    def start(self, model) -> None:
+        """Create the actors from `model` (one ray.put of its snapshot and of the tokenizer files)."""
+        self._pg = reserve(self.num_actors, cpus=self.cpus, strategy=self.strategy,
+                           timeout_s=self.ready_timeout_s, what="the generation pool")
+        model_ref, files_ref = ray.put(model_snapshot(model)), ray.put(tokenizer_files(self.tokenizer))
+        cls = ray.remote(GenerationWorker)
+        self.actors = [
+            cls.options(num_cpus=self.cpus, num_gpus=0, runtime_env={"env_vars": worker_env(self.cpus)},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
+            .remote(model_ref, files_ref, max_length=self.max_length, cpus=self.cpus)
+            for i in range(self.num_actors)
+        ]
+        self._checksum = backbone_checksum(model)
+
+    def sync(self, model) -> None:
+        """Bring every replica to `model`'s state (starting the pool if needed)."""
+        if not self.started:
+            self.start(model)  # the replicas are `model` as of now
+            return
+        checksum = backbone_checksum(model)
+        with_backbone = self.always_sync_backbone or checksum != self._checksum
+        ref = ray.put(model_state(model, with_backbone=with_backbone))  # one copy, read by every actor
+        ray.get([actor.sync.remote(ref) for actor in self.actors])  # a failed sync must not go unnoticed
+        self._checksum = checksum
+
+    def mark_backbone_changed(self) -> None:
+        """Ship the backbone with the next sync, whatever its checksum says."""
+        self._checksum = None
+
+    def generate(self, model, requests: list[dict], *, top_k: int, batch_size: int, min_chunk: int = 8,
+                 progress: Progress | None = None) -> list[PseudoSamples]:
+        """One PseudoSamples per request: rows of its ranges in order, counts summed."""
+        shards = plan_shards([int(r["n"]) for r in requests], n_actors=self.num_actors, granule=min_chunk)
+        outs = self._run(model, shards, lambda s: self.actors[s.actor].pseudo_samples.remote(
+            {**requests[s.request], "n": s.size, "seed": derive_seed(requests[s.request]["seed"], s.part)},
+            top_k=top_k, batch_size=batch_size), label="generate", progress=progress)
+        results = []
+        for index, req in enumerate(requests):
+            mine = [outs[s] for s in shards if s.request == index and s in outs]
+            rows = pa.concat_tables([o["table"] for o in mine], promote_options="none").to_pylist() if mine else []
+            results.append(PseudoSamples(task_id=req["task_id"], rows=rows,
+                                         malformed=sum(o["malformed"] for o in mine),
+                                         generated=sum(o["generated"] for o in mine)))
+        return results
+
+    def answer(self, model, requests: list[dict], *, batch_size: int, max_new_tokens: int, decoding: str,
+               top_k: int, seed: int, progress: Progress | None = None) -> list[list[str]]:
+        """Answers of every request's rows, in row order; ranges cut at batch boundaries."""
+        shards = plan_shards([len(r["rows"]) for r in requests], n_actors=self.num_actors, granule=batch_size)
+        outs = self._run(model, shards, lambda s: self.actors[s.actor].answers.remote(
+            list(requests[s.request]["rows"][s.start:s.stop]), path=requests[s.request]["path"],
+            batch_size=batch_size, max_new_tokens=max_new_tokens, decoding=decoding, top_k=top_k,
+            seed=derive_seed(seed, s.part)), label="evaluate", progress=progress)
+        answers: list[list[str]] = [[] for _ in requests]
+        for shard in shards:
+            answers[shard.request].extend(outs.get(shard, []))
+        return answers
+
+    def _run(self, model, shards: list[Shard], submit: Callable, *, label: str,
+             progress: Progress | None) -> dict[Shard, Any]:
+        """Sync, submit every non-empty shard, gather: {shard: output} (empty shards run nowhere)."""
+        work = [s for s in shards if s.size > 0]
+        if not work:
+            return {}
+        try:
+            self.sync(model)
+            outs = gather([submit(s) for s in work], label=label, progress=progress)
+        except Exception:
+            self.shutdown()  # a failed replica may have missed a sync: start afresh next call
+            raise
+        return dict(zip(work, outs, strict=True))
+
+    def node_ids(self) -> list[str]:
+        """The node each actor runs on (starts nothing: empty if the pool is not started)."""
+        return ray.get([a.node_id.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        self._checksum = None

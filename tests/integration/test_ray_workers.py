@@ -1,0 +1,256 @@
+"""The Ray kernels (RayKernels) against the in-process kernels, on a real embedded Ray.
+
+One tiny run (2-layer GPT-2, two synthetic tasks of different families) is
+built in tmp; task 0 gets a path whose modules are trained a little with
+plain PyTorch (so generations and answers are not all garbage), and the
+executor's EXPAND of task 1 is run with a capturing search kernel, so the
+search jobs are exactly the ones the executor builds. Then:
+
+* the distributed search (2 workers, 3 candidates: one waits for a free
+  bundle) gives the in-process paths, losses, logits and new-module weights,
+  also for a model carrying an unpicklable attribute (as after DeepSpeed);
+* one generation actor gives exactly the in-process pseudo samples, and
+  answers; with `pool_lifetime="call"` the pool is released after each call;
+* two actors: pseudo samples equal the in-process generation of the planned
+  ranges (part seeds derived), cover n, and repeat exactly; greedy answers
+  equal the in-process ones; top-k answers repeat exactly;
+* after the coordinator's model changes (new module, new path, perturbed
+  module and backbone weights, then a module dropped again) the pool's next
+  call matches the in-process kernels on the changed model.
+
+Test order matters on 2 CPUs: the 2-actor pool (module fixture, 2 CPUs) is
+created after the search and the 1-actor tests have released their CPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dmea_dist.config import config_from_dict
+from dmea_dist.method import expansion
+from dmea_dist.method.generation import PseudoSamples, generate_answers, generate_pseudo_samples
+from dmea_dist.method.training import make_optimizer, task_loss
+from dmea_dist.pipeline import InProcessExecutor
+from dmea_dist.run import build_run
+
+ray = pytest.importorskip("ray")
+from dmea_dist.distributed.generation import derive_seed, plan_shards  # noqa: E402
+from dmea_dist.distributed.workers import RayKernels  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+TASKS = ["synth.restaurant.00", "synth.listops.00"]
+
+
+def tiny_config(root, *, pretrain_steps: int = 300):
+    """A tiny run: 2 layers x 32, two tasks of different families, 2 search candidates."""
+    return config_from_dict({
+        "name": "tiny", "output_dir": str(root),
+        "data": {"tasks": TASKS, "synth_sizes": [24, 8, 8]},
+        "model": {"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 96, "vocab_size": 400,
+                           "pretrain": {"steps": pretrain_steps, "batch_size": 16, "seq_len": 64,
+                                        "heldout_tasks": 1}},
+                  "max_length": 80, "bottleneck": 32},
+        "train": {"batch_size": 8, "lr": 3e-3},
+        "method": {"expansion": {"epochs": 3, "warmup_epochs": 1, "coefficient_lr": 0.5,
+                                 "candidates": [{"beta": 1.0}, {"beta": 2.0, "seed": 1}]}},
+        "eval": {"max_new_tokens": 12, "batch_size": 4},
+        "tracking": {"enabled": False},
+    })
+
+
+def prepare(root, *, pretrain_steps: int = 300, train_steps: int = 150) -> SimpleNamespace:
+    """Build the run, give task 0 a (briefly trained) path, capture task 1's search arguments."""
+    run = build_run(tiny_config(root, pretrain_steps=pretrain_steps), run_dir=root / "tiny")
+    captured = {}
+
+    def capture(model, jobs, common):
+        captured.update(model=copy.deepcopy(model), jobs=jobs, common=common)
+        return [expansion.search_candidate(copy.deepcopy(model), **job, **common) for job in jobs]
+
+    executor = InProcessExecutor(run, engine_factory=lambda *a: None, search_fn=capture)
+    executor.expand(run.tasks[0])
+    model, path = run.model, run.model.path_of(TASKS[0])
+    model.set_trainable(path)
+    optimizer = make_optimizer(model.trainable_parameters(path), lr=1e-2, weight_decay=0.0, eps=1e-6)
+    batches = executor._batches(run.tasks[0].train, seed=0)
+    model.train()
+    for step in range(train_steps):
+        qa, lm = batches[step % len(batches)]
+        loss = task_loss(model, qa, lm, path=path, lm_lambda=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.set_trainable(None)
+    executor.expand(run.tasks[1])  # in-process search; records the jobs the executor builds
+    return SimpleNamespace(run=run, executor=executor, **captured)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference runs on one core, as each Ray worker does
+    yield prepare(tmp_path_factory.mktemp("ray_workers"))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def kernels2(ray_local, env):
+    kernels = RayKernels(env.run, num_generation_actors=2, generation_cpus=1, min_chunk=2)
+    yield kernels
+    kernels.shutdown()
+
+
+def pseudo_requests(run, *, n=6, seed=3):
+    return [{"task_id": t.task_id, "task_index": t.index, "path": run.model.path_of(t.task_id), "n": n - 3 * t.index,
+             "seed": seed} for t in run.tasks]
+
+
+def answer_requests(model, run):
+    return [{"task_id": t.task_id, "rows": t.rows["test"], "path": model.path_of(t.task_id)} for t in run.tasks]
+
+
+def in_process_pseudo(model, run, req) -> PseudoSamples:
+    cfg = run.config
+    return generate_pseudo_samples(model, run.formatter, top_k=cfg.method.adaptation.top_k_sampling,
+                                   batch_size=cfg.eval.batch_size, **req)
+
+
+# ------------------------------------------------------------------------------ plan (pure)
+
+
+def test_plan_covers_requests_at_granule_boundaries():
+    sizes = [10, 3, 0, 7]
+    shards = plan_shards(sizes, n_actors=3, granule=4)
+    for request, size in enumerate(sizes):
+        mine = [s for s in shards if s.request == request]
+        assert [s.part for s in mine] == list(range(len(mine)))
+        assert mine[0].start == 0 and mine[-1].stop == size
+        assert all(a.stop == b.start for a, b in zip(mine, mine[1:], strict=False))
+        assert all(s.start % 4 == 0 for s in mine)
+    assert [len([s for s in shards if s.request == r]) for r in range(4)] == [3, 1, 1, 2]
+    loads = [sum(s.size for s in shards if s.actor == a) for a in range(3)]
+    assert max(loads) - min(loads) <= 4  # greedy balance within one granule
+    # one actor: every request whole, as the in-process kernel runs it
+    assert [(s.start, s.stop, s.actor) for s in plan_shards(sizes, n_actors=1)] == [(0, 10, 0), (0, 3, 0), (0, 0, 0),
+                                                                                   (0, 7, 0)]
+    assert derive_seed(7, 0) == 7 and len({derive_seed(7, p) for p in range(5)}) == 5
+
+
+# ---------------------------------------------------------------------------------- search
+
+
+def test_search_matches_in_process(ray_local, env):
+    jobs = [*env.jobs, {**env.jobs[0], "candidate": 2, "seed": 5, "params": {"beta": 1.0, "seed": 5}}]
+    kernels = RayKernels(env.run, num_search_workers=2, search_cpus=1)
+    dirty = copy.deepcopy(env.model)
+    dirty.engine_handle = threading.Lock()  # like what DeepSpeed leaves on a model: it does not pickle
+    distributed = kernels.search_fn(dirty, jobs, env.common)
+    reference = [expansion.search_candidate(copy.deepcopy(env.model), **job, **env.common) for job in jobs]
+    assert len(kernels.search_nodes) == 3
+    assert any(r.new_layers for r in reference), "the check needs a candidate that keeps new modules"
+    for got, want in zip(distributed, reference, strict=True):
+        assert (got.candidate, got.path, got.new_layers, got.params) == (want.candidate, want.path,
+                                                                          want.new_layers, want.params)
+        assert got.val_loss == pytest.approx(want.val_loss, abs=1e-6)
+        torch.testing.assert_close(torch.tensor(got.logits), torch.tensor(want.logits), rtol=0, atol=1e-6)
+        assert got.new_modules.keys() == want.new_modules.keys()
+        for layer, state in want.new_modules.items():
+            for key, value in state.items():
+                torch.testing.assert_close(got.new_modules[layer][key], value, rtol=0, atol=1e-6)
+    assert expansion.pick_best(distributed).candidate == expansion.pick_best(reference).candidate
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def test_one_actor_equals_in_process(ray_local, env):
+    run = env.run
+    kernels = RayKernels(run, num_generation_actors=1, pool_lifetime="call")
+    requests = pseudo_requests(run)
+    got = kernels.generate_fn(run.model, requests)
+    assert not kernels.pool.started  # pool_lifetime="call" released it
+    want = [in_process_pseudo(run.model, run, req) for req in requests]
+    assert got == want
+    assert want[0].rows, "the check needs some well-formed samples"
+    assert kernels.answer_fn(run.model, answer_requests(run.model, run)) == \
+        env.executor._answer_in_process(run.model, answer_requests(run.model, run))
+
+
+def test_two_actors_pseudo_samples_are_the_planned_ranges(kernels2, env):
+    run = env.run
+    requests = pseudo_requests(run)
+    got = kernels2.generate_fn(run.model, requests)
+    shards = plan_shards([r["n"] for r in requests], n_actors=2, granule=2)
+    assert {s.actor for s in shards if s.request == 0} == {0, 1}  # task 0 is split over both actors
+    for index, req in enumerate(requests):
+        mine = [s for s in shards if s.request == index]
+        assert sum(s.size for s in mine) == req["n"]
+        parts = [in_process_pseudo(run.model, run, {**req, "n": s.size, "seed": derive_seed(req["seed"], s.part)})
+                 for s in mine]
+        assert got[index].task_id == req["task_id"]
+        assert got[index].rows == [row for p in parts for row in p.rows]
+        assert got[index].malformed == sum(p.malformed for p in parts)
+        assert got[index].generated == sum(p.generated for p in parts)
+        assert len(got[index].rows) <= req["n"]
+    assert got[0].rows
+    assert kernels2.generate_fn(run.model, requests) == got  # deterministic across calls
+
+
+def test_two_actors_answers(kernels2, env):
+    run = env.run
+    requests = answer_requests(run.model, run)
+    assert all(len(r["rows"]) > run.config.eval.batch_size for r in requests)  # so each request is split
+    want = env.executor._answer_in_process(run.model, requests)
+    assert kernels2.answer_fn(run.model, requests) == want
+    sampled = [kernels2.pool.answer(run.model, requests, batch_size=4, max_new_tokens=12, decoding="top_k",
+                                    top_k=20, seed=0) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert [len(a) for a in sampled[0]] == [len(r["rows"]) for r in requests]
+
+
+def test_pool_follows_the_coordinators_model(kernels2, env):
+    run = env.run
+    kernels2.answer_fn(run.model, answer_requests(run.model, run))  # the pool holds the original model
+    changed = copy.deepcopy(run.model)
+    generator = torch.Generator().manual_seed(11)
+    (new,) = changed.add_module(layers=[0], generator=generator)
+    with torch.no_grad():
+        for param in changed.get_module(0, new).parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        for param in changed.get_module(1, changed.path_of(TASKS[0])[1]).parameters():
+            param.mul_(1.5)
+        changed.backbone.transformer.wte.weight.add_(0.05 * torch.randn(changed.backbone.transformer.wte.weight.shape,
+                                                                        generator=generator))
+    changed.set_path(TASKS[1], [new, changed.path_of(TASKS[1])[1]])
+    requests = answer_requests(changed, run)
+    want = [generate_answers(changed, run.formatter, r["rows"], path=r["path"], batch_size=4, max_new_tokens=12)
+            for r in requests]
+    assert want != env.executor._answer_in_process(run.model, answer_requests(run.model, run))  # a real change
+    assert kernels2.answer_fn(changed, requests) == want
+    req = {**pseudo_requests(run)[1], "path": changed.path_of(TASKS[1]), "n": 2}
+    assert kernels2.generate_fn(changed, [req]) == [in_process_pseudo(changed, run, req)]  # n=2: one range
+    # back to the original model: the added module is dropped, the backbone restored
+    original = answer_requests(run.model, run)
+    assert kernels2.answer_fn(run.model, original) == env.executor._answer_in_process(run.model, original)
+
+
+def test_search_without_free_cpus_fails_clearly(kernels2, env):
+    assert kernels2.pool.started  # its 2 actors hold both CPUs
+    kernels = RayKernels(env.run, num_search_workers=2, search_cpus=1, ready_timeout_s=2)
+    with pytest.raises(RuntimeError, match=r"could not reserve 2 x \{CPU: 1\}.*0 of 2 CPUs free"):
+        kernels.search_fn(env.model, env.jobs, env.common)
+    states = [pg["state"] for pg in ray.util.placement_group_table().values()]
+    assert "PENDING" not in states and states.count("CREATED") == 1  # the failed reservation was withdrawn
