@@ -81,7 +81,8 @@ class RayTrainAdapter:
     """
 
     def __init__(self, run_config: RunConfig, *, num_workers: int, cpus_per_worker: float,
-                 use_gpu: bool = False, storage_path: str | os.PathLike | None = None):
+                 use_gpu: bool = False, storage_path: str | os.PathLike | None = None,
+                 placement_strategy: str = "PACK"):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(f"ray.num_train_workers={num_workers!r} must be an int >= 1")
         if not cpus_per_worker > 0:
@@ -90,6 +91,7 @@ class RayTrainAdapter:
         self.num_workers = num_workers
         self.cpus_per_worker = float(cpus_per_worker)
         self.use_gpu = bool(use_gpu)
+        self.placement_strategy = placement_strategy
         if storage_path is None:
             storage_path = Path(run_config.output_dir) / "_ray_train"
         # Ray Train wants an absolute path or a URI (s3://...); keep URIs as given.
@@ -97,13 +99,14 @@ class RayTrainAdapter:
         self.storage_path = text if "://" in text else str(Path(text).resolve())
         self.last_checkpoint: ray.train.Checkpoint | None = None
         self.last_metrics: dict[str, Any] = {}
+        self.last_nodes: list[str] = []  # node id of each rank of the latest call
 
     @classmethod
     def from_config(cls, run_config: RunConfig, *, storage_path: str | os.PathLike | None = None) -> RayTrainAdapter:
         """Workers, CPUs and GPU use from the config's `ray:` section."""
         ray_cfg = run_config.ray
         return cls(run_config, num_workers=ray_cfg.num_train_workers, cpus_per_worker=ray_cfg.train_cpus,
-                   use_gpu=ray_cfg.use_gpu, storage_path=storage_path)
+                   use_gpu=ray_cfg.use_gpu, storage_path=storage_path, placement_strategy=ray_cfg.placement_strategy)
 
     def __call__(self, model, job: AdaptJob) -> AdaptResult:
         result = self._trainer(model, job).fit()  # raises TrainingFailedError when a worker fails
@@ -113,6 +116,7 @@ class RayTrainAdapter:
         self.last_metrics = dict(result.metrics or {})
         with result.checkpoint.as_directory() as directory:
             state, adapt_result = read_adapt_checkpoint(directory, trainable=job.trainable)
+            self.last_nodes = json.loads((Path(directory) / RESULT_FILE).read_text()).get("nodes", [])
         load_trained_state(model, job.trainable, state)
         return adapt_result
 
@@ -130,7 +134,8 @@ class RayTrainAdapter:
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if self.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                                         resources_per_worker={"CPU": self.cpus_per_worker}),
+                                         resources_per_worker={"CPU": self.cpus_per_worker},
+                                         placement_strategy=self.placement_strategy),
             run_config=RunConfig(name=f"adapt-seed{job.seed}-{uuid.uuid4().hex[:8]}", storage_path=self.storage_path,
                                  checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
         )
@@ -164,11 +169,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     result = run_adapt_job(model, job, engine_factory=engine_factory, shard=(rank, world_size))
     metrics = adapt_metrics(result, wall_s=time.perf_counter() - start)
     state = _trained_weights(model, job.trainable, engines[0])  # a collective at ZeRO-3: every rank
+    nodes = [ray.get_runtime_context().get_node_id()] * world_size
+    if world_size > 1:  # where each rank ran, for the record (a collective)
+        torch.distributed.all_gather_object(nodes, nodes[0])
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        write_adapt_checkpoint(directory, trainable=job.trainable, state=state, result=result, world_size=world_size)
+        write_adapt_checkpoint(directory, trainable=job.trainable, state=state, result=result, world_size=world_size,
+                               nodes=nodes)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -223,7 +232,7 @@ def adapt_metrics(result: AdaptResult, *, wall_s: float) -> dict[str, float]:
 
 
 def write_adapt_checkpoint(directory: str | os.PathLike, *, trainable: list[int] | None, state: dict[str, Any],
-                           result: AdaptResult, world_size: int) -> Path:
+                           result: AdaptResult, world_size: int, nodes: list[str] | None = None) -> Path:
     """Write `trained_state` output as safetensors and the AdaptResult as JSON; returns the directory.
 
     Keys: `{layer}.{name}` in adapters.safetensors (the path's modules), or the
@@ -238,7 +247,7 @@ def write_adapt_checkpoint(directory: str | os.PathLike, *, trainable: list[int]
     save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(directory / WEIGHT_FILES[kind]),
               metadata={"format": "pt"})
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind, "trainable": trainable,
-                "world_size": world_size, "result": asdict(result)}
+                "world_size": world_size, "nodes": nodes or [], "result": asdict(result)}
     (directory / RESULT_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     return directory
 

@@ -1,0 +1,44 @@
+"""Ray job entry point: one lifelong task sequence on the cluster this job was submitted to.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python ray_jobs/run_sequence.py configs/rnnlg_e2e_abcde_tiny.yaml [--set key=value ...]
+
+Inside a job Ray is already running: `connect` joins it (RAY_ADDRESS is set
+by the job supervisor). The story, top to bottom: load and validate the
+config, join Ray, start the lifecycle coordinator actor and step it, record
+every task in MLflow from this process, print the R matrix and metrics.
+For multi-node runs point `tracking.uri` at an MLflow server with proxied
+artifacts (launch/README.md): this driver's local disk is not shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dmea_dist.config import load_config
+from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
+from dmea_dist.driver import run_sequence
+from dmea_dist.errors import DmeaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a YAML run config (configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--run-dir", help="where the run's files go on the driver's node")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+    except DmeaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    where = connect(config.ray.address)  # inside `ray job submit`: the job's cluster
+    print(f"ray: {where}", flush=True)
+    result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory, progress=True)
+    print(f"final_average={result.metrics['final_average']:.2f} parent_run_id={result.parent_run_id}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
