@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +42,8 @@ def stage_seconds(history) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--adapt-on", choices=["ray_train", "coordinator"], default="ray_train",
+                        help="coordinator: adaptation in the coordinator actor, without Ray Train's start-up")
     args = parser.parse_args()
     import ray
 
@@ -48,7 +51,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = tiny_config(tmp, data={"tasks": TASKS[: args.tasks]}, tracking={"enabled": False},
-                             ray={"num_search_workers": 1, "num_generation_actors": 1, "num_train_workers": 1})
+                             ray={"num_search_workers": 1, "num_generation_actors": 1, "num_train_workers": 1,
+                                  "adapt_on": args.adapt_on})
         torch.set_num_threads(1)
         run_sequence(config, run_dir=f"{tmp}/warm", progress=False, echo=lambda s: None)  # builds the cached backbone
         local = run_sequence(config, run_dir=f"{tmp}/local", progress=False, echo=lambda s: None)
@@ -65,7 +69,8 @@ def main() -> None:
     total = sum(compute.values())
     print(f"lifecycle wall time on Ray (incl. coordinator start): {wall:.1f} s")
     print(f"sum of stage compute time (in process):               {total:.1f} s")
-    print(f"orchestration overhead ratio: {wall / total:.2f}x  ({args.tasks} tasks, 2 cores)")
+    print(f"orchestration overhead ratio: {wall / total:.2f}x  ({args.tasks} tasks, adaptation on {args.adapt_on}, "
+          f"{os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

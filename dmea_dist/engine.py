@@ -385,11 +385,12 @@ def _import_deepspeed():
 
 
 def _init_distributed(deepspeed, dist_backend: str) -> None:
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        # A plain single process (tests, debugging): a one-rank group on a free local port.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
+        # A single process (tests, debugging, a Ray actor): a one-rank group on a fresh free local port.
+        # Fresh, not inherited: a process started from one that already ran an engine (a Ray worker of
+        # the driver) inherits MASTER_PORT, which that first process still listens on.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=dist_backend)
 
 
