@@ -1,0 +1,59 @@
+"""GPU checks (skipped without CUDA): the module pools, generation and bf16 autocast on the device.
+
+DeepSpeed's accelerator is fixed per process (the suite forces the CPU one),
+so the distributed GPU path is exercised by the cluster configs, not here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmea_dist.data.formatting import IGNORE
+from dmea_dist.method.training import task_loss
+from dmea_dist.modeling.model import DMEAModel
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def models(tiny_gpt2_config):
+    cpu = DMEAModel.from_config(tiny_gpt2_config, seed=0).eval()
+    path = cpu.add_module(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in cpu.trainable_parameters(path):
+            p.add_(0.05 * torch.randn_like(p))
+    gpu = DMEAModel.from_config(tiny_gpt2_config, seed=0)
+    gpu.add_module()
+    gpu.load_state_dict(cpu.state_dict())
+    return cpu, gpu.cuda().eval(), path
+
+
+def test_path_forward_matches_cpu(models):
+    cpu, gpu, path = models
+    ids = torch.randint(0, 90, (4, 16))
+    expected = cpu(ids, path=path).logits
+    got = gpu(ids.cuda(), path=path).logits.cpu()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_on_gpu_follows_the_path(models):
+    cpu, gpu, path = models
+    prompt = torch.randint(0, 90, (2, 4))
+    kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8, pad_token_id=95,
+                  eos_token_id=95)
+    expected = cpu.generate(prompt, path=path, **kwargs)
+    got = gpu.generate(prompt.cuda(), path=path, **{**kwargs, "attention_mask": kwargs["attention_mask"].cuda()})
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_bf16_autocast_loss_is_close_to_fp32(models):
+    _, gpu, path = models
+    ids = torch.randint(0, 90, (4, 16), device="cuda")
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    full = task_loss(gpu, batch, batch, path=path, lm_lambda=0.25)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = task_loss(gpu, batch, batch, path=path, lm_lambda=0.25).float()
+    assert abs(float(full) - float(half)) < 0.05 * float(full)
