@@ -246,7 +246,7 @@ class InProcessExecutor:
                        batch_size=cfg.train.batch_size, pad_id=self.run.formatter.special.pad,
                        seed=cfg.train.seed + task.index, autocast=cfg.train.autocast)
         result = self.adapt_fn(self.run.model, job)
-        if cfg.method.selection.mode == "subspace":
+        if self.run.policy.selection == "subspace":  # only subspace selection reads the bases
             reps = self._representations(task)
             self.bases[task.task_id] = [selection.subspace_basis(r, epsilon=cfg.method.selection.epsilon) for r in reps]
         rec = self._record(task)

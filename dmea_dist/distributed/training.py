@@ -33,8 +33,8 @@ Storage: Ray Train v2 persists checkpoints under `RunConfig.storage_path`
 (default `<output_dir>/_ray_train`, one folder per call). That is a local
 path: a multi-node cluster needs shared storage there (NFS, or an S3/GCS URI).
 GPU workers (`use_gpu=True`) are written for but untested here (no GPU):
-DeepSpeed moves the model to the worker's device, the engine wrapper below
-moves each batch there.
+DeepSpeed moves the model to the worker's device, and `method.adaptation.adapt`
+moves each batch to the device of the engine's module.
 """
 
 from __future__ import annotations
@@ -156,13 +156,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     model, job = _resolve(config["model"]), _resolve(config["job"])
-    device = ray.train.torch.get_device() if config["use_gpu"] else None
     build = deepspeed_engine_factory(config["run_config"])
     engines = []
 
     def engine_factory(model, params):
         engines.append(build(model, params))  # joins Ray Train's process group (module docstring)
-        return engines[-1] if device is None else _OnDevice(engines[-1], device)
+        return engines[-1]  # `adapt` moves each batch to the engine's device
 
     torch.manual_seed(job.seed + rank)  # dropout masks: reproducible, different per rank
     start = time.perf_counter()
@@ -197,27 +196,6 @@ def _trained_weights(model, trainable: list[int] | None, engine) -> dict[str, An
     names = {id(p): n for n, p in model.named_parameters()}
     return {"modules": {layer: {k: gathered[names[id(p)]] for k, p in model.get_module(layer, m).named_parameters()}
                         for layer, m in enumerate(trainable)}}
-
-
-class _OnDevice:
-    """A ScaledStepEngine whose forward first moves tensor arguments to `device` (GPU workers).
-
-    iterate_batches yields CPU tensors and task_loss passes them on as they are.
-    """
-
-    def __init__(self, engine, device: torch.device):
-        self.engine, self.device = engine, device
-
-    @property
-    def module(self):
-        return self.engine.module
-
-    def __call__(self, *args, **kwargs):
-        move = lambda v: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return self.engine(*[move(a) for a in args], **{k: move(v) for k, v in kwargs.items()})
-
-    def step(self, sub_batches, *, progress: float, scale: bool = True):
-        return self.engine.step(sub_batches, progress=progress, scale=scale)
 
 
 def adapt_metrics(result: AdaptResult, *, wall_s: float) -> dict[str, float]:

@@ -34,10 +34,6 @@ class MethodPolicy:
     full_finetune: bool  # train the whole backbone, no modules
     joint: bool  # multitask: one model trained on every task's real data at the end
 
-    @property
-    def uses_pseudo_samples(self) -> bool:
-        return self.replay != "none" or (self.transfer and self.selection != "none")
-
 
 def method_policy(name: str, *, init: str = "similarity", selection: str = "subspace", top_k: int = 2,
                   replay: str = "shared", transfer: bool = True, scaling: bool = True) -> MethodPolicy:
