@@ -153,6 +153,16 @@ def _worker(rank, world_size, port, stage, state, data, out_dir):
         results[scale] = {"params": eng.trainable_state_dict(), "stats": stats,
                           "stage": eng.zero_stage, "errors": errors}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    _leave_group()
+
+
+def _leave_group():
+    # Leave together: a rank exiting while its peer still talks gloo can abort the peer (SIGABRT).
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _global_group_gradient(model, params, data, step, key):
@@ -278,6 +288,7 @@ def _checkpoint_worker(rank, world_size, port, stage, state, data, out_dir):
     resumed.step(_sub_batches(resumed, data[rank][1]), progress=PROGRESS[1])
     torch.save({"saved": saved, "loaded": loaded, "continued": eng.trainable_state_dict(),
                 "resumed": resumed.trainable_state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    _leave_group()
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -150,6 +150,8 @@ def _reference_rank(rank, world_size, port, cfg, model, job, out_dir):
     torch.manual_seed(job.seed + rank)
     result = run_adapt_job(model, job, engine_factory=deepspeed_engine_factory(cfg), shard=(rank, world_size))
     torch.save({"state": trained_state(model, job.trainable), "result": asdict(result)}, out_dir / f"rank{rank}.pt")
+    torch.distributed.barrier()  # leave together: a rank exiting mid-gloo-traffic can abort its peer
+    torch.distributed.destroy_process_group()
 
 
 def test_two_workers_equal_a_two_process_run_on_the_same_shards(ray_session, tiny, tmp_path):
