@@ -1,18 +1,20 @@
 """Cost of DMEA's gradient-scaled DeepSpeed step over a plain DeepSpeed step.
 
 Usage: .venv/bin/python benchmarks/bench_grad_scaling.py [--stage 2] [--world-size 1] [--threads 1]
+       [--transfer 1]
 
 A self-contained GPT-2-like model (transformers GPT2LMHeadModel from a local
-config, frozen) with bottleneck adapters after every block; three task
-sub-batches per optimizer step (the new task and two replayed tasks, each
-routed along its own path, sharing the top adapters). Three variants run side
-by side in one process, on identical sub-batches and the same number of
-forward/backward passes:
+config, frozen) with bottleneck adapters after every block; per optimizer step
+one sub-batch of the new task, `--transfer` knowledge-transfer sub-batches
+(through the new task's path, unscaled) and two replayed tasks (each routed
+along its own path, sharing only the top adapters with the others, so eta
+uses matched norms). Three variants run side by side in one process, on
+identical sub-batches and the same number of forward/backward passes:
 
-  scaled   ScaledStepEngine.step(..., scale=True)   (the method)
+  scaled   ScaledStepEngine.step(..., scale=True, unscaled=transfer keys)  (the method)
   summed   ScaledStepEngine.step(..., scale=False)  (the ablation: plain sum)
-  plain    plain DeepSpeed accumulation: gradient_accumulation_steps = 3,
-           engine(x) / engine.backward(loss) / engine.step() per sub-batch
+  plain    plain DeepSpeed accumulation: gradient_accumulation_steps = number of
+           sub-batches, engine(x) / engine.backward(loss) / engine.step() per sub-batch
 
 Repetitions are interleaved (the order rotates every repetition) after a
 warm-up, and the median step time of each is reported with the ratios
@@ -33,7 +35,13 @@ from torch import nn
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-ROUTES = {"new": "new", "replay:a": "a", "replay:b": "b"}
+PATHS = ("new", "a", "b")  # each with its own bottom-half adapters
+
+
+def _routes(n_transfer: int) -> dict[str, str]:
+    """Group key -> path, in sub-batch order: new, transfer streams (new path), replayed tasks."""
+    transfer = {f"transfer:{k}": "new" for k in range(n_transfer)}
+    return {"new": "new", **transfer, "replay:a": "a", "replay:b": "b"}
 
 
 class Adapter(nn.Module):
@@ -58,7 +66,7 @@ class AdaptedGPT2(nn.Module):
         n_layer = config.n_layer
         self.adapters = nn.ModuleDict({
             route: nn.ModuleList(Adapter(config.n_embd, bottleneck) for _ in range(n_layer // 2))
-            for route in ROUTES.values()
+            for route in PATHS
         })
         self.shared = nn.ModuleList(Adapter(config.n_embd, bottleneck) for _ in range(n_layer - n_layer // 2))
         self.route = "new"
@@ -108,21 +116,23 @@ def _engines(args, models):
     scaled = build_engine(models[0], trainable[0], ds_config=_ds_config(args.stage, 1))
     summed = build_engine(models[1], trainable[1], ds_config=_ds_config(args.stage, 1))
     plain, *_ = deepspeed.initialize(model=models[2], model_parameters=trainable[2],
-                                     config=_ds_config(args.stage, len(ROUTES)))
+                                     config=_ds_config(args.stage, len(_routes(args.transfer))))
     return scaled, summed, plain
 
 
 def _time_variants(args, rank, scaled_eng, summed_eng, plain_eng) -> dict[str, list[float]]:
+    routes = _routes(args.transfer)
+    unscaled = [key for key in routes if key.startswith("transfer:")]
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data shard
-    batches = {key: torch.randint(0, args.vocab, (4, args.seq), generator=gen) for key in ROUTES}
+    batches = {key: torch.randint(0, args.vocab, (4, args.seq), generator=gen) for key in routes}
 
     def run_scaled(eng, scale):
-        sub = [(k, lambda x=x, r=ROUTES[k]: eng(x, r)) for k, x in batches.items()]
-        eng.step(sub, progress=0.5, scale=scale)
+        sub = [(k, lambda x=x, r=routes[k]: eng(x, r)) for k, x in batches.items()]
+        eng.step(sub, progress=0.5, scale=scale, unscaled=unscaled)
 
     def run_plain():
         for key, x in batches.items():
-            plain_eng.backward(plain_eng(x, ROUTES[key]))
+            plain_eng.backward(plain_eng(x, routes[key]))
             plain_eng.step()  # applies the update only at the accumulation boundary
 
     variants = {"scaled": partial(run_scaled, scaled_eng, True),
@@ -151,7 +161,8 @@ def _bench(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank != 0:
         return
     print(f"ZeRO {args.stage}, world size {args.world_size}, {args.layers} layers, d_model {args.d_model}, "
-          f"seq {args.seq}, 3 sub-batches of 4 per rank; trainable {n_trainable} of {n_total} parameters; "
+          f"seq {args.seq}, {len(_routes(args.transfer))} sub-batches of 4 per rank (new, "
+          f"{args.transfer} transfer, 2 replay); trainable {n_trainable} of {n_total} parameters; "
           f"torch threads {torch.get_num_threads()}; {args.reps} reps after {args.warmup} warm-up")
     median = {name: statistics.median(ts) for name, ts in times.items()}
     for name, value in median.items():
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--transfer", type=int, default=1,
+                        help="knowledge-transfer sub-batches per step (unscaled, through the new path)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per rank (1 gives steadier timings on a shared machine)")
     args = parser.parse_args(argv)

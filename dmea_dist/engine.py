@@ -4,8 +4,11 @@ The only module that imports DeepSpeed. `build_engine` wraps a model with a
 frozen backbone in a `deepspeed.DeepSpeedEngine` (ZeRO 1, 2 or 3) optimizing
 only the trainable parameters; `ScaledStepEngine.step` runs one optimizer step
 over several task sub-batches with dynamic gradient scaling
-(`dmea_dist.method.scaling`): update with `g_j + sum_i eta_i g_i`, `g_j` the
-new task's gradient, `g_i` a replayed task's.
+(`dmea_dist.method.scaling`): update with `g_j + sum_i eta_i g_i + sum_t g_t`,
+`g_j` the new task's gradient, `g_i` a replayed task's (scaled), `g_t` an
+unscaled group's (knowledge transfer: weight 1, never compared). eta_i compares
+`||g_i||^2` with `g_j` restricted to the parameter tensors where `g_i` is
+non-zero (the matched rule, scaling.py's docstring says why).
 
 One step (file:line in deepspeed 0.19.8, deepspeed/runtime/):
 1. Every sub-batch's forward/backward runs inside
@@ -23,12 +26,16 @@ One step (file:line in deepspeed 0.19.8, deepspeed/runtime/):
    a full-size tensor cannot be assigned to the `.grad` of a partitioned
    parameter (torch checks its shape against `param.data`).
 3. The buffer is averaged over the data-parallel group ZeRO reduces over
-   (`engine.seq_data_parallel_group`, engine.py:2626): norms and eta come from
-   the global per-group gradients and are identical on every rank.
-4. The global `g_j + sum_i eta_i g_i` is written into `param.grad` in place.
-   Leaving the block runs DeepSpeed's one reduction pass (engine.py:3300,
-   3327), which averages identical tensors; then `engine.step()` (clipping,
-   AdamW) as usual.
+   (`engine.seq_data_parallel_group`, engine.py:2626); from it, a
+   (n_groups, n_params) float64 table of each group's squared norm on each
+   trainable tensor, one slice of the buffer per tensor (no index vector of
+   the trainable size: ~30M entries for gpt2-xl's adapters). Matched norms,
+   eta and the clamp flags come from that table of global gradients and are
+   identical on every rank, at ZeRO-3 too (the buffer is full-size there).
+4. The global `g_j + sum_i eta_i g_i + sum_t g_t` is written into
+   `param.grad` in place. Leaving the block runs DeepSpeed's one reduction
+   pass (engine.py:3300, 3327), which averages identical tensors; then
+   `engine.step()` (clipping, AdamW) as usual.
 
 Other decisions:
 - `gradient_accumulation_steps` must be 1: one block is one optimizer step;
@@ -45,6 +52,9 @@ Other decisions:
   as zero, so AdamW still decays it (torch would skip it).
 - `scale=False` is the "no gradient scaling" ablation: the plain summed
   gradient, without the per-group buffer or extra communication.
+- Unscaled groups keep their own buffer row although only their sum is used:
+  it keeps the group-difference rule of step 2 uniform and reports each
+  group's norm; one row costs one copy and its share of the all-reduce.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ import copy
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +72,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dmea_dist.errors import ConfigError
-from dmea_dist.method.scaling import DEFAULT_CLAMP, combine_gradients, scale_factors
+from dmea_dist.method.scaling import (
+    DEFAULT_CLAMP,
+    clamp_etas,
+    combine_gradients,
+    matched_sq_norms,
+    raw_scale_factors,
+)
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -75,13 +91,23 @@ class StepStats:
     """What one gradient-scaled step did; plain floats, identical on every rank.
 
     losses: group key -> loss, mean over data-parallel ranks, in sub-batch order.
-    etas: replayed group key -> eta (1.0 for every replayed group when not scaled).
-    sq_norms: group key -> ||g||^2 of its rank-averaged gradient (empty when not scaled).
+    etas: replayed group key -> eta, only the scaled groups (not the new task, not
+      the unscaled ones); 1.0 for every replayed group when not scaled.
+    clamped: replayed group key -> whether eta sits at a clamp bound because its
+      raw value was outside (False for every replayed group when not scaled).
+    sq_norms: group key -> ||g||^2 of its rank-averaged gradient, every group
+      (empty when not scaled).
+    matched_sq_norms: replayed group key -> ||g_j||^2 restricted to the parameter
+      tensors where that group's gradient is non-zero, the numerator of its eta
+      (empty when not scaled).
+    scaled: whether the step scaled (`step(scale=...)`).
     """
 
     losses: dict[str, float]
     etas: dict[str, float]
+    clamped: dict[str, bool]
     sq_norms: dict[str, float]
+    matched_sq_norms: dict[str, float]
     scaled: bool
 
 
@@ -162,20 +188,24 @@ class ScaledStepEngine:
         *,
         progress: float,
         scale: bool = True,
+        unscaled: Collection[str] = (),
     ) -> StepStats:
         """One optimizer step over `sub_batches`: (group key, closure returning the loss).
 
-        The first group is the new task (g_j), every other a replayed task (g_i).
+        The first group is the new task (g_j). Groups whose key is in `unscaled`
+        (knowledge transfer, e.g. "transfer:<task>") are added with weight 1 and
+        never compared; every other group is a replayed task (g_i), scaled by eta_i.
         progress: training progress in epochs (fractional), the t of exp(-t).
         scale=False: the plain sum of the group gradients (ablation).
         """
         keys, closures = _check_sub_batches(sub_batches)
+        unscaled_rows = _check_unscaled(keys, unscaled)
         if not math.isfinite(progress) or progress < 0:
             raise ValueError(f"progress must be a finite number of epochs >= 0, got {progress!r}")
         self._check_no_pending_grads()
         device = self._params[0].device
         losses = torch.zeros(len(keys), dtype=torch.float64, device=device)  # (n_groups,)
-        grads = None
+        grads, scaling = None, None
         if scale:
             # (n_groups, n_trainable): row k is group k's flattened gradient.
             grads = torch.zeros(len(keys), self._n_trainable, dtype=self._params[0].dtype, device=device)
@@ -188,20 +218,14 @@ class ScaledStepEngine:
                     if grads is not None:
                         self._take_group_grad(grads[k], reset=k < len(keys) - 1)
                 if grads is not None:
-                    sq_norms, etas = self._scale_and_write(grads, progress)
-                else:
-                    sq_norms, etas = {}, dict.fromkeys(keys[1:], 1.0)
+                    scaling = self._scale_and_write(grads, unscaled_rows, progress)
         except BaseException:
             self.engine.optimizer.zero_grad()  # drop the half-done step (module docstring)
             raise
         self.engine.step()
-        losses = self._mean_over_ranks(losses)
-        return StepStats(
-            losses=dict(zip(keys, losses.tolist(), strict=True)),
-            etas=etas if grads is None else dict(zip(keys[1:], etas, strict=True)),
-            sq_norms={} if grads is None else dict(zip(keys, sq_norms, strict=True)),
-            scaled=scale,
-        )
+        losses = dict(zip(keys, self._mean_over_ranks(losses).tolist(), strict=True))
+        replay_keys = [key for k, key in enumerate(keys) if k > 0 and k not in unscaled_rows]
+        return _step_stats(keys, replay_keys, losses, scaling)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Full CPU copies of the trainable parameters by name. At ZeRO-3 call it on every rank."""
@@ -265,15 +289,32 @@ class ScaledStepEngine:
             if reset:
                 grad.zero_()
 
-    def _scale_and_write(self, grads: Tensor, progress: float) -> tuple[list[float], list[float]]:
+    def _scale_and_write(self, grads: Tensor, unscaled_rows: set[int], progress: float) -> _Scaling:
         """Average `grads` (n_groups, n_trainable) over ranks, compute eta, write the update."""
         grads = self._mean_over_ranks(grads)
-        # (n_groups,) in float64: see dmea_dist.method.scaling on precision.
-        sq_norms = torch.linalg.vector_norm(grads, dim=1, dtype=torch.float64).cpu().pow(2)
-        etas = scale_factors(sq_norms[0], sq_norms[1:], progress, clamp=self.clamp)
-        (update,) = combine_gradients([grads[0]], [[row] for row in grads[1:]], etas)
+        param_sq = self._param_sq_norms(grads)  # (n_groups, n_params), float64 on the CPU
+        replay = [k for k in range(1, len(grads)) if k not in unscaled_rows]
+        matched = matched_sq_norms(param_sq[[0, *replay]])  # (n_replay,)
+        raw = raw_scale_factors(matched, param_sq[replay].sum(dim=1), progress)
+        etas, clamped = clamp_etas(raw, self.clamp)
+        (update,) = combine_gradients(
+            [grads[0]], [[grads[k]] for k in replay], etas, [[grads[k]] for k in sorted(unscaled_rows)]
+        )
         self._write_grads(update)
-        return sq_norms.tolist(), etas.tolist()
+        return _Scaling(etas=etas.tolist(), clamped=clamped.tolist(),
+                        sq_norms=param_sq.sum(dim=1).tolist(), matched_sq_norms=matched.tolist())
+
+    def _param_sq_norms(self, grads: Tensor) -> Tensor:
+        """(n_groups, n_params) float64: each group's squared norm on each trainable tensor.
+
+        One slice of `grads` (n_groups, n_trainable) per tensor, all on the device
+        and one transfer at the end (a single sync, not one per tensor).
+        """
+        columns = [
+            torch.linalg.vector_norm(grads[:, offset:offset + numel], dim=1, dtype=torch.float64)
+            for offset, numel in zip(self._offsets, self._numels, strict=True)
+        ]  # n_params x (n_groups,); float64 accumulation, see dmea_dist.method.scaling on precision
+        return torch.stack(columns, dim=1).cpu().pow(2)
 
     def _write_grads(self, update: Tensor) -> None:
         for name, param, offset, numel in zip(
@@ -298,6 +339,51 @@ class ScaledStepEngine:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
             tensor.div_(world_size)
         return tensor
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """What `_scale_and_write` computed, as lists: per replayed group (etas, clamped,
+    matched_sq_norms) and per group (sq_norms), in sub-batch order."""
+
+    etas: list[float]
+    clamped: list[bool]
+    sq_norms: list[float]
+    matched_sq_norms: list[float]
+
+
+def _step_stats(
+    keys: list[str], replay_keys: list[str], losses: dict[str, float], scaling: _Scaling | None
+) -> StepStats:
+    if scaling is None:  # the plain sum: nothing compared, nothing scaled
+        return StepStats(losses=losses, etas=dict.fromkeys(replay_keys, 1.0),
+                         clamped=dict.fromkeys(replay_keys, False), sq_norms={}, matched_sq_norms={},
+                         scaled=False)
+    return StepStats(
+        losses=losses,
+        etas=dict(zip(replay_keys, scaling.etas, strict=True)),
+        clamped=dict(zip(replay_keys, scaling.clamped, strict=True)),
+        sq_norms=dict(zip(keys, scaling.sq_norms, strict=True)),
+        matched_sq_norms=dict(zip(replay_keys, scaling.matched_sq_norms, strict=True)),
+        scaled=True,
+    )
+
+
+def _check_unscaled(keys: list[str], unscaled: Collection[str]) -> set[int]:
+    """Rows (sub-batch indices) of the unscaled groups; each key must name a non-first group."""
+    if isinstance(unscaled, str):  # a bare key would be read as a set of characters
+        raise TypeError(f"unscaled must be a collection of group keys, got the string {unscaled!r}; "
+                        f"write unscaled=[{unscaled!r}]")
+    rows = set()
+    for key in unscaled:
+        if key not in keys:
+            raise ValueError(f"unscaled group {key!r} is not among this step's groups {keys}; "
+                             "pass only the keys of sub-batches in the step")
+        if key == keys[0]:
+            raise ValueError(f"unscaled group {key!r} is the first group, the new task (g_j), "
+                             "which every other group is compared with; it cannot be unscaled")
+        rows.add(keys.index(key))
+    return rows
 
 
 def _check_sub_batches(sub_batches: Sequence[tuple[str, Closure]]) -> tuple[list[str], list[Closure]]:

@@ -2,14 +2,19 @@
 
 Every case runs the real DeepSpeed engine (CPU, gloo) in freshly spawned
 processes, one per rank, each with its own data shard, for ZeRO 1, 2 and 3 at
-world size 1 and 2. The reference, in this process and in float64, computes
-each group's gradient with torch.autograd.grad as the mean over the ranks'
-shards, eta from the paper's formula written out here, the combined update,
-gradient clipping, and torch.optim.AdamW; parameters after several steps must
-agree to 1e-6. The same runs check scale=False against the plain summed
-gradient, that the reported eta, norms and losses are the reference's and
-identical on every rank, and that bad steps (a closure that bypasses the
-engine, a loss without grad, ...) raise a named error and leave no trace.
+world size 1 and 2. As in adaptation, only the new path's modules train: the
+replayed groups run along paths that share 1 or 2 of its 3 layers, and a
+transfer group runs along the new path, unscaled. The reference, in this
+process and in float64, computes each group's gradient with
+torch.autograd.grad as the mean over the ranks' shards, the parameters each
+group reaches (those autograd returns a gradient for), the new task's squared
+norm over those, eta from the paper's formula written out here, the combined
+update (transfer with weight 1), gradient clipping, and torch.optim.AdamW;
+parameters after several steps must agree to 1e-6. The same runs check
+scale=False against the plain summed gradient, that the reported eta, clamp
+flags, norms and losses are the reference's and identical on every rank, and
+that bad steps (a closure that bypasses the engine, a loss without grad, an
+unknown unscaled key, ...) raise a named error and leave no trace.
 Separately: adapters-only checkpoints resume exactly; bad configs and
 parameter lists are rejected before any setup.
 """
@@ -27,28 +32,40 @@ from torch import nn
 
 pytestmark = pytest.mark.integration
 
-ROUTES = {"new": "new", "replay:a": "a", "replay:b": "b"}  # group key -> route (path)
+# A module per layer and name; a path picks one per layer. Only the new path's modules train ("old"
+# ones are frozen), so replay:a reaches layer 0 only and replay:b layers 1 and 2 (1 and 2 of 3 shared).
+PATHS = {"new": ("new", "new", "new"), "a": ("new", "old", "old"), "b": ("old", "new", "new")}
+# group key -> path, in sub-batch order; the unscaled transfer group sits between two replayed ones.
+ROUTES = {"new": "new", "replay:a": "a", "transfer:a": "new", "replay:b": "b"}
+UNSCALED = ("transfer:a",)  # knowledge transfer: pseudo samples of task a through the new path
+REPLAYED = [key for key in list(ROUTES)[1:] if key not in UNSCALED]
+# Loss weights set the groups' gradient norms far apart, so that eta hits both clamp bounds.
+LOSS_WEIGHT = {"new": 1.0, "replay:a": 0.5, "transfer:a": 1.0, "replay:b": 2.5}
 PROGRESS = [0.0, 0.35, 1.2]  # epochs at each of the steps
 HP = dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, clip=1.0, clamp=(0.2, 5.0))
 N_IN, N_HIDDEN, N_CLASSES, BATCH = 6, 16, 4, 5
 
 
 class TinyRouted(nn.Module):
-    """Frozen input layer; trainable shared layer, one adapter per route, head; an idle trainable layer."""
+    """Frozen input layer and head; per layer a trainable "new" and a frozen "old" residual module;
+    an idle trainable layer."""
 
     def __init__(self):
         super().__init__()
         self.frozen = nn.Linear(N_IN, N_HIDDEN)
-        self.shared = nn.Linear(N_HIDDEN, N_HIDDEN)
-        self.adapters = nn.ModuleDict({r: nn.Linear(N_HIDDEN, N_HIDDEN) for r in ROUTES.values()})
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({name: nn.Linear(N_HIDDEN, N_HIDDEN) for name in ("new", "old")})
+            for _ in PATHS["new"]
+        )
         self.idle = nn.Linear(N_HIDDEN, N_HIDDEN)  # trainable, reached by no route: zero gradient
         self.head = nn.Linear(N_HIDDEN, N_CLASSES)
-        self.frozen.requires_grad_(False)
+        for module in (self.frozen, self.head, *(layer["old"] for layer in self.layers)):
+            module.requires_grad_(False)
 
     def forward(self, x, y, route):
         h = torch.tanh(self.frozen(x))  # (batch, hidden)
-        h = torch.tanh(self.shared(h))
-        h = h + torch.tanh(self.adapters[route](h))
+        for layer, name in zip(self.layers, PATHS[route], strict=True):
+            h = h + torch.tanh(layer[name](h))
         return F.cross_entropy(self.head(h), y)
 
 
@@ -56,8 +73,14 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _frozen_names():
+    names = {n for n, p in TinyRouted().named_parameters() if not p.requires_grad}
+    assert {"frozen.weight", "head.weight", "layers.0.old.weight"} <= names  # the backbone and old modules
+    return names
+
+
 # Per stage, settings that make DeepSpeed take its less trivial paths: several reduce buckets
-# (reduce_bucket_size 100, the model has 1428 trainable elements), overlapped reduction at ZeRO-2, and
+# (reduce_bucket_size 100, the model has 1088 trainable elements), overlapped reduction at ZeRO-2, and
 # at ZeRO-3 every parameter really partitioned (persistence threshold 0).
 ZERO = {
     1: {"stage": 1},
@@ -84,7 +107,7 @@ def _make_case(world_size):
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(1234)
     state = TinyRouted().state_dict()
-    input_scale = {"new": 1.0, "replay:a": 0.3, "replay:b": 3.0}
+    input_scale = {"new": 1.0, "replay:a": 0.3, "transfer:a": 1.5, "replay:b": 3.0}
     data = [[{key: (torch.randn(BATCH, N_IN, generator=gen) * input_scale[key],
                     torch.randint(0, N_CLASSES, (BATCH,), generator=gen))
               for key in ROUTES} for _ in PROGRESS] for _ in range(world_size)]
@@ -106,7 +129,7 @@ def _build(stage, state):
 
 def _sub_batches(eng, shard_step):
     # Each closure routes its sub-batch along its own path, through the engine.
-    return [(key, lambda x=x, y=y, route=ROUTES[key]: eng(x, y, route))
+    return [(key, lambda x=x, y=y, route=ROUTES[key], w=LOSS_WEIGHT[key]: eng(x, y, route) * w)
             for key, (x, y) in shard_step.items()]
 
 
@@ -119,18 +142,21 @@ def _failed_steps(eng, shard_step):
         with torch.no_grad():
             return eng(x, y, "a")
 
-    bad = {
-        "bypass": (good[:1] + [("replay:a", lambda: eng.module(x, y, "a"))], 0.0),
-        "no_grad": (good[:1] + [("replay:a", no_grad_loss)], 0.0),
-        "not_scalar": (good[:1] + [("replay:a", lambda: eng(x, y, "a").expand(2))], 0.0),
-        "duplicate": (good + good[-1:], 0.0),
-        "empty": ([], 0.0),
-        "progress": (good, -1.0),
+    bad = {  # name: (sub_batches, progress, unscaled)
+        "bypass": (good[:1] + [("replay:a", lambda: eng.module(x, y, "a"))], 0.0, ()),
+        "no_grad": (good[:1] + [("replay:a", no_grad_loss)], 0.0, ()),
+        "not_scalar": (good[:1] + [("replay:a", lambda: eng(x, y, "a").expand(2))], 0.0, ()),
+        "duplicate": (good + good[-1:], 0.0, UNSCALED),
+        "empty": ([], 0.0, ()),
+        "progress": (good, -1.0, UNSCALED),
+        "unscaled_unknown": (good, 0.0, ("transfer:zzz",)),
+        "unscaled_new": (good, 0.0, ("new", *UNSCALED)),
+        "unscaled_str": (good, 0.0, UNSCALED[0]),
     }
     errors = {}
-    for name, (sub_batches, progress) in bad.items():
+    for name, (sub_batches, progress, unscaled) in bad.items():
         try:
-            eng.step(sub_batches, progress=progress)
+            eng.step(sub_batches, progress=progress, unscaled=unscaled)
             errors[name] = "no error"
         except (RuntimeError, TypeError, ValueError) as err:
             errors[name] = f"{type(err).__name__}: {err}"
@@ -149,7 +175,7 @@ def _worker(rank, world_size, port, stage, state, data, out_dir):
             if step == 1:  # after a real step, so stale ZeRO state would show in the result
                 errors = _failed_steps(eng, data[rank][step])
             sub_batches = _sub_batches(eng, data[rank][step])
-            stats.append(asdict(eng.step(sub_batches, progress=progress, scale=scale)))
+            stats.append(asdict(eng.step(sub_batches, progress=progress, scale=scale, unscaled=UNSCALED)))
         results[scale] = {"params": eng.trainable_state_dict(), "stats": stats,
                           "stage": eng.zero_stage, "errors": errors}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -166,30 +192,57 @@ def _leave_group():
 
 
 def _global_group_gradient(model, params, data, step, key):
-    """Group `key`'s gradient averaged over the ranks' shards (what DeepSpeed's mean gives)."""
+    """Group `key`'s gradient averaged over the ranks' shards (what DeepSpeed's mean gives), its mean
+    loss, and the indices of the parameters its path reaches (autograd returns a gradient for)."""
     grads_sum = [torch.zeros_like(p) for p in params]
-    loss_sum = 0.0
+    loss_sum, reached = 0.0, set()
     for shard in data:
         x, y = shard[step][key]
-        loss = model(x.double(), y, ROUTES[key])
+        loss = model(x.double(), y, ROUTES[key]) * LOSS_WEIGHT[key]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for total, grad in zip(grads_sum, grads, strict=True):
+        for k, (total, grad) in enumerate(zip(grads_sum, grads, strict=True)):
             if grad is not None:
                 total += grad
+                reached.add(k)
         loss_sum += float(loss.detach())
-    return [g / len(data) for g in grads_sum], loss_sum / len(data)
+    return [g / len(data) for g in grads_sum], loss_sum / len(data), reached
 
 
-def _reference_eta(new_sq, replay_sq, progress):
-    # The paper's formula, written out independently of dmea_dist.method.scaling.
+def _reference_raw_eta(new_sq, replay_sq, progress):
+    # The paper's formula, written out independently of dmea_dist.method.scaling; unclamped.
     if replay_sq == 0.0:
         return 1.0
-    eta = (new_sq / replay_sq - 1.0) * math.exp(-progress) + 1.0
+    return (new_sq / replay_sq - 1.0) * math.exp(-progress) + 1.0
+
+
+def _clamp(eta):
     return min(max(eta, HP["clamp"][0]), HP["clamp"][1])
 
 
+def _reference_step(model, params, data, step, progress, *, scale):
+    """One step's combined gradient and what the engine should report about it."""
+    grads, losses, reached = {}, {}, {}
+    for key in ROUTES:
+        grads[key], losses[key], reached[key] = _global_group_gradient(model, params, data, step, key)
+    sq = {key: float(sum((g * g).sum() for g in gs)) for key, gs in grads.items()}
+    # The new task's squared norm over the parameters each replayed path reaches (DESIGN.md 1.3).
+    matched = {key: float(sum((grads["new"][k] ** 2).sum() for k in reached[key])) for key in REPLAYED}
+    raw = {key: _reference_raw_eta(matched[key], sq[key], progress) for key in REPLAYED}
+    etas = {key: _clamp(raw[key]) if scale else 1.0 for key in REPLAYED}
+    weights = {key: etas.get(key, 1.0) for key in list(ROUTES)[1:]}  # transfer: weight 1
+    update = [g.clone() for g in grads["new"]]
+    for key, weight in weights.items():
+        update = [u + weight * g for u, g in zip(update, grads[key], strict=True)]
+    ref = {"losses": losses, "etas": etas, "raw_etas": raw, "reached": reached,
+           "clamped": {key: scale and _clamp(raw[key]) != raw[key] for key in REPLAYED},
+           "sq_norms": sq, "matched_sq_norms": matched,
+           # the whole-vector rule, only to show that this case tells the two apart
+           "whole_etas": {key: _clamp(_reference_raw_eta(sq["new"], sq[key], progress)) for key in REPLAYED}}
+    return update, ref
+
+
 def _reference(state, data, *, scale):
-    """Plain PyTorch in float64: per-group global-mean gradients, eta, clip, AdamW."""
+    """Plain PyTorch in float64: per-group global-mean gradients, matched eta, clip, AdamW."""
     model = TinyRouted().double()
     model.load_state_dict(state)
     params = _trainable(model)
@@ -197,15 +250,7 @@ def _reference(state, data, *, scale):
                             weight_decay=HP["weight_decay"])
     history = []
     for step, progress in enumerate(PROGRESS):
-        group_grads, losses = {}, {}
-        for key in ROUTES:
-            group_grads[key], losses[key] = _global_group_gradient(model, params, data, step, key)
-        sq = {key: float(sum((g * g).sum() for g in gs)) for key, gs in group_grads.items()}
-        etas = {key: _reference_eta(sq["new"], sq[key], progress) if scale else 1.0
-                for key in list(ROUTES)[1:]}
-        update = [g.clone() for g in group_grads["new"]]
-        for key, eta in etas.items():
-            update = [u + eta * g for u, g in zip(update, group_grads[key], strict=True)]
+        update, ref = _reference_step(model, params, data, step, progress, scale=scale)
         total = math.sqrt(sum(float((u * u).sum()) for u in update))
         coef = HP["clip"] / (total + 1e-6)  # DeepSpeed's and torch's clip rule
         if coef < 1.0:
@@ -213,7 +258,7 @@ def _reference(state, data, *, scale):
         for p, u in zip(params, update, strict=True):
             p.grad = u  # the idle layer gets zeros, as in ZeRO (torch would skip a None)
         opt.step()
-        history.append({"losses": losses, "etas": etas, "sq_norms": sq, "clipped": coef < 1.0})
+        history.append({**ref, "clipped": coef < 1.0})
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     return dict(zip(names, [p.detach() for p in params], strict=True)), history
 
@@ -240,6 +285,9 @@ def test_scaled_step_matches_plain_pytorch(stage, world_size, tmp_path):
     assert "ValueError: group key 'replay:b' appears twice" in errors["duplicate"]
     assert "ValueError: step needs at least one sub-batch" in errors["empty"]
     assert "ValueError: progress must be" in errors["progress"]
+    assert "ValueError: unscaled group 'transfer:zzz' is not among" in errors["unscaled_unknown"]
+    assert "ValueError: unscaled group 'new' is the first group" in errors["unscaled_new"]
+    assert "TypeError: unscaled must be a collection of group keys" in errors["unscaled_str"]
 
     for scale in (True, False):
         expected_params, history = _reference(state, data, scale=scale)
@@ -253,39 +301,63 @@ def test_scaled_step_matches_plain_pytorch(stage, world_size, tmp_path):
             assert list(stats["losses"]) == list(ROUTES)
             for key in ROUTES:
                 assert stats["losses"][key] == pytest.approx(ref["losses"][key], rel=1e-5)
+            # Only the replayed groups are scaled, compared and reported, in sub-batch order.
+            assert list(stats["etas"]) == list(stats["clamped"]) == REPLAYED
             assert stats["etas"] == pytest.approx(ref["etas"], rel=1e-5), f"step {step}"
+            assert stats["clamped"] == ref["clamped"], f"step {step}"
             if scale:
                 assert stats["sq_norms"] == pytest.approx(ref["sq_norms"], rel=1e-5), f"step {step}"
+                assert list(stats["matched_sq_norms"]) == REPLAYED
+                assert stats["matched_sq_norms"] == pytest.approx(ref["matched_sq_norms"], rel=1e-5)
             else:
-                assert stats["sq_norms"] == {}
+                assert stats["sq_norms"] == {} and stats["matched_sq_norms"] == {}
         # eta is identical on every rank: it comes from the all-reduced gradients.
         for other in ranks[1:]:
             assert other[scale]["stats"] == got["stats"]
 
-    # The case really exercises scaling (far from the plain sum), the clamp and clipping.
-    _, history = _reference(state, data, scale=True)
-    etas = [eta for h in history for eta in h["etas"].values()]
-    assert any(abs(eta - 1.0) > 0.5 for eta in etas) and HP["clamp"][0] in etas, etas
-    assert any(h["clipped"] for h in history), history
+    _assert_case_exercises_the_rule(state, data)
     scaled, plain = ranks[0][True]["params"], ranks[0][False]["params"]
     assert max(float((scaled[n] - plain[n]).abs().max()) for n in scaled) > 1e-3
+
+
+def _assert_case_exercises_the_rule(state, data):
+    """The case really exercises matched scaling (far from the plain sum and from the whole-vector
+    rule), the clamp both ways, and clipping; clamp flags are not decided by rounding."""
+    _, history = _reference(state, data, scale=True)
+    # The replayed paths reach only the new modules they share with the new path.
+    assert history[0]["reached"]["replay:a"] == {0, 1}  # layers.0.new weight and bias
+    assert history[0]["reached"]["replay:b"] == {2, 3, 4, 5}  # layers.1.new and layers.2.new
+    etas = [eta for h in history for eta in h["etas"].values()]
+    whole = [eta for h in history for eta in h["whole_etas"].values()]
+    flags = [flag for h in history for flag in h["clamped"].values()]
+    assert any(abs(eta - 1.0) > 0.5 and not flag for eta, flag in zip(etas, flags, strict=True)), etas
+    assert HP["clamp"][0] in etas and HP["clamp"][1] in etas, etas
+    assert any(flags) and not all(flags), history
+    # Somewhere the whole-vector rule sits at the clamp where the matched eta is inside it.
+    assert any(not flag and w in HP["clamp"] and abs(e - w) > 0.5
+               for e, w, flag in zip(etas, whole, flags, strict=True)), (etas, whole)
+    for h in history:
+        for raw in h["raw_etas"].values():
+            assert min(abs(raw - bound) for bound in HP["clamp"]) > 1e-3 * raw, h["raw_etas"]
+    assert any(h["clipped"] for h in history), history
 
 
 def _checkpoint_worker(rank, world_size, port, stage, state, data, out_dir):
     _setup_rank(rank, world_size, port)
     ckpt = os.path.join(out_dir, "ckpt")
     eng = _build(stage, state)
-    eng.step(_sub_batches(eng, data[rank][0]), progress=PROGRESS[0])
+    eng.step(_sub_batches(eng, data[rank][0]), progress=PROGRESS[0], unscaled=UNSCALED)
     eng.save_checkpoint(ckpt, tag="after-step-0")
     saved = eng.trainable_state_dict()
-    eng.step(_sub_batches(eng, data[rank][1]), progress=PROGRESS[1])
+    eng.step(_sub_batches(eng, data[rank][1]), progress=PROGRESS[1], unscaled=UNSCALED)
 
     # A fresh engine whose trainable weights differ: loading must restore weights and AdamW state.
-    other = {k: v + 0.5 if not k.startswith("frozen.") else v for k, v in state.items()}
+    frozen = _frozen_names()
+    other = {k: v + 0.5 if k not in frozen else v for k, v in state.items()}
     resumed = _build(stage, other)
     resumed.load_checkpoint(ckpt, tag="after-step-0")
     loaded = resumed.trainable_state_dict()
-    resumed.step(_sub_batches(resumed, data[rank][1]), progress=PROGRESS[1])
+    resumed.step(_sub_batches(resumed, data[rank][1]), progress=PROGRESS[1], unscaled=UNSCALED)
     torch.save({"saved": saved, "loaded": loaded, "continued": eng.trainable_state_dict(),
                 "resumed": resumed.trainable_state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     _leave_group()
@@ -300,7 +372,7 @@ def test_checkpoint_holds_adapters_only_and_resumes(stage, tmp_path):
         torch.testing.assert_close(result["resumed"][name], result["continued"][name], rtol=0, atol=0)
     for path in (tmp_path / "ckpt" / "after-step-0").glob("*model_states.pt"):
         states = torch.load(path, weights_only=False)
-        assert not any(k.startswith("frozen.") for k in states["module"]), list(states["module"])
+        assert not _frozen_names() & set(states["module"]), list(states["module"])
         assert set(states["module"]) == set(result["saved"])
         assert not states["frozen_param_fragments"]
 
@@ -325,7 +397,7 @@ def test_bad_ds_config_is_named_before_any_setup(change, match):
 
 @pytest.mark.parametrize("pick, match", [
     (lambda m: _trainable(m) + [m.frozen.weight], "frozen"),
-    (lambda m: _trainable(m)[1:], "'shared.weight' requires grad but is not in params"),
+    (lambda m: _trainable(m)[1:], "'layers.0.new.weight' requires grad but is not in params"),
     (lambda m: _trainable(m) + [nn.Parameter(torch.ones(2))], "not a parameter of the model"),
     (lambda m: _trainable(m) + _trainable(m)[:1], "listed twice"),
 ])

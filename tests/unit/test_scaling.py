@@ -1,4 +1,6 @@
-"""Dynamic gradient scaling against the formula on hand-computed values."""
+"""Dynamic gradient scaling against the formula on hand-computed values: eta, the clamp, the
+matched rule (the new task's norm over the tensors a replayed gradient reaches), and the
+combination with unscaled (knowledge-transfer) groups at weight exactly 1."""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ import math
 import pytest
 import torch
 
-from dmea_dist.method.scaling import combine_gradients, scale_factors, squared_norm
+from dmea_dist.method.scaling import (
+    clamp_etas,
+    combine_gradients,
+    matched_sq_norms,
+    raw_scale_factors,
+    scale_factors,
+    squared_norm,
+)
 
 
 def _close(actual, expected):
@@ -74,6 +83,7 @@ def test_no_replayed_tasks_gives_empty():
         (dict(progress=0.0, clamp=(2.0, 1.0)), "clamp"),
         (dict(progress=0.0, replay=[-1.0]), ">= 0"),
         (dict(progress=0.0, new=[1.0, 2.0]), "scalar"),
+        (dict(progress=0.0, new=[1.0, -2.0], replay=[1.0, 1.0]), ">= 0"),
     ],
 )
 def test_bad_input_is_named(kwargs, match):
@@ -112,3 +122,98 @@ def test_combine_gradients_rejects_misaligned_lists():
 def test_squared_norm_by_hand():
     _close(squared_norm([torch.tensor([3.0, 4.0]), None, torch.tensor([[1.0]])]), 26.0)
     _close(squared_norm([]), 0.0)
+
+
+def test_per_replay_new_norms_pair_with_each_replayed_task():
+    # ratios 4/1 and 1/4; at t = ln 2: (4 - 1)/2 + 1 = 2.5, (0.25 - 1)/2 + 1 = 0.625.
+    _close(scale_factors([4.0, 1.0], [1.0, 4.0], 0.0), [4.0, 0.25])
+    _close(scale_factors(torch.tensor([4.0, 1.0]), [1.0, 4.0], math.log(2.0)), [2.5, 0.625])
+    # A zero replayed gradient is still not scaled; a zero matched norm gives 1 - exp(-t), clamped.
+    _close(scale_factors([3.0, 0.0], [0.0, 2.0], math.log(2.0)), [1.0, 0.5])
+
+
+def test_raw_factors_and_clamp_flags():
+    raw = raw_scale_factors(100.0, [1.0, 1e6, 4.0], 0.0)
+    _close(raw, [100.0, 1e-4, 25.0])
+    etas, clamped = clamp_etas(raw, (0.1, 25.0))
+    _close(etas, [25.0, 0.1, 25.0])
+    # 25 is on the bound but was not changed by the clamp: not flagged.
+    assert clamped.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="clamp"):
+        clamp_etas(raw, (1.0, 0.5))
+
+
+def test_matched_sq_norms_by_hand():
+    # Row 0: the new task's squared norm on 4 parameter tensors; rows 1..: replayed tasks.
+    param_sq = torch.tensor([
+        [1.0, 4.0, 9.0, 16.0],
+        [0.0, 2.0, 0.0, 1.0],    # reaches tensors 1 and 3: 4 + 16
+        [3.0, 0.0, 0.0, 0.0],    # tensor 0: 1
+        [0.0, 0.0, 0.0, 0.0],    # reaches none: 0 (its eta is then 1, see test_zero_norms)
+        [1e-30, 5.0, 5.0, 5.0],  # a tiny but non-zero gradient counts: every tensor, 30
+    ], dtype=torch.float64)
+    _close(matched_sq_norms(param_sq), [20.0, 1.0, 0.0, 30.0])
+    assert matched_sq_norms(param_sq[:1]).shape == (0,)  # no replayed tasks
+
+
+@pytest.mark.parametrize("param_sq, match", [
+    (torch.ones(3), "n_groups, n_params"),
+    (torch.tensor([[1.0, -1.0], [1.0, 1.0]]), ">= 0"),
+    (torch.tensor([[1.0, float("nan")], [1.0, 1.0]]), "NaN or inf"),
+])
+def test_matched_sq_norms_rejects_bad_input(param_sq, match):
+    with pytest.raises(ValueError, match=match):
+        matched_sq_norms(param_sq)
+
+
+def _layered_grads(layer_values):
+    """Gradients of 4 "layers" of a (2, 2) weight and a (2,) bias each, every entry of layer l equal
+    to layer_values[l]; 0 is a layer the path does not reach (exactly zero gradient)."""
+    grads = []
+    for value in layer_values:
+        grads += [torch.full((2, 2), value, dtype=torch.float64), torch.full((2,), value, dtype=torch.float64)]
+    return grads
+
+
+def test_one_shared_layer_of_four_keeps_eta_inside_the_clamp():
+    # The new path trains all 4 layers (each 6 entries of 0.5: squared norm 1.5, 6 in all); the
+    # replayed task's path shares only layer 0 (6 entries of 0.25: 0.375).
+    g_new = _layered_grads([0.5, 0.5, 0.5, 0.5])
+    g_replay = _layered_grads([0.25, 0.0, 0.0, 0.0])
+    param_sq = torch.stack([torch.stack([(g ** 2).sum() for g in gs]) for gs in (g_new, g_replay)])
+    (matched,) = matched_sq_norms(param_sq)
+    _close(matched, 1.5)  # g_j on layer 0's weight and bias only
+
+    # At t = 0 eta is the ratio: matched 1.5 / 0.375 = 4, inside [0.1, 10]; whole 6 / 0.375 = 16.
+    clamp = (0.1, 10.0)
+    etas, clamped = clamp_etas(raw_scale_factors(matched.reshape(1), [0.375], 0.0), clamp)
+    _close(etas, [4.0])
+    assert clamped.tolist() == [False]
+    # The whole-vector rule (the restriction switched off) sits at the clamp on the same gradients.
+    whole = squared_norm(g_new)
+    _close(whole, 6.0)
+    etas, clamped = clamp_etas(raw_scale_factors(whole, [squared_norm(g_replay)], 0.0), clamp)
+    _close(etas, [10.0])
+    assert clamped.tolist() == [True]
+    # Later in training (t = ln 2): (4 - 1)/2 + 1 = 2.5 against (16 - 1)/2 + 1 = 8.5.
+    _close(scale_factors(matched.reshape(1), [0.375], math.log(2.0)), [2.5])
+    _close(scale_factors(whole, [0.375], math.log(2.0)), [8.5])
+
+
+def test_unscaled_groups_are_added_with_weight_exactly_one():
+    # Dyadic values: every sum below is exact in float32, so equality is exact.
+    g_new = [torch.tensor([1.0, 2.0]), torch.tensor([[1.0]])]
+    g_replay = [torch.tensor([10.0, 20.0]), None]
+    g_transfer = [torch.tensor([0.25, -3.0]), torch.tensor([[0.5]])]
+    g_transfer2 = [None, torch.tensor([[8.0]])]
+    before = [t.clone() for t in g_transfer if t is not None]
+    combined = combine_gradients(g_new, [g_replay], [0.5], [g_transfer, g_transfer2])
+    # 1 + 0.5 * 10 + 0.25, 2 + 0.5 * 20 - 3; 1 + 0.5 + 8: the transfer terms unscaled, whatever eta is.
+    assert torch.equal(combined[0], torch.tensor([6.25, 9.0]))
+    assert torch.equal(combined[1], torch.tensor([[9.5]]))
+    assert all(torch.equal(t, b) for t, b in zip([g_transfer[0], g_transfer[1]], before, strict=True))
+    # With no new or replayed gradient for a parameter, an unscaled one is taken as is (a copy).
+    only = combine_gradients([None], [[None]], [4.0], [[torch.tensor([3.0])]])
+    assert torch.equal(only[0], torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="unscaled gradient 0 has 2 tensors"):
+        combine_gradients([torch.ones(1)], [], [], [[torch.ones(1), torch.ones(1)]])
