@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import yaml
 from dmea_dist.config import RunConfig
 from dmea_dist.data.formatting import Formatter, encode_task
 from dmea_dist.data.registry import load_task
-from dmea_dist.data.synthetic import parse_synthetic_name
+from dmea_dist.data.synthetic import FAMILIES, parse_synthetic_name
 from dmea_dist.data.tokenizer import (
     SpecialTokenIds,
     load_pretrained_tokenizer,
@@ -98,17 +99,19 @@ def _plain_text(rows: list[dict]) -> list[str]:
     return [f"{r['context']} {r['question']} {a}".replace("  ", " ") for r in rows for a in r["answer"]]
 
 
-def pretraining_text(config: RunConfig, tasks: list[Task]) -> list[str]:
-    """Plain text for the tiny backbone's LM pretraining (model.tiny.pretrain.corpus)."""
+def pretraining_samples(config: RunConfig, tasks: list[Task]) -> list[tuple[str, str]]:
+    """(input, output) pairs for the tiny backbone's LM pretraining, from outside the run's sequence.
+
+    Held-out synthetic tasks (indices HELDOUT_INDEX and up) of the run's synthetic
+    families, or of every data-to-text family when the run has none (e.g. RNNLG
+    and E2E: English data-to-text text, as a web-trained GPT-2 has read). Never
+    text of a task in the sequence, future tasks included.
+    """
     pre = config.model.tiny.pretrain
-    if pre.corpus == "task_text":
-        return [text for t in tasks for text in _plain_text(t.rows["train"])]
     families = sorted({parse_synthetic_name(t.task_id)[0] for t in tasks if t.task_id.startswith("synth.")})
-    if not families:
-        raise ConfigError("model.tiny.pretrain.corpus=heldout_synth needs synthetic tasks in data.tasks; "
-                          "for corpora set model.tiny.pretrain.corpus: task_text")
+    families = families or [f for f in FAMILIES if f != "listops"]
     used = set(config.data.tasks)
-    texts = []
+    pairs = []
     for family in families:
         for k in range(pre.heldout_tasks):
             name = f"synth.{family}.{HELDOUT_INDEX + k}"
@@ -117,38 +120,68 @@ def pretraining_text(config: RunConfig, tasks: list[Task]) -> list[str]:
                                   f"use indices below {HELDOUT_INDEX} for sequence tasks")
             data = load_task(name, data_root=None, synth_seed=config.data.synth_seed,
                              synth_sizes=config.data.synth_sizes)
-            texts += _plain_text(data["train"].to_list())
-    return texts
+            pairs += [(_join_input(r), a) for r in data["train"].to_list() for a in r["answer"]]
+    return pairs
+
+
+def _join_input(row: dict) -> str:
+    return f"{row['context']} {row['question']}".strip() if row["question"] else row["context"]
+
+
+def pretraining_ids(tokenizer, pairs: list[tuple[str, str]], *, fmt: str) -> list[list[int]]:
+    """Token ids of each pretraining pair: `input <|ans|> output` (fmt "samples") or `input output` ("plain").
+
+    With "samples" the backbone learns the answer separator as an ordinary
+    token of its language, the way a pretrained LM knows its punctuation: a
+    frozen backbone whose separator row was never trained rarely emits it, and
+    pseudo samples without it are unusable (issue 7: 94% malformed).
+    """
+    special = SpecialTokenIds.from_tokenizer(tokenizer)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if fmt == "plain":
+        return [encode(f"{x} {y}") for x, y in pairs]
+    return [encode(x) + [special.ans] + encode(" " + y) for x, y in pairs]
 
 
 def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
-    """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk."""
+    """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk.
+
+    The BPE covers the run's text and the pretraining text (as GPT-2's BPE
+    covers English); the backbone's weights only ever see the pretraining text.
+    Rows of tokens pretraining never saw (generation tokens, words only the run
+    uses) are drawn from the trained rows' statistics, like tokens added to a
+    downloaded checkpoint.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
                "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
-               "max_tasks": config.model.max_tasks, "version": 2}
+               "max_tasks": config.model.max_tasks, "version": 3}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"backbone-{key}"
     if (cache / "model.safetensors").is_file():
         return load_tokenizer(cache), GPT2LMHeadModel.from_pretrained(cache)
     run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
-    extra = pretraining_text(config, tasks) if pre.corpus != "none" else []
-    tokenizer = train_bpe_tokenizer(run_text + extra, vocab_size=tiny.vocab_size, max_tasks=config.model.max_tasks)
+    pairs = pretraining_samples(config, tasks) if pre.corpus != "none" else []
+    tokenizer = train_bpe_tokenizer(run_text + [f"{x} {y}" for x, y in pairs], vocab_size=tiny.vocab_size,
+                                    max_tasks=config.model.max_tasks)
     gpt2 = GPT2Config(vocab_size=len(tokenizer), n_positions=tiny.n_positions, n_embd=tiny.n_embd,
                       n_layer=tiny.n_layer, n_head=tiny.n_head, bos_token_id=tokenizer.eos_token_id,
                       eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(config.train.seed)
     backbone = GPT2LMHeadModel(gpt2)
-    if extra:
-        ids = tokenizer(extra, add_special_tokens=False)["input_ids"]
+    if pairs:
+        ids = pretraining_ids(tokenizer, pairs, fmt=pre.format)
         losses = pretrain_lm(backbone, ids, steps=pre.steps, lr=pre.lr, batch_size=pre.batch_size,
                              seq_len=min(pre.seq_len, tiny.n_positions), eos_id=tokenizer.eos_token_id,
-                             seed=config.train.seed)
+                             seed=config.train.seed, dropout=pre.dropout)
+        if not all(math.isfinite(x) for x in losses):
+            raise ConfigError(f"tiny backbone pretraining diverged (loss {losses[-1]}) at "
+                              f"model.tiny.pretrain.lr={pre.lr}; lower model.tiny.pretrain.lr")
         backbone.config.dmea_pretrain_loss = [losses[0], losses[-1]]
-        special = SpecialTokenIds.from_tokenizer(tokenizer)
-        reserve_rows(backbone, [special.ans, *special.tasks], seed=config.train.seed)
+        seen = {i for seq in ids for i in seq} | {tokenizer.eos_token_id}
+        reserve_rows(backbone, [i for i in range(len(tokenizer)) if i not in seen], seed=config.train.seed)
     cache.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(cache)
     backbone.save_pretrained(cache)

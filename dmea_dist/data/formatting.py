@@ -76,23 +76,21 @@ class Formatter:
         return prompt + [self.special.ans]
 
     def parse_generated(self, ids: Sequence[int]) -> tuple[str, str] | None:
-        """Split generated `context <|ans|> answer <eos>` into (context, answer); None if malformed.
+        """Split generated `context <|ans|> answer [<eos>]` into (context, answer); None if malformed.
 
-        `ids` excludes the leading task token. Malformed: no separator, no end
-        token, or an empty side.
+        `ids` excludes the leading task token. As in LAMOL/ACM, a sample cut at
+        the length limit (no end token) is kept up to where it stops; only a
+        sample without exactly one separator, with a generation token inside,
+        or with an empty side is malformed.
         """
         ids = list(ids)
-        if self.special.ans not in ids or self.special.eos not in ids:
+        if self.special.eos in ids:
+            ids = ids[: ids.index(self.special.eos)]
+        if ids.count(self.special.ans) != 1 or set(self.special.tasks) & set(ids):
             return None
         sep = ids.index(self.special.ans)
-        end = ids.index(self.special.eos)
-        if not 0 < sep < end - 1:
-            return None
-        specials = set(self.special.tasks) | {self.special.ans}
-        if specials & set(ids[:sep] + ids[sep + 1:end]):
-            return None
         context = self.tokenizer.decode(ids[:sep]).strip()
-        answer = self.tokenizer.decode(ids[sep + 1:end]).strip()
+        answer = self.tokenizer.decode(ids[sep + 1:]).strip()
         if not context or not answer:
             return None
         return context, answer
@@ -142,20 +140,66 @@ def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def iterate_batches(qa: Sequence[Example], lm: Sequence[Example], *, batch_size: int, pad_id: int,
-                    seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[dict, dict]]:
-    """One epoch of (qa_batch, lm_batch) pairs of one task, shuffled by `seed`.
+def shard_order(n: int, *, seed: int | str, shard: tuple[int, int] = (0, 1)) -> list[int]:
+    """A seeded shuffle of range(n), then this rank's part of it.
 
     `shard=(rank, world)` keeps every world-th example, so data-parallel ranks
-    see disjoint parts; the number of batches is equal on every rank (the tail
-    that does not fill a batch on every rank is dropped only when world > 1).
+    see disjoint parts; every rank gets the same count (the tail that does not
+    fill every rank is dropped only when world > 1).
     """
-    order = list(range(len(qa)))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     rank, world = shard
     if world > 1:
-        per_rank = len(order) // world
-        order = order[rank::world][:per_rank]
+        order = order[rank::world][: n // world]
+    return order
+
+
+def iterate_batches(qa: Sequence[Example], lm: Sequence[Example], *, batch_size: int, pad_id: int,
+                    seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[dict, dict]]:
+    """One epoch of (qa_batch, lm_batch) pairs of one task, shuffled by `seed` (see `shard_order`)."""
+    order = shard_order(len(qa), seed=seed, shard=shard)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         yield (collate([qa[i] for i in idx], pad_id=pad_id), collate([lm[i] for i in idx], pad_id=pad_id))
+
+
+@dataclass
+class BatchStream:
+    """An endless stream of (qa_batch, lm_batch) pairs of one task, reshuffled every epoch.
+
+    Batch k is a pure function of (seed, k): it lies in epoch k // len(self),
+    whose order is a shuffle seeded by (seed, epoch). So a stream gives the
+    same batches in a Ray task, a Ray Train worker or in process, and a run
+    never trains every epoch in the same order.
+    """
+
+    qa: Sequence[Example]
+    lm: Sequence[Example]
+    batch_size: int
+    pad_id: int
+    seed: int | str
+    shard: tuple[int, int] = (0, 1)
+
+    def __post_init__(self):
+        if len(self.qa) != len(self.lm):
+            raise ValueError(f"qa and lm examples differ in number: {len(self.qa)} and {len(self.lm)}")
+        self._epoch, self._order = -1, []
+
+    def __len__(self) -> int:
+        """Batches per epoch on this shard."""
+        per_rank = len(self.qa) if self.shard[1] == 1 else len(self.qa) // self.shard[1]
+        return -(-per_rank // self.batch_size)
+
+    def batch(self, k: int) -> tuple[dict, dict]:
+        epoch, position = divmod(k, len(self))
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, shard_order(len(self.qa), seed=f"{self.seed}:{epoch}",
+                                                          shard=self.shard)
+        idx = self._order[position * self.batch_size:(position + 1) * self.batch_size]
+        return (collate([self.qa[i] for i in idx], pad_id=self.pad_id),
+                collate([self.lm[i] for i in idx], pad_id=self.pad_id))
+
+    def epoch(self, epoch: int = 0) -> list[tuple[dict, dict]]:
+        """Every batch of one epoch, in order."""
+        return [self.batch(epoch * len(self) + i) for i in range(len(self))]

@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 
 from datasets import DatasetDict
@@ -332,3 +333,59 @@ def _listops_sample(structure: TaskStructure, rng: random.Random) -> Sample:
               "reverse": items[::-1], "copy": items}[op]
     context = f"{op}(items='{' '.join(items)}')"
     return Sample(context, "", (_LISTOPS_FORMATS[fmt].join(result),))
+
+
+# ------------------------------------------------------------------ fidelity
+
+_MR = re.compile(r"^(\w+)\((.*)\)$")
+_SLOT = re.compile(r"^(\w+)='([^']*)'$")
+
+
+def realises(name: str, context: str, answer: str) -> bool:
+    """Does `answer` realise input `context` the way task `name` maps inputs to outputs?
+
+    The ground truth for pseudo-sample fidelity. Data-to-text: the context is an
+    MR in this task's form (`inform(name=...;slot=...)` with the name first and
+    only slots of this task, each once) and the answer mentions the entity name
+    and every slot value of the MR. Listops: the context is this task's
+    operation on a list of words and the answer is exactly the result, in the
+    task's format. An input the task could not have produced (another task's
+    form) is not realised; values are not checked against the task's value
+    lists: the question is whether the answer says what its own input says.
+    """
+    structure = task_structure(name)
+    match = _MR.match(context.strip())
+    if match is None:
+        return False
+    head, body = match.groups()
+    if structure.family == "listops":
+        op = structure.slots[1].split(":")[1]
+        items_match = re.fullmatch(r"items='([^']*)'", body)
+        if head != op or items_match is None or not items_match.group(1).split():
+            return False
+        items = items_match.group(1).split()
+        result = {"sort_ascending": sorted(items), "sort_descending": sorted(items, reverse=True),
+                  "reverse": items[::-1], "copy": items}[op]
+        fmt = next(iter(structure.templates)).removeprefix("format:")
+        return answer.strip() == _LISTOPS_FORMATS[fmt].join(result)
+    if head != "inform":
+        return False
+    pairs = [_SLOT.match(part) for part in body.split(";")]
+    if any(p is None for p in pairs):
+        return False
+    slots = [p.group(1) for p in pairs]
+    allowed = {"name", *structure.values}
+    if slots[0] != "name" or len(set(slots)) != len(slots) or not set(slots) <= allowed:
+        return False
+    text = answer.lower()
+    return all(p.group(2).strip().lower() in text for p in pairs if p.group(2).strip())
+
+
+def fidelity(name: str, rows: Sequence[dict]) -> float | None:
+    """Share of pseudo-sample rows (`context`, `answer` list) whose answer realises its own input.
+
+    None for a task that is not synthetic (no generator knows its mapping) or no rows.
+    """
+    if not name.startswith(PREFIX) or not rows:
+        return None
+    return sum(realises(name, r["context"], r["answer"][0]) for r in rows) / len(rows)

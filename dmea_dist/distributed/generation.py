@@ -216,7 +216,7 @@ class GenerationWorker:
     def pseudo_samples(self, request: dict[str, Any], *, top_k: int, batch_size: int) -> dict[str, Any]:
         out = generate_pseudo_samples(self.model, self.formatter, top_k=top_k, batch_size=batch_size, **request)
         table = pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA)
-        return {"table": table, "malformed": out.malformed, "generated": out.generated}
+        return {"table": table, "malformed": out.malformed, "generated": out.generated, "truncated": out.truncated}
 
     def answers(self, rows: list[dict], **kwargs) -> list[str]:
         return generate_answers(self.model, self.formatter, rows, **kwargs)
@@ -317,7 +317,8 @@ class GenerationPool:
             rows = pa.concat_tables([o["table"] for o in mine], promote_options="none").to_pylist() if mine else []
             results.append(PseudoSamples(task_id=req["task_id"], rows=rows,
                                          malformed=sum(o["malformed"] for o in mine),
-                                         generated=sum(o["generated"] for o in mine)))
+                                         generated=sum(o["generated"] for o in mine), requested=int(req["n"]),
+                                         truncated=sum(o["truncated"] for o in mine)))
         return results
 
     def answer(self, model, requests: list[dict], *, batch_size: int, max_new_tokens: int, decoding: str,

@@ -2,12 +2,16 @@
 
 Pseudo samples: the model generates `context <|ans|> answer <eos>` from a
 task's generation token alone, along that task's path, top-k sampling, many
-samples per call with the KV cache (one task per batch). Each output is parsed
-at the separator; malformed ones are dropped and counted. Sampling repeats
-(bounded) until `n` valid samples exist.
+samples per call with the KV cache (one task per batch). Generation tokens
+are suppressed while sampling (no sample may contain one). Each output is
+parsed at the separator (`Formatter.parse_generated`: samples cut at the
+length limit are kept, as in LAMOL/ACM); malformed ones are dropped and
+counted. Sampling repeats (bounded) until `n` well-formed samples exist; a
+shortfall is reported in the counts, never hidden.
 
 Answers: prompts `context <|ans|>` are left-padded and decoded greedily (the
-default, reproducible) or by top-k sampling.
+default, reproducible) or by top-k sampling; the separator and generation
+tokens cannot occur in an answer and are suppressed.
 
 Pseudo samples are stored as Parquet with plain Arrow columns (no tensor
 extension types, so `datasets`, pandas and Ray Data all read them).
@@ -15,6 +19,7 @@ extension types, so `datasets`, pandas and Ray Data all read them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from dmea_dist.data.formatting import Formatter, left_pad
 
@@ -33,43 +39,120 @@ PSEUDO_SCHEMA = pa.schema([
 
 @dataclass
 class PseudoSamples:
+    """Well-formed pseudo samples of one task and what it took to get them."""
+
     task_id: str
     rows: list[dict]
-    malformed: int
-    generated: int
+    malformed: int  # generated but dropped
+    generated: int  # sampled sequences, well formed or not
+    requested: int = 0
+    truncated: int = 0  # kept, but cut at the length limit (no end token)
+
+    @property
+    def well_formed(self) -> int:
+        return self.generated - self.malformed
+
+    @property
+    def yield_rate(self) -> float:
+        """Share of generated samples that were well formed (1.0 when nothing was generated)."""
+        return self.well_formed / self.generated if self.generated else 1.0
+
+
+def pseudo_sample_counts(gamma: float, n_train: int, n_tasks: int, *, budget: str = "total") -> int:
+    """Pseudo samples to generate per earlier task.
+
+    budget "total" (LAMOL/ACM): ceil(gamma * n_train) in all, split evenly over
+    the `n_tasks` earlier tasks (at least one each when gamma > 0);
+    "per_task": ceil(gamma * n_train) for every earlier task.
+    """
+    if budget not in ("total", "per_task"):
+        raise ValueError(f"pseudo_budget {budget!r} unknown; choose total or per_task")
+    if n_tasks == 0 or gamma <= 0:
+        return 0
+    total = math.ceil(gamma * n_train)
+    return total if budget == "per_task" else max(1, total // n_tasks)
+
+
+def yield_warnings(out: PseudoSamples, *, min_yield: float, new_task: str) -> list[str]:
+    """What a user must hear about a task's pseudo samples: low yield, a shortfall, none at all."""
+    warnings = []
+    if out.generated and out.yield_rate < min_yield:
+        warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): only {out.well_formed} of "
+                        f"{out.generated} generated were well formed ({out.yield_rate:.0%}, below "
+                        f"method.adaptation.min_yield={min_yield:.0%})")
+    if not out.rows and out.requested:
+        warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): none usable of "
+                        f"{out.requested} requested; {out.task_id} is neither replayed nor transferred")
+    elif len(out.rows) < out.requested:
+        warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): {len(out.rows)} of "
+                        f"{out.requested} requested; it is replayed with fewer")
+    return warnings
+
+
+class GreedyAfter(LogitsProcessor):
+    """Decode greedily in every row once `token` has been generated (top-k before it).
+
+    For pseudo samples: the input is sampled (diversity), the answer after the
+    separator is the model's best answer to that input, as when it is
+    evaluated, instead of a sample that may drift away from its own input.
+    """
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids (batch, seq), scores (batch, vocab)
+        after = (input_ids == self.token).any(dim=1, keepdim=True)  # (batch, 1)
+        if not bool(after.any()):
+            return scores
+        best = scores.argmax(dim=-1, keepdim=True)
+        greedy = torch.full_like(scores, float("-inf")).scatter(1, best, scores.gather(1, best))
+        return torch.where(after, greedy, scores)
 
 
 @torch.no_grad()
 def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_index: int,
                             path: Sequence[int] | None, n: int, top_k: int = 20, batch_size: int = 32,
-                            max_new_tokens: int | None = None, seed: int = 0,
+                            max_new_tokens: int | None = None, seed: int = 0, answer: str = "greedy",
                             max_rounds: int | None = None) -> PseudoSamples:
-    """Generate `n` well-formed pseudo samples of one task (fewer if sampling keeps failing)."""
+    """Generate `n` well-formed pseudo samples of one task (fewer if sampling keeps failing).
+
+    answer: "greedy" samples the input (top-k) and decodes the answer greedily;
+    "sampled" samples both (LAMOL/ACM).
+    """
+    if answer not in ("greedy", "sampled"):
+        raise ValueError(f"pseudo-sample answer decoding {answer!r} unknown; choose greedy or sampled")
     special = formatter.special
     max_new_tokens = max_new_tokens or formatter.max_length - 1
     max_rounds = max_rounds or 3 * max(1, -(-n // batch_size)) + 2
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
+    processors = LogitsProcessorList([GreedyAfter(special.ans)] if answer == "greedy" else [])
     rows: list[dict] = []
-    malformed = generated = 0
+    malformed = generated = truncated = 0
     for _ in range(max_rounds):
         if len(rows) >= n:
             break
-        size = min(batch_size, 2 * (n - len(rows)))  # over-ask a little: some come out malformed
+        size = min(batch_size, n - len(rows) + max(1, (n - len(rows)) // 8))  # over-ask a little
         prompt = torch.full((size, 1), special.tasks[task_index], dtype=torch.long)
         out = model.generate(prompt, path=path, attention_mask=torch.ones_like(prompt), do_sample=True,
                              top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=special.eos,
-                             pad_token_id=special.pad, use_cache=True)
+                             pad_token_id=special.pad, use_cache=True, suppress_tokens=list(special.tasks),
+                             logits_processor=processors)
         for seq in out[:, 1:].tolist():
+            if len(rows) >= n:
+                break  # count only what is used: over-asked extras are neither kept nor judged
             generated += 1
             parsed = formatter.parse_generated(seq)
             if parsed is None:
                 malformed += 1
-            elif len(rows) < n:
-                rows.append({"task_id": task_id, "context": parsed[0], "question": "", "answer": [parsed[1]]})
+                continue
+            truncated += special.eos not in seq
+            rows.append({"task_id": task_id, "context": parsed[0], "question": "", "answer": [parsed[1]]})
     model.train(was_training)
-    return PseudoSamples(task_id=task_id, rows=rows, malformed=malformed, generated=generated)
+    return PseudoSamples(task_id=task_id, rows=rows, malformed=malformed, generated=generated, requested=n,
+                         truncated=truncated)
 
 
 @torch.no_grad()
@@ -91,7 +174,7 @@ def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path:
         sampling = {"do_sample": True, "top_k": top_k} if decoding == "top_k" else {"do_sample": False}
         out = model.generate(batch["input_ids"], path=path, attention_mask=batch["attention_mask"],
                              max_new_tokens=budget, eos_token_id=special.eos, pad_token_id=special.pad,
-                             use_cache=True, **sampling)
+                             use_cache=True, suppress_tokens=[special.ans, *special.tasks], **sampling)
         width = batch["input_ids"].shape[1]
         answers.extend(formatter.decode_answer(seq) for seq in out[:, width:].tolist())
     model.train(was_training)

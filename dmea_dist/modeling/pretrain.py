@@ -7,13 +7,16 @@ adapter can lift the loss above chance. So the offline tiny default first
 pretrains the backbone as a plain causal LM on plain text (no task formatting,
 no special tokens), then freezes it, exactly as a downloaded GPT-2 would be.
 
-The text comes from the config (`model.tiny.pretrain.corpus`):
-* `heldout_synth`: synthetic tasks of the run's families at indices no run
-  uses by default (1000+), so the backbone knows the families' language but
-  has never seen the sequence's tasks;
-* `task_text`: the plain text of the run's own training splits: for corpora
-  with no held-out sibling (RNNLG, E2E tiny variants); the backbone then has
-  seen the tasks' text (not their input -> output format); documented as such.
+The text comes from outside the run's sequence (`model.tiny.pretrain.corpus`,
+see `dmea_dist.run.pretraining_samples`): synthetic data-to-text tasks at
+indices no run uses (1000+), of the run's synthetic families or of every
+family for real corpora (RNNLG, E2E). Never a task of the sequence, future
+tasks included: the backbone must not know what it will be asked to learn.
+
+With `format: samples` the text is `input <|ans|> output <eos>`: the backbone
+learns the answer separator as a token of its language. On a frozen, tied
+backbone a separator row that was never trained is hardly ever emitted, so
+most pseudo samples would come out without it (malformed).
 
 The result is cached on disk by a hash of everything it depends on.
 """
@@ -27,12 +30,20 @@ import torch
 
 
 def pretrain_lm(backbone, token_lists: Sequence[Sequence[int]], *, steps: int, lr: float, batch_size: int,
-                seq_len: int, eos_id: int, seed: int = 0) -> list[float]:
+                seq_len: int, eos_id: int, seed: int = 0, dropout: float | None = 0.0) -> list[float]:
     """Train every parameter of a GPT2LMHeadModel as a causal LM on packed token streams.
 
     Texts are joined with `eos_id` into one stream and cut into windows of
     `seq_len` tokens (no padding). Returns the loss of every step.
+    dropout: the rate during pretraining (None: the model's own); the model's
+    rates are restored after. Without dropout the tiny model learns to copy
+    from its input (names, values) in a third fewer steps, and each step is
+    ~25% cheaper on a CPU (measured: 0.078 s vs 0.100 s per step, 4 layers).
     """
+    saved = [(m, m.p) for m in backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    if dropout is not None:
+        for module, _ in saved:
+            module.p = dropout
     stream: list[int] = []
     for ids in token_lists:
         stream.extend(ids)
@@ -63,21 +74,24 @@ def pretrain_lm(backbone, token_lists: Sequence[Sequence[int]], *, steps: int, l
     backbone.eval()
     for p in params:
         p.requires_grad_(False)
+    for module, rate in saved:
+        module.p = rate
     return losses
 
 
 @torch.no_grad()
 def reserve_rows(backbone, token_ids: Sequence[int], *, seed: int = 0) -> None:
-    """Re-draw the embedding rows of reserved tokens as `mean + std * z` of the other rows.
+    """Re-draw the embedding rows of `token_ids` as `mean + std * z` of the other rows.
 
-    Pretraining never sees the answer separator or the task tokens, so their
-    rows keep the tiny initial scale while trained rows grow; with a frozen,
-    tied LM head such a token could then never be predicted (the separator
-    must be generated to parse pseudo samples). Drawing them from the trained
-    rows' statistics treats them exactly like tokens added to a downloaded
-    checkpoint (`grow_vocabulary`).
+    For tokens pretraining never saw (the generation tokens, words only the
+    run's tasks use): their rows keep the tiny initial scale while trained
+    rows grow, and with a frozen, tied LM head such a token could hardly ever
+    be predicted. Drawing them from the trained rows' statistics treats them
+    exactly like tokens added to a downloaded checkpoint (`grow_vocabulary`).
     """
     weight = backbone.get_input_embeddings().weight
+    if not token_ids:
+        return
     ids = torch.tensor(sorted(set(token_ids)))
     keep = torch.ones(weight.shape[0], dtype=torch.bool)
     keep[ids] = False

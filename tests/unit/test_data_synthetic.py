@@ -160,3 +160,40 @@ def test_task_names_for_long_sequences():
     assert synthetic_task_names(0) == []
     with pytest.raises(DataError, match="listops"):
         synthetic_task_names(3, families=["nope"])
+
+
+# ---------------------------------------------------------------- fidelity
+
+
+@pytest.mark.parametrize("name", ["synth.restaurant.00", "synth.hotel.03", "synth.listops.00", "synth.listops.05"])
+def test_every_real_sample_realises_its_input(name):
+    from dmea_dist.data.synthetic import fidelity
+
+    rows = load_synthetic_task(name, seed=3, sizes=(40, 5, 5))["train"].to_list()
+    assert fidelity(name, rows) == 1.0
+
+
+def test_realises_catches_wrong_missing_and_foreign():
+    from dmea_dist.data.synthetic import realises
+
+    name = "synth.restaurant.00"
+    row = load_synthetic_task(name, sizes=(5, 1, 1))["train"][0]
+    context, answer = row["context"], row["answer"][0]
+    assert realises(name, context, answer)
+    name_value = re.search(r"name='([^']*)'", context).group(1)
+    assert not realises(name, context, answer.replace(name_value, "somewhere else"))  # wrong entity
+    assert not realises(name, context, answer[: len(answer) // 3])  # values left out
+    assert not realises(name, context.replace("inform(", "request("), answer)  # not this task's form
+    assert not realises(name, "inform(name='x';stars='five')", "x has five stars")  # a hotel slot
+    assert not realises(name, "no mr at all", answer)
+    listops = "synth.listops.00"
+    row = load_synthetic_task(listops, sizes=(5, 1, 1))["train"][0]
+    assert realises(listops, row["context"], row["answer"][0])
+    assert not realises(listops, row["context"], row["answer"][0] + " extra")
+
+
+def test_fidelity_is_none_without_a_generator():
+    from dmea_dist.data.synthetic import fidelity
+
+    assert fidelity("e2e", [{"context": "name[x]", "answer": ["x"]}]) is None
+    assert fidelity("synth.travel.00", []) is None

@@ -86,7 +86,13 @@ def test_parse_generated_roundtrip_and_malformed(tokenizer):
     body = lm.input_ids[1:]
     sp = fmt.special
     assert fmt.parse_generated([i for i in body if i != sp.ans]) is None  # no separator
-    assert fmt.parse_generated(body[:-1]) is None  # no end token
+    # cut at the length limit (no end token): kept up to where it stops, as LAMOL/ACM keep it
+    assert fmt.parse_generated(body[:-1]) == ("inform(name='blue bell')", "blue bell serves thai food")
+    assert fmt.parse_generated(body[:-3])[0] == "inform(name='blue bell')"
+    sep = body.index(sp.ans)
+    assert fmt.parse_generated(body[:sep + 2] + [sp.ans] + body[sep + 2:]) is None  # two separators
+    assert fmt.parse_generated(body[:2] + [sp.tasks[1]] + body[2:]) is None  # a generation token inside
+    assert fmt.parse_generated(body + [sp.ans, 5]) == fmt.parse_generated(body)  # nothing after the end counts
     assert fmt.parse_generated([sp.ans] + body) is None  # empty context
     assert fmt.parse_generated(body[: body.index(sp.ans) + 1] + [sp.eos]) is None  # empty answer
 
