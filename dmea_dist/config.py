@@ -35,15 +35,26 @@ METHODS = ("dmea", "acm", "lamol", "finetune", "adapter", "multitask")
 class PretrainConfig:
     """Plain-LM pretraining of the tiny backbone before it is frozen (see modeling/pretrain.py)."""
 
-    corpus: Literal["heldout_synth", "task_text", "none"] = "heldout_synth"
-    steps: int = 400
-    lr: float = 3e-3
+    # heldout_synth: synthetic tasks at indices no sequence uses (the run's families, or every
+    # data-to-text family when the run has none); never text of the run's own tasks
+    corpus: Literal["heldout_synth", "none"] = "heldout_synth"
+    # samples: `context <|ans|> answer <eos>` (the backbone learns the separator, as a pretrained
+    # LM knows its own punctuation); plain: `context answer <eos>`
+    format: Literal["samples", "plain"] = "samples"
+    # enough for the tiny backbone to learn to copy names and values from its input (measured on the quick
+    # start: answers realising their input, backbone alone, 0% after 300 steps at 3e-3, 71-88% after 800 at 1e-2)
+    steps: int = 800
+    lr: float = 1e-2
     batch_size: int = 32
     seq_len: int = 64
-    heldout_tasks: int = 4  # held-out synthetic tasks per family of the run
+    dropout: float = 0.0  # during pretraining only (see modeling/pretrain.py)
+    heldout_tasks: int = 4  # held-out synthetic tasks per family
 
     def __post_init__(self):
         _check_range("model.tiny.pretrain.steps", self.steps, 1, 10**7)
+        _check_range("model.tiny.pretrain.lr", self.lr, 1e-8, 1.0)
+        _check_range("model.tiny.pretrain.batch_size", self.batch_size, 1, 65536)
+        _check_range("model.tiny.pretrain.dropout", self.dropout, 0.0, 0.9)
         _check_range("model.tiny.pretrain.seq_len", self.seq_len, 8, 8192)
         _check_range("model.tiny.pretrain.heldout_tasks", self.heldout_tasks, 1, 1000)
 
@@ -118,18 +129,24 @@ class DataConfig:
 class TrainConfig:
     """Optimisation shared by every stage (reference values for GPT-2 small)."""
 
-    lr: float = 1.75e-4
+    lr: float = 1.75e-4  # adapters and expansion coefficients (ACM)
+    full_finetune_lr: float = 6.25e-5  # lamol / finetune train the whole backbone (LAMOL's rate)
     adam_eps: float = 1e-6
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     batch_size: int = 4  # per task sub-batch
     lm_lambda: float = 0.25  # weight of the LM loss that teaches the model to generate pseudo samples
+    # loss weight of the answer separator as a target (LAMOL/ACM `tokens_weight`: 5); a weighted mean,
+    # so the separator counts this many tokens in both the sum and the normaliser
+    separator_weight: float = 5.0
     first_task_epochs: float = 9.0
     seed: int = 0
     autocast: Literal["none", "bf16"] = "none"  # bf16 matmuls in adaptation; weights/grads/optimizer stay fp32
 
     def __post_init__(self):
         _check_range("train.lr", self.lr, 1e-8, 1.0)
+        _check_range("train.full_finetune_lr", self.full_finetune_lr, 1e-8, 1.0)
+        _check_range("train.separator_weight", self.separator_weight, 0.0, 1000.0)
         _check_range("train.batch_size", self.batch_size, 1, 4096)
         _check_range("train.lm_lambda", self.lm_lambda, 0.0, 10.0)
         _check_range("train.first_task_epochs", self.first_task_epochs, 0.01, 1000.0)
@@ -141,18 +158,26 @@ class ExpansionConfig:
     """Stage 1: architecture search over {old modules, one new module} per layer."""
 
     epochs: float = 6.0
-    warmup_epochs: float = 3.0  # coefficients frozen for this part
-    beta: float = 1.0  # scale of the similarity-initialised logits
-    init: Literal["similarity", "static"] = "similarity"  # static: fixed hand-set logit (ACM)
-    static_logit: float = 1.0  # ACM's fixed initial logit for old modules (new module gets 0)
+    warmup_epochs: float = 3.0  # coefficients frozen for this part, then trained jointly (ACM)
+    # similarity init: old module beta * s, new module -beta * best s. The default 2 * mix_ini makes a task
+    # of similarity 0.5 start where ACM's static init starts; more similar tasks start further from the new module.
+    beta: float = 0.3
+    init: Literal["similarity", "static"] = "similarity"  # static: ACM's +mix_ini old / -mix_ini new
+    mix_ini: float = 0.15  # ACM's static initial logit (old +mix_ini, new -mix_ini)
     entropy_weight: float = 0.01
-    coefficient_lr: float = 1e-2
+    # None: the adapters' learning rate, in the same AdamW (ACM). The coefficients must move on the
+    # adapters' scale: a rate large enough to forget the initialisation makes every init the same.
+    coefficient_lr: float | None = None
     candidates: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # overrides: beta, entropy_weight, seed
 
     def __post_init__(self):
         _check_range("method.expansion.epochs", self.epochs, 0.01, 1000.0)
         _check_range("method.expansion.warmup_epochs", self.warmup_epochs, 0.0, self.epochs)
         _check_range("method.expansion.entropy_weight", self.entropy_weight, 0.0, 100.0)
+        _check_range("method.expansion.beta", self.beta, 0.0, 1000.0)
+        _check_range("method.expansion.mix_ini", self.mix_ini, 0.0, 1000.0)
+        if self.coefficient_lr is not None:
+            _check_range("method.expansion.coefficient_lr", self.coefficient_lr, 1e-8, 10.0)
         if not self.candidates:
             raise ConfigError("method.expansion.candidates is empty: give at least one candidate ({} = defaults)")
         allowed = {"beta", "entropy_weight", "seed"}
@@ -185,7 +210,12 @@ class AdaptationConfig:
     """Stage 3: train the new task with transfer and replay, balanced by gradient scaling."""
 
     epochs: float = 9.0
-    gamma: float = 0.2  # pseudo samples per earlier task = gamma * new task's training size
+    gamma: float = 0.2  # pseudo samples = gamma * new task's training size (see pseudo_budget)
+    pseudo_budget: Literal["total", "per_task"] = "total"  # total: split over the old tasks (LAMOL/ACM)
+    # alternate: each step = one new-task batch + one batch of one other stream, round-robin, reshuffled
+    # every round (ACM's order); all: one batch of every stream in every step
+    mixing: Literal["alternate", "all"] = "alternate"
+    min_yield: float = 0.9  # warn when fewer than this share of generated pseudo samples are well formed
     gradient_scaling: bool = True
     eta_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])
     progress: Literal["epochs", "fraction"] = "epochs"  # meaning of t in exp(-t)
@@ -196,6 +226,7 @@ class AdaptationConfig:
     def __post_init__(self):
         _check_range("method.adaptation.epochs", self.epochs, 0.0, 1000.0)
         _check_range("method.adaptation.gamma", self.gamma, 0.0, 100.0)
+        _check_range("method.adaptation.min_yield", self.min_yield, 0.0, 1.0)
         if len(self.eta_clamp) != 2 or not 0 < self.eta_clamp[0] <= self.eta_clamp[1]:
             raise ConfigError(f"method.adaptation.eta_clamp={self.eta_clamp} must be [low, high] with 0 < low <= high")
 

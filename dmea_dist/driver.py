@@ -97,11 +97,12 @@ class Coordinator:
         finished = state.history[-1]
         record = self.executor.records[finished["task"]] if finished["stage"] == Stage.RECORD.value else None
         return {"finished": finished, "record": record, "done": state.done,
+                "history": state.history if record is not None else [],
                 "next": None if state.done else (state.task_index, state.stage.value)}
 
     def results(self) -> dict[str, Any]:
         full_ft = self.run.policy.full_finetune
-        return {"R": self.executor.R, "similarity": self.executor.similarity,
+        return {"R": self.executor.R, "similarity": self.executor.similarity, "baseline": self.executor.baseline,
                 "paths": None if full_ft else self.run.model.paths, "history": self.lifecycle.state.history}
 
 
@@ -128,8 +129,14 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None, coordi
     try:
         while True:
             out = coordinator.step()
+            for warning in out["finished"].get("warnings", []):
+                bar.close()
+                echo(f"WARNING: {warning}")
             rec = out["record"]
             if rec is not None:
+                bar.close()
+                echo(task_summary(rec, [h for h in out.get("history", []) if h["task_index"] == rec["task_index"]],
+                                  n_tasks=len(config.data.tasks)))
                 tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
                                     metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
                                     model_dir=rec.get("model_dir"),
@@ -147,7 +154,7 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None, coordi
             coordinator.close()
     bar.close()
     R, names = results["R"], config.data.tasks
-    metrics = sequence_metrics(R)
+    metrics = sequence_metrics(R, baseline=results.get("baseline"))
     write_reports(run_dir, config, R, metrics, similarity=results["similarity"], paths=results["paths"])
     tracker.log_sequence_metrics(metrics, artifacts={"report": run_dir / "report.md", "report_html": run_dir / "report.html",
                                                      "R": run_dir / "R.npy"})
@@ -159,6 +166,30 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None, coordi
     echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   tracking: {config.tracking.uri}")
     return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
                           history=results["history"])
+
+
+def task_summary(record: dict[str, Any], history: list[dict[str, Any]], *, n_tasks: int) -> str:
+    """One line per finished task: time, modules, selection, pseudo-sample yield and fidelity, clamp rate, score."""
+    m, p, task = record["metrics"], record["params"], record["task_id"]
+    parts = [f"{sum(h.get('seconds', 0.0) for h in history):.1f}s"]
+    if "new_modules" in m:
+        parts.append(f"{int(m['new_modules'])} new modules")
+    if p.get("selected"):
+        parts.append(f"selected {', '.join(p['selected'])}")
+    yields = {k.removeprefix("pseudo.yield."): v for k, v in m.items() if k.startswith("pseudo.yield.")}
+    if yields:
+        kept = sum(v for k, v in m.items() if k.startswith("pseudo.kept."))
+        asked = sum(v for k, v in m.items() if k.startswith("pseudo.requested."))
+        line = f"pseudo samples {int(kept)}/{int(asked)}, yield {min(yields.values()):.0%}"
+        fids = [v for k, v in m.items() if k.startswith("pseudo.fidelity.")]
+        if fids:
+            line += f", fidelity {sum(fids) / len(fids):.0%}"
+        parts.append(line)
+    if "eta_clamp_rate" in m:
+        parts.append(f"eta at clamp {m['eta_clamp_rate']:.0%}")
+    if f"R.{task}" in m:
+        parts.append(f"score {m[f'R.{task}']:.1f}")
+    return f"[{record['task_index'] + 1}/{n_tasks}] {task} done: " + "; ".join(parts)
 
 
 def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict[str, float], *,
@@ -173,10 +204,15 @@ def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
-def sequence_metrics(R: np.ndarray) -> dict[str, float]:
-    """Final average, BWT and forgetting where the R matrix has what they need."""
+def sequence_metrics(R: np.ndarray, *, baseline: np.ndarray | None = None) -> dict[str, float]:
+    """Final average, BWT and forgetting where the R matrix has what they need; FWT when tasks were
+    also evaluated before they were trained (`eval.all_tasks`) against the untrained `baseline`."""
     out = {"final_average": continual.final_average(R)}
     if not np.isnan(np.diag(R)).any():
         out["bwt"] = continual.backward_transfer(R)
         out["forgetting"] = continual.forgetting(R)
+    n = R.shape[0]
+    above = [R[i - 1, i] for i in range(1, n)]
+    if n > 1 and baseline is not None and not np.isnan(above).any() and not np.isnan(baseline[1:]).any():
+        out["fwt"] = continual.forward_transfer(R, baseline)
     return out

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from dmea_dist.config import RunConfig, deepspeed_config
-from dmea_dist.data.formatting import collate, encode_task, iterate_batches
+from dmea_dist.data.formatting import BatchStream, collate, encode_task
+from dmea_dist.data.synthetic import fidelity
 from dmea_dist.evaluation.metrics import score_task
 from dmea_dist.method import expansion, selection
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
@@ -38,20 +39,26 @@ from dmea_dist.method.generation import (
     PseudoSamples,
     generate_answers,
     generate_pseudo_samples,
+    pseudo_sample_counts,
     write_pseudo_samples,
+    yield_warnings,
 )
 from dmea_dist.method.lifecycle import Stage
 from dmea_dist.method.policy import replay_tasks
 from dmea_dist.modeling.io import save_backbone, save_path_modules
-from dmea_dist.run import Run, Task
+from dmea_dist.run import Run, Task, build_policy
 
 EngineFactory = Callable[..., Any]  # (model, params) -> Engine (see method.adaptation)
 
 
 def deepspeed_engine_factory(config: RunConfig) -> Callable[..., Any]:
-    """(model, params) -> the DeepSpeed engine with the gradient-scaling step, as the config says."""
+    """(model, params) -> the DeepSpeed engine with the gradient-scaling step, as the config says.
+
+    Full fine-tuning (lamol, finetune) trains at `train.full_finetune_lr`, adapters at `train.lr`.
+    """
     t = config.train
-    ds_config = deepspeed_config(config.deepspeed, lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps,
+    lr = t.full_finetune_lr if build_policy(config).full_finetune else t.lr
+    ds_config = deepspeed_config(config.deepspeed, lr=lr, weight_decay=t.weight_decay, eps=t.adam_eps,
                                  grad_clip=t.grad_clip, micro_batch=t.batch_size)
     clamp = tuple(config.method.adaptation.eta_clamp)
 
@@ -85,7 +92,12 @@ class InProcessExecutor:
         self.similarity = np.full((n, n), np.nan)  # [new, earlier]: subspace similarity
         self.selected: dict[str, list[str]] = {}
         self.pseudo: dict[str, dict[str, list[dict]]] = {}  # new task -> earlier task -> rows
+        self.baseline = np.full(n, np.nan)  # scores before any training (forward transfer), eval.all_tasks
         self.records: dict[str, dict[str, Any]] = {}
+        special = run.formatter.special
+        self.special_ids = {special.ans, special.eos, special.pad, *special.tasks}
+        # the answer separator's loss weight (LAMOL/ACM): pseudo samples are unusable without it
+        self.token_weights = {special.ans: self.cfg.train.separator_weight}
 
     # ------------------------------------------------------------------ helpers
 
@@ -93,10 +105,10 @@ class InProcessExecutor:
     def cfg(self) -> RunConfig:
         return self.run.config
 
-    def _batches(self, examples, *, seed: int) -> list[tuple[dict, dict]]:
+    def _stream(self, examples, *, seed: str) -> BatchStream:
         qa, lm = examples
-        return list(iterate_batches(qa, lm, batch_size=self.cfg.train.batch_size,
-                                    pad_id=self.run.formatter.special.pad, seed=seed))
+        return BatchStream(qa, lm, batch_size=self.cfg.train.batch_size, pad_id=self.run.formatter.special.pad,
+                           seed=seed)
 
     def _path(self, task_id: str) -> list[int] | None:
         return None if self.run.policy.full_finetune else self.run.model.path_of(task_id)
@@ -117,7 +129,10 @@ class InProcessExecutor:
     def expand(self, task: Task) -> dict[str, Any]:
         model, policy = self.run.model, self.run.policy
         rec = self._record(task)
-        self.token_counts[task.task_id] = expansion.token_distribution(ex.input_ids for ex in task.train[0])
+        self.token_counts[task.task_id] = expansion.token_distribution((ex.input_ids for ex in task.train[0]),
+                                                                       exclude=self.special_ids)
+        if task.index == 0 and self.cfg.eval.all_tasks:
+            self._evaluate_baseline()
         if policy.full_finetune:
             return {"path": None, "new_modules": 0}
         earlier = [t.task_id for t in self.run.tasks[: task.index]]
@@ -146,14 +161,16 @@ class InProcessExecutor:
                 "candidate": i, "seed": int(overrides.get("seed", self.cfg.train.seed + i)),
                 "entropy_weight": float(overrides.get("entropy_weight", exp.entropy_weight)),
                 "init": expansion.initial_logits(old_modules=old, paths=model.paths, similarities=sims, beta=beta,
-                                                 init=self.run.policy.init, static_logit=exp.static_logit),
+                                                 init=self.run.policy.init, mix_ini=exp.mix_ini),
                 "params": {"beta": beta, **overrides},
             })
-        common = dict(train_batches=self._batches(task.train, seed=self.cfg.train.seed),
-                      val_batches=self._batches(task.val, seed=0), epochs=exp.epochs,
+        seed = f"{self.cfg.train.seed}:{task.index}"
+        common = dict(train=self._stream(task.train, seed=f"{seed}:search"),
+                      val_batches=self._stream(task.val, seed=f"{seed}:val").epoch(0), epochs=exp.epochs,
                       warmup_epochs=exp.warmup_epochs, lr=self.cfg.train.lr, coefficient_lr=exp.coefficient_lr,
-                      lm_lambda=self.cfg.train.lm_lambda, weight_decay=self.cfg.train.weight_decay,
-                      adam_eps=self.cfg.train.adam_eps, grad_clip=self.cfg.train.grad_clip)
+                      lm_lambda=self.cfg.train.lm_lambda, token_weights=self.token_weights,
+                      weight_decay=self.cfg.train.weight_decay, adam_eps=self.cfg.train.adam_eps,
+                      grad_clip=self.cfg.train.grad_clip)
         results = self.search_fn(model, jobs, common)
         best = expansion.pick_best(results)
         path = expansion.install_candidate(model, best)
@@ -201,28 +218,38 @@ class InProcessExecutor:
     # ---------------------------------------------------------------- GENERATE
 
     def generate(self, task: Task) -> dict[str, Any]:
-        policy, model = self.run.policy, self.run.model
+        policy, model, ad = self.run.policy, self.run.model, self.cfg.method.adaptation
         earlier = [t.task_id for t in self.run.tasks[: task.index]]
         transfer = self.selected.get(task.task_id, []) if policy.transfer else []
         replay = replay_tasks(policy=policy, new_path=self._path(task.task_id),
                               paths=model.paths, earlier=earlier)
         wanted = sorted(set(transfer) | set(replay), key=earlier.index)
-        n = math.ceil(self.cfg.method.adaptation.gamma * len(task.rows["train"]))
+        n = pseudo_sample_counts(ad.gamma, len(task.rows["train"]), len(wanted), budget=ad.pseudo_budget)
         self.pseudo[task.task_id] = {}
-        summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "malformed": {}}
+        summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "yield": {}, "fidelity": {},
+                   "warnings": []}
         requests = [{"task_id": old_id, "task_index": earlier.index(old_id), "path": self._path(old_id), "n": n,
                      "seed": self.cfg.train.seed + task.index} for old_id in wanted]
-        for out in self.generate_fn(model, requests) if requests else []:
+        rec = self._record(task)
+        for out in self.generate_fn(model, requests) if requests and n else []:
             self.pseudo[task.task_id][out.task_id] = out.rows
-            summary["pseudo_samples"][out.task_id] = len(out.rows)
-            summary["malformed"][out.task_id] = out.malformed
+            counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
+                      "kept": len(out.rows), "truncated": out.truncated}
+            summary["pseudo_samples"][out.task_id] = counts
+            summary["yield"][out.task_id] = out.yield_rate
+            faithful = fidelity(out.task_id, out.rows)
+            summary["fidelity"][out.task_id] = faithful
+            summary["warnings"] += yield_warnings(out, min_yield=ad.min_yield, new_task=task.task_id)
+            rec["metrics"].update({f"pseudo.{k}.{out.task_id}": float(v) for k, v in counts.items()})
+            rec["metrics"][f"pseudo.yield.{out.task_id}"] = out.yield_rate
+            if faithful is not None:
+                rec["metrics"][f"pseudo.fidelity.{out.task_id}"] = faithful
             if out.rows:
                 file = write_pseudo_samples(out.rows, self.task_dir(task) / "pseudo_samples" / f"{out.task_id}.parquet")
-                self._record(task)["artifacts"][f"pseudo_samples/{out.task_id}.parquet"] = str(file)
-        rec = self._record(task)
+                rec["artifacts"][f"pseudo_samples/{out.task_id}.parquet"] = str(file)
         rec["params"].update(transfer=transfer, replay=replay)
-        rec["metrics"].update({f"pseudo_samples.{k}": float(v) for k, v in summary["pseudo_samples"].items()})
-        rec["metrics"].update({f"malformed.{k}": float(v) for k, v in summary["malformed"].items()})
+        if summary["warnings"]:
+            rec["params"]["warnings"] = rec["params"].get("warnings", []) + summary["warnings"]
         return summary
 
     def _generate_in_process(self, model, requests: list[dict]) -> list[PseudoSamples]:
@@ -244,7 +271,9 @@ class InProcessExecutor:
         job = AdaptJob(sources=self._sources(task), trainable=self._path(task.task_id), epochs=epochs,
                        lm_lambda=cfg.train.lm_lambda, scale=policy.scaling, progress=cfg.method.adaptation.progress,
                        batch_size=cfg.train.batch_size, pad_id=self.run.formatter.special.pad,
-                       seed=cfg.train.seed + task.index, autocast=cfg.train.autocast)
+                       seed=cfg.train.seed + task.index, autocast=cfg.train.autocast,
+                       mixing="all" if policy.joint else cfg.method.adaptation.mixing,
+                       token_weights=self.token_weights)
         result = self.adapt_fn(self.run.model, job)
         if self.run.policy.selection == "subspace":  # only subspace selection reads the bases
             reps = self._representations(task)
@@ -253,9 +282,13 @@ class InProcessExecutor:
         rec["series"].update({f"loss.{k}": v for k, v in result.losses.items()})
         rec["series"].update({f"eta.{k}": v for k, v in result.etas.items()})
         rec["metrics"]["adapt_steps"] = float(result.steps)
+        clamp_rate = result.clamp_rate()
+        if clamp_rate is not None:
+            rec["metrics"]["eta_clamp_rate"] = clamp_rate
         final = {k: v[-1] for k, v in result.losses.items() if v}
         return {"steps": result.steps, "final_losses": final,
-                "mean_eta": {k: float(np.mean(v)) for k, v in result.etas.items()}}
+                "mean_eta": {k: float(np.mean(v)) for k, v in result.etas.items()},
+                "clamp_rate": clamp_rate}
 
     def _adapt_in_process(self, model, job: AdaptJob) -> AdaptResult:
         return run_adapt_job(model, job, engine_factory=self.engine_factory,
@@ -269,11 +302,13 @@ class InProcessExecutor:
         pseudo = self.pseudo.get(task.task_id, {})
         earlier = {t.task_id: t for t in self.run.tasks[: task.index]}
         encode = lambda old_id: encode_task(self.run.formatter, pseudo[old_id], task_index=earlier[old_id].index)  # noqa: E731
+        new_path = self._path(task.task_id)
+        replay = replay_tasks(policy=self.run.policy, new_path=new_path, paths=self.run.model.paths,
+                              earlier=list(earlier))
         for old_id in self.selected.get(task.task_id, []) if self.run.policy.transfer else []:
-            if pseudo.get(old_id):
-                sources.append((f"transfer:{old_id}", encode(old_id), self._path(task.task_id)))
-        replay = replay_tasks(policy=self.run.policy, new_path=self._path(task.task_id),
-                              paths=self.run.model.paths, earlier=list(earlier))
+            # a replayed task whose own path is the new path already trains exactly what transfer would
+            if pseudo.get(old_id) and not (old_id in replay and self._path(old_id) == new_path):
+                sources.append((f"transfer:{old_id}", encode(old_id), new_path))
         for old_id in replay:
             if pseudo.get(old_id):
                 sources.append((f"replay:{old_id}", encode(old_id), self._path(old_id)))
@@ -301,6 +336,17 @@ class InProcessExecutor:
         rec["metrics"].update({f"R.{t}": s["primary"] for t, s in row.items()})
         rec["metrics"].update({f"{k}.{t}": v for t, s in row.items() for k, v in s.items() if k != "primary"})
         return {"scores": {t: s["primary"] for t, s in row.items()}}
+
+    def _evaluate_baseline(self) -> None:
+        """Every task's score before any training (the frozen backbone alone): FWT's reference b_i."""
+        ev = self.cfg.eval
+        requests = [{"task_id": t.task_id, "rows": t.rows["test"][: ev.max_samples] if ev.max_samples
+                     else t.rows["test"], "path": None} for t in self.run.tasks]
+        for target, req, answers in zip(self.run.tasks, requests, self.answer_fn(self.run.model, requests),
+                                        strict=True):
+            self.baseline[target.index] = score_task(ev.metric, answers, [r["answer"] for r in req["rows"]])["primary"]
+        self._record(self.run.tasks[0])["params"]["baseline_scores"] = {
+            t.task_id: float(self.baseline[t.index]) for t in self.run.tasks}
 
     def _answer_in_process(self, model, requests: list[dict]) -> list[list[str]]:
         ev, out = self.cfg.eval, []

@@ -1,33 +1,47 @@
 """Adaptation: train the new task with knowledge transfer and pseudo-sample replay.
 
-Every optimizer step takes one sub-batch from each *source*:
+Sub-batch streams (`Source`), by key:
 
 * `new`: the new task's real data, through the new task's path (g_j);
 * `transfer:<task>`: pseudo samples of a selected similar task, through the
-  new task's path (knowledge transfer);
+  new task's path (knowledge transfer; added unscaled);
 * `replay:<task>`: pseudo samples of an earlier task, through that task's own
-  path (against forgetting of the modules it shares with the new path).
+  path (against forgetting of the modules it shares with the new path);
+  scaled by eta_i (dynamic gradient scaling) when the job scales;
+* a task id per task for multitask's joint training (no scaling).
 
-and hands them to an engine step (`Engine`: the DeepSpeed wrapper in
-dmea_dist.engine, or anything with the same contract), which combines the
-per-source gradients as `g_j + sum_i eta_i g_i` (dynamic gradient scaling) or
-plainly sums them. An epoch is one pass over the new task's batches; pseudo
-sources cycle. Progress `t` is the fractional epoch (or the fraction of
-training, by option).
+Every optimizer step takes the next batch of the first stream (the anchor:
+the new task, or the first task for multitask) and, by `mixing`:
+
+* `alternate` (default): one batch of one replayed task, round-robin over the
+  replay streams in an order reshuffled every round: ACM's order (one new-task
+  batch, then one batch of one replayed task), with the pair combined in one
+  engine step so that dynamic gradient scaling can compare them; and, when
+  there are transfer streams, one batch of one of them by a second rotation;
+* `all`: one batch of every other stream.
+
+Every stream is a `BatchStream`: it cycles through its examples reshuffled
+every epoch. An epoch is one pass over the anchor's batches; `t` of exp(-t)
+is the fractional epoch (or the fraction of training, by option). The engine
+(`Engine`: the DeepSpeed wrapper in dmea_dist.engine, or anything with the
+same contract) combines the sub-batch gradients as `g_j + sum_i eta_i g_i`.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from dmea_dist.data.formatting import Example, iterate_batches
+from dmea_dist.data.formatting import BatchStream, Example
 from dmea_dist.method.training import task_loss
+
+MIXINGS = ("alternate", "all")
 
 
 @dataclass
@@ -35,8 +49,13 @@ class Source:
     """The batches of one sub-batch stream and the path they run along."""
 
     key: str  # "new", "transfer:<task>", "replay:<task>", or a task id (multitask)
-    batches: Sequence[tuple[dict, dict]]  # (qa_batch, lm_batch) pairs
+    batches: BatchStream
     path: list[int] | None
+
+    @property
+    def scaled(self) -> bool:
+        """Only replay streams are scaled; transfer streams count as new-task data."""
+        return self.key.startswith("replay:")
 
 
 class Engine(Protocol):
@@ -45,48 +64,90 @@ class Engine(Protocol):
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def step(self, sub_batches: Sequence[tuple[str, Callable[[], Any]]], *, progress: float,
-             scale: bool) -> Any: ...
+             scale: bool, unscaled: Collection[str] = ()) -> Any: ...
 
 
 @dataclass
 class AdaptResult:
     steps: int
-    losses: dict[str, list[float]] = field(default_factory=dict)  # per source key, per step
-    etas: dict[str, list[float]] = field(default_factory=dict)  # per scaled source key, per step
+    losses: dict[str, list[float]] = field(default_factory=dict)  # per source key, per step it was in
+    etas: dict[str, list[float]] = field(default_factory=dict)  # per scaled source key, per step it was in
+    clamp_hits: dict[str, int] = field(default_factory=dict)  # per scaled key: steps whose eta hit the clamp
+
+    def clamp_rate(self) -> float | None:
+        """Share of all scaled (step, replayed task) pairs whose eta sat at a clamp bound."""
+        total = sum(len(v) for v in self.etas.values())
+        return sum(self.clamp_hits.values()) / total if total else None
 
 
-def _loss(engine, qa: dict, lm: dict, *, path, lm_lambda: float, autocast: str) -> torch.Tensor:
+def _loss(engine, qa: dict, lm: dict, *, path, lm_lambda: float, autocast: str,
+          token_weights: Mapping[int, float] | None) -> torch.Tensor:
     device = qa["input_ids"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        return task_loss(engine, qa, lm, path=path, lm_lambda=lm_lambda).float()
+        return task_loss(engine, qa, lm, path=path, lm_lambda=lm_lambda, token_weights=token_weights).float()
+
+
+def step_plan(keys: Sequence[str], total: int, *, mixing: str, seed: int | str) -> list[list[str]]:
+    """The streams of every step: the anchor (keys[0]) and the others by `mixing` (module docstring).
+
+    `alternate` keeps two rotations, one over the replay streams and one over
+    the transfer streams (and any other keys), and takes the next of each per
+    step: a replayed task gets the share of steps ACM gives it whether or not
+    transfer streams exist.
+    """
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing {mixing!r} unknown; choose one of {list(MIXINGS)}")
+    anchor, others = keys[0], list(keys[1:])
+    if mixing == "all" or not others:
+        return [[anchor, *others] for _ in range(total)]
+    rotations = [[k for k in others if k.startswith("replay:")], [k for k in others if not k.startswith("replay:")]]
+    rotations = [r for r in rotations if r]
+    queues: list[list[str]] = [[] for _ in rotations]
+    plan = []
+    for step in range(total):
+        row = [anchor]
+        for r, (keys_r, queue) in enumerate(zip(rotations, queues, strict=True)):
+            if not queue:  # a new round over this rotation, in a freshly shuffled order
+                queue.extend(keys_r)
+                random.Random(f"{seed}:round:{r}:{step}").shuffle(queue)
+            row.append(queue.pop(0))
+        plan.append(row)
+    return plan
 
 
 def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda: float,
-          scale: bool, progress: str = "epochs", autocast: str = "none",
+          scale: bool, progress: str = "epochs", autocast: str = "none", mixing: str = "alternate",
+          token_weights: Mapping[int, float] | None = None, seed: int | str = 0,
           on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
     """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask)."""
-    if not sources or not sources[0].batches:
+    if not sources or not len(sources[0].batches):
         raise ValueError("adaptation needs the new task's batches; its training split is empty")
     if progress not in ("epochs", "fraction"):
         raise ValueError(f"progress {progress!r} unknown; choose epochs or fraction")
-    live = [s for s in sources if s.batches]
-    per_epoch = len(live[0].batches)
+    live = {s.key: s for s in sources if len(s.batches)}
+    per_epoch = len(sources[0].batches)
     total = max(1, round(epochs * per_epoch))
     result = AdaptResult(steps=total)
+    unscaled = [k for k, s in live.items() if not s.scaled and k != sources[0].key]
+    used = dict.fromkeys(live, 0)  # batches taken so far from each stream
     engine.module.train()
     device = next(engine.module.parameters()).device  # batches are built on the CPU
-    for step in range(total):
+    for step, keys in enumerate(step_plan(list(live), total, mixing=mixing, seed=seed)):
         t = step / per_epoch if progress == "epochs" else step / total
         sub_batches = []
-        for src in live:
-            qa, lm = (_to(b, device) for b in src.batches[step % len(src.batches)])
-            sub_batches.append((src.key, functools.partial(_loss, engine, qa, lm, path=src.path,
-                                                           lm_lambda=lm_lambda, autocast=autocast)))
-        stats = engine.step(sub_batches, progress=t, scale=scale)
+        for key in keys:
+            qa, lm = (_to(b, device) for b in live[key].batches.batch(used[key]))
+            used[key] += 1
+            sub_batches.append((key, functools.partial(_loss, engine, qa, lm, path=live[key].path,
+                                                       lm_lambda=lm_lambda, autocast=autocast,
+                                                       token_weights=token_weights)))
+        stats = engine.step(sub_batches, progress=t, scale=scale, unscaled=[k for k in keys if k in unscaled])
         for key, loss in getattr(stats, "losses", {}).items():
             result.losses.setdefault(key, []).append(float(loss))
         for key, eta in getattr(stats, "etas", {}).items():
             result.etas.setdefault(key, []).append(float(eta))
+        for key, hit in getattr(stats, "clamped", {}).items():
+            result.clamp_hits[key] = result.clamp_hits.get(key, 0) + bool(hit)
         if on_step is not None:
             on_step(step + 1, total)
     return result
@@ -115,6 +176,8 @@ class AdaptJob:
     pad_id: int
     seed: int
     autocast: str = "none"  # "bf16": forward/backward under bf16 autocast (fp32 weights and gradients)
+    mixing: str = "alternate"  # how streams share the steps (module docstring)
+    token_weights: dict[int, float] | None = None  # loss weight per target token (the answer separator)
 
 
 def set_trainable(model, trainable: list[int] | None) -> list[torch.nn.Parameter]:
@@ -166,11 +229,12 @@ def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tupl
 def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step, isolate: bool) -> AdaptResult:
     try:
         engine = engine_factory(target, params)
-        sources = [Source(key, list(iterate_batches(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
-                                                    seed=job.seed, shard=shard)), path)
+        sources = [Source(key, BatchStream(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
+                                           seed=f"{job.seed}:{key}", shard=shard), path)
                    for key, (qa, lm), path in job.sources]
         result = adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
-                       progress=job.progress, autocast=job.autocast, on_step=on_step)
+                       progress=job.progress, autocast=job.autocast, mixing=job.mixing,
+                       token_weights=job.token_weights, seed=job.seed, on_step=on_step)
         if isolate:
             state = engine.trainable_state_dict()  # a collective at ZeRO-3: every rank gets here
             missing = set(state) - {n for n, _ in model.named_parameters()}

@@ -4,14 +4,20 @@ For a new task, one fresh module is added to every layer and each layer gets
 learnable logits over its candidates; the sublayer outputs mix the candidates
 by softmax of the logits. The logits start from *task similarity*
 (`initial_logits`): the cosine similarity of token-frequency distributions
-between the new task and each earlier task; an old module scores the best
-similarity among the tasks whose path uses it, and the new module starts at
-minus the best old score, all scaled by `beta`. (ACM's static initialisation
-gives old modules a fixed logit and the new one 0.)
+between the new task and each earlier task (special tokens left out: every
+task has them); an old module scores the best similarity among the tasks
+whose path uses it, and the new module starts at minus the best old score,
+all scaled by `beta`. ACM's static initialisation gives old modules +mix_ini
+and the new one -mix_ini.
 
-Only the new modules and the logits train, on the new task's data, logits
-frozen for a warm-up part, with an entropy penalty that sharpens each layer's
-choice. Then each layer keeps its argmax; unchosen new modules are dropped.
+Only the new modules and the logits train, on the new task's data, in one
+AdamW at the adapters' learning rate, logits frozen for a warm-up part (ACM's
+schedule), with an entropy penalty that sharpens each layer's choice. Then
+each layer keeps its argmax; unchosen new modules are dropped. The learning
+rate is what lets the initialisation matter: Adam moves a logit by about `lr`
+per step, so the search can close a gap of about 2 * lr * (trainable steps);
+a rate that moves the logits much further forgets where they started, and
+similarity and static initialisation end in the same place.
 
 `search_candidate` is a pure function of its inputs and mutates only the model
 it is given (callers pass a copy), so candidates with different scales,
@@ -23,19 +29,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from dmea_dist.data.formatting import BatchStream
 from dmea_dist.method.training import evaluate_loss, make_optimizer, task_loss
 
 
-def token_distribution(token_lists: Iterable[Sequence[int]]) -> Counter:
-    """Token counts of a task's training inputs (a sparse frequency distribution)."""
+def token_distribution(token_lists: Iterable[Sequence[int]], *, exclude: Collection[int] = ()) -> Counter:
+    """Token counts of a task's training samples (a sparse frequency distribution), `exclude` left out."""
     counts: Counter = Counter()
     for ids in token_lists:
         counts.update(ids)
+    for token in exclude:
+        counts.pop(token, None)
     return counts
 
 
@@ -49,12 +58,12 @@ def cosine_similarity(a: Mapping[int, float], b: Mapping[int, float]) -> float:
 
 def initial_logits(*, old_modules: Sequence[Sequence[int]], paths: Mapping[str, Sequence[int]],
                    similarities: Mapping[str, float], beta: float, init: str = "similarity",
-                   static_logit: float = 1.0) -> list[torch.Tensor]:
+                   mix_ini: float = 0.15) -> list[torch.Tensor]:
     """Per layer, logits over `old_modules[l] + [new]` (new last)."""
     logits = []
     for layer, ids in enumerate(old_modules):
         if init == "static":
-            values = [static_logit] * len(ids) + [0.0]
+            values = [mix_ini] * len(ids) + [-mix_ini]
         elif init == "similarity":
             scores = [
                 max((similarities.get(t, 0.0) for t, p in paths.items() if p[layer] == m), default=0.0)
@@ -94,37 +103,43 @@ class CandidateResult:
         return len(self.new_layers)
 
 
-def search_candidate(model, *, candidate: int, train_batches: Sequence, val_batches: Sequence,
+def search_candidate(model, *, candidate: int, train: BatchStream, val_batches: Sequence,
                      init: Sequence[torch.Tensor], epochs: float, warmup_epochs: float,
-                     entropy_weight: float, lr: float, coefficient_lr: float, lm_lambda: float,
-                     weight_decay: float = 0.01, adam_eps: float = 1e-6, grad_clip: float = 1.0,
-                     seed: int = 0, params: Mapping[str, float] | None = None) -> CandidateResult:
-    """Search one candidate architecture on `model` (mutated: pass a copy)."""
+                     entropy_weight: float, lr: float, coefficient_lr: float | None, lm_lambda: float,
+                     token_weights: Mapping[int, float] | None = None, weight_decay: float = 0.01,
+                     adam_eps: float = 1e-6, grad_clip: float = 1.0, seed: int = 0,
+                     params: Mapping[str, float] | None = None) -> CandidateResult:
+    """Search one candidate architecture on `model` (mutated: pass a copy).
+
+    coefficient_lr: None trains the logits at `lr`, in the adapters' optimizer (ACM).
+    """
     torch.manual_seed(seed)
     old = [model.module_ids(layer) for layer in range(model.n_layers)]
     new_ids = model.add_module(generator=torch.Generator().manual_seed(seed))
     candidates = [ids + [n] for ids, n in zip(old, new_ids, strict=True)]
-    logits = [torch.nn.Parameter(x.clone()) for x in init]
+    logits = [torch.nn.Parameter(x.clone(), requires_grad=False) for x in init]  # frozen for the warm-up
     new_path = list(new_ids)
     model.set_trainable(new_path)
-    optimizer = make_optimizer(model.trainable_parameters(new_path), lr=lr, weight_decay=weight_decay, eps=adam_eps)
-    coef_optimizer = torch.optim.Adam(logits, lr=coefficient_lr)
+    coefficients = {"params": logits, "weight_decay": 0.0, "lr": lr if coefficient_lr is None else coefficient_lr}
+    optimizer = make_optimizer(model.trainable_parameters(new_path), lr=lr, weight_decay=weight_decay, eps=adam_eps,
+                               extra_groups=[coefficients])
 
-    total_steps = max(1, round(epochs * len(train_batches)))
-    warmup_steps = round(warmup_epochs * len(train_batches))
+    total_steps = max(1, round(epochs * len(train)))
+    warmup_steps = round(warmup_epochs * len(train))
     model.train()
     with model.mixing(candidates, logits):
         for step in range(total_steps):
-            qa, lm = train_batches[step % len(train_batches)]
-            loss = task_loss(model, qa, lm, path=None, lm_lambda=lm_lambda)
-            loss = loss + entropy_weight * mixing_entropy(logits)
+            if step == warmup_steps:
+                for x in logits:
+                    x.requires_grad_(True)
+            qa, lm = train.batch(step)
+            loss = task_loss(model, qa, lm, path=None, lm_lambda=lm_lambda, token_weights=token_weights)
+            if step >= warmup_steps:
+                loss = loss + entropy_weight * mixing_entropy(logits)
             optimizer.zero_grad(set_to_none=True)
-            coef_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.trainable_parameters(new_path), grad_clip)
-            optimizer.step()
-            if step >= warmup_steps:  # coefficients frozen during warm-up
-                coef_optimizer.step()
+            optimizer.step()  # a logit without a gradient (warm-up) is skipped by AdamW
 
     path = [ids[int(torch.argmax(x))] for ids, x in zip(candidates, logits, strict=True)]
     new_layers = [layer for layer, m in enumerate(path) if m == new_ids[layer]]
@@ -132,7 +147,7 @@ def search_candidate(model, *, candidate: int, train_batches: Sequence, val_batc
         if layer not in new_layers:
             model.drop_modules(layer, [new])
     model.set_trainable(None)
-    val_loss = evaluate_loss(model, val_batches, path=path, lm_lambda=lm_lambda)
+    val_loss = evaluate_loss(model, val_batches, path=path, lm_lambda=lm_lambda, token_weights=token_weights)
     return CandidateResult(
         candidate=candidate, path=path, new_layers=new_layers, val_loss=val_loss,
         logits=[x.detach().tolist() for x in logits], params=dict(params or {}),

@@ -55,8 +55,10 @@ def test_initial_logits_follow_the_design():
     assert logits[0].tolist() == pytest.approx([2 * 0.6, 2 * 0.9, -2 * 0.9])
     assert logits[1].tolist() == pytest.approx([2 * 0.9, -2 * 0.9])
     static = initial_logits(old_modules=[[0, 1], [0]], paths=paths, similarities=sims, beta=2.0,
-                            init="static", static_logit=1.5)
-    assert static[0].tolist() == [1.5, 1.5, 0.0]
+                            init="static", mix_ini=0.15)
+    # ACM: old modules +mix_ini, the new one -mix_ini, whatever the similarities
+    assert static[0].tolist() == pytest.approx([0.15, 0.15, -0.15])
+    assert static[1].tolist() == pytest.approx([0.15, -0.15])
 
 
 def test_mixing_entropy_matches_reference():

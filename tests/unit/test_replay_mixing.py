@@ -1,0 +1,81 @@
+"""How adaptation mixes streams: step plans (ACM's alternation), pseudo-sample budgets, batch streams, warnings."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from dmea_dist.data.formatting import BatchStream, Example
+from dmea_dist.method.adaptation import step_plan
+from dmea_dist.method.generation import PseudoSamples, pseudo_sample_counts, yield_warnings
+
+
+def test_alternate_takes_one_replay_batch_per_step_round_robin():
+    keys = ["new", "replay:a", "replay:b", "replay:c"]
+    plan = step_plan(keys, 30, mixing="alternate", seed=0)
+    assert all(row[0] == "new" and len(row) == 2 for row in plan)
+    # every round of three steps visits each replayed task once (ACM: equal shares)
+    for start in range(0, 30, 3):
+        assert sorted(row[1] for row in plan[start:start + 3]) == ["replay:a", "replay:b", "replay:c"]
+    orders = {tuple(row[1] for row in plan[s:s + 3]) for s in range(0, 30, 3)}
+    assert len(orders) > 1, "the order is reshuffled every round"
+    assert plan == step_plan(keys, 30, mixing="alternate", seed=0)
+    assert plan != step_plan(keys, 30, mixing="alternate", seed=1)
+
+
+def test_transfer_streams_rotate_beside_replay_not_instead_of_it():
+    keys = ["new", "transfer:x", "replay:a", "replay:b"]
+    plan = step_plan(keys, 20, mixing="alternate", seed=0)
+    assert all(len(row) == 3 and row[0] == "new" for row in plan)
+    counts = Counter(k for row in plan for k in row[1:])
+    assert counts == {"replay:a": 10, "replay:b": 10, "transfer:x": 20}
+
+
+def test_all_takes_every_stream_every_step():
+    keys = ["new", "transfer:x", "replay:a"]
+    assert step_plan(keys, 4, mixing="all", seed=0) == [keys] * 4
+    assert step_plan(["new"], 3, mixing="alternate", seed=0) == [["new"]] * 3
+    with pytest.raises(ValueError, match="mixing"):
+        step_plan(keys, 1, mixing="interleave", seed=0)
+
+
+def test_pseudo_sample_budget_is_gamma_n_in_total_by_default():
+    # LAMOL/ACM: ceil(0.2 * 400) = 80 in all, split over the old tasks
+    assert pseudo_sample_counts(0.2, 400, 4) == 20
+    assert pseudo_sample_counts(0.2, 400, 3) == 26
+    assert pseudo_sample_counts(0.2, 400, 3, budget="per_task") == 80
+    assert pseudo_sample_counts(0.2, 10, 5) == 1  # at least one each
+    assert pseudo_sample_counts(0.0, 400, 3) == 0 and pseudo_sample_counts(0.2, 400, 0) == 0
+
+
+def test_shortfalls_and_low_yield_are_said():
+    ok = PseudoSamples("t", rows=[{}] * 10, malformed=0, generated=10, requested=10)
+    assert yield_warnings(ok, min_yield=0.9, new_task="n") == []
+    low = PseudoSamples("t", rows=[{}] * 10, malformed=5, generated=15, requested=10)
+    (msg,) = yield_warnings(low, min_yield=0.9, new_task="n")
+    assert "10 of 15" in msg and "min_yield" in msg
+    short = PseudoSamples("t", rows=[{}] * 4, malformed=20, generated=24, requested=10)
+    assert any("4 of 10 requested" in m for m in yield_warnings(short, min_yield=0.9, new_task="n"))
+    none = PseudoSamples("t", rows=[], malformed=24, generated=24, requested=10)
+    assert any("neither replayed nor transferred" in m for m in yield_warnings(none, min_yield=0.9, new_task="n"))
+
+
+def _examples(n):
+    return [Example([i, i + 1], [i, i + 1]) for i in range(n)]
+
+
+def test_batch_stream_reshuffles_every_epoch_and_is_a_pure_function_of_k():
+    qa = _examples(12)
+    stream = BatchStream(qa, qa, batch_size=4, pad_id=0, seed="s")
+    assert len(stream) == 3
+    first = [stream.batch(k)[0]["input_ids"][:, 0].tolist() for k in range(3)]
+    second = [stream.batch(k)[0]["input_ids"][:, 0].tolist() for k in range(3, 6)]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(12))  # each epoch sees all
+    assert first != second  # in another order
+    again = BatchStream(qa, qa, batch_size=4, pad_id=0, seed="s")
+    assert torch.equal(again.batch(4)[0]["input_ids"], stream.batch(4)[0]["input_ids"])
+    shards = [BatchStream(qa, qa, batch_size=2, pad_id=0, seed="s", shard=(r, 2)) for r in range(2)]
+    seen = [i for s in shards for k in range(len(s)) for i in s.batch(k)[0]["input_ids"][:, 0].tolist()]
+    assert sorted(seen) == list(range(12))
