@@ -146,18 +146,23 @@ def pretraining_ids(tokenizer, pairs: list[tuple[str, str]], *, fmt: str) -> lis
 def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
     """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk.
 
-    The BPE covers the run's text and the pretraining text (as GPT-2's BPE
-    covers English); the backbone's weights only ever see the pretraining text.
-    Rows of tokens pretraining never saw (generation tokens, words only the run
-    uses) are drawn from the trained rows' statistics, like tokens added to a
-    downloaded checkpoint.
+    The BPE covers the pretraining text and the run's text, as GPT-2's BPE
+    covers English (a BPE of the synthetic text alone splits E2E and laptop
+    samples into 110-130 tokens, past the context). The backbone's weights
+    learn from the pretraining text only. Rows of tokens it never saw are
+    drawn from the trained rows' statistics, like tokens added to a
+    downloaded checkpoint: the generation tokens, the separator when
+    pretraining did not use it, and words only the run's text uses (else a
+    frozen tied head could hardly ever emit them). Byte tokens no text uses
+    keep their tiny initial rows: drawn like the others, a sampler emits them
+    (seen: garbage bytes in 20% of E2E pseudo samples).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
                "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
-               "max_tasks": config.model.max_tasks, "version": 3}
+               "max_tasks": config.model.max_tasks, "version": 4}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"backbone-{key}"
     if (cache / "model.safetensors").is_file():
@@ -180,8 +185,10 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
             raise ConfigError(f"tiny backbone pretraining diverged (loss {losses[-1]}) at "
                               f"model.tiny.pretrain.lr={pre.lr}; lower model.tiny.pretrain.lr")
         backbone.config.dmea_pretrain_loss = [losses[0], losses[-1]]
-        seen = {i for seq in ids for i in seq} | {tokenizer.eos_token_id}
-        reserve_rows(backbone, [i for i in range(len(tokenizer)) if i not in seen], seed=config.train.seed)
+        seen = {i for seq in ids for i in seq}
+        run_only = {i for seq in tokenizer(run_text, add_special_tokens=False)["input_ids"] for i in seq} - seen
+        special = SpecialTokenIds.from_tokenizer(tokenizer)
+        reserve_rows(backbone, sorted(run_only | set(special.tasks) | ({special.ans} - seen)), seed=config.train.seed)
     cache.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(cache)
     backbone.save_pretrained(cache)

@@ -78,7 +78,7 @@ def yield_warnings(out: PseudoSamples, *, min_yield: float, new_task: str) -> li
     warnings = []
     if out.generated and out.yield_rate < min_yield:
         warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): only {out.well_formed} of "
-                        f"{out.generated} generated were well formed ({out.yield_rate:.0%}, below "
+                        f"{out.generated} generated were well formed ({out.yield_rate:.1%}, below "
                         f"method.adaptation.min_yield={min_yield:.0%})")
     if not out.rows and out.requested:
         warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): none usable of "

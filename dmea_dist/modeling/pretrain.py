@@ -83,11 +83,12 @@ def pretrain_lm(backbone, token_lists: Sequence[Sequence[int]], *, steps: int, l
 def reserve_rows(backbone, token_ids: Sequence[int], *, seed: int = 0) -> None:
     """Re-draw the embedding rows of `token_ids` as `mean + std * z` of the other rows.
 
-    For tokens pretraining never saw (the generation tokens, words only the
-    run's tasks use): their rows keep the tiny initial scale while trained
-    rows grow, and with a frozen, tied LM head such a token could hardly ever
-    be predicted. Drawing them from the trained rows' statistics treats them
-    exactly like tokens added to a downloaded checkpoint (`grow_vocabulary`).
+    For tokens pretraining never saw (the generation tokens, the separator
+    with `format: plain`, words only the run's text uses): their rows keep the tiny initial scale
+    while trained rows grow, and with a frozen, tied LM head such a token could
+    hardly ever be predicted. Drawing them from the trained rows' statistics
+    treats them exactly like tokens added to a downloaded checkpoint
+    (`grow_vocabulary`).
     """
     weight = backbone.get_input_embeddings().weight
     if not token_ids:

@@ -66,19 +66,37 @@ def test_expansion_reuses_more_modules_for_the_related_task(quickstart):
     assert history(result, A, "expand")["new_modules"] == 4  # first task: a module in every layer
 
 
-def test_pseudo_samples_and_gradient_scaling_were_used(quickstart):
-    _, result, _, _ = quickstart
+def test_pseudo_samples_are_usable_and_faithful(quickstart):
+    """Yield and fidelity floors that fail when the separator weight or the format pretraining is switched
+    off (measured before them: 6% of samples well formed, fidelity 0%)."""
+    _, result, _, printed = quickstart
     gen = history(result, B, "generate")
-    assert A in gen["replay"] and sum(gen["pseudo_samples"].values()) > 0
-    adapt = history(result, B, "adapt")
-    assert any(k.startswith("replay:") for k in adapt["final_losses"])
-    assert adapt["mean_eta"] and all(0.1 <= v <= 10 for v in adapt["mean_eta"].values())
-    parquet = list(result.run_dir.glob("tasks/*/pseudo_samples/*.parquet"))
-    assert parquet
+    assert A in gen["replay"] and UNRELATED in gen["replay"]
+    for task in (A, UNRELATED):
+        counts = gen["pseudo_samples"][task]
+        assert counts["kept"] == counts["requested"] > 0, counts  # not replayed short
+        assert gen["yield"][task] >= 0.85, gen["yield"]
+    for stage in (history(result, UNRELATED, "generate"), gen):
+        assert stage["fidelity"][A] >= 0.4, stage["fidelity"]  # answers realise their own sampled inputs
+    assert "yield" in printed and "fidelity" in printed  # shown per task in the run output
     import pyarrow.parquet as pq
 
+    parquet = list(result.run_dir.glob("tasks/*/pseudo_samples/*.parquet"))
+    assert parquet
     table = pq.read_table(parquet[0])
     assert table.schema.field("answer").type.value_type.equals(table.schema.field("context").type)
+
+
+def test_replay_is_scaled_inside_the_clamp(quickstart):
+    """eta compares matched gradients: with whole-vector norms it sat at the clamp (mean 9.28 of 10)."""
+    _, result, _, printed = quickstart
+    adapts = [history(result, t, "adapt") for t in (UNRELATED, B)]
+    assert all(a["mean_eta"] for a in adapts)
+    assert not any(k.startswith("transfer:") for a in adapts for k in a["mean_eta"])  # only replay is scaled
+    rates = [a["clamp_rate"] for a in adapts]
+    assert max(rates) <= 0.25, rates
+    assert all(0.1 < v < 10 for a in adapts for v in a["mean_eta"].values())
+    assert "eta at clamp" in printed
 
 
 def test_mlflow_holds_parent_nested_runs_and_artifacts(quickstart, tmp_path):
