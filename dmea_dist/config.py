@@ -8,6 +8,15 @@ into frozen dataclasses; every value is checked where it is defined:
 * a wrong type fails with the expected type;
 * an out-of-range value fails with the accepted range or choices.
 
+Numbers are read as YAML 1.2 reads them: PyYAML follows YAML 1.1, where `1e-4`,
+`5e-5` and `1e6` (no dot, or no exponent sign) are strings. Our typed fields
+could convert them where they are used, but the pass-through `deepspeed:`
+section has no types, so such a string reached DeepSpeed's optimizer and failed
+at the first adaptation. The loader therefore resolves them as floats, for the
+whole file and for `--set` values alike; a number written in quotes ("1e-4")
+stays a string and the `deepspeed:` section refuses it by its dotted key (a
+quoted number there is a mistake, never a DeepSpeed string setting).
+
 Each dataclass documents its fields; the defaults are the ones in
 DESIGN.md section 1. Functions elsewhere take plain keyword arguments, so only
 the entry points read this module. The DeepSpeed section is passed through as
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +39,23 @@ import yaml
 from dmea_dist.errors import ConfigError
 
 METHODS = ("dmea", "acm", "lamol", "finetune", "adapter", "multitask")
+
+# YAML 1.2 floats with an exponent that YAML 1.1 (PyYAML) leaves as strings: 1e-4, 5e-5, 1e6, 1.0e4, .5e3
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+# a string that is only a number (decimal or exponent form): in `deepspeed:` it was meant as one
+_NUMBER_TEXT = re.compile(r"^\s*[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?\s*$")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """yaml.safe_load with YAML 1.2's exponent floats (module docstring)."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse config YAML (a file or a `--set` value) with YAML 1.2 numbers."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: plain data only, never objects
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,7 @@ class TinyModelConfig:
     def __post_init__(self):
         _check_range("model.tiny.n_layer", self.n_layer, 1, 96)
         _check_range("model.tiny.n_embd", self.n_embd, 8, 8192)
+        _check_range("model.tiny.n_head", self.n_head, 1, 1024)
         _check_range("model.tiny.n_positions", self.n_positions, 16, 8192)
         _check_range("model.tiny.vocab_size", self.vocab_size, 300, 200_000)
         if self.n_embd % self.n_head:
@@ -89,7 +117,7 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     bottleneck: int | None = None  # adapter width; None = d_model // 16
     max_tasks: int = 128  # generation tokens reserved up front (no embedding resize mid-run)
-    max_length: int = 128  # tokens per training example; longer ones are truncated keeping the answer
+    max_length: int = 128  # tokens per training example (at most the model's positions); see data.overlength
 
     def __post_init__(self):
         if self.bottleneck is not None:
@@ -110,6 +138,10 @@ class DataConfig:
     max_train_samples: int | None = None  # cap per task, for quick runs
     max_eval_samples: int | None = None  # cap on validation/test rows per task
     train_references: Literal["first", "all"] = "first"  # which references become training examples
+    # examples longer than model.max_length: "error" refuses the run before any training (naming the task,
+    # split and row); "truncate" cuts the input from its end (the answer kept) and warns once per task with
+    # the count, and how many distinct inputs became one prompt (the model can no longer tell them apart)
+    overlength: Literal["error", "truncate"] = "error"
 
     def __post_init__(self):
         if not self.tasks:
@@ -151,6 +183,8 @@ class TrainConfig:
         _check_range("train.lm_lambda", self.lm_lambda, 0.0, 10.0)
         _check_range("train.first_task_epochs", self.first_task_epochs, 0.01, 1000.0)
         _check_range("train.grad_clip", self.grad_clip, 0.0, 1e6)
+        _check_range("train.adam_eps", self.adam_eps, 0.0, 1.0)
+        _check_range("train.weight_decay", self.weight_decay, 0.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -228,6 +262,7 @@ class AdaptationConfig:
         _check_range("method.adaptation.epochs", self.epochs, 0.0, 1000.0)
         _check_range("method.adaptation.gamma", self.gamma, 0.0, 100.0)
         _check_range("method.adaptation.min_yield", self.min_yield, 0.0, 1.0)
+        _check_range("method.adaptation.top_k_sampling", self.top_k_sampling, 1, 10**6)
         if len(self.eta_clamp) != 2 or not 0 < self.eta_clamp[0] <= self.eta_clamp[1]:
             raise ConfigError(f"method.adaptation.eta_clamp={self.eta_clamp} must be [low, high] with 0 < low <= high")
 
@@ -252,6 +287,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check_range("eval.max_new_tokens", self.max_new_tokens, 1, 4096)
+        _check_range("eval.top_k", self.top_k, 1, 10**6)
+        _check_range("eval.batch_size", self.batch_size, 1, 65536)
         if self.max_samples is not None:
             _check_range("eval.max_samples", self.max_samples, 1, 10**9)
 
@@ -280,6 +317,8 @@ class RayConfig:
     adapt_on: Literal["ray_train", "coordinator"] = "ray_train"  # coordinator: skip Ray Train's start-up
 
     def __post_init__(self):
+        if self.num_cpus is not None:
+            _check_range("ray.num_cpus", self.num_cpus, 1, 100_000)
         for key in ("num_search_workers", "num_generation_actors", "num_train_workers"):
             _check_range(f"ray.{key}", getattr(self, key), 1, 10_000)
         for key in ("search_cpus", "generation_cpus", "train_cpus"):
@@ -301,6 +340,9 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed's own config, merged over defaults
 
+    def __post_init__(self):
+        _refuse_quoted_numbers(self.deepspeed, "deepspeed")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -314,7 +356,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; see configs/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 (byte offset {err.start}); save the config as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
@@ -345,7 +389,7 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> 
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text)
+        node[parts[-1]] = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
 
@@ -407,18 +451,37 @@ def _coerce(tp: Any, value: Any, *, key: str, source: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+    if tp is float and isinstance(value, str):  # a quoted number, or a dict built without parse_yaml
         try:
             return float(value)
         except ValueError:
             pass
+    if tp is int and isinstance(value, float) and value.is_integer():  # steps: 1e4 (YAML 1.2 reads a float)
+        return int(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
+def _refuse_quoted_numbers(node: Any, key: str) -> None:
+    """A string that is only a number, in the untyped `deepspeed:` section, fails here by its dotted key.
+
+    DeepSpeed would get `"1e-4"` and fail only at the first adaptation, after
+    the backbone and the first task's search (module docstring).
+    """
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _refuse_quoted_numbers(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_quoted_numbers(value, f"{key}[{i}]")
+    elif isinstance(node, str) and _NUMBER_TEXT.match(node):
+        raise ConfigError(f"{key}={node!r} is a string, DeepSpeed needs a number; write it without quotes "
+                          f"({key.rsplit('.', 1)[-1]}: {node.strip()})")
+
+
 def _check_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
+    if not low <= value <= high:  # also refuses NaN (every comparison with NaN is False)
         raise ConfigError(f"{key}={value} is out of range; accepted: {low} <= {key.split('.')[-1]} <= {high}")
 
 

@@ -16,3 +16,7 @@ class ConfigError(DmeaError, ValueError):
 
 class DataError(DmeaError, ValueError):
     """Invalid task data: missing file, malformed row, empty split, unknown task."""
+
+
+class DataWarning(UserWarning):
+    """Data accepted with a caveat the user should know (e.g. inputs truncated to fit the model)."""

@@ -1,7 +1,7 @@
 """Loaders for the real data-to-text corpora: RNNLG (four domains) and E2E.
 
 Both are read in their original release formats from a data root (config key
-`data.root`, env `DMEA_DATA_ROOT`; see ../shared/data/README.md) and become the
+`data.root`, `--data-root` for `dmea data`; see ../shared/data/README.md) and become the
 standard task DatasetDict (`user_tasks.TASK_FEATURES`): the context is the
 meaning representation exactly as in the file, the question is "", and the
 answer holds the references of that input.
@@ -19,6 +19,9 @@ Key decisions:
   the split is the same on every machine. Test is `testset_w_refs.csv`.
 - Parsed files are cached per process, keyed by (path, mtime, size), so the
   many `load_task` calls of a long run parse each file once.
+- The data root comes from the config (or the command line) only, no
+  environment variable: `dmea run` reads `data.root`, so an error that advised
+  an env var would send the user to a setting the command ignores.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 from datasets import DatasetDict
 
-from dmea_dist.data.user_tasks import Sample, to_dataset_dict
+from dmea_dist.data.user_tasks import Sample, read_utf8, to_dataset_dict
 from dmea_dist.errors import DataError
 
-DATA_ROOT_ENV = "DMEA_DATA_ROOT"
+# how to point a command at the corpora, said in every data-root error
+ROOT_HELP = ("set data.root in the config (or --set data.root=DIR; --data-root DIR for `dmea data`) to the "
+             "folder holding rnnlg/ and e2e/ (see ../shared/data/README.md)")
 RNNLG_DOMAINS = ("restaurant", "hotel", "tv", "laptop")
 # Percent of the distinct devset MRs that go to validation (the rest train).
 E2E_VALIDATION_PERCENT = 10
@@ -51,13 +57,19 @@ _RNNLG_SPLIT_FILES = {"train": "train.json", "validation": "valid.json", "test":
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """The corpora folder: `data_root` if given, else $DMEA_DATA_ROOT."""
-    if data_root is None:
-        data_root = os.environ.get(DATA_ROOT_ENV)
+    """The corpora folder `data_root` (relative: to the current directory); None fails with how to set it."""
     if not data_root:
-        raise DataError(f"no data root for the real corpora: set the config key data.root or the "
-                        f"env var {DATA_ROOT_ENV} to the folder holding rnnlg/ and e2e/")
+        raise DataError(f"no data root for the real corpora: {ROOT_HELP}")
     return Path(data_root)
+
+
+def require_data_root(data_root: str | os.PathLike | None, *, name: str) -> Path:
+    """The data root, or a DataError naming the folder that does not exist (resolved) and how to set it."""
+    root = resolve_data_root(data_root)
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} (= {root.resolve()}) does not exist, and task {name!r} "
+                        f"reads its corpus from there; {ROOT_HELP}")
+    return root
 
 
 def corpus_files(name: str, *, data_root: str | os.PathLike | None) -> dict[str, Path]:
@@ -82,6 +94,7 @@ def corpus_available(name: str, *, data_root: str | os.PathLike | None) -> bool:
 
 def load_corpus(name: str, *, data_root: str | os.PathLike | None) -> DatasetDict:
     """Load a corpus task ("rnnlg.<domain>" or "e2e") as the standard DatasetDict."""
+    require_data_root(data_root, name=name)
     files = corpus_files(name, data_root=data_root)
     for path in files.values():
         _require_file(path, name=name)
@@ -120,9 +133,7 @@ def read_e2e_file(path: str | os.PathLike) -> tuple[Sample, ...]:
 def _require_file(path: Path, *, name: str | None = None) -> Path:
     if not path.is_file():
         task = f" of task {name!r}" if name else ""
-        raise DataError(f"{path}: corpus file{task} not found; set the data root (config key "
-                        f"data.root or env var {DATA_ROOT_ENV}) to the folder holding rnnlg/ "
-                        f"and e2e/ (see ../shared/data/README.md)")
+        raise DataError(f"{path}: corpus file{task} not found; {ROOT_HELP}")
     return path
 
 
@@ -130,9 +141,9 @@ def _require_file(path: Path, *, name: str | None = None) -> Path:
 # changed file is parsed again.
 @functools.lru_cache(maxsize=32)
 def _parse_rnnlg(path: str, mtime_ns: int, size: int) -> tuple[Sample, ...]:
-    with open(path, encoding="utf-8") as f:
-        # Blank the '#' comment lines instead of dropping them: JSON errors keep file lines.
-        text = "".join("\n" if line.lstrip().startswith("#") else line for line in f)
+    # Blank the '#' comment lines instead of dropping them: JSON errors keep file lines.
+    lines = read_utf8(Path(path)).split("\n")
+    text = "\n".join("" if line.lstrip().startswith("#") else line for line in lines)
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
@@ -156,19 +167,18 @@ def _parse_rnnlg(path: str, mtime_ns: int, size: int) -> tuple[Sample, ...]:
 @functools.lru_cache(maxsize=32)
 def _parse_e2e(path: str, mtime_ns: int, size: int) -> tuple[Sample, ...]:
     refs: dict[str, list[str]] = {}  # insertion order = first appearance of each MR
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["mr", "ref"]:
-            raise DataError(f"{path}:1: expected the E2E header 'mr,ref', got {header}")
-        for index, row in enumerate(reader):
-            if not row:  # blank line
-                continue
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise DataError(f"{path}: row {index} (0-based after the header, ending at line "
-                                f"{reader.line_num}) is malformed: expected 2 non-empty fields "
-                                f"mr,ref (quote fields that contain commas), got {row!r:.120}")
-            refs.setdefault(row[0], []).append(row[1])
+    reader = csv.reader(io.StringIO(read_utf8(Path(path)), newline=""))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["mr", "ref"]:
+        raise DataError(f"{path}:1: expected the E2E header 'mr,ref', got {header}")
+    for index, row in enumerate(reader):
+        if not row:  # blank line
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}: row {index} (0-based after the header, ending at line "
+                            f"{reader.line_num}) is malformed: expected 2 non-empty fields "
+                            f"mr,ref (quote fields that contain commas), got {row!r:.120}")
+        refs.setdefault(row[0], []).append(row[1])
     if not refs:
         raise DataError(f"{path}: no data rows after the header 'mr,ref'")
     return tuple(Sample(mr, "", tuple(r)) for mr, r in refs.items())

@@ -2,7 +2,7 @@
 
 Three kinds of names:
 - corpus: `rnnlg.restaurant`, `rnnlg.hotel`, `rnnlg.tv`, `rnnlg.laptop`, `e2e`, read from
-  the data root (config key `data.root`, env DMEA_DATA_ROOT);
+  the data root (config key `data.root`);
 - synthetic: `synth.<family>.<index>`, generated (any number of them);
 - user: any other name declared in the run config's user tasks (`UserTaskSpec`).
 
@@ -59,7 +59,7 @@ def load_task(
 ) -> DatasetDict:
     """Load task `name` as a DatasetDict of train/validation/test.
 
-    data_root: folder of the real corpora (None: env DMEA_DATA_ROOT); only corpus tasks read it.
+    data_root: folder of the real corpora (`data.root`); only corpus tasks read it.
     user_tasks: user task name -> spec (a `UserTaskSpec` or its config mapping).
     synth_seed, synth_sizes: seed and (train, validation, test) sizes of synthetic tasks.
     max_samples: split -> keep only the first N rows of that split.
@@ -106,7 +106,7 @@ def list_tasks(
             files = corpus_files(name, data_root=data_root).values()
             source = ", ".join(dict.fromkeys(str(p) for p in files))  # e2e reads devset twice
         except DataError:
-            source = "no data root (set data.root or DMEA_DATA_ROOT)"
+            source = "no data root (set data.root)"
         infos.append(TaskInfo(name, "corpus", source, description,
                               corpus_available(name, data_root=data_root)))
     for name, spec in normalize_user_tasks(user_tasks).items():

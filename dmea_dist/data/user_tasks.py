@@ -11,6 +11,10 @@ Key decisions:
 - Files are read and validated row by row in plain Python *before* any Dataset
   is built, so a bad row fails with its file and 1-based line (JSONL, CSV) or
   0-based row index (Parquet) and what to fix, never deep inside Arrow.
+- Text files are decoded as UTF-8 in one piece before parsing (`read_utf8`): a
+  byte that is not UTF-8 fails with its line and byte offset, where decoding
+  while iterating would raise from inside the csv/json readers. A leading BOM
+  (Excel's "CSV UTF-8") is dropped, so the header still reads `context`.
 - `answer` is a string or a list of strings. In CSV a list is written as a JSON
   array in the cell (`["ref one", "ref two"]`); a cell that does not parse as a
   JSON list of strings is taken as one plain answer.
@@ -24,8 +28,10 @@ Key decisions:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
+import io
 import json
 import math
 import random
@@ -217,40 +223,52 @@ def _validate(record: Any, where: str) -> Sample:
     return Sample(context, question, tuple(answers))
 
 
+def read_utf8(path: Path) -> str:
+    """The text of `path`; a byte that is not UTF-8 fails with the line and byte offset (module docstring)."""
+    data = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[offset]:02x} at byte offset {offset}); "
+                        f"re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t utf-8") from None
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); JSON Lines needs one "
-                                f"object per line, e.g. "
-                                f'{{"context": "...", "question": "", "answer": ["..."]}}') from e
-            yield f"{path}:{lineno}", record
+    # split on "\n" only: str.splitlines would also split at U+2028 and other separators JSON strings may hold
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); JSON Lines needs one "
+                            f"object per line, e.g. "
+                            f'{{"context": "...", "question": "", "answer": ["..."]}}') from e
+        yield f"{path}:{lineno}", record
 
 
 def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not {"context", "answer"} <= set(header):
-            raise DataError(f"{path}:1: the CSV header {header} must name the columns "
-                            f"'context' and 'answer' (and optionally 'question')")
-        start = reader.line_num + 1  # a quoted field may span lines: report the row's first
-        for row in reader:
-            where = f"{path}:{start}"
-            if len(row) != len(header):
-                if not any(cell.strip() for cell in row):  # blank line
-                    start = reader.line_num + 1
-                    continue
-                raise DataError(f"{where}: {len(row)} fields but the header has {len(header)}; "
-                                f"quote fields that contain commas")
-            record = dict(zip(header, row, strict=True))
-            record["answer"] = _csv_answer(record["answer"])
-            start = reader.line_num + 1
-            yield where, record
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    header = next(reader, None)
+    if header is None or not {"context", "answer"} <= set(header):
+        raise DataError(f"{path}:1: the CSV header {header} must name the columns "
+                        f"'context' and 'answer' (and optionally 'question')")
+    start = reader.line_num + 1  # a quoted field may span lines: report the row's first
+    for row in reader:
+        where = f"{path}:{start}"
+        if len(row) != len(header):
+            if not any(cell.strip() for cell in row):  # blank line
+                start = reader.line_num + 1
+                continue
+            raise DataError(f"{where}: {len(row)} fields but the header has {len(header)}; "
+                            f"quote fields that contain commas")
+        record = dict(zip(header, row, strict=True))
+        record["answer"] = _csv_answer(record["answer"])
+        start = reader.line_num + 1
+        yield where, record
 
 
 def _csv_answer(cell: str) -> str | list[str]:

@@ -10,14 +10,27 @@ Two artifact kinds share one layout, a directory holding `manifest.json` and
 Tensor keys are `layers.{layer}.modules.{module_id}.{site}.{down|up}.{weight|bias}`.
 The backbone is not in these files: it is the checkpoint the model was built
 from, or the one `save_backbone` writes (with the plain GPT-2 key names).
+
+Damaged files fail as `ModuleFileError` naming the file and what to do, never
+as a traceback or, worse, as a model that loads and answers wrongly:
+- the manifest records `weights_sha256`, the SHA-256 of `modules.safetensors`,
+  checked at load: a flipped bit in a float loads fine and only gives empty
+  answers. Manifests written before it existed load without the check;
+- a truncated or foreign weights file (safetensors cannot parse it) and a
+  manifest of another format or model shape are named as such;
+- both files are written to a temporary name and renamed, weights first,
+  manifest last, so a killed save never leaves a manifest over half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dmea_dist.errors import DmeaError
@@ -32,6 +45,11 @@ WEIGHTS = "modules.safetensors"
 
 class ModuleFileError(DmeaError, ValueError):
     """A module artifact that is missing, malformed or does not fit the model."""
+
+
+# what to do about a damaged module file, in every error that finds one
+_RESTORE = ("restore the folder from the task's MLflow run (artifacts under modules/) or a backup, "
+            "or train the task again")
 
 
 def save_modules(model: DMEAModel, directory: str | Path) -> Path:
@@ -137,9 +155,27 @@ def _write(model: DMEAModel, directory, manifest: dict, modules: dict[int, list[
             for name, tensor in model.get_module(layer, module_id).state_dict().items():
                 key = f"layers.{layer}.modules.{module_id}.{name}"
                 tensors[key] = tensor.detach().to("cpu").contiguous()
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    weights = directory / WEIGHTS
+    partial = weights.with_name(f".{WEIGHTS}.{os.getpid()}.tmp")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    manifest["weights_sha256"] = _sha256(partial)
+    os.replace(partial, weights)
+    _write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _write_text_atomic(file: Path, text: str) -> None:
+    partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, file)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_manifest(directory: Path, *, kind: str, model: DMEAModel) -> dict:
@@ -147,23 +183,27 @@ def _read_manifest(directory: Path, *, kind: str, model: DMEAModel) -> dict:
     if not file.is_file():
         raise ModuleFileError(f"{file}: not found; is {directory} a saved module directory?")
     try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModuleFileError(f"{file}: not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModuleFileError(
-            f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
-            f" is not {FORMAT!r} version {FORMAT_VERSION}"
-        )
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModuleFileError(f"{file}: not a dmea module manifest (not valid JSON: {err}); {_RESTORE}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModuleFileError(f"{file}: not a dmea module manifest (format {found!r}, expected {FORMAT!r}); "
+                              f"point at a task's modules/ folder (run_dir/tasks/NNN-<task>/modules)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModuleFileError(f"{file}: {FORMAT} version {manifest.get('format_version')!r}, this dmea-dist "
+                              f"reads version {FORMAT_VERSION}; load it with the dmea-dist that wrote it")
     if manifest.get("kind") != kind:
         other = "load_path_modules" if manifest.get("kind") == "path" else "load_modules"
         raise ModuleFileError(f"{file}: holds kind {manifest.get('kind')!r}; load it with {other}")
     for key, expected in (("n_layer", model.n_layers), ("d_model", model.d_model),
                           ("bottleneck", model.bottleneck)):
         if manifest.get(key) != expected:
+            saved = ", ".join(f"{k}={manifest.get(k)}" for k in ("n_layer", "d_model", "bottleneck"))
             raise ModuleFileError(
-                f"{file}: {key} is {manifest.get(key)!r} but the model has {expected}; build the "
-                f"model on the same backbone shape (and bottleneck={manifest.get('bottleneck')})"
+                f"{file}: {key} is {manifest.get(key)!r} but the model has {expected}: these modules were "
+                f"saved for a model with {saved}; load them into a model of that shape (the backbone and "
+                f"model.bottleneck of the run that saved them)"
             )
     required = ["modules", *(("paths", "next_ids") if kind == "pools" else ("task_id", "path"))]
     missing = [key for key in required if key not in manifest]
@@ -178,8 +218,16 @@ def _read_weights(directory: Path, manifest: dict, model: DMEAModel) -> list[dic
     """Per layer, {module_id: state_dict} checked against the manifest and the model."""
     file = directory / WEIGHTS
     if not file.is_file():
-        raise ModuleFileError(f"{file}: not found (the manifest lists modules stored there)")
-    tensors = load_file(str(file), device="cpu")
+        raise ModuleFileError(f"{file}: not found (the manifest lists modules stored there); {_RESTORE}")
+    expected_sha = manifest.get("weights_sha256")  # absent in manifests written before it was recorded
+    if expected_sha is not None and _sha256(file) != expected_sha:
+        raise ModuleFileError(f"{file}: damaged, its SHA-256 differs from the one its {MANIFEST} recorded at "
+                              f"save time (the file changed after it was written); {_RESTORE}")
+    try:
+        tensors = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ModuleFileError(f"{file}: not a readable safetensors file ({err}): truncated, damaged or "
+                              f"another kind of file; {_RESTORE}") from None
     reference = LayerModule(model.d_model, model.bottleneck)
     expected_shapes = {k: v.shape for k, v in reference.state_dict().items()}
     state: list[dict[int, dict[str, torch.Tensor]]] = []

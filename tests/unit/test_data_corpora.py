@@ -137,17 +137,23 @@ def test_e2e_malformed_row_names_file_and_row(tmp_path):
 
 
 def test_missing_file_says_to_set_data_root(tmp_path):
-    with pytest.raises(DataError, match=r"rnnlg/tv/train\.json.*data\.root.*DMEA_DATA_ROOT"):
+    with pytest.raises(DataError, match=r"rnnlg/tv/train\.json.*data\.root.*--set data\.root=DIR") as err:
         load_corpus("rnnlg.tv", data_root=tmp_path)
+    assert "DMEA_DATA_ROOT" not in str(err.value)  # no command reads it
     assert not corpus_available("rnnlg.tv", data_root=tmp_path)
 
 
-def test_data_root_from_env_or_error(monkeypatch, tmp_path):
-    monkeypatch.delenv("DMEA_DATA_ROOT", raising=False)
+def test_missing_data_root_names_the_folder_and_the_key(tmp_path):
+    gone = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=rf"data root '{gone}' .* does not exist.*task 'e2e'.*--set data\.root=DIR"):
+        load_corpus("e2e", data_root=gone)
+
+
+def test_data_root_comes_from_the_config_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("DMEA_DATA_ROOT", str(tmp_path))  # ignored: `dmea run` reads data.root only
     with pytest.raises(DataError, match="data.root"):
         resolve_data_root(None)
-    monkeypatch.setenv("DMEA_DATA_ROOT", str(tmp_path))
-    assert resolve_data_root(None) == tmp_path
+    assert resolve_data_root(tmp_path) == tmp_path
 
 
 def test_parse_cache_is_keyed_by_mtime(tmp_path):

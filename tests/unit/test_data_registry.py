@@ -76,7 +76,7 @@ def test_max_samples_validation():
 
 def test_corpus_without_data_root_says_how_to_set_it(monkeypatch):
     monkeypatch.delenv("DMEA_DATA_ROOT", raising=False)
-    with pytest.raises(DataError, match=r"data\.root.*DMEA_DATA_ROOT"):
+    with pytest.raises(DataError, match=r"set data\.root in the config \(or --set data\.root=DIR"):
         load_task("e2e", data_root=None)
 
 

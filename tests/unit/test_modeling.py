@@ -8,6 +8,7 @@ forward in float64 written with plain tensor ops over the backbone's weights
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 
@@ -52,7 +53,7 @@ def perturb(model, layer, module_id, seed):
 def model_with_two_paths(config):
     """Two perturbed modules per layer; returns the model, path A and path B."""
     model = build(config)
-    first, second = model.add_module(), model.add_module()
+    first, second = model.add_modules(), model.add_modules()
     for layer in range(model.n_layers):
         perturb(model, layer, first[layer], seed=10 + layer)
         perturb(model, layer, second[layer], seed=20 + layer)
@@ -124,7 +125,7 @@ def test_fresh_module_is_the_identity(config):
     model = build(config)
     ids = ids_for(config)
     plain = model(ids).logits
-    path = model.add_module()
+    path = model.add_modules()
     assert path == [0, 0, 0] and model.pool_sizes() == [1, 1, 1]
     assert torch.equal(model(ids, path=path).logits, plain)
 
@@ -187,7 +188,7 @@ def test_mixing_with_one_hot_logits_equals_routing(config):
 
 def test_mixing_with_equal_logits_averages_adapters(config):
     model, path_a, path_b = model_with_two_paths(config)
-    model.add_module(layers=[2])  # layer 2 gets three candidates
+    model.add_modules(layers=[2])  # layer 2 gets three candidates
     ids = ids_for(config)
     candidates = [[path_a[0], path_b[0]], [path_a[1]], [0, 1, 2]]
     logits = [torch.nn.Parameter(torch.zeros(len(c), dtype=torch.float64)) for c in candidates]
@@ -316,7 +317,7 @@ def test_generate_inside_route_uses_the_path_and_the_cache(config):
 
 def test_drop_modules_and_ids_are_never_reused(config):
     model = build(config)
-    first, second, third = model.add_module(), model.add_module(), model.add_module()
+    first, second, third = model.add_modules(), model.add_modules(), model.add_modules()
     model.set_path("t1", first)
     model.set_path("t2", [second[0], first[1], third[2]])
     with pytest.raises(ValueError, match="paths of tasks \\['t1'\\]"):
@@ -325,9 +326,9 @@ def test_drop_modules_and_ids_are_never_reused(config):
     assert model.module_ids(2) == [0, 2]
     assert model.drop_unused() == 3  # layer 0: module 2; layer 1: modules 1, 2
     assert [model.module_ids(layer) for layer in range(3)] == [[0, 1], [0], [0, 2]]
-    assert model.add_module(layers=[1, 2]) == [3, 3]
+    assert model.add_modules(layers=[1, 2]) == [3, 3]
     with pytest.raises(ValueError, match="layer must be an int"):
-        model.add_module(layers=[3])
+        model.add_modules(layers=[3])
     model.register_module("extra", torch.nn.Identity())  # nn.Module's own add_module still works
     assert isinstance(model.extra, torch.nn.Identity)
 
@@ -352,7 +353,7 @@ def test_capture_block_inputs(config):
 
 def test_save_load_round_trip(config, tmp_path):
     model, path_a, path_b = model_with_two_paths(config)
-    model.add_module(layers=[0])
+    model.add_modules(layers=[0])
     model.set_path("task.a", path_a)
     model.set_path("task.b", path_b)
     save_modules(model, tmp_path / "mods")
@@ -363,13 +364,13 @@ def test_save_load_round_trip(config, tmp_path):
     assert (manifest["n_layer"], manifest["d_model"], manifest["bottleneck"]) == (3, 32, 2)
 
     restored = build(config)
-    restored.add_module()  # replaced by the load
+    restored.add_modules()  # replaced by the load
     load_modules(restored, tmp_path / "mods")
     ids = ids_for(config)
     assert restored.paths == model.paths and restored.pool_sizes() == [3, 2, 2]
     for task_id in ("task.a", "task.b"):
         assert torch.equal(restored(ids, task_id=task_id).logits, model(ids, task_id=task_id).logits)
-    assert restored.add_module() == [3, 2, 2]
+    assert restored.add_modules() == [3, 2, 2]
 
 
 def test_per_task_save_and_load(config, tmp_path):
@@ -399,6 +400,9 @@ def test_load_errors_name_the_file(config, tmp_path):
     tensors = load_file(str(weights))
     tensors["layers.1.modules.0.mlp.up.weight"] = torch.zeros(32, 3, dtype=torch.float64)
     save_file(tensors, str(weights))
+    manifest = tmp_path / "m" / "manifest.json"  # as if saved so: its checksum matches the new file
+    manifest.write_text(manifest.read_text().replace(json.loads(manifest.read_text())["weights_sha256"],
+                                                     hashlib.sha256(weights.read_bytes()).hexdigest()))
     with pytest.raises(ModuleFileError, match=r"modules\.safetensors: layers\.1\.modules\.0\.mlp\.up\.weight has shape \(32, 3\)"):
         load_modules(build(config), tmp_path / "m")
     with pytest.raises(ModuleFileError, match="not found"):
