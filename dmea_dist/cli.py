@@ -1,6 +1,7 @@
 """The `dmea` command.
 
     dmea run CONFIG [--set key=value ...]   run a whole task sequence
+    dmea resume RUN_DIR                     continue a stopped or killed run where it stopped
     dmea data list                          the tasks the registry knows
     dmea data show TASK                     split sizes, formatted examples, token lengths
     dmea model summary CONFIG               the backbone, its modules and parameter counts
@@ -13,32 +14,39 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dmea_dist.errors import DmeaError
 
 DEFAULT_DATA_ROOT = "../shared/data"
 
 
-def _data_root(args) -> str:
-    return args.data_root or os.environ.get("DMEA_DATA_ROOT") or DEFAULT_DATA_ROOT
-
-
-def _user_tasks(args) -> dict:
-    if not getattr(args, "config", None):
-        return {}
+def _data_config(args):
+    """The run config a `dmea data` command reads its data settings from (--config), or None."""
+    if not args.config:
+        return None
     from dmea_dist.config import load_config
 
-    return load_config(args.config).data.user_tasks
+    return load_config(args.config)
+
+
+def _data_root(args, config) -> str:
+    """--data-root, else the config's data.root, else data.root's default: what `dmea run` would read."""
+    return args.data_root or (config.data.root if config else DEFAULT_DATA_ROOT)
 
 
 def cmd_data_list(args) -> int:
     from dmea_dist.data.registry import list_tasks
 
-    infos = list_tasks(data_root=_data_root(args), user_tasks=_user_tasks(args))
+    config = _data_config(args)
+    root = _data_root(args, config)
+    infos = list_tasks(data_root=root, user_tasks=config.data.user_tasks if config else {})
+    print(f"data root: {root} (= {Path(root).resolve()}{'' if Path(root).is_dir() else ', not found'})")
     width = max(len(i.name) for i in infos)
     for info in infos:
         flag = "" if info.available else "  (files not found)"
@@ -51,7 +59,14 @@ def cmd_data_show(args) -> int:
     from dmea_dist.data.registry import load_task
     from dmea_dist.data.tokenizer import load_pretrained_tokenizer, train_bpe_tokenizer
 
-    data = load_task(args.task, data_root=_data_root(args), user_tasks=_user_tasks(args), synth_seed=args.seed)
+    config = _data_config(args)
+    synth = {"synth_seed": config.data.synth_seed, "synth_sizes": config.data.synth_sizes} if config else {}
+    if args.seed is not None:
+        synth["synth_seed"] = args.seed
+    if args.max_length is None:
+        args.max_length = config.model.max_length if config else 128
+    data = load_task(args.task, data_root=_data_root(args, config), user_tasks=config.data.user_tasks if config else {},
+                     **synth)
     print(f"task {args.task}")
     for split in ("train", "validation", "test"):
         refs = [len(a) for a in data[split]["answer"]]
@@ -85,7 +100,7 @@ def cmd_model_summary(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run = build_run(config, run_dir=tmp)
     model = run.model
-    model.add_module()
+    model.add_modules()
     backbone = sum(p.numel() for p in model.backbone.parameters() if not _is_adapter(p, model))
     module = sum(p.numel() for p in model.trainable_parameters([model.module_ids(layer)[0] for layer in range(model.n_layers)]))
     cfg = model.backbone.config
@@ -105,18 +120,55 @@ def _is_adapter(param, model) -> bool:
 
 def cmd_run(args) -> int:
     from dmea_dist.config import load_config
-    from dmea_dist.driver import run_sequence
+    from dmea_dist.driver import check_input, run_sequence
 
     config = load_config(args.config, args.set)
-    if args.in_process:
-        run_sequence(config, run_dir=args.run_dir, progress=not args.quiet)
-        return 0
+    check_input(config)  # before Ray starts: on Ray, build_run's errors would come back as Ray tracebacks
+    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray.num_cpus)
+    with _tracking_reported(config):
+        run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=factory,
+                     check=False)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from dmea_dist.driver import resume_config, resume_sequence
+    from dmea_dist.tracking import check_store
+
+    config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
+    if config.tracking.enabled:
+        check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
+    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray.num_cpus)
+    with _tracking_reported(config):
+        resume_sequence(args.run_dir, overrides=args.set, progress=not args.quiet, coordinator_factory=factory)
+    return 0
+
+
+@contextlib.contextmanager
+def _tracking_reported(config):
+    """Count the run's tracking failures (each warns as it happens) and say at the end what they cost."""
+    import warnings
+
+    from dmea_dist.errors import DataWarning
+    from dmea_dist.tracking import count_failures, failures_summary
+
+    with count_failures() as failures:
+        warnings.simplefilter("ignore", DataWarning)  # check_input printed them already
+        try:
+            yield
+        finally:
+            summary = failures_summary(failures, uri=config.tracking.uri)
+            if summary:
+                print(f"WARNING: {summary}", file=sys.stderr)
+
+
+def _ray(address: str | None, num_cpus: int | None):
+    """Join Ray (embedded by default) and return the factory of the coordinator actor."""
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
-    where = connect(args.address or config.ray.address, num_cpus=config.ray.num_cpus)
+    where = connect(address, num_cpus=num_cpus)
     print(f"ray: {'embedded local cluster' if where == 'local' else where}", file=sys.stderr)
-    run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=ray_coordinator_factory)
-    return 0
+    return ray_coordinator_factory
 
 
 def cmd_generate(args) -> int:
@@ -143,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run every stage in this process, without Ray (debugging, tests)")
     run.set_defaults(func=cmd_run)
 
+    resume = sub.add_parser("resume", help="continue a stopped, failed or killed run from its last finished stage")
+    resume.add_argument("run_dir", help="the run directory `dmea run` printed")
+    resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a value that is safe to change (ray.*); anything else is refused")
+    resume.add_argument("--quiet", action="store_true", help="no progress output")
+    resume.add_argument("--address", help="join this Ray cluster (default: ray.address, $RAY_ADDRESS, else embedded)")
+    resume.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
+    resume.set_defaults(func=cmd_resume)
+
     gen = sub.add_parser("generate", help="answer inputs with a recorded task of a run")
     gen.add_argument("run_dir", help="the run directory `dmea run` printed")
     gen.add_argument("task", help="a task of that run, e.g. synth.restaurant.00")
@@ -161,10 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-n", type=int, default=3, help="formatted examples to print")
             p.add_argument("--tokenizer", help="a pretrained tokenizer (local dir or hub name)")
             p.add_argument("--vocab-size", type=int, default=1000)
-            p.add_argument("--max-length", type=int, default=128)
-            p.add_argument("--seed", type=int, default=0, help="seed of synthetic tasks")
-        p.add_argument("--data-root", help=f"real corpora folder (default $DMEA_DATA_ROOT or {DEFAULT_DATA_ROOT})")
-        p.add_argument("--config", help="a run config whose data.user_tasks to include")
+            p.add_argument("--max-length", type=int, help="tokens per example (default: the config's, else 128)")
+            p.add_argument("--seed", type=int, help="seed of synthetic tasks (default: the config's, else 0)")
+        p.add_argument("--data-root", help=f"real corpora folder (default: the config's data.root, else "
+                                           f"{DEFAULT_DATA_ROOT})")
+        p.add_argument("--config", help="a run config whose data settings (data.root, user tasks) to use")
         p.set_defaults(func=func)
 
     model = sub.add_parser("model", help="inspect the model").add_subparsers(dest="model_command", required=True)
@@ -181,8 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DmeaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        from dmea_dist.driver import RunStopped
+
+        # An error raised in a Ray task comes back as RayTaskError(<its class>), whose str is a traceback;
+        # the error itself is its `cause`.
+        err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
+        print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
+        return 130 if isinstance(err, RunStopped) else 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,27 +1,47 @@
-"""Drive one lifelong run: lifecycle + executor + tracking + the final report.
+"""Drive one lifelong run: coordinator + tracking + the final report, resumable.
 
-`run_sequence` is what `dmea run` and the Ray job entry point call. It builds
-the run, opens the MLflow parent run, steps the lifecycle (progress per stage
-and task), records every finished task in a nested MLflow run (the driver is
-the only process that talks to MLflow), and ends with the R matrix, the
+`run_sequence` is what `dmea run` and the Ray job entry point call, and
+`resume_sequence` what `dmea resume` calls. The story: take the run
+directory (new, unique, locked against a second driver), start the
+coordinator (in process, or as a Ray actor), open or reattach the MLflow
+parent run, step the stages (progress per stage and task), record every
+finished task in a nested MLflow run exactly once (the driver is the only
+process that talks to MLflow), and end with the R matrix, the
 continual-learning metrics and a Markdown/HTML report in the run directory.
+
+Stops are safe: Ctrl-C stops after the stage in progress with the state
+saved; a failure leaves the state at the last finished stage; either way the
+MLflow runs are marked (KILLED, FAILED), never left RUNNING, and the message
+says how to resume. A killed driver leaves the state on disk too: `dmea
+resume RUN_DIR` continues in the same parent run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import secrets
+import signal
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from dmea_dist.config import RunConfig
+from dmea_dist.config import RunConfig, config_from_dict
+from dmea_dist.errors import DmeaError
 from dmea_dist.evaluation import continual, report
-from dmea_dist.method.lifecycle import Lifecycle, LifecycleState, Stage
+from dmea_dist.method.lifecycle import Stage
+
+# Keys a resumed run may change: where and how big the work runs, not what it computes.
+SAFE_TO_CHANGE = ("ray.",)
 
 
 @dataclass
@@ -68,90 +88,179 @@ class StageProgress:
             self.bar = None
 
 
-class Coordinator:
-    """Owns one run's lifecycle: builds the run, steps its stages, hands out finished records.
+CoordinatorFactory = Callable[..., Any]  # (config, run_dir, *, resume, progress) -> a Coordinator or its remote handle
 
-    No Ray here: the Ray actor in dmea_dist.distributed.coordinator holds one of
-    these (with distributed kernels) and forwards `step` and `results`.
+
+class RunStopped(DmeaError):
+    """The run was stopped (Ctrl-C) at a stage boundary; its state is saved and it can be resumed."""
+
+
+def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
+                 coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
+                 echo: Callable[[str], None] = print, check: bool = True) -> SequenceResult:
+    """Run the whole task sequence of `config` in a new run directory; returns the R matrix and metrics.
+
+    `coordinator_factory` makes what steps the stages: by default an in-process
+    `Coordinator`; `dmea run` on Ray passes one that starts it as an actor.
+    `check`: refuse bad input first (`check_input`), before anything is written;
+    False when the caller has just done it.
     """
+    from dmea_dist.state import STATE_FILE
 
-    def __init__(self, config: RunConfig, run_dir: str | Path, *,
-                 kernels: Callable[[Any], dict[str, Any]] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None):
-        """`kernels(run)` returns executor kernels (search_fn, generate_fn, answer_fn, adapt_fn) to use."""
-        from dmea_dist.pipeline import InProcessExecutor
-        from dmea_dist.run import build_run
+    if check:
+        check_input(config)
 
-        self.run = build_run(config, run_dir=run_dir)
-        self.executor = InProcessExecutor(self.run, progress=progress, **(kernels(self.run) if kernels else {}))
-        self.lifecycle = Lifecycle(LifecycleState(tasks=list(config.data.tasks)), self.executor,
-                                   on_transition=self._persist)
-
-    def _persist(self, state: LifecycleState) -> None:
-        (self.run.run_dir / "lifecycle.json").write_text(json.dumps(state.to_dict(), indent=1, default=str))
-
-    def step(self) -> dict[str, Any]:
-        """Run the current stage; returns what finished, what comes next, and a finished task's record."""
-        self.lifecycle.step()
-        state = self.lifecycle.state
-        finished = state.history[-1]
-        record = self.executor.records[finished["task"]] if finished["stage"] == Stage.RECORD.value else None
-        return {"finished": finished, "record": record, "done": state.done,
-                "history": state.history if record is not None else [],
-                "next": None if state.done else (state.task_index, state.stage.value)}
-
-    def results(self) -> dict[str, Any]:
-        full_ft = self.run.policy.full_finetune
-        return {"R": self.executor.R, "similarity": self.executor.similarity, "baseline": self.executor.baseline,
-                "paths": None if full_ft else self.run.model.paths, "history": self.lifecycle.state.history}
+    run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+    if (run_dir / STATE_FILE).exists():
+        raise DmeaError(f"{run_dir} already holds a run; continue it with `dmea resume {run_dir}` "
+                        f"or choose another --run-dir")
+    return _drive(config, run_dir, resume=False, coordinator_factory=coordinator_factory, progress=progress,
+                  echo=echo)
 
 
-def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None, coordinator_factory: Callable | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print) -> SequenceResult:
-    """Run the whole task sequence of `config`; returns the R matrix and final metrics.
+def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
+                    coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
+                    echo: Callable[[str], None] = print) -> SequenceResult:
+    """Continue the run in `run_dir` from its last finished stage, in the same MLflow parent run."""
+    from dmea_dist.state import load_state
 
-    `coordinator_factory(config, run_dir, progress)` makes what steps the
-    lifecycle: by default an in-process `Coordinator`; `dmea run` on Ray passes
-    one that starts the coordinator actor. This process alone talks to MLflow.
+    run_dir = Path(run_dir)
+    state = load_state(run_dir)  # a clear error if this is no run directory
+    config = resume_config(run_dir, overrides or [])
+    echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
+         f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
+    return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
+                  echo=echo)
+
+
+def check_input(config: RunConfig) -> None:
+    """Refuse bad input here, before Ray starts or anything is written (DESIGN section 6).
+
+    `build_run` checks the same, but on Ray it runs in the coordinator actor,
+    where an error comes back as a Ray traceback, after the run directory and
+    the MLflow parent run exist. Order: data and config first (seconds), the
+    tracking store, then the lengths, which need the tokenizer. For the tiny
+    backbone that is `tiny_backbone`, which pretrains and caches it only once
+    the lengths pass; the coordinator then loads it from the cache.
+    Warnings about truncated inputs are printed here, once.
     """
+    from dmea_dist.data.tokenizer import load_pretrained_tokenizer
+    from dmea_dist.errors import DataWarning
+    from dmea_dist.run import check_max_length, length_check, load_tasks, tiny_backbone
+    from dmea_dist.tracking import check_store
+
+    tasks = load_tasks(config)
+    check = length_check(config, tasks, positions=check_max_length(config))
+    if config.tracking.enabled:
+        check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
+
+    def check_and_say(tokenizer) -> None:  # said at once: before the pretraining that follows
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", DataWarning)
+            check(tokenizer)
+        for warning in said:
+            if issubclass(warning.category, DataWarning):
+                print(f"warning: {warning.message}", file=sys.stderr)
+            else:  # not ours to reword
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+    if config.model.pretrained:
+        check_and_say(load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks))
+    else:
+        tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say)
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The run's own config with `overrides`; refuses changes to anything but SAFE_TO_CHANGE keys."""
+    from dmea_dist.config import apply_override
+    from dmea_dist.tracking import flatten
+
+    source = run_dir / "config.yaml"
+    if not source.is_file():
+        raise DmeaError(f"{run_dir} has no config.yaml: not a run directory; pass the folder `dmea run` printed")
+    saved = yaml.safe_load(source.read_text())
+    raw = yaml.safe_load(source.read_text())
+    for item in overrides:
+        apply_override(raw, item, source="--set")
+    config = config_from_dict(raw, source=str(source))
+    before, after = flatten(config_from_dict(saved, source=str(source)).to_dict()), flatten(config.to_dict())
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    unsafe = [k for k in changed if not k.startswith(SAFE_TO_CHANGE)]
+    if unsafe:
+        raise DmeaError(f"resuming {run_dir} with a changed config is refused for {unsafe}: they change what the "
+                        f"run computes; only {', '.join(p + '*' for p in SAFE_TO_CHANGE)} may change on resume "
+                        f"(start a new run for the rest)")
+    return config
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    """output_dir/<name>-<time>-<random>: two runs started in the same second get different folders."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    while True:
+        run_dir = Path(config.output_dir) / f"{config.name}-{stamp}-{secrets.token_hex(2)}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            continue
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir/.lock` for this driver: a second one on the same run fails instead of mixing files."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise DmeaError(f"{run_dir} is in use by {owner}; wait for it to end or choose another --run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"dmea pid {os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def local_coordinator(config: RunConfig, run_dir: Path, *, resume: bool, progress=None):
+    from dmea_dist.coordinator import Coordinator
+
+    return Coordinator(config, run_dir, resume=resume, progress=progress)
+
+
+def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factory: CoordinatorFactory | None,
+           progress: bool, echo: Callable[[str], None]) -> SequenceResult:
     from dmea_dist.tracking import Tracker
 
-    run_dir = Path(run_dir or Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    bar = StageProgress(config.data.tasks, enabled=progress)
-    make = coordinator_factory or (lambda cfg, rd, prog: Coordinator(cfg, rd, progress=prog))
-    coordinator = make(config, run_dir, bar)
-    tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment, enabled=config.tracking.enabled)
-    parent = tracker.start_sequence(run_name=run_dir.name, config=config.to_dict(), tasks=config.data.tasks,
-                                    tags={"method": config.method.name})
-    tracker.log_sequence_metrics({}, artifacts={name: run_dir / name for name in ("tokenizer", "backbone")
-                                                 if (run_dir / name).exists()})
-    bar.start(0, Stage.EXPAND)
-    try:
-        while True:
-            out = coordinator.step()
-            for warning in out["finished"].get("warnings", []):
-                bar.close()
-                echo(f"WARNING: {warning}")
-            rec = out["record"]
-            if rec is not None:
-                bar.close()
-                echo(task_summary(rec, [h for h in out.get("history", []) if h["task_index"] == rec["task_index"]],
-                                  n_tasks=len(config.data.tasks)))
-                tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
-                                    metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
-                                    model_dir=rec.get("model_dir"),
-                                    registered_model=f"{config.name}-{config.method.name}")
-            if out["done"]:
-                break
-            bar.start(out["next"][0], Stage(out["next"][1]))
-        results = coordinator.results()
-    except BaseException:
-        bar.close()
-        tracker.finish_sequence(status="FAILED")
-        raise
-    finally:
-        if hasattr(coordinator, "close"):
-            coordinator.close()
+    with run_lock(run_dir):
+        bar = StageProgress(config.data.tasks, enabled=progress)
+        tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment,
+                          enabled=config.tracking.enabled)
+        coordinator = (coordinator_factory or local_coordinator)(config, run_dir, resume=resume, progress=bar)
+        stop = StopRequest()
+        try:
+            parent = _open_tracking(tracker, coordinator, config, run_dir)
+            _record_unrecorded(tracker, coordinator, config)
+            with stop.on_sigint(echo):
+                _step_until_done(coordinator, tracker, config, bar, stop, echo)
+            results = coordinator.results()
+        except BaseException as err:
+            bar.close()
+            stopped = isinstance(err, RunStopped | KeyboardInterrupt)
+            message = str(err) or type(err).__name__
+            _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
+            tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
+            echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "
+                 f"stage; continue with: dmea resume {run_dir}")
+            raise
+        finally:
+            _try(coordinator.close)
     bar.close()
     R, names = results["R"], config.data.tasks
     metrics = sequence_metrics(R, baseline=results.get("baseline"))
@@ -166,6 +275,101 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None, coordi
     echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   tracking: {config.tracking.uri}")
     return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
                           history=results["history"])
+
+
+def _step_until_done(coordinator, tracker, config: RunConfig, bar: StageProgress, stop: StopRequest,
+                     echo: Callable[[str], None]) -> None:
+    n_tasks = len(config.data.tasks)
+    out = {"done": coordinator.state_position()["done"], "next": coordinator.state_position()["next"]}
+    while not out["done"]:
+        if stop.requested:
+            task_index, stage = out["next"]
+            raise RunStopped(f"stopped by Ctrl-C before stage {stage} of task {task_index + 1}/{n_tasks} "
+                             f"({config.data.tasks[task_index]})")
+        bar.start(out["next"][0], Stage(out["next"][1]))
+        out = coordinator.step()
+        for warning in out["finished"].get("warnings", []):
+            bar.close()
+            echo(f"WARNING: {warning}")
+        rec = out["record"]
+        if rec is not None:
+            bar.close()
+            _record(tracker, coordinator, config, rec)
+            history = [h for h in coordinator.results()["history"] if h["task_index"] == rec["task_index"]]
+            echo(task_summary(rec, history, n_tasks=n_tasks))
+
+
+def _open_tracking(tracker, coordinator, config: RunConfig, run_dir: Path) -> str | None:
+    """The parent run: reattached when the state names one, else created (and named in the state)."""
+    parent = coordinator.tracking()["parent"]
+    if parent is not None:
+        return tracker.resume_sequence(parent)
+    parent = tracker.start_sequence(run_name=run_dir.name, config=config.to_dict(), tasks=config.data.tasks,
+                                    tags={"method": config.method.name})
+    if parent is not None:
+        coordinator.set_tracking(parent=parent)
+    tracker.log_sequence_metrics({}, artifacts={name: run_dir / name for name in ("tokenizer", "backbone")
+                                                 if (run_dir / name).exists()})
+    return parent
+
+
+def _record(tracker, coordinator, config: RunConfig, rec: dict[str, Any]) -> None:
+    run_id = tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
+                                 metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
+                                 model_dir=rec.get("model_dir"), registered_model=f"{config.name}-{config.method.name}")
+    if run_id is not None:
+        coordinator.set_tracking(task_id=rec["task_id"], run_id=run_id)
+
+
+def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
+    """After a crash: record finished tasks the state has no MLflow run for, unless MLflow already has one."""
+    if not tracker.active or tracker.parent_run_id is None:
+        return
+    known = coordinator.tracking()["tasks"]
+    missing = [rec for rec in coordinator.records() if known.get(rec["task_id"]) is None]
+    if not missing:
+        return
+    from dmea_dist.tracking import find_task_runs
+
+    existing = {r["task_id"]: r["run_id"] for r in find_task_runs(
+        uri=config.tracking.uri, experiment=config.tracking.experiment, parent_run_id=tracker.parent_run_id)}
+    for rec in missing:
+        if rec["task_id"] in existing:  # recorded just before the driver died: keep that one
+            coordinator.set_tracking(task_id=rec["task_id"], run_id=existing[rec["task_id"]])
+        else:
+            _record(tracker, coordinator, config, rec)
+
+
+class StopRequest:
+    """Ctrl-C once: stop after the stage in progress (state saved). Twice: stop now."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def on_sigint(self, echo: Callable[[str], None]) -> Iterator[None]:
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            echo("\nCtrl-C: stopping after the stage in progress (Ctrl-C again to stop at once)")
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: no handler, Ctrl-C stops at once
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _try(call: Callable[[], Any]) -> None:
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - cleanup after another error must not hide it
+        print(f"warning: {err}", file=sys.stderr)
 
 
 def task_summary(record: dict[str, Any], history: list[dict[str, Any]], *, n_tasks: int) -> str:

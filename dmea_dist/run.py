@@ -2,8 +2,10 @@
 
 `build_run(config, run_dir=...)` loads every task of the sequence (failing
 early, before any training, on an unknown task, a malformed row or an empty
-split), builds the tokenizer and the model, checks that examples fit the
-model, and encodes the training and validation examples.
+split), checks `model.max_length` against the model's positions, builds the
+tokenizer, checks that the examples fit (`data/lengths.py`; before the tiny
+backbone's pretraining), then the model, and only then creates the run
+directory, so bad input leaves no half-made run behind.
 
 Backbones:
 * `model.pretrained`: a GPT-2 checkpoint (local folder or hub name) with its
@@ -19,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import yaml
 
 from dmea_dist.config import RunConfig
 from dmea_dist.data.formatting import Formatter, encode_task
+from dmea_dist.data.lengths import check_lengths
 from dmea_dist.data.registry import load_task
 from dmea_dist.data.synthetic import FAMILIES, parse_synthetic_name
 from dmea_dist.data.tokenizer import (
@@ -143,7 +147,8 @@ def pretraining_ids(tokenizer, pairs: list[tuple[str, str]], *, fmt: str) -> lis
     return [encode(x) + [special.ans] + encode(" " + y) for x, y in pairs]
 
 
-def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
+def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
+                  check_tokenizer: Callable[[Any], None] | None = None):
     """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk.
 
     The BPE covers the pretraining text and the run's text, as GPT-2's BPE
@@ -156,6 +161,9 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
     frozen tied head could hardly ever emit them). Byte tokens no text uses
     keep their tiny initial rows: drawn like the others, a sampler emits them
     (seen: garbage bytes in 20% of E2E pseudo samples).
+
+    `check_tokenizer(tokenizer)` runs as soon as the tokenizer exists, before
+    pretraining: inputs too long for the model fail in seconds, not minutes.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -165,12 +173,16 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
                "max_tasks": config.model.max_tasks, "version": 4}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"backbone-{key}"
+    check = check_tokenizer or (lambda tokenizer: None)
     if (cache / "model.safetensors").is_file():
-        return load_tokenizer(cache), GPT2LMHeadModel.from_pretrained(cache)
+        tokenizer = load_tokenizer(cache)
+        check(tokenizer)
+        return tokenizer, GPT2LMHeadModel.from_pretrained(cache)
     run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
     pairs = pretraining_samples(config, tasks) if pre.corpus != "none" else []
     tokenizer = train_bpe_tokenizer(run_text + [f"{x} {y}" for x, y in pairs], vocab_size=tiny.vocab_size,
                                     max_tasks=config.model.max_tasks)
+    check(tokenizer)
     gpt2 = GPT2Config(vocab_size=len(tokenizer), n_positions=tiny.n_positions, n_embd=tiny.n_embd,
                       n_layer=tiny.n_layer, n_head=tiny.n_head, bos_token_id=tokenizer.eos_token_id,
                       eos_token_id=tokenizer.eos_token_id)
@@ -195,26 +207,54 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path):
     return tokenizer, backbone
 
 
+def model_positions(config: RunConfig) -> int:
+    """Positions of the backbone, without building it: the tiny config's, or the checkpoint's config.json."""
+    if not config.model.pretrained:
+        return config.model.tiny.n_positions
+    from transformers import AutoConfig
+
+    checkpoint = AutoConfig.from_pretrained(config.model.pretrained)
+    return int(getattr(checkpoint, "n_positions", None) or checkpoint.max_position_embeddings)
+
+
+def check_max_length(config: RunConfig) -> int:
+    """model.max_length must fit the model's positions; returns the positions. Runs before any pretraining."""
+    positions, m = model_positions(config), config.model
+    if m.max_length > positions:
+        owner = "" if m.pretrained else " (model.tiny.n_positions)"
+        raise ConfigError(f"model.max_length={m.max_length} is longer than the model's {positions} positions"
+                          f"{owner}; set model.max_length <= {positions}")
+    return positions
+
+
+def length_check(config: RunConfig, tasks: list[Task], *, positions: int) -> Callable[[Any], None]:
+    """check_lengths of every task with a tokenizer, for tiny_backbone or a pretrained tokenizer."""
+    rows = [(t.task_id, t.rows) for t in tasks]
+    return lambda tokenizer: check_lengths(Formatter(tokenizer, max_length=config.model.max_length), rows,
+                                           train_references=config.data.train_references,
+                                           overlength=config.data.overlength, positions=positions)
+
+
 def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
     """Resolve the config into tasks, tokenizer, model and formatter (no DMEA training yet)."""
     tasks = load_tasks(config)
     m = config.model
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    check = length_check(config, tasks, positions=check_max_length(config))
     if m.pretrained:
         tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
+        check(tokenizer)
         model = DMEAModel.from_pretrained(m.pretrained, vocab_size=len(tokenizer), bottleneck=m.bottleneck)
     else:
-        tokenizer, backbone = tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache")
+        tokenizer, backbone = tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache",
+                                            check_tokenizer=check)
+    run_dir = Path(run_dir)  # created only now: every check above has passed
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if not m.pretrained:
         # the run keeps its own backbone and tokenizer, so any task can be served from it later
         backbone.save_pretrained(run_dir / "backbone")
         tokenizer.save_pretrained(run_dir / "tokenizer")
         model = DMEAModel(backbone, bottleneck=m.bottleneck)
-    positions = int(model.backbone.config.n_positions)
-    if m.max_length > positions:
-        raise ConfigError(f"model.max_length={m.max_length} is longer than the model's {positions} positions; "
-                          f"set model.max_length <= {positions}")
     formatter = Formatter(tokenizer, max_length=m.max_length)
     for task in tasks:
         task.train = encode_task(formatter, task.rows["train"], task_index=task.index,

@@ -2,6 +2,7 @@
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python ray_jobs/run_sequence.py configs/rnnlg_e2e_abcde_tiny.yaml [--set key=value ...]
+    ray job submit ... -- python ray_jobs/run_sequence.py --resume RUN_DIR     (continue a stopped run)
 
 Inside a job Ray is already running: `connect` joins it (RAY_ADDRESS is set
 by the job supervisor). The story, top to bottom: load and validate the
@@ -15,27 +16,37 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dmea_dist.config import load_config
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
-from dmea_dist.driver import run_sequence
+from dmea_dist.driver import check_input, resume_config, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="a YAML run config (configs/)")
+    parser.add_argument("config", nargs="?", help="a YAML run config (configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--run-dir", help="where the run's files go on the driver's node")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last finished stage")
     args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.resume):
+        parser.error("give a config to start a run, or --resume RUN_DIR to continue one")
     try:
-        config = load_config(args.config, args.set)
+        config = resume_config(Path(args.resume), args.set) if args.resume else load_config(args.config, args.set)
+        if not args.resume:
+            check_input(config)  # bad input fails here, in one line, before the cluster does any work
+        where = connect(config.ray.address)  # inside `ray job submit`: the job's cluster
+        print(f"ray: {where}", flush=True)
+        if args.resume:
+            result = resume_sequence(args.resume, overrides=args.set, coordinator_factory=ray_coordinator_factory)
+        else:
+            result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
+                                  check=False)
     except DmeaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    where = connect(config.ray.address)  # inside `ray job submit`: the job's cluster
-    print(f"ray: {where}", flush=True)
-    result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory, progress=True)
     print(f"final_average={result.metrics['final_average']:.2f} parent_run_id={result.parent_run_id}", flush=True)
     return 0
 

@@ -30,13 +30,15 @@ Key decisions:
   the last one sent.
 - The tokenizer travels as its saved files' bytes (`tokenizer_files`): an
   actor on another node cannot read the run directory on the driver's disk.
-- If any actor fails, the pool is torn down and restarted at the next call
-  (a restarted actor would miss the state synced before its failure).
+- If an actor dies mid-call (process or node lost), the pool is rebuilt and
+  the call redone (`retries`); any other failure tears the pool down and is
+  raised (a restarted actor would miss the state synced before its failure).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -48,20 +50,23 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.exceptions import RayActorError
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import GPT2LMHeadModel
 
 from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.tokenizer import load_tokenizer
-from dmea_dist.method.generation import (
-    PSEUDO_SCHEMA,
-    PseudoSamples,
-    generate_answers,
-    generate_pseudo_samples,
+from dmea_dist.distributed.cluster import configure_threads, gather, reserve, worker_env
+from dmea_dist.kernels import (
+    AnswerRequest,
+    DecodingSettings,
+    GenerateRequest,
+    run_answer_request,
+    run_generate_request,
 )
+from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples
 from dmea_dist.modeling.model import DMEAModel
-from dmea_dist.pipeline import configure_threads
 
 try:  # skip random init of a backbone whose weights are loaded right after
     from transformers.initialization import no_init_weights  # transformers >= 5
@@ -205,53 +210,26 @@ def load_tokenizer_files(files: dict[str, bytes]):
 class GenerationWorker:
     """One model replica (run as a Ray actor; plain class, so it also runs in-process)."""
 
-    def __init__(self, snapshot: dict[str, Any], files: dict[str, bytes], *, max_length: int, cpus: float):
+    def __init__(self, snapshot: dict[str, Any], files: dict[str, bytes], *, max_length: int, cpus: float,
+                 decoding: DecodingSettings):
         configure_threads(cpus)
         self.model = build_model(snapshot)
         self.formatter = Formatter(load_tokenizer_files(files), max_length=max_length)
+        self.decoding = decoding
 
     def sync(self, state: dict[str, Any]) -> None:
         apply_model_state(self.model, state)
 
-    def pseudo_samples(self, request: dict[str, Any], *, top_k: int, batch_size: int) -> dict[str, Any]:
-        out = generate_pseudo_samples(self.model, self.formatter, top_k=top_k, batch_size=batch_size, **request)
+    def pseudo_samples(self, request: GenerateRequest) -> dict[str, Any]:
+        out = run_generate_request(self.model, self.formatter, request, self.decoding)
         table = pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA)
         return {"table": table, "malformed": out.malformed, "generated": out.generated, "truncated": out.truncated}
 
-    def answers(self, rows: list[dict], **kwargs) -> list[str]:
-        return generate_answers(self.model, self.formatter, rows, **kwargs)
+    def answers(self, request: AnswerRequest, seed: int) -> list[str]:
+        return run_answer_request(self.model, self.formatter, request, self.decoding, seed=seed)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
-
-
-def worker_env(cpus: float) -> dict[str, str]:
-    """Environment of every worker process: CPU DeepSpeed, threads = the CPU share."""
-    return {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false"}
-
-
-def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str):
-    """A ready placement group of `n_bundles` x {CPU: cpus}, or a clear error."""
-    pg = placement_group([{"CPU": float(cpus)}] * n_bundles, strategy=strategy)
-    if not pg.wait(timeout_seconds=timeout_s):
-        remove_placement_group(pg)
-        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
-        raise RuntimeError(
-            f"could not reserve {n_bundles} x {{CPU: {cpus}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
-            f"the cluster has {free:g} of {total:g} CPUs free. Lower the number of workers or CPUs per worker, "
-            f"add nodes, or release other holders (a live generation pool keeps its CPUs between calls)")
-    return pg
-
-
-def gather(refs: list, *, label: str, progress: Progress | None) -> list:
-    """ray.get of `refs` in their order, reporting progress as they finish in any order."""
-    pending, done = list(refs), 0
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done += len(ready)
-        if progress:
-            progress(label, done, len(refs))
-    return ray.get(refs)
 
 
 # --------------------------------------------------------------------------- pool
@@ -260,13 +238,17 @@ def gather(refs: list, *, label: str, progress: Progress | None) -> list:
 class GenerationPool:
     """`num_actors` replicas that share generation work (see module docstring)."""
 
-    def __init__(self, *, tokenizer, max_length: int, num_actors: int = 1, cpus: float = 1.0,
-                 strategy: str = "SPREAD", always_sync_backbone: bool = False, ready_timeout_s: float = 120.0):
+    def __init__(self, *, tokenizer, max_length: int, decoding: DecodingSettings, num_actors: int = 1,
+                 cpus: float = 1.0, strategy: str = "SPREAD", always_sync_backbone: bool = False,
+                 ready_timeout_s: float = 120.0, min_chunk: int = 8, retries: int = 1):
         if num_actors < 1 or cpus <= 0:
             raise ValueError(f"GenerationPool needs num_actors >= 1 and cpus > 0, got {num_actors} and {cpus}")
-        self.tokenizer, self.max_length = tokenizer, max_length
+        if min_chunk < 1:
+            raise ValueError(f"min_chunk must be >= 1 (pseudo samples per generation range), got {min_chunk}")
+        self.tokenizer, self.max_length, self.decoding = tokenizer, max_length, decoding
         self.num_actors, self.cpus, self.strategy = num_actors, cpus, strategy
         self.always_sync_backbone, self.ready_timeout_s = always_sync_backbone, ready_timeout_s
+        self.min_chunk, self.retries = min_chunk, retries
         self.actors: list = []
         self._pg = None
         self._checksum: tuple[float, ...] | None = None  # of the backbone the replicas hold
@@ -284,7 +266,7 @@ class GenerationPool:
         self.actors = [
             cls.options(num_cpus=self.cpus, num_gpus=0, runtime_env={"env_vars": worker_env(self.cpus)},
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
-            .remote(model_ref, files_ref, max_length=self.max_length, cpus=self.cpus)
+            .remote(model_ref, files_ref, max_length=self.max_length, cpus=self.cpus, decoding=self.decoding)
             for i in range(self.num_actors)
         ]
         self._checksum = backbone_checksum(model)
@@ -304,31 +286,31 @@ class GenerationPool:
         """Ship the backbone with the next sync, whatever its checksum says."""
         self._checksum = None
 
-    def generate(self, model, requests: list[dict], *, top_k: int, batch_size: int, min_chunk: int = 8,
+    def generate(self, model, requests: Sequence[GenerateRequest], *,
                  progress: Progress | None = None) -> list[PseudoSamples]:
         """One PseudoSamples per request: rows of its ranges in order, counts summed."""
-        shards = plan_shards([int(r["n"]) for r in requests], n_actors=self.num_actors, granule=min_chunk)
+        shards = plan_shards([r.n for r in requests], n_actors=self.num_actors, granule=self.min_chunk)
         outs = self._run(model, shards, lambda s: self.actors[s.actor].pseudo_samples.remote(
-            {**requests[s.request], "n": s.size, "seed": derive_seed(requests[s.request]["seed"], s.part)},
-            top_k=top_k, batch_size=batch_size), label="generate", progress=progress)
+            dataclasses.replace(requests[s.request], n=s.size, seed=derive_seed(requests[s.request].seed, s.part))),
+            label="generate", progress=progress)
         results = []
         for index, req in enumerate(requests):
             mine = [outs[s] for s in shards if s.request == index and s in outs]
             rows = pa.concat_tables([o["table"] for o in mine], promote_options="none").to_pylist() if mine else []
-            results.append(PseudoSamples(task_id=req["task_id"], rows=rows,
+            results.append(PseudoSamples(task_id=req.task_id, rows=rows,
                                          malformed=sum(o["malformed"] for o in mine),
-                                         generated=sum(o["generated"] for o in mine), requested=int(req["n"]),
+                                         generated=sum(o["generated"] for o in mine), requested=req.n,
                                          truncated=sum(o["truncated"] for o in mine)))
         return results
 
-    def answer(self, model, requests: list[dict], *, batch_size: int, max_new_tokens: int, decoding: str,
-               top_k: int, seed: int, progress: Progress | None = None) -> list[list[str]]:
+    def answer(self, model, requests: Sequence[AnswerRequest], *,
+               progress: Progress | None = None) -> list[list[str]]:
         """Answers of every request's rows, in row order; ranges cut at batch boundaries."""
-        shards = plan_shards([len(r["rows"]) for r in requests], n_actors=self.num_actors, granule=batch_size)
+        shards = plan_shards([len(r.rows) for r in requests], n_actors=self.num_actors,
+                             granule=self.decoding.batch_size)
         outs = self._run(model, shards, lambda s: self.actors[s.actor].answers.remote(
-            list(requests[s.request]["rows"][s.start:s.stop]), path=requests[s.request]["path"],
-            batch_size=batch_size, max_new_tokens=max_new_tokens, decoding=decoding, top_k=top_k,
-            seed=derive_seed(seed, s.part)), label="evaluate", progress=progress)
+            dataclasses.replace(requests[s.request], rows=list(requests[s.request].rows[s.start:s.stop])),
+            derive_seed(self.decoding.seed, s.part)), label="evaluate", progress=progress)
         answers: list[list[str]] = [[] for _ in requests]
         for shard in shards:
             answers[shard.request].extend(outs.get(shard, []))
@@ -336,17 +318,29 @@ class GenerationPool:
 
     def _run(self, model, shards: list[Shard], submit: Callable, *, label: str,
              progress: Progress | None) -> dict[Shard, Any]:
-        """Sync, submit every non-empty shard, gather: {shard: output} (empty shards run nowhere)."""
+        """Sync, submit every non-empty shard, gather: {shard: output} (empty shards run nowhere).
+
+        A replica that dies mid-call (its process or node lost) fails the call;
+        the pool is then rebuilt from `model` and the whole call redone, up to
+        `retries` times: every shard's result is a function of its request and
+        seed, so the redone call returns what the first would have.
+        """
         work = [s for s in shards if s.size > 0]
         if not work:
             return {}
-        try:
-            self.sync(model)
-            outs = gather([submit(s) for s in work], label=label, progress=progress)
-        except Exception:
-            self.shutdown()  # a failed replica may have missed a sync: start afresh next call
-            raise
-        return dict(zip(work, outs, strict=True))
+        for attempt in range(self.retries + 1):
+            try:
+                self.sync(model)
+                outs = gather([submit(s) for s in work], label=label, progress=progress)
+                return dict(zip(work, outs, strict=True))
+            except RayActorError:
+                self.shutdown()  # a dead replica: start afresh (the others may have missed nothing, but the
+                if attempt == self.retries:  # sync state of a restarted actor would be stale)
+                    raise
+            except Exception:
+                self.shutdown()  # a failed replica may have missed a sync: start afresh next call
+                raise
+        raise AssertionError("unreachable")
 
     def node_ids(self) -> list[str]:
         """The node each actor runs on (starts nothing: empty if the pool is not started)."""

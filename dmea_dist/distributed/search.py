@@ -1,14 +1,14 @@
 """Expansion candidates as parallel Ray tasks (the EXPAND stage's search).
 
-`search_candidates(model, jobs, common, ...)` has the contract of the
-executor's in-process search: one `CandidateResult` per job, in job order,
-each `expansion.search_candidate(<copy of model>, **job, **common)`, paired
-with the id of the node that ran it.
+`search_candidates(model, jobs, data, ...)` has the contract of the
+in-process kernel's search: one `CandidateResult` per `SearchJob`, in job
+order, each `kernels.run_search_job(<copy of model>, job, data)`, paired with
+the id of the node that ran it.
 
 Key decisions:
 - The model (as a plain snapshot: config and tensors, see
-  `generation.model_snapshot`) and `common` (the task's batches and
-  hyperparameters) go to the object store once (`ray.put`); every task
+  `generation_pool.model_snapshot`) and the `SearchData` (the task's batches
+  and hyperparameters) go to the object store once (`ray.put`); every task
   reads the same two objects and builds its own model from the snapshot,
   which is the copy `search_candidate` mutates (in-process: a deep copy).
 - At most `num_workers` candidates run at once, each in its own bundle of a
@@ -34,22 +34,23 @@ import ray
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dmea_dist.distributed.generation import build_model, model_snapshot, reserve, worker_env
-from dmea_dist.method.expansion import CandidateResult, search_candidate
-from dmea_dist.pipeline import configure_threads
+from dmea_dist.distributed.cluster import configure_threads, reserve, worker_env
+from dmea_dist.distributed.generation_pool import build_model, model_snapshot
+from dmea_dist.kernels import SearchData, SearchJob, run_search_job
+from dmea_dist.method.expansion import CandidateResult
 
 STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 
 
-def run_candidate(snapshot: dict[str, Any], job: dict[str, Any], common: dict[str, Any], *,
+def run_candidate(snapshot: dict[str, Any], job: SearchJob, data: SearchData, *,
                   cpus: float) -> tuple[CandidateResult, str]:
     """Body of one search task: (the candidate's result, the id of the node it ran on)."""
     configure_threads(cpus)
-    result = search_candidate(build_model(snapshot), **job, **common)
+    result = run_search_job(build_model(snapshot), job, data)
     return result, ray.get_runtime_context().get_node_id()
 
 
-def search_candidates(model, jobs: Sequence[dict[str, Any]], common: dict[str, Any], *, num_workers: int = 1,
+def search_candidates(model, jobs: Sequence[SearchJob], data: SearchData, *, num_workers: int = 1,
                       cpus: float = 1.0, strategy: str = "SPREAD", ready_timeout_s: float = 120.0,
                       progress: Callable[[str, int, int], None] | None = None
                       ) -> list[tuple[CandidateResult, str]]:
@@ -60,7 +61,7 @@ def search_candidates(model, jobs: Sequence[dict[str, Any]], common: dict[str, A
     n_bundles = min(num_workers, len(jobs))
     pg = reserve(n_bundles, cpus=cpus, strategy=strategy, timeout_s=ready_timeout_s, what="the expansion search")
     try:
-        model_ref, common_ref = ray.put(model_snapshot(model)), ray.put(common)  # once, shared by every candidate
+        model_ref, data_ref = ray.put(model_snapshot(model)), ray.put(data)  # once, shared by every candidate
         task = ray.remote(run_candidate)
         results: list[Any] = [None] * len(jobs)
         running: dict[Any, tuple[int, int]] = {}  # ref -> (job index, bundle)
@@ -71,7 +72,7 @@ def search_candidates(model, jobs: Sequence[dict[str, Any]], common: dict[str, A
                 ref = task.options(
                     num_cpus=cpus, num_gpus=0, runtime_env={"env_vars": worker_env(cpus)},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-                ).remote(model_ref, jobs[index], common_ref, cpus=cpus)
+                ).remote(model_ref, jobs[index], data_ref, cpus=cpus)
                 running[ref] = (index, bundle)
             (ref,), _ = ray.wait(list(running), num_returns=1)
             index, bundle = running.pop(ref)

@@ -1,40 +1,39 @@
 """The ADAPT stage on Ray Train: one `AdaptJob` on a `TorchTrainer` with N data-parallel workers.
 
-`RayTrainAdapter(run_config, num_workers=..., cpus_per_worker=...)` is an
-`adapt_fn` for `InProcessExecutor(run, adapt_fn=...)`: called with the
-driver's model and a job, it trains on Ray Train and installs the trained
-weights into the driver's model, exactly as the in-process kernel leaves them.
+`RayTrainAdapter(engine, num_workers=..., cpus_per_worker=..., storage_path=...)`
+is called with the coordinator's model and a job; it trains on Ray Train and
+installs the trained weights into that model, exactly as the in-process
+kernel leaves them.
 
 One call:
-1. The driver puts the model and the job in the object store once; the refs
-   travel in `train_loop_config`. Ray resolves only top-level ObjectRef
-   arguments of a task, not refs nested in a dict (checked on Ray 2.60), so
-   each worker `ray.get`s them itself.
+1. The model and the job go to the object store once; the refs travel in
+   `train_loop_config`. Ray resolves only top-level ObjectRef arguments of a
+   task, not refs nested in a dict (checked on Ray 2.60), so each worker
+   `ray.get`s them itself. The engine settings are plain values
+   (`EngineSettings`: DeepSpeed's config dict and the eta clamp).
 2. Ray Train starts one torch.distributed group over the workers (gloo on CPU,
    nccl on GPU; `TorchConfig`) and exports RANK/WORLD_SIZE/MASTER_*. The
-   DeepSpeed engine (`pipeline.deepspeed_engine_factory`, `engine.build_engine`)
-   finds the group initialised and joins it instead of starting its own.
+   DeepSpeed engine (`engine.build_engine`) finds the group initialised and
+   joins it instead of starting its own.
 3. Every worker runs `run_adapt_job(model, job, shard=(rank, world))`: each
-   rank batches every world-th example of every source (`iterate_batches`),
-   so the global batch is world x train.batch_size and DeepSpeed averages the
+   rank batches every world-th example of every source (`BatchStream`), so
+   the global batch is world x train.batch_size and DeepSpeed averages the
    gradients; with one worker the job is the in-process one, step for step.
-   Dropout draws from torch's global generator, seeded here with
-   `job.seed + rank` right before the job (the in-process reference must seed
-   the same way to match bit for bit).
-4. Every rank calls `ray.train.report` exactly once (it is a barrier) with
-   plain-float metrics; rank 0 attaches an adapters-only checkpoint: the
-   trained weights (`trained_state`: the path's modules, or the backbone for
-   full fine-tuning) as safetensors plus the `AdaptResult` as JSON. No
-   DeepSpeed checkpoint, no frozen backbone, no optimizer state: the next
-   stage needs the weights only.
-5. The driver reads the checkpoint and `load_trained_state`s it.
+   Dropout draws from torch's global generator, seeded with `job.seed + rank`.
+4. Fault tolerance: after every epoch each rank saves its part of a DeepSpeed
+   checkpoint (`method.adapt_checkpoint`: trainable weights, optimizer, RNG,
+   step) and reports it; Ray Train merges the ranks' files into one
+   checkpoint. When a worker dies, Ray Train restarts the group (up to
+   `max_failures` times) and `ray.train.get_checkpoint()` hands the last one
+   to the new workers, which continue from that step as if nothing happened.
+5. At the end rank 0 reports an adapters-only checkpoint: the trained weights
+   (`trained_state`) as safetensors plus the `AdaptResult` as JSON; the
+   coordinator reads it and `load_trained_state`s it.
 
 Storage: Ray Train v2 persists checkpoints under `RunConfig.storage_path`
-(default `<output_dir>/_ray_train`, one folder per call). That is a local
-path: a multi-node cluster needs shared storage there (NFS, or an S3/GCS URI).
-GPU workers (`use_gpu=True`) are written for but untested here (no GPU):
-DeepSpeed moves the model to the worker's device, and `method.adaptation.adapt`
-moves each batch to the device of the engine's module.
+(`<run_dir>/_ray_train`, one folder per call). That is a local path: a
+multi-node cluster needs shared storage there (NFS, or an S3/GCS URI). GPU
+workers (`use_gpu=True`) are written for but untested here (no GPU).
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmea_dist.config import RunConfig
 from dmea_dist.errors import ConfigError
+from dmea_dist.kernels import EngineSettings
 from dmea_dist.method.adaptation import (
     AdaptJob,
     AdaptResult,
@@ -61,7 +60,6 @@ from dmea_dist.method.adaptation import (
     run_adapt_job,
     trained_state,
 )
-from dmea_dist.pipeline import deepspeed_engine_factory
 
 CHECKPOINT_FORMAT = "dmea-adapt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -70,30 +68,30 @@ WEIGHT_FILES = {"modules": "adapters.safetensors", "backbone": "backbone.safeten
 
 
 class RayTrainAdapter:
-    """`adapt_fn(model, job) -> AdaptResult` running the job on Ray Train (module docstring).
+    """`adapt(model, job) -> AdaptResult` running the job on Ray Train (module docstring).
 
-    num_workers: data-parallel ranks; cpus_per_worker: CPUs reserved per rank
-    (also its torch thread count); use_gpu: one GPU per rank (untested here).
-    storage_path: where Ray Train persists checkpoints (shared storage on
-    multi-node clusters); default `<run_config.output_dir>/_ray_train`.
-    Needs a running Ray (`ray.init`); `last_checkpoint` / `last_metrics` hold
-    the latest call's adapters-only checkpoint and rank 0's reported metrics.
+    engine: DeepSpeed's config and the eta clamp (plain values); num_workers:
+    data-parallel ranks; cpus_per_worker: CPUs reserved per rank (also its torch
+    thread count); use_gpu: one GPU per rank (untested here); max_failures:
+    worker-group restarts Ray Train makes after a worker dies, each from the
+    last epoch checkpoint. storage_path: where Ray Train persists checkpoints
+    (shared storage on multi-node clusters). Needs a running Ray (`ray.init`);
+    `last_checkpoint` / `last_metrics` hold the latest call's final checkpoint
+    and rank 0's reported metrics.
     """
 
-    def __init__(self, run_config: RunConfig, *, num_workers: int, cpus_per_worker: float,
-                 use_gpu: bool = False, storage_path: str | os.PathLike | None = None,
-                 placement_strategy: str = "PACK"):
+    def __init__(self, engine: EngineSettings, *, num_workers: int, cpus_per_worker: float, storage_path: str | os.PathLike,
+                 use_gpu: bool = False, placement_strategy: str = "PACK", max_failures: int = 2):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(f"ray.num_train_workers={num_workers!r} must be an int >= 1")
         if not cpus_per_worker > 0:
             raise ConfigError(f"ray.train_cpus={cpus_per_worker!r} must be > 0 (CPUs per training worker)")
-        self.run_config = run_config
+        self.engine = engine
         self.num_workers = num_workers
         self.cpus_per_worker = float(cpus_per_worker)
         self.use_gpu = bool(use_gpu)
         self.placement_strategy = placement_strategy
-        if storage_path is None:
-            storage_path = Path(run_config.output_dir) / "_ray_train"
+        self.max_failures = max_failures
         # Ray Train wants an absolute path or a URI (s3://...); keep URIs as given.
         text = os.fspath(storage_path)
         self.storage_path = text if "://" in text else str(Path(text).resolve())
@@ -101,15 +99,8 @@ class RayTrainAdapter:
         self.last_metrics: dict[str, Any] = {}
         self.last_nodes: list[str] = []  # node id of each rank of the latest call
 
-    @classmethod
-    def from_config(cls, run_config: RunConfig, *, storage_path: str | os.PathLike | None = None) -> RayTrainAdapter:
-        """Workers, CPUs and GPU use from the config's `ray:` section."""
-        ray_cfg = run_config.ray
-        return cls(run_config, num_workers=ray_cfg.num_train_workers, cpus_per_worker=ray_cfg.train_cpus,
-                   use_gpu=ray_cfg.use_gpu, storage_path=storage_path, placement_strategy=ray_cfg.placement_strategy)
-
     def __call__(self, model, job: AdaptJob) -> AdaptResult:
-        result = self._trainer(model, job).fit()  # raises TrainingFailedError when a worker fails
+        result = self._trainer(model, job).fit()  # raises TrainingFailedError when the failures are used up
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {result.path} ended without the adapters checkpoint rank 0 reports")
         self.last_checkpoint = result.checkpoint
@@ -121,13 +112,13 @@ class RayTrainAdapter:
         return adapt_result
 
     def _trainer(self, model, job: AdaptJob):
-        from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         env = {"OMP_NUM_THREADS": str(self._threads())}
         if not self.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed must not pick CUDA on a GPU node (DESIGN section 4)
-        loop_config = {"model": ray.put(model), "job": ray.put(job), "run_config": self.run_config,
+        loop_config = {"model": ray.put(model), "job": ray.put(job), "engine": self.engine,
                        "threads": self._threads(), "use_gpu": self.use_gpu}
         return TorchTrainer(
             train_loop_per_worker,
@@ -137,7 +128,9 @@ class RayTrainAdapter:
                                          resources_per_worker={"CPU": self.cpus_per_worker},
                                          placement_strategy=self.placement_strategy),
             run_config=RunConfig(name=f"adapt-seed{job.seed}-{uuid.uuid4().hex[:8]}", storage_path=self.storage_path,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=1), worker_runtime_env={"env_vars": env}),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                 failure_config=FailureConfig(max_failures=self.max_failures),
+                                 worker_runtime_env={"env_vars": env}),
         )
 
     def _threads(self) -> int:
@@ -148,7 +141,11 @@ class RayTrainAdapter:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One rank of the job: train its shard, report once; rank 0 attaches the checkpoint."""
+    """One rank of the job: train its shard, checkpoint every epoch, report; rank 0 attaches the weights.
+
+    A restarted worker group (a worker died) finds the last epoch checkpoint in
+    `ray.train.get_checkpoint()` and continues from it (`run_adapt_job`).
+    """
     import ray.train
     import ray.train.torch
 
@@ -156,16 +153,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     model, job = _resolve(config["model"]), _resolve(config["job"])
-    build = deepspeed_engine_factory(config["run_config"])
+    build = config["engine"].factory()
     engines = []
 
     def engine_factory(model, params):
         engines.append(build(model, params))  # joins Ray Train's process group (module docstring)
         return engines[-1]  # `adapt` moves each batch to the engine's device
 
-    torch.manual_seed(job.seed + rank)  # dropout masks: reproducible, different per rank
-    start = time.perf_counter()
-    result = run_adapt_job(model, job, engine_factory=engine_factory, shard=(rank, world_size))
+    engine_factory.partitions_model = getattr(build, "partitions_model", False)
+    with tempfile.TemporaryDirectory(prefix="dmea-adapt-") as local:
+        local = Path(local)
+        restored = ray.train.get_checkpoint()
+        if restored is not None:  # a restarted attempt: continue from the last epoch checkpoint
+            restored.to_directory(str(local))
+
+        def report_checkpoint() -> None:
+            ray.train.report({"checkpoint": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
+
+        start = time.perf_counter()
+        result = run_adapt_job(model, job, engine_factory=engine_factory, shard=(rank, world_size),
+                               checkpoint_dir=local, after_checkpoint=report_checkpoint,
+                               barrier=torch.distributed.barrier if world_size > 1 else None)
     metrics = adapt_metrics(result, wall_s=time.perf_counter() - start)
     state = _trained_weights(model, job.trainable, engines[0])  # a collective at ZeRO-3: every rank
     nodes = [ray.get_runtime_context().get_node_id()] * world_size

@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from dmea_dist.data.formatting import BatchStream, Example
+from dmea_dist.errors import DmeaError
 from dmea_dist.method.training import task_loss
 
 MIXINGS = ("alternate", "all")
@@ -73,6 +76,7 @@ class AdaptResult:
     losses: dict[str, list[float]] = field(default_factory=dict)  # per source key, per step it was in
     etas: dict[str, list[float]] = field(default_factory=dict)  # per scaled source key, per step it was in
     clamp_hits: dict[str, int] = field(default_factory=dict)  # per scaled key: steps whose eta hit the clamp
+    resumed_from: int = 0  # steps a checkpoint had already done when this job (re)started
 
     def clamp_rate(self) -> float | None:
         """Share of all scaled (step, replayed task) pairs whose eta sat at a clamp bound."""
@@ -115,11 +119,22 @@ def step_plan(keys: Sequence[str], total: int, *, mixing: str, seed: int | str) 
     return plan
 
 
+class TrainingDiverged(DmeaError):
+    """A loss became NaN or infinite: training stops, the last good state is kept."""
+
+
 def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda: float,
           scale: bool, progress: str = "epochs", autocast: str = "none", mixing: str = "alternate",
           token_weights: Mapping[int, float] | None = None, seed: int | str = 0,
-          on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
-    """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask)."""
+          on_step: Callable[[int, int], None] | None = None, start: int = 0, result: AdaptResult | None = None,
+          checkpoint_every: int | None = None,
+          on_checkpoint: Callable[[int, AdaptResult], None] | None = None) -> AdaptResult:
+    """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask).
+
+    start/result: continue a run checkpointed after `start` steps (its result so
+    far); `on_checkpoint(steps_done, result)` is called every `checkpoint_every`
+    steps (default: every epoch), after the optimizer step.
+    """
     if not sources or not len(sources[0].batches):
         raise ValueError("adaptation needs the new task's batches; its training split is empty")
     if progress not in ("epochs", "fraction"):
@@ -127,12 +142,17 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
     live = {s.key: s for s in sources if len(s.batches)}
     per_epoch = len(sources[0].batches)
     total = max(1, round(epochs * per_epoch))
-    result = AdaptResult(steps=total)
+    every = checkpoint_every or per_epoch
+    result = result or AdaptResult(steps=total)
     unscaled = [k for k, s in live.items() if not s.scaled and k != sources[0].key]
-    used = dict.fromkeys(live, 0)  # batches taken so far from each stream
+    plan = step_plan(list(live), total, mixing=mixing, seed=seed)
+    used = dict.fromkeys(live, 0)  # batches taken so far from each stream (a resumed run skips `start` steps)
+    for keys in plan[:start]:
+        for key in keys:
+            used[key] += 1
     engine.module.train()
     device = next(engine.module.parameters()).device  # batches are built on the CPU
-    for step, keys in enumerate(step_plan(list(live), total, mixing=mixing, seed=seed)):
+    for step, keys in enumerate(plan[start:], start=start):
         t = step / per_epoch if progress == "epochs" else step / total
         sub_batches = []
         for key in keys:
@@ -141,7 +161,16 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
             sub_batches.append((key, functools.partial(_loss, engine, qa, lm, path=live[key].path,
                                                        lm_lambda=lm_lambda, autocast=autocast,
                                                        token_weights=token_weights)))
-        stats = engine.step(sub_batches, progress=t, scale=scale, unscaled=[k for k in keys if k in unscaled])
+        try:
+            stats = engine.step(sub_batches, progress=t, scale=scale, unscaled=[k for k in keys if k in unscaled])
+        except ValueError as err:
+            if "diverged" in str(err):  # the engine refuses non-finite gradients
+                raise TrainingDiverged(f"adaptation diverged at step {step + 1} of {total}: {err}") from None
+            raise
+        bad = {k: v for k, v in getattr(stats, "losses", {}).items() if not math.isfinite(v)}
+        if bad:
+            raise TrainingDiverged(f"adaptation diverged at step {step + 1} of {total}: loss {bad} is not finite; "
+                                   "lower train.lr (or train.full_finetune_lr) or check the data")
         for key, loss in getattr(stats, "losses", {}).items():
             result.losses.setdefault(key, []).append(float(loss))
         for key, eta in getattr(stats, "etas", {}).items():
@@ -150,6 +179,8 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
             result.clamp_hits[key] = result.clamp_hits.get(key, 0) + bool(hit)
         if on_step is not None:
             on_step(step + 1, total)
+        if on_checkpoint is not None and (step + 1) % every == 0 and step + 1 < total:
+            on_checkpoint(step + 1, result)
     return result
 
 
@@ -207,7 +238,9 @@ def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]
 
 
 def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tuple[int, int] = (0, 1),
-                  on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
+                  on_step: Callable[[int, int], None] | None = None, checkpoint_dir: str | Path | None = None,
+                  checkpoint_every: int | None = None, barrier: Callable[[], None] | None = None,
+                  after_checkpoint: Callable[[], None] | None = None) -> AdaptResult:
     """Train `model` in place on this rank's shard of `job`; everything is frozen again after.
 
     An engine factory that partitions the model it is given (ZeRO-3:
@@ -215,6 +248,14 @@ def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tupl
     trainable weights are then loaded back: ZeRO-3 leaves its hooks and
     partitioned tensors on every module it saw, which later stages (search,
     generation) must not inherit.
+
+    checkpoint_dir: every epoch (or `checkpoint_every` steps) the engine
+    (trainable weights, optimizer), the step, the result so far and this
+    rank's RNG are saved there (`adapt_checkpoint`); a job started on a folder
+    holding a checkpoint of the same job continues from it, step for step as
+    if it had never stopped. `barrier` syncs the ranks before a checkpoint is
+    declared complete (multi-rank); `after_checkpoint()` runs on every rank
+    once a checkpoint is complete (Ray Train reports it there).
     """
     isolate = getattr(engine_factory, "partitions_model", False)
     target = copy.deepcopy(model) if isolate else model
@@ -223,18 +264,36 @@ def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tupl
     with torch.random.fork_rng():
         torch.manual_seed(job.seed + shard[0])
         return _run(model, target, params, job, engine_factory=engine_factory, shard=shard, on_step=on_step,
-                    isolate=isolate)
+                    isolate=isolate, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+                    checkpoint_every=checkpoint_every, barrier=barrier, after_checkpoint=after_checkpoint)
 
 
-def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step, isolate: bool) -> AdaptResult:
+def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step, isolate: bool,
+         checkpoint_dir: Path | None, checkpoint_every: int | None, barrier, after_checkpoint) -> AdaptResult:
+    from dmea_dist.method import adapt_checkpoint
+
     try:
         engine = engine_factory(target, params)
         sources = [Source(key, BatchStream(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
                                            seed=f"{job.seed}:{key}", shard=shard), path)
                    for key, (qa, lm), path in job.sources]
+        start, partial, on_checkpoint = 0, None, None
+        if checkpoint_dir is not None:
+            digest = adapt_checkpoint.job_digest(job, world_size=shard[1])
+            start, partial = adapt_checkpoint.restore(engine, checkpoint_dir, digest=digest, rank=shard[0])
+            if partial is not None:
+                partial.resumed_from = start
+
+            def on_checkpoint(steps: int, result: AdaptResult) -> None:
+                adapt_checkpoint.save(engine, checkpoint_dir, digest=digest, steps=steps, result=result,
+                                      rank=shard[0], barrier=barrier)
+                if after_checkpoint is not None:
+                    after_checkpoint()
+
         result = adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
                        progress=job.progress, autocast=job.autocast, mixing=job.mixing,
-                       token_weights=job.token_weights, seed=job.seed, on_step=on_step)
+                       token_weights=job.token_weights, seed=job.seed, on_step=on_step, start=start,
+                       result=partial, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint)
         if isolate:
             state = engine.trainable_state_dict()  # a collective at ZeRO-3: every rank gets here
             missing = set(state) - {n for n, _ in model.named_parameters()}

@@ -115,7 +115,7 @@ def search_candidate(model, *, candidate: int, train: BatchStream, val_batches: 
     """
     torch.manual_seed(seed)
     old = [model.module_ids(layer) for layer in range(model.n_layers)]
-    new_ids = model.add_module(generator=torch.Generator().manual_seed(seed))
+    new_ids = model.add_modules(generator=torch.Generator().manual_seed(seed))
     candidates = [ids + [n] for ids, n in zip(old, new_ids, strict=True)]
     logits = [torch.nn.Parameter(x.clone(), requires_grad=False) for x in init]  # frozen for the warm-up
     new_path = list(new_ids)

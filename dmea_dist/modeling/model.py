@@ -100,18 +100,14 @@ class DMEAModel(nn.Module):
 
     # ------------------------------------------------------------------ modules
 
-    def add_module(self, *args, layers: list[int] | None = None, generator=None):
+    def add_modules(self, *, layers: list[int] | None = None, generator=None) -> list[int]:
         """Add one fresh (identity) module to every layer, or to `layers`.
 
         Returns the new module id of each layer added to, in the order of
         `layers` (for `layers=None`, a full path of the new modules).
-        `generator` seeds the `down` projections.
+        `generator` seeds the `down` projections. (Not `add_module`: that is
+        nn.Module's registration of a submodule, which torch itself calls.)
         """
-        if args and isinstance(args[0], str):
-            # nn.Module.add_module(name, module), still used by torch internals.
-            return super().add_module(*args)
-        if args:
-            raise TypeError("add_module takes keyword arguments: add_module(layers=[...])")
         layers = list(range(self.n_layers)) if layers is None else list(layers)
         for layer in layers:
             self._check_layer(layer)

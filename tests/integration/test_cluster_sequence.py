@@ -34,7 +34,7 @@ def two_nodes():
 
 
 def test_short_sequence_uses_both_nodes(two_nodes, tmp_path):
-    from dmea_dist.distributed.coordinator import RayCoordinator
+    from dmea_dist.distributed.coordinator import ray_coordinator_factory
     from dmea_dist.tracking import find_task_runs
 
     config = tiny_config(tmp_path, data={"tasks": ["synth.hotel.00", "synth.listops.00"]},
@@ -42,8 +42,8 @@ def test_short_sequence_uses_both_nodes(two_nodes, tmp_path):
                               "placement_strategy": "SPREAD"})
     handles = []
 
-    def factory(cfg, run_dir, progress):
-        handles.append(RayCoordinator(cfg, run_dir))
+    def factory(cfg, run_dir, *, resume, progress=None):
+        handles.append(ray_coordinator_factory(cfg, run_dir, resume=resume))
         handles[-1].close = lambda: None  # keep the actor for the placement check below
         return handles[-1]
 

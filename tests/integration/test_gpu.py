@@ -19,12 +19,12 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def models(tiny_gpt2_config):
     cpu = DMEAModel.from_config(tiny_gpt2_config, seed=0).eval()
-    path = cpu.add_module(generator=torch.Generator().manual_seed(0))
+    path = cpu.add_modules(generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for p in cpu.trainable_parameters(path):
             p.add_(0.05 * torch.randn_like(p))
     gpu = DMEAModel.from_config(tiny_gpt2_config, seed=0)
-    gpu.add_module()
+    gpu.add_modules()
     gpu.load_state_dict(cpu.state_dict())
     return cpu, gpu.cuda().eval(), path
 

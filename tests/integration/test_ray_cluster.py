@@ -18,13 +18,12 @@ import threading
 import pytest
 import torch
 
-from dmea_dist.method import expansion
+from dmea_dist.kernels import run_search_job
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from dmea_dist.distributed.workers import RayKernels  # noqa: E402
-from tests.integration.test_ray_workers import answer_requests, prepare  # noqa: E402
+from tests.integration.test_ray_workers import answer_requests, prepare, ray_kernels  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -49,23 +48,27 @@ def env(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+def tmp_path_factory_dir(env):
+    return env.run.run_dir.parent / "_ray_train"  # not under the run directory, which the test removes
+
+
 def test_actors_and_candidates_spread_over_both_nodes(cluster, env):
     shutil.rmtree(env.run.run_dir)  # nothing may be read from the driver's run directory
     env.run.model.engine_handle = threading.Lock()  # unpicklable, as after DeepSpeed: only a snapshot travels
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
-    kernels = RayKernels(env.run, num_search_workers=2, search_cpus=1, num_generation_actors=2, generation_cpus=1,
-                         placement_strategy="SPREAD")
+    kernels = ray_kernels(env.run, tmp_path_factory_dir(env), num_search_workers=2, search_cpus=1,
+                          num_generation_actors=2, generation_cpus=1, placement_strategy="SPREAD")
     try:
         requests = answer_requests(env.run.model, env.run)
-        answers = kernels.answer_fn(env.run.model, requests)
+        answers = kernels.answer(env.run.model, requests)
         assert set(kernels.pool.node_ids()) == nodes  # one replica per node
-        assert answers == env.executor._answer_in_process(env.run.model, requests)
+        assert answers == env.reference.answer(env.run.model, requests)
     finally:
-        kernels.shutdown()  # release the pool's CPUs for the search
-    results = kernels.search_fn(env.model, env.jobs, env.common)
-    assert set(kernels.search_nodes) == nodes
-    reference = [expansion.search_candidate(copy.deepcopy(env.model), **job, **env.common) for job in env.jobs]
+        kernels.close()  # release the pool's CPUs for the search
+    results = kernels.search(env.model, env.jobs, env.data)
+    assert kernels.placement.search == nodes
+    reference = [run_search_job(copy.deepcopy(env.model), job, env.data) for job in env.jobs]
     for got, want in zip(results, reference, strict=True):
         assert got.path == want.path
         assert got.val_loss == pytest.approx(want.val_loss, abs=1e-6)

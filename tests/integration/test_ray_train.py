@@ -31,14 +31,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from dmea_dist.config import config_from_dict
+from dmea_dist.coordinator import engine_settings
 from dmea_dist.data.formatting import encode_task
 from dmea_dist.engine import free_port
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job, trained_state
-from dmea_dist.pipeline import deepspeed_engine_factory
 from dmea_dist.run import build_run
 
 ray = pytest.importorskip("ray")
-from dmea_dist.distributed.training import (  # noqa: E402  (after the importorskip)
+from dmea_dist.distributed.train_workers import (  # noqa: E402  (after the importorskip)
     RESULT_FILE,
     WEIGHT_FILES,
     RayTrainAdapter,
@@ -55,7 +55,8 @@ N_TRAIN, BATCH, EPOCHS = 48, 8, 2
 def tiny_config(output_dir, deepspeed=None):
     return config_from_dict({
         "name": "ray-train-test", "output_dir": str(output_dir),
-        "data": {"tasks": ["synth.restaurant.00", "synth.restaurant.01"], "synth_sizes": [N_TRAIN, 8, 8]},
+        "data": {"tasks": ["synth.restaurant.00", "synth.restaurant.01"], "synth_sizes": [N_TRAIN, 8, 8],
+                 "overlength": "truncate"},  # one row passes max_length=96 with this BPE
         "model": {"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 128, "vocab_size": 400,
                            "pretrain": {"steps": 20, "batch_size": 16, "seq_len": 32, "heldout_tasks": 1}},
                   "bottleneck": 8, "max_length": 96},
@@ -74,15 +75,15 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(config, model, first-task job, second-task job with replay), built like InProcessExecutor.adapt."""
+    """(config, model, first-task job, second-task job with replay), built like the ADAPT stage builds them."""
     out = tmp_path_factory.mktemp("ray-train")
     cfg = tiny_config(out)
     run = build_run(cfg, run_dir=out / "run")
     model, (t0, t1) = run.model, run.tasks
-    path0 = model.add_module(generator=torch.Generator().manual_seed(0))
+    path0 = model.add_modules(generator=torch.Generator().manual_seed(0))
     model.set_path(t0.task_id, path0)
     # task 1 shares task 0's layer-0 module and adds a new one in layer 1: replay of task 0 reaches layer 0
-    path1 = [path0[0], *model.add_module(layers=[1], generator=torch.Generator().manual_seed(1))]
+    path1 = [path0[0], *model.add_modules(layers=[1], generator=torch.Generator().manual_seed(1))]
     model.set_path(t1.task_id, path1)
     common = dict(epochs=EPOCHS, lm_lambda=0.25, scale=True, progress="epochs", batch_size=BATCH,
                   pad_id=run.formatter.special.pad)
@@ -99,7 +100,7 @@ def in_process_first(tiny):
     cfg, model, job, _ = tiny
     model = copy.deepcopy(model)
     torch.manual_seed(job.seed)  # what the Ray worker of rank 0 seeds (dropout)
-    return model, run_adapt_job(model, job, engine_factory=deepspeed_engine_factory(cfg))
+    return model, run_adapt_job(model, job, engine_factory=engine_settings(cfg).factory())
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -121,7 +122,7 @@ def test_one_worker_equals_in_process_and_installs_adapters(ray_session, tiny, i
     want_model, want_result = in_process_first
     driver_model = copy.deepcopy(model)
     before = trained_state(driver_model, job.trainable)
-    adapter = RayTrainAdapter(cfg, num_workers=1, cpus_per_worker=2)
+    adapter = RayTrainAdapter(engine_settings(cfg), num_workers=1, cpus_per_worker=2, storage_path=cfg.output_dir)
     got_result = adapter(driver_model, job)
 
     got, want = trained_state(driver_model, job.trainable)["modules"], trained_state(want_model, job.trainable)["modules"]
@@ -148,7 +149,7 @@ def _reference_rank(rank, world_size, port, cfg, model, job, out_dir):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     torch.manual_seed(job.seed + rank)
-    result = run_adapt_job(model, job, engine_factory=deepspeed_engine_factory(cfg), shard=(rank, world_size))
+    result = run_adapt_job(model, job, engine_factory=engine_settings(cfg).factory(), shard=(rank, world_size))
     torch.save({"state": trained_state(model, job.trainable), "result": asdict(result)}, out_dir / f"rank{rank}.pt")
     torch.distributed.barrier()  # leave together: a rank exiting mid-gloo-traffic can abort its peer
     torch.distributed.destroy_process_group()
@@ -158,7 +159,8 @@ def test_two_workers_equal_a_two_process_run_on_the_same_shards(ray_session, tin
     cfg, model, _, job = tiny
     driver_model = copy.deepcopy(model)
     before = trained_state(driver_model, job.trainable)["modules"]
-    got_result = RayTrainAdapter(cfg, num_workers=2, cpus_per_worker=1)(driver_model, job)
+    got_result = RayTrainAdapter(engine_settings(cfg), num_workers=2, cpus_per_worker=1,
+                                 storage_path=tmp_path / "storage")(driver_model, job)
     mp.spawn(_reference_rank, args=(2, free_port(), cfg, copy.deepcopy(model), job, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
@@ -177,7 +179,8 @@ def test_zero3_gathers_the_partitioned_adapters(ray_session, tiny, in_process_fi
     _, model, job, _ = tiny
     cfg3 = tiny_config(tmp_path, deepspeed={"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     driver_model = copy.deepcopy(model)
-    RayTrainAdapter(cfg3, num_workers=1, cpus_per_worker=2, storage_path=tmp_path / "storage")(driver_model, job)
+    RayTrainAdapter(engine_settings(cfg3), num_workers=1, cpus_per_worker=2,
+                    storage_path=tmp_path / "storage")(driver_model, job)
     want_model, _ = in_process_first  # ZeRO-1: on one rank the stages compute the same update
     got = trained_state(driver_model, job.trainable)["modules"]
     assert max_diff(got, trained_state(want_model, job.trainable)["modules"]) <= TOL
@@ -188,7 +191,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path, tiny_gpt2_config):
     from dmea_dist.modeling.model import DMEAModel
 
     model = DMEAModel.from_config(tiny_gpt2_config, bottleneck=4)
-    path = model.add_module(generator=torch.Generator().manual_seed(0))
+    path = model.add_modules(generator=torch.Generator().manual_seed(0))
     result = AdaptResult(steps=2, losses={"new": [2.0, 1.5], "replay:a": [3.0, 2.5]}, etas={"replay:a": [0.5, 2.0]})
     for trainable, key in ((path, "modules"), (None, "backbone")):
         directory = tmp_path / key
@@ -215,6 +218,7 @@ def test_a_failing_worker_surfaces_its_error_and_leaves_the_model(ray_session, t
     before = trained_state(driver_model, job.trainable)["modules"]
     empty = dataclasses.replace(job, sources=[("new", ([], []), job.trainable)])
     with pytest.raises(ray.train.TrainingFailedError, match="training split is empty"):
-        RayTrainAdapter(cfg, num_workers=1, cpus_per_worker=1)(driver_model, empty)
+        RayTrainAdapter(engine_settings(cfg), num_workers=1, cpus_per_worker=1, storage_path=cfg.output_dir,
+                        max_failures=0)(driver_model, empty)
     assert max_diff(trained_state(driver_model, job.trainable)["modules"], before) == 0.0
 

@@ -3,14 +3,14 @@
 One tiny run (2-layer GPT-2, two synthetic tasks of different families) is
 built in tmp; task 0 gets a path whose modules are trained a little with
 plain PyTorch (so generations and answers are not all garbage), and the
-executor's EXPAND of task 1 is run with a capturing search kernel, so the
-search jobs are exactly the ones the executor builds. Then:
+EXPAND stage of task 1 is run with a capturing search kernel, so the search
+jobs are exactly the ones the stage builds. Then:
 
 * the distributed search (2 workers, 3 candidates: one waits for a free
   bundle) gives the in-process paths, losses, logits and new-module weights,
   also for a model carrying an unpicklable attribute (as after DeepSpeed);
 * one generation actor gives exactly the in-process pseudo samples, and
-  answers; with `pool_lifetime="call"` the pool is released after each call;
+  answers;
 * two actors: pseudo samples equal the in-process generation of the planned
   ranges (part seeds derived), cover n, and repeat exactly; greedy answers
   equal the in-process ones; top-k answers repeat exactly;
@@ -25,22 +25,26 @@ created after the search and the 1-actor tests have released their CPUs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dmea_dist import stages
 from dmea_dist.config import config_from_dict
+from dmea_dist.coordinator import decoding_settings, engine_settings, in_process_kernels
+from dmea_dist.kernels import AnswerRequest, GenerateRequest, run_search_job
 from dmea_dist.method import expansion
-from dmea_dist.method.generation import PseudoSamples, generate_answers, generate_pseudo_samples
+from dmea_dist.method.generation import generate_answers
 from dmea_dist.method.training import make_optimizer, task_loss
-from dmea_dist.pipeline import InProcessExecutor
 from dmea_dist.run import build_run
+from dmea_dist.state import RunState
 
 ray = pytest.importorskip("ray")
-from dmea_dist.distributed.generation import derive_seed, plan_shards  # noqa: E402
-from dmea_dist.distributed.workers import RayKernels  # noqa: E402
+from dmea_dist.distributed.generation_pool import derive_seed, plan_shards  # noqa: E402
+from dmea_dist.distributed.kernels import RayKernels  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +55,7 @@ def tiny_config(root, *, pretrain_steps: int = 300):
     """A tiny run: 2 layers x 32, two tasks of different families, 2 search candidates."""
     return config_from_dict({
         "name": "tiny", "output_dir": str(root),
-        "data": {"tasks": TASKS, "synth_sizes": [24, 8, 8]},
+        "data": {"tasks": TASKS, "synth_sizes": [24, 8, 8], "overlength": "truncate"},  # 6 rows pass max_length=80
         "model": {"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 96, "vocab_size": 400,
                            "pretrain": {"steps": pretrain_steps, "batch_size": 16, "seq_len": 64,
                                         "heldout_tasks": 1}},
@@ -64,31 +68,49 @@ def tiny_config(root, *, pretrain_steps: int = 300):
     })
 
 
+class Capture:
+    """The in-process kernels, remembering the search's model, jobs and data."""
+
+    def __init__(self, kernels):
+        self.kernels, self.captured = kernels, {}
+
+    def search(self, model, jobs, data):
+        self.captured.update(model=copy.deepcopy(model), jobs=list(jobs), data=data)
+        return self.kernels.search(model, jobs, data)
+
+    def __getattr__(self, name):
+        return getattr(self.kernels, name)
+
+
 def prepare(root, *, pretrain_steps: int = 300, train_steps: int = 150) -> SimpleNamespace:
     """Build the run, give task 0 a (briefly trained) path, capture task 1's search arguments."""
-    run = build_run(tiny_config(root, pretrain_steps=pretrain_steps), run_dir=root / "tiny")
-    captured = {}
-
-    def capture(model, jobs, common):
-        captured.update(model=copy.deepcopy(model), jobs=jobs, common=common)
-        return [expansion.search_candidate(copy.deepcopy(model), **job, **common) for job in jobs]
-
-    executor = InProcessExecutor(run, engine_factory=lambda *a: None, search_fn=capture)
-    executor.expand(run.tasks[0])
+    config = tiny_config(root, pretrain_steps=pretrain_steps)
+    run = build_run(config, run_dir=root / "tiny")
+    kernels = Capture(in_process_kernels(run))
+    ctx = stages.RunContext(run=run, state=RunState.new(TASKS), kernels=kernels,
+                            settings=stages.StageSettings.from_config(config))
+    stages.expand(ctx, run.tasks[0])
     model, path = run.model, run.model.path_of(TASKS[0])
     model.set_trainable(path)
     optimizer = make_optimizer(model.trainable_parameters(path), lr=1e-2, weight_decay=0.0, eps=1e-6)
-    batches = executor._batches(run.tasks[0].train, seed=0)
+    stream = stages._stream(ctx, run.tasks[0].train, seed="0")
     model.train()
     for step in range(train_steps):
-        qa, lm = batches[step % len(batches)]
+        qa, lm = stream.batch(step)
         loss = task_loss(model, qa, lm, path=path, lm_lambda=1.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.set_trainable(None)
-    executor.expand(run.tasks[1])  # in-process search; records the jobs the executor builds
-    return SimpleNamespace(run=run, executor=executor, **captured)
+    stages.expand(ctx, run.tasks[1])  # in-process search; records the jobs the stage builds
+    return SimpleNamespace(run=run, reference=kernels.kernels, **kernels.captured)
+
+
+def ray_kernels(run, tmp, *, min_chunk: int = 8, **sizes) -> RayKernels:
+    """The run's Ray kernels with `sizes` in place of its `ray:` section."""
+    return RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length, engine=engine_settings(run.config),
+                      decoding=decoding_settings(run.config), sizes=dataclasses.replace(run.config.ray, **sizes),
+                      storage_path=tmp, min_chunk=min_chunk)
 
 
 @pytest.fixture(scope="module")
@@ -107,25 +129,24 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kernels2(ray_local, env):
-    kernels = RayKernels(env.run, num_generation_actors=2, generation_cpus=1, min_chunk=2)
+def kernels2(ray_local, env, tmp_path_factory):
+    kernels = ray_kernels(env.run, tmp_path_factory.mktemp("train"), min_chunk=2, num_generation_actors=2,
+                          generation_cpus=1)
     yield kernels
-    kernels.shutdown()
+    kernels.close()
 
 
 def pseudo_requests(run, *, n=6, seed=3):
-    return [{"task_id": t.task_id, "task_index": t.index, "path": run.model.path_of(t.task_id), "n": n - 3 * t.index,
-             "seed": seed} for t in run.tasks]
+    return [GenerateRequest(task_id=t.task_id, task_index=t.index, path=run.model.path_of(t.task_id),
+                            n=n - 3 * t.index, seed=seed) for t in run.tasks]
 
 
 def answer_requests(model, run):
-    return [{"task_id": t.task_id, "rows": t.rows["test"], "path": model.path_of(t.task_id)} for t in run.tasks]
+    return [AnswerRequest(task_id=t.task_id, rows=t.rows["test"], path=model.path_of(t.task_id)) for t in run.tasks]
 
 
-def in_process_pseudo(model, run, req) -> PseudoSamples:
-    cfg = run.config
-    return generate_pseudo_samples(model, run.formatter, top_k=cfg.method.adaptation.top_k_sampling,
-                                   batch_size=cfg.eval.batch_size, **req)
+def in_process_pseudo(env, model, req):
+    return env.reference.generate(model, [req])[0]
 
 
 # ------------------------------------------------------------------------------ plan (pure)
@@ -153,13 +174,13 @@ def test_plan_covers_requests_at_granule_boundaries():
 
 
 def test_search_matches_in_process(ray_local, env):
-    jobs = [*env.jobs, {**env.jobs[0], "candidate": 2, "seed": 5, "params": {"beta": 1.0, "seed": 5}}]
-    kernels = RayKernels(env.run, num_search_workers=2, search_cpus=1)
+    jobs = [*env.jobs, dataclasses.replace(env.jobs[0], candidate=2, seed=5, params={"beta": 1.0, "seed": 5})]
+    kernels = ray_kernels(env.run, env.run.run_dir / "_ray_train", num_search_workers=2, search_cpus=1)
     dirty = copy.deepcopy(env.model)
     dirty.engine_handle = threading.Lock()  # like what DeepSpeed leaves on a model: it does not pickle
-    distributed = kernels.search_fn(dirty, jobs, env.common)
-    reference = [expansion.search_candidate(copy.deepcopy(env.model), **job, **env.common) for job in jobs]
-    assert len(kernels.search_nodes) == 3
+    distributed = kernels.search(dirty, jobs, env.data)
+    reference = [run_search_job(copy.deepcopy(env.model), job, env.data) for job in jobs]
+    assert len(kernels.placement.search) >= 1
     assert any(r.new_layers for r in reference), "the check needs a candidate that keeps new modules"
     for got, want in zip(distributed, reference, strict=True):
         assert (got.candidate, got.path, got.new_layers, got.params) == (want.candidate, want.path,
@@ -178,55 +199,63 @@ def test_search_matches_in_process(ray_local, env):
 
 def test_one_actor_equals_in_process(ray_local, env):
     run = env.run
-    kernels = RayKernels(run, num_generation_actors=1, pool_lifetime="call")
+    kernels = ray_kernels(run, run.run_dir / "_ray_train", num_generation_actors=1)
     requests = pseudo_requests(run)
-    got = kernels.generate_fn(run.model, requests)
-    assert not kernels.pool.started  # pool_lifetime="call" released it
-    want = [in_process_pseudo(run.model, run, req) for req in requests]
+    got = kernels.generate(run.model, requests)
+    want = [in_process_pseudo(env, run.model, req) for req in requests]
     assert got == want
     assert want[0].rows, "the check needs some well-formed samples"
-    assert kernels.answer_fn(run.model, answer_requests(run.model, run)) == \
-        env.executor._answer_in_process(run.model, answer_requests(run.model, run))
+    assert kernels.answer(run.model, answer_requests(run.model, run)) == \
+        env.reference.answer(run.model, answer_requests(run.model, run))
+    kernels.close()
+    assert not kernels.pool.started
 
 
 def test_two_actors_pseudo_samples_are_the_planned_ranges(kernels2, env):
     run = env.run
     requests = pseudo_requests(run)
-    got = kernels2.generate_fn(run.model, requests)
-    shards = plan_shards([r["n"] for r in requests], n_actors=2, granule=2)
+    got = kernels2.generate(run.model, requests)
+    shards = plan_shards([r.n for r in requests], n_actors=2, granule=2)
     assert {s.actor for s in shards if s.request == 0} == {0, 1}  # task 0 is split over both actors
     for index, req in enumerate(requests):
         mine = [s for s in shards if s.request == index]
-        assert sum(s.size for s in mine) == req["n"]
-        parts = [in_process_pseudo(run.model, run, {**req, "n": s.size, "seed": derive_seed(req["seed"], s.part)})
+        assert sum(s.size for s in mine) == req.n
+        parts = [in_process_pseudo(env, run.model, dataclasses.replace(req, n=s.size, seed=derive_seed(req.seed, s.part)))
                  for s in mine]
-        assert got[index].task_id == req["task_id"]
+        assert got[index].task_id == req.task_id
         assert got[index].rows == [row for p in parts for row in p.rows]
         assert got[index].malformed == sum(p.malformed for p in parts)
         assert got[index].generated == sum(p.generated for p in parts)
-        assert len(got[index].rows) <= req["n"]
+        assert len(got[index].rows) <= req.n
     assert got[0].rows
-    assert kernels2.generate_fn(run.model, requests) == got  # deterministic across calls
+    assert kernels2.generate(run.model, requests) == got  # deterministic across calls
 
 
 def test_two_actors_answers(kernels2, env):
     run = env.run
     requests = answer_requests(run.model, run)
-    assert all(len(r["rows"]) > run.config.eval.batch_size for r in requests)  # so each request is split
-    want = env.executor._answer_in_process(run.model, requests)
-    assert kernels2.answer_fn(run.model, requests) == want
-    sampled = [kernels2.pool.answer(run.model, requests, batch_size=4, max_new_tokens=12, decoding="top_k",
-                                    top_k=20, seed=0) for _ in range(2)]
+    assert all(len(r.rows) > run.config.eval.batch_size for r in requests)  # so each request is split
+    want = env.reference.answer(run.model, requests)
+    assert kernels2.answer(run.model, requests) == want
+    pool = kernels2.pool
+    sampling = dataclasses.replace(pool.decoding, decoding="top_k")
+    pool.decoding = sampling
+    try:
+        pool.shutdown()  # replicas take their decoding settings when they start
+        sampled = [pool.answer(run.model, requests) for _ in range(2)]
+    finally:
+        pool.shutdown()
+        pool.decoding = dataclasses.replace(sampling, decoding="greedy")
     assert sampled[0] == sampled[1]
-    assert [len(a) for a in sampled[0]] == [len(r["rows"]) for r in requests]
+    assert [len(a) for a in sampled[0]] == [len(r.rows) for r in requests]
 
 
 def test_pool_follows_the_coordinators_model(kernels2, env):
     run = env.run
-    kernels2.answer_fn(run.model, answer_requests(run.model, run))  # the pool holds the original model
+    kernels2.answer(run.model, answer_requests(run.model, run))  # the pool holds the original model
     changed = copy.deepcopy(run.model)
     generator = torch.Generator().manual_seed(11)
-    (new,) = changed.add_module(layers=[0], generator=generator)
+    (new,) = changed.add_modules(layers=[0], generator=generator)
     with torch.no_grad():
         for param in changed.get_module(0, new).parameters():
             param.add_(0.3 * torch.randn(param.shape, generator=generator))
@@ -236,21 +265,22 @@ def test_pool_follows_the_coordinators_model(kernels2, env):
                                                                         generator=generator))
     changed.set_path(TASKS[1], [new, changed.path_of(TASKS[1])[1]])
     requests = answer_requests(changed, run)
-    want = [generate_answers(changed, run.formatter, r["rows"], path=r["path"], batch_size=4, max_new_tokens=12)
+    want = [generate_answers(changed, run.formatter, r.rows, path=r.path, batch_size=4, max_new_tokens=12)
             for r in requests]
-    assert want != env.executor._answer_in_process(run.model, answer_requests(run.model, run))  # a real change
-    assert kernels2.answer_fn(changed, requests) == want
-    req = {**pseudo_requests(run)[1], "path": changed.path_of(TASKS[1]), "n": 2}
-    assert kernels2.generate_fn(changed, [req]) == [in_process_pseudo(changed, run, req)]  # n=2: one range
+    assert want != env.reference.answer(run.model, answer_requests(run.model, run))  # a real change
+    assert kernels2.answer(changed, requests) == want
+    req = dataclasses.replace(pseudo_requests(run)[1], path=changed.path_of(TASKS[1]), n=2)
+    assert kernels2.generate(changed, [req]) == [in_process_pseudo(env, changed, req)]  # n=2: one range
     # back to the original model: the added module is dropped, the backbone restored
     original = answer_requests(run.model, run)
-    assert kernels2.answer_fn(run.model, original) == env.executor._answer_in_process(run.model, original)
+    assert kernels2.answer(run.model, original) == env.reference.answer(run.model, original)
 
 
 def test_search_without_free_cpus_fails_clearly(kernels2, env):
     assert kernels2.pool.started  # its 2 actors hold both CPUs
-    kernels = RayKernels(env.run, num_search_workers=2, search_cpus=1, ready_timeout_s=2)
+    kernels = ray_kernels(env.run, env.run.run_dir / "_ray_train", num_search_workers=2, search_cpus=1)
+    kernels.ready_timeout_s = 2
     with pytest.raises(RuntimeError, match=r"could not reserve 2 x \{CPU: 1\}.*0 of 2 CPUs free"):
-        kernels.search_fn(env.model, env.jobs, env.common)
+        kernels.search(env.model, env.jobs, env.data)
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]
     assert "PENDING" not in states and states.count("CREATED") == 1  # the failed reservation was withdrawn

@@ -46,7 +46,7 @@ def test_r_matrix_is_complete_and_printed(quickstart):
     assert {"final_average", "bwt", "forgetting"} <= set(result.metrics)
     assert result.metrics["final_average"] == pytest.approx(R[-1].mean())
     assert "R matrix" in printed and "final_average=" in printed
-    for name in ("report.md", "report.html", "lifecycle.json", "R.npy", "config.yaml"):
+    for name in ("report.md", "report.html", "state.json", "R.npy", "config.yaml"):
         assert (result.run_dir / name).is_file(), name
 
 
@@ -71,13 +71,14 @@ def test_pseudo_samples_are_usable_and_faithful(quickstart):
     off (measured before them: 6% of samples well formed, fidelity 0%)."""
     _, result, _, printed = quickstart
     gen = history(result, B, "generate")
-    assert A in gen["replay"] and UNRELATED in gen["replay"]
-    for task in (A, UNRELATED):
-        counts = gen["pseudo_samples"][task]
-        assert counts["kept"] == counts["requested"] > 0, counts  # not replayed short
-        assert gen["yield"][task] >= 0.85, gen["yield"]
-    for stage in (history(result, UNRELATED, "generate"), gen):
-        assert stage["fidelity"][A] >= 0.4, stage["fidelity"]  # answers realise their own sampled inputs
+    assert A in gen["replay"]  # B reuses modules of its related task A
+    stages = [history(result, UNRELATED, "generate"), gen]
+    for stage in stages:
+        for task, counts in stage["pseudo_samples"].items():
+            assert counts["kept"] == counts["requested"] > 0, counts  # not replayed short
+            assert stage["yield"][task] >= 0.85, stage["yield"]
+    fidelity = [stage["fidelity"][A] for stage in stages if A in stage["fidelity"]]
+    assert fidelity and min(fidelity) >= 0.4, fidelity  # answers realise their own sampled inputs
     assert "yield" in printed and "fidelity" in printed  # shown per task in the run output
     import pyarrow.parquet as pq
 
@@ -90,8 +91,8 @@ def test_pseudo_samples_are_usable_and_faithful(quickstart):
 def test_replay_is_scaled_inside_the_clamp(quickstart):
     """eta compares matched gradients: with whole-vector norms it sat at the clamp (mean 9.28 of 10)."""
     _, result, _, printed = quickstart
-    adapts = [history(result, t, "adapt") for t in (UNRELATED, B)]
-    assert all(a["mean_eta"] for a in adapts)
+    adapts = [a for a in (history(result, t, "adapt") for t in (UNRELATED, B)) if a["mean_eta"]]
+    assert adapts and history(result, B, "adapt")["mean_eta"]  # B replays A (and any task sharing modules)
     assert not any(k.startswith("transfer:") for a in adapts for k in a["mean_eta"])  # only replay is scaled
     rates = [a["clamp_rate"] for a in adapts]
     assert max(rates) <= 0.25, rates

@@ -24,7 +24,7 @@ def setting(tiny_gpt2_config):
     model = DMEAModel.from_config(tiny_gpt2_config, bottleneck=8, seed=0)
     with torch.no_grad():  # a random tied head at std 0.02 caps every logit near 0: give it a usable scale
         model.backbone.transformer.wte.weight.mul_(50.0)
-    model.set_path("a", model.add_module(generator=torch.Generator().manual_seed(0)))
+    model.set_path("a", model.add_modules(generator=torch.Generator().manual_seed(0)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # task a's modules: unrelated to the new task, they only perturb it
         for layer in range(model.n_layers):

@@ -1,0 +1,190 @@
+"""The coordinator: owns one run (its parts, its state on disk, its kernels) and steps its stages.
+
+    coordinator = Coordinator(config, run_dir)              # a new run: builds it, writes state.json
+    coordinator = Coordinator(config, run_dir, resume=True)  # a run on disk: continues where it stopped
+    while not coordinator.step()["done"]: ...
+
+`step` runs the current stage (`stages.STAGES`), snapshots the model if the
+stage changed it, advances the lifecycle and writes the state atomically. A
+run killed at any instant therefore resumes from its last finished stage,
+with nothing lost or redone (dmea_dist.state).
+
+No Ray here. On a cluster the same class runs as a Ray actor
+(`dmea_dist.distributed.coordinator`) with `RayKernels`; the driver steps it
+and is the only process that talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from dmea_dist.config import RunConfig, deepspeed_config
+from dmea_dist.data.formatting import Formatter, encode_task
+from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
+from dmea_dist.kernels import DecodingSettings, EngineSettings, InProcessKernels, Kernels, Progress
+from dmea_dist.method.lifecycle import Stage
+from dmea_dist.modeling.io import load_modules, save_backbone, save_modules
+from dmea_dist.modeling.model import DMEAModel
+from dmea_dist.run import Run, build_policy, build_run, load_tasks
+from dmea_dist.stages import STAGES, RunContext, StageSettings, matrix
+from dmea_dist.state import RunState, load_state, save_state
+
+KernelsFactory = Callable[[Run, "Progress | None"], Kernels]
+
+
+def engine_settings(config: RunConfig) -> EngineSettings:
+    """DeepSpeed's config for adaptation; full fine-tuning (lamol, finetune) at `train.full_finetune_lr`."""
+    t = config.train
+    lr = t.full_finetune_lr if build_policy(config).full_finetune else t.lr
+    ds = deepspeed_config(config.deepspeed, lr=lr, weight_decay=t.weight_decay, eps=t.adam_eps,
+                          grad_clip=t.grad_clip, micro_batch=t.batch_size)
+    return EngineSettings(ds_config=ds, clamp=tuple(config.method.adaptation.eta_clamp))
+
+
+def decoding_settings(config: RunConfig) -> DecodingSettings:
+    ev = config.eval
+    return DecodingSettings(pseudo_top_k=config.method.adaptation.top_k_sampling, batch_size=ev.batch_size,
+                            max_new_tokens=ev.max_new_tokens, decoding=ev.decoding, top_k=ev.top_k,
+                            seed=config.train.seed)
+
+
+def in_process_kernels(run: Run, progress: Progress | None = None) -> Kernels:
+    return InProcessKernels(run.formatter, engine=engine_settings(run.config), decoding=decoding_settings(run.config),
+                            progress=progress)
+
+
+class Coordinator:
+    """Steps one run's lifecycle (module docstring)."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path, *, resume: bool = False,
+                 kernels_factory: KernelsFactory | None = None, progress: Progress | None = None,
+                 run: Run | None = None):
+        """`run`: parts already built (tests, notebooks); by default they are built (or reopened) here."""
+        run_dir = Path(run_dir)
+        if resume:
+            state = load_state(run_dir)
+            run = run or reopen_run(config, run_dir, state)
+        else:
+            run = run or build_run(config, run_dir=run_dir)
+            state = RunState.new(list(config.data.tasks))
+            save_state(state, run_dir)
+        kernels = (kernels_factory or in_process_kernels)(run, progress)
+        self.ctx = RunContext(run=run, state=state, kernels=kernels, settings=StageSettings.from_config(config))
+
+    @property
+    def state(self) -> RunState:
+        return self.ctx.state
+
+    def step(self) -> dict[str, Any]:
+        """Run the current stage; returns what finished, what comes next, and a finished task's record."""
+        state, ctx = self.ctx.state, self.ctx
+        if state.done:
+            raise RuntimeError("step() called on a finished run")
+        task, stage = ctx.run.tasks[state.task_index], state.stage
+        state.status = "running"
+        started = time.perf_counter()
+        summary = STAGES[stage](ctx, task)
+        garbage = self._snapshot(stage)
+        state.advance(summary, seconds=time.perf_counter() - started)
+        save_state(state, ctx.run_dir)
+        for path in garbage:  # superseded snapshots, only once the state no longer names them
+            shutil.rmtree(ctx.run_dir / path, ignore_errors=True)
+        finished = state.history[-1]
+        record = ctx.record(task) if stage is Stage.RECORD else None
+        return {"finished": finished, "record": record, "done": state.done,
+                "next": None if state.done else (state.task_index, state.stage.value)}
+
+    def _snapshot(self, stage: Stage) -> list[str]:
+        """Save what `stage` changed in the model; returns the snapshots this one supersedes."""
+        ctx, state = self.ctx, self.ctx.state
+        k = state.stage_count
+        if ctx.run.policy.full_finetune:
+            if stage is not Stage.ADAPT:
+                return []
+            old, state.backbone = state.backbone, ctx.rel(save_backbone(ctx.run.model, ctx.run_dir / f"state/backbone-{k}"))
+        else:
+            if stage not in (Stage.EXPAND, Stage.ADAPT):
+                return []
+            old, state.modules = state.modules, ctx.rel(save_modules(ctx.run.model, ctx.run_dir / f"state/modules-{k}"))
+        if stage is Stage.ADAPT:  # its checkpoint is superseded by the snapshot
+            shutil.rmtree(ctx.task_dir(ctx.run.tasks[state.task_index]) / "adapt_checkpoint", ignore_errors=True)
+        return [old] if old else []
+
+    # ----------------------------------------------------------- what the driver asks
+
+    def state_position(self) -> dict[str, Any]:
+        state = self.ctx.state
+        return {"done": state.done, "next": None if state.done else (state.task_index, state.stage.value)}
+
+    def placement(self) -> dict[str, list[str]]:
+        """Where kernels ran (node ids by kind), for kernels that know it (Ray); else empty."""
+        placement = getattr(self.ctx.kernels, "placement", None)
+        return placement.as_dict() if placement is not None else {}
+
+    def results(self) -> dict[str, Any]:
+        state, run = self.ctx.state, self.ctx.run
+        return {"R": matrix(state.R), "similarity": matrix(state.similarity),
+                "baseline": matrix([state.baseline])[0],
+                "paths": None if run.policy.full_finetune else run.model.paths, "history": list(state.history)}
+
+    def records(self) -> list[dict[str, Any]]:
+        """The record of every task whose RECORD stage has finished, in order."""
+        return [self.ctx.record(t) for t in self.ctx.run.tasks if self.ctx.state.completed(t.index, Stage.RECORD)]
+
+    def tracking(self) -> dict[str, Any]:
+        state = self.ctx.state
+        return {"parent": state.mlflow_parent_run_id, "tasks": {t.task_id: t.mlflow_run_id for t in state.tasks}}
+
+    def set_tracking(self, *, parent: str | None = None, task_id: str | None = None, run_id: str | None = None) -> None:
+        """Remember MLflow run ids in the state (the parent run, or one task's nested run)."""
+        state = self.ctx.state
+        if parent is not None:
+            state.mlflow_parent_run_id = parent
+        if task_id is not None:
+            state.task(task_id).mlflow_run_id = run_id
+        save_state(state, self.ctx.run_dir)
+
+    def mark(self, status: str, message: str = "") -> None:
+        """Record why the run stopped (stopped, failed); the position stays at the last finished stage."""
+        state = self.ctx.state
+        if not state.done:
+            state.status, state.message = status, message
+            save_state(state, self.ctx.run_dir)
+
+    def close(self) -> None:
+        self.ctx.kernels.close()
+
+
+def reopen_run(config: RunConfig, run_dir: Path, state: RunState) -> Run:
+    """The parts of a run on disk, as its last finished stage left them (no pretraining, no training)."""
+    m = config.model
+    tasks = load_tasks(config)
+    if [t.task_id for t in tasks] != state.task_ids:
+        raise ValueError(f"{run_dir}: the config's tasks {[t.task_id for t in tasks]} are not the run's "
+                         f"{state.task_ids}")
+    if m.pretrained:
+        tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
+        source = run_dir / state.backbone if state.backbone else m.pretrained
+        model = DMEAModel.from_pretrained(str(source), vocab_size=len(tokenizer), bottleneck=m.bottleneck)
+    else:
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+        backbone = GPT2LMHeadModel.from_pretrained(run_dir / (state.backbone or "backbone"))
+        model = DMEAModel(backbone, bottleneck=m.bottleneck)
+    if state.modules:
+        load_modules(model, run_dir / state.modules)
+    formatter = Formatter(tokenizer, max_length=m.max_length)
+    for task in tasks:
+        task.train = encode_task(formatter, task.rows["train"], task_index=task.index,
+                                 references=config.data.train_references)
+        task.val = encode_task(formatter, task.rows["validation"], task_index=task.index)
+    torch.manual_seed(config.train.seed)
+    return Run(config=config, tasks=tasks, tokenizer=tokenizer, model=model, formatter=formatter,
+               policy=build_policy(config), run_dir=run_dir)
+

@@ -1,0 +1,101 @@
+"""Joining Ray and the small pieces every kind of Ray worker shares.
+
+* `connect`: an embedded local Ray (the default), or a cluster (address / $RAY_ADDRESS).
+* `reserve`: a placement group that is ready, or a clear error saying what holds the CPUs.
+* `worker_env` / `configure_threads`: CPU workers use CPU DeepSpeed and as many torch
+  threads as the CPUs they reserved: more threads than cores makes every worker slower.
+* `gather`: results in submission order, progress as they finish in any order.
+
+Embedded Ray runs with its own dashboard on 127.0.0.1 and tells every worker
+where it is (RAY_API_SERVER_ADDRESS). Why: Ray Train's placement-group
+cleaner (a detached actor) asks the State API whether the training controller
+is alive (`ray.util.state.get_actor`). With no address it auto-detects "the"
+local cluster from /tmp/ray/ray_current_cluster, i.e. the cluster started
+most recently on the machine. When another Ray cluster starts there during a
+run (tests, a second user), the cleaner asks *that* cluster, which has never
+heard of our controller, concludes it is dead and removes the training
+placement group under a live run ("Destroying worker since its placement
+group was removed", ray/train/v2/_internal/execution/controller/
+placement_group_cleaner.py, state/util.py `is_actor_alive`). Pinning the API
+server address makes the answer come from our own cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+
+Progress = Callable[[str, int, int], None]
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
+    """Start an embedded local Ray, or join the cluster at `address` / $RAY_ADDRESS; returns which."""
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if os.environ.get("DS_ACCELERATOR"):
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    # Worker logs stay in Ray's log folder unless asked for: the driver prints progress and results itself,
+    # and errors come back through ray.get.
+    logs = os.environ.get("DMEA_RAY_LOGS", "0") == "1"
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=logs)
+        return address
+    port = free_port()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API, not another's
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": env}, log_to_driver=logs)
+    return "local"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_ray() -> None:
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised: call ray.init() (or connect to the cluster) before using "
+                           "Ray kernels, e.g. ray.init(num_cpus=2) on a laptop")
+
+
+def worker_env(cpus: float) -> dict[str, str]:
+    """Environment of every worker process: CPU DeepSpeed, threads = the CPU share."""
+    return {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def configure_threads(cpus: float | None = None) -> None:
+    """Threads = the CPU share of this process (no oversubscription under Ray)."""
+    torch.set_num_threads(max(1, int(cpus or os.cpu_count() or 1)))
+
+
+def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str):
+    """A ready placement group of `n_bundles` x {CPU: cpus}, or a clear error."""
+    pg = placement_group([{"CPU": float(cpus)}] * n_bundles, strategy=strategy)
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+        raise RuntimeError(
+            f"could not reserve {n_bundles} x {{CPU: {cpus}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
+            f"the cluster has {free:g} of {total:g} CPUs free. Lower the number of workers or CPUs per worker, "
+            f"add nodes, or release other holders (a live generation pool keeps its CPUs between calls)")
+    return pg
+
+
+def gather(refs: list, *, label: str, progress: Progress | None) -> list:
+    """ray.get of `refs` in their order, reporting progress as they finish in any order."""
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        done += len(ready)
+        if progress:
+            progress(label, done, len(refs))
+    return ray.get(refs)

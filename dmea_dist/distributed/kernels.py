@@ -1,0 +1,120 @@
+"""`RayKernels`: the four kernels of a run (dmea_dist.kernels.Kernels) as Ray work.
+
+* search: candidates as parallel Ray tasks in a placement group (distributed/search.py);
+* generate / answer: a `GenerationPool` of model replicas sharing the work by task and
+  by sample / row range (distributed/generation_pool.py), kept for the whole run;
+* adapt: a Ray Train `TorchTrainer` of `num_train_workers` DeepSpeed ranks
+  (distributed/train_workers.py), or in the coordinator's process (`adapt_on: coordinator`).
+
+Built by `ray_kernels(run, progress)` inside the coordinator (on a cluster,
+the coordinator actor) from the run's config, resolved here into plain
+settings: search tasks, generation actors and training workers receive
+values (`SearchJob`, `DecodingSettings`, `EngineSettings`), never a config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from dmea_dist.config import RayConfig
+from dmea_dist.distributed.cluster import Progress, require_ray
+from dmea_dist.distributed.generation_pool import GenerationPool
+from dmea_dist.distributed.search import check_resources, search_candidates
+from dmea_dist.distributed.train_workers import RayTrainAdapter
+from dmea_dist.kernels import (
+    AnswerRequest,
+    DecodingSettings,
+    EngineSettings,
+    GenerateRequest,
+    SearchData,
+    SearchJob,
+)
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
+from dmea_dist.method.expansion import CandidateResult
+from dmea_dist.method.generation import PseudoSamples
+
+
+@dataclass
+class Placement:
+    """Node ids where search candidates, generation actors and training workers ran so far."""
+
+    search: set[str] = field(default_factory=set)
+    generation: set[str] = field(default_factory=set)
+    train: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"search": sorted(self.search), "generation": sorted(self.generation), "train": sorted(self.train)}
+
+
+class RayKernels:
+    """The kernels as Ray work, sized by `sizes` (the config's `ray:` section)."""
+
+    def __init__(self, *, tokenizer, max_length: int, engine: EngineSettings, decoding: DecodingSettings,
+                 sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False, min_chunk: int = 8,
+                 ready_timeout_s: float = 120.0, progress: Progress | None = None):
+        check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
+                        strategy=sizes.placement_strategy)
+        self.sizes, self.engine, self.progress = sizes, engine, progress
+        self.ready_timeout_s = ready_timeout_s
+        self.pool = GenerationPool(tokenizer=tokenizer, max_length=max_length, decoding=decoding,
+                                   num_actors=sizes.num_generation_actors, cpus=sizes.generation_cpus,
+                                   strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
+                                   ready_timeout_s=ready_timeout_s, min_chunk=min_chunk)
+        self.trainer = None
+        if sizes.adapt_on == "ray_train":
+            self.trainer = RayTrainAdapter(engine, num_workers=sizes.num_train_workers,
+                                           cpus_per_worker=sizes.train_cpus, use_gpu=sizes.use_gpu,
+                                           storage_path=storage_path, placement_strategy=sizes.placement_strategy)
+        self.placement = Placement()
+
+    def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
+        require_ray()
+        pairs = search_candidates(model, list(jobs), data, num_workers=self.sizes.num_search_workers,
+                                  cpus=self.sizes.search_cpus, strategy=self.sizes.placement_strategy,
+                                  ready_timeout_s=self.ready_timeout_s, progress=self.progress)
+        self.placement.search.update(node for _, node in pairs)
+        return [result for result, _ in pairs]
+
+    def generate(self, model, requests: Sequence[GenerateRequest]) -> list[PseudoSamples]:
+        require_ray()
+        out = self.pool.generate(model, requests, progress=self.progress)
+        self.placement.generation.update(self.pool.node_ids())
+        return out
+
+    def answer(self, model, requests: Sequence[AnswerRequest]) -> list[list[str]]:
+        require_ray()
+        out = self.pool.answer(model, requests, progress=self.progress)
+        self.placement.generation.update(self.pool.node_ids())
+        return out
+
+    def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
+        if self.trainer is None:  # adapt_on: coordinator (no Ray Train start-up; one process)
+            return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir)
+        require_ray()
+        result = self.trainer(model, job)
+        self.placement.train.update(self.trainer.last_nodes)
+        return result
+
+    def close(self) -> None:
+        """Release the generation actors and their CPUs (Ray itself stays up)."""
+        self.pool.shutdown()
+
+
+def ray_kernels(run, progress: Progress | None = None) -> RayKernels:
+    """The kernels of `run` on the Ray this process is connected to (sizes from its `ray:` section)."""
+    from dmea_dist.coordinator import decoding_settings, engine_settings
+
+    config = run.config
+    if not config.ray.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU runs stay on CPU on GPU nodes too
+    if not ray.is_initialized():
+        raise RuntimeError("ray_kernels needs a connected Ray (dmea_dist.distributed.cluster.connect)")
+    return RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length, engine=engine_settings(config),
+                      decoding=decoding_settings(config), sizes=config.ray,
+                      storage_path=Path(run.run_dir).resolve() / "_ray_train",
+                      full_finetune=run.policy.full_finetune, progress=progress)

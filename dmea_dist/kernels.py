@@ -1,0 +1,200 @@
+"""The four heavy kernels of a run, as one protocol with typed requests, and their in-process form.
+
+Stages (dmea_dist.stages) decide what to compute; kernels compute it:
+
+    search(model, jobs, data)    expansion candidates      -> [CandidateResult]
+    generate(model, requests)    pseudo samples            -> [PseudoSamples]
+    answer(model, requests)      greedy/top-k answers      -> [[str]] (the R row)
+    adapt(model, job, ...)       DeepSpeed scaled steps    -> AdaptResult, trained weights in `model`
+
+`InProcessKernels` runs them in this process; `dmea_dist.distributed.kernels.
+RayKernels` runs the same functions as Ray work. Both are built from plain
+settings (`EngineSettings`, `DecodingSettings`) resolved from the config at
+the entry point: no worker ever receives a RunConfig.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from dmea_dist.data.formatting import BatchStream, Formatter
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
+from dmea_dist.method.expansion import CandidateResult, search_candidate
+from dmea_dist.method.generation import PseudoSamples, generate_answers, generate_pseudo_samples
+
+Progress = Callable[[str, int, int], None]
+
+
+# ------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One expansion candidate: its seed, entropy weight and initial logits (per layer, new module last)."""
+
+    candidate: int
+    seed: int
+    entropy_weight: float
+    init: list[list[float]]
+    params: dict[str, Any] = field(default_factory=dict)  # what to record: beta, seed, ...
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """What every candidate of one search shares: the new task's data and the optimisation settings."""
+
+    train: BatchStream
+    val_batches: list[tuple[dict, dict]]
+    epochs: float
+    warmup_epochs: float
+    lr: float
+    coefficient_lr: float | None
+    lm_lambda: float
+    token_weights: dict[int, float] | None
+    weight_decay: float
+    adam_eps: float
+    grad_clip: float
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """`n` pseudo samples of one earlier task from its generation token, along `path`."""
+
+    task_id: str
+    task_index: int
+    path: list[int] | None
+    n: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    """Answers to `rows` (context, question) along `path`."""
+
+    task_id: str
+    rows: list[dict]
+    path: list[int] | None
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """Generation settings of pseudo samples and of evaluation answers."""
+
+    pseudo_top_k: int = 20
+    pseudo_answer: str = "greedy"  # answers of pseudo samples: greedy after the separator, or sampled
+    batch_size: int = 32
+    max_new_tokens: int = 64
+    decoding: str = "greedy"  # evaluation answers: greedy or top_k
+    top_k: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The adaptation engine: DeepSpeed's own config dict and the eta clamp."""
+
+    ds_config: dict[str, Any]
+    clamp: tuple[float, float]
+
+    @property
+    def partitions_model(self) -> bool:
+        return self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+    def factory(self) -> Callable[..., Any]:
+        """(model, params) -> the DeepSpeed engine with the gradient-scaling step."""
+        settings = self
+
+        def build(model, params):
+            from dmea_dist.engine import build_engine  # DeepSpeed lives there only
+
+            return build_engine(model, params, ds_config=settings.ds_config, clamp=settings.clamp)
+
+        build.partitions_model = self.partitions_model
+        return build
+
+
+class Kernels(Protocol):
+    """The heavy work of a run (module docstring). `close` releases workers."""
+
+    def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]: ...
+
+    def generate(self, model, requests: Sequence[GenerateRequest]) -> list[PseudoSamples]: ...
+
+    def answer(self, model, requests: Sequence[AnswerRequest]) -> list[list[str]]: ...
+
+    def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult: ...
+
+    def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------ the kernels themselves
+
+
+def run_search_job(model, job: SearchJob, data: SearchData) -> CandidateResult:
+    """One candidate on `model` (mutated: pass a copy)."""
+    return search_candidate(model, candidate=job.candidate, train=data.train, val_batches=data.val_batches,
+                            init=[torch.tensor(x, dtype=torch.float32) for x in job.init], epochs=data.epochs,
+                            warmup_epochs=data.warmup_epochs, entropy_weight=job.entropy_weight, lr=data.lr,
+                            coefficient_lr=data.coefficient_lr, lm_lambda=data.lm_lambda,
+                            token_weights=data.token_weights, weight_decay=data.weight_decay,
+                            adam_eps=data.adam_eps, grad_clip=data.grad_clip, seed=job.seed, params=job.params)
+
+
+def run_generate_request(model, formatter: Formatter, request: GenerateRequest,
+                         decoding: DecodingSettings) -> PseudoSamples:
+    return generate_pseudo_samples(model, formatter, task_id=request.task_id, task_index=request.task_index,
+                                   path=request.path, n=request.n, seed=request.seed, top_k=decoding.pseudo_top_k,
+                                   batch_size=decoding.batch_size, answer=decoding.pseudo_answer)
+
+
+def run_answer_request(model, formatter: Formatter, request: AnswerRequest, decoding: DecodingSettings, *,
+                       seed: int | None = None) -> list[str]:
+    return generate_answers(model, formatter, request.rows, path=request.path, batch_size=decoding.batch_size,
+                            max_new_tokens=decoding.max_new_tokens, decoding=decoding.decoding, top_k=decoding.top_k,
+                            seed=decoding.seed if seed is None else seed)
+
+
+class InProcessKernels:
+    """Every kernel in this process (tests, debugging, `dmea run --in-process`)."""
+
+    def __init__(self, formatter: Formatter, *, engine: EngineSettings, decoding: DecodingSettings,
+                 progress: Progress | None = None):
+        self.formatter = formatter
+        self.engine = engine
+        self.decoding = decoding
+        self.progress = progress or (lambda label, done, total: None)
+
+    def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
+        results = []
+        for k, job in enumerate(jobs):
+            self.progress("search", k, len(jobs))
+            results.append(run_search_job(copy.deepcopy(model), job, data))
+        self.progress("search", len(jobs), len(jobs))
+        return results
+
+    def generate(self, model, requests: Sequence[GenerateRequest]) -> list[PseudoSamples]:
+        out = []
+        for k, request in enumerate(requests):
+            self.progress("generate", k, len(requests))
+            out.append(run_generate_request(model, self.formatter, request, self.decoding))
+        return out
+
+    def answer(self, model, requests: Sequence[AnswerRequest]) -> list[list[str]]:
+        out = []
+        for k, request in enumerate(requests):
+            self.progress("evaluate", k, len(requests))
+            out.append(run_answer_request(model, self.formatter, request, self.decoding))
+        return out
+
+    def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
+        return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
+                             on_step=lambda done, total: self.progress("adapt", done, total))
+
+    def close(self) -> None:
+        pass

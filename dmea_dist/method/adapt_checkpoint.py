@@ -1,0 +1,86 @@
+"""Checkpoints of an adaptation in progress, so that a stopped one continues step for step.
+
+A checkpoint is a folder:
+
+    <dir>/step0000040/          the engine's own checkpoint (trainable weights and optimizer
+                                state, no frozen backbone: `ScaledStepEngine.save_checkpoint`)
+    <dir>/step0000040/rng-rank<r>.safetensors   each rank's torch RNG (dropout masks)
+    <dir>/adapt_progress.json   which step folder is complete, the steps done, the result so far,
+                                and a digest of the job it belongs to
+
+`adapt_progress.json` is written last and atomically, after every rank has
+saved (`barrier`), so it only ever names a complete folder; older folders are
+removed after it. Batches are a pure function of (seed, step) (`BatchStream`,
+`step_plan`), so weights, optimizer, RNG and the step are all a continuation
+needs: the resumed job trains exactly the steps the uninterrupted one would.
+A checkpoint of another job (changed data, path, epochs, world size) is
+ignored and the job starts from step 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult
+from dmea_dist.state import read_json, write_json
+
+PROGRESS = "adapt_progress.json"
+FORMAT = "dmea-adapt-progress"
+
+
+def job_digest(job: AdaptJob, *, world_size: int) -> str:
+    """A fingerprint of everything that decides the job's steps (its data, paths, settings, world size)."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in asdict(job).items() if k != "sources"}
+    h.update(json.dumps({**settings, "world_size": world_size}, sort_keys=True, default=str).encode())
+    for key, (qa, lm), path in job.sources:
+        h.update(json.dumps([key, path, len(qa)]).encode())
+        for example in (*qa, *lm):
+            h.update(json.dumps(example.input_ids).encode())
+    return h.hexdigest()
+
+
+def save(engine, directory: Path, *, digest: str, steps: int, result: AdaptResult, rank: int,
+         barrier: Callable[[], None] | None = None) -> None:
+    """Every rank calls this at the same step (a collective at ZeRO); rank 0 declares it complete."""
+    tag = f"step{steps:07d}"
+    engine.save_checkpoint(directory, tag=tag)
+    save_file({"rng": torch.get_rng_state()}, str(directory / tag / f"rng-rank{rank}.safetensors"))
+    if barrier is not None:
+        barrier()  # every rank's files are on disk before the progress file names them
+    if rank == 0:
+        write_json(directory / PROGRESS, {"format": FORMAT, "digest": digest, "tag": tag, "steps": steps,
+                                          "result": asdict(result)})
+    if barrier is not None:
+        barrier()  # the progress file names the new folder before anyone removes the old ones
+    for old in directory.glob("step*"):  # each rank its own (ranks on other nodes have their own folders)
+        if old.is_dir() and old.name != tag:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def restore(engine, directory: Path, *, digest: str, rank: int) -> tuple[int, AdaptResult | None]:
+    """(steps done, result so far) of this job's checkpoint in `directory`, loaded into `engine`; (0, None)."""
+    progress = read_progress(directory)
+    if progress is None or progress.get("digest") != digest:
+        return 0, None
+    engine.load_checkpoint(directory, tag=progress["tag"])
+    rng = directory / progress["tag"] / f"rng-rank{rank}.safetensors"
+    torch.set_rng_state(load_file(str(rng))["rng"])
+    return int(progress["steps"]), AdaptResult(**progress["result"])
+
+
+def read_progress(directory: Path) -> dict[str, Any] | None:
+    file = Path(directory) / PROGRESS
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    return data if data.get("format") == FORMAT else None

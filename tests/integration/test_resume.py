@@ -1,0 +1,114 @@
+"""Durable runs, tried as a user would: SIGKILL the driver mid-adaptation of the second task, `dmea resume`.
+
+Three real processes of the `dmea` command on one tiny config (real DeepSpeed,
+real MLflow): an uninterrupted run; a run killed with SIGKILL while the second
+task's adaptation is between two epoch checkpoints; `dmea resume` of the
+killed run. The resumed run must finish with the uninterrupted run's paths
+and R matrix, continue the adaptation from its checkpoint (not from step 0),
+and leave MLflow with one parent run holding each task exactly once, nothing
+RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.integration.tiny_run import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def _dmea(*args, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "dmea_dist.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    config = tiny_config(tmp, method={"adaptation": {"epochs": 3}})  # a checkpoint after each epoch
+    config_file = tmp / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    _finish(_dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(tmp / "reference"), cwd=tmp))
+
+    killed = tmp / "killed"
+    proc = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(killed), cwd=tmp)
+    deadline = time.time() + 600
+    progress = None
+    while time.time() < deadline and proc.poll() is None:
+        progress = next(killed.glob("tasks/001-*/adapt_checkpoint/adapt_progress.json"), None)
+        if progress is not None:
+            break
+        time.sleep(0.05)
+    assert progress is not None, "the second task's adaptation never wrote a checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state_at_kill = json.loads((killed / "state.json").read_text())
+    out = _finish(_dmea("resume", str(killed), "--in-process", "--quiet", cwd=tmp))
+    return config, tmp / "reference", killed, state_at_kill, out
+
+
+def _state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def test_killed_then_resumed_equals_uninterrupted(runs):
+    config, reference, killed, at_kill, out = runs
+    assert (at_kill["task_index"], at_kill["stage"]) == (1, "adapt"), "killed during the second adaptation"
+    assert "resuming" in out
+    ref, got = _state(reference), _state(killed)
+    assert got["status"] == "finished"
+    assert [t["path"] for t in got["tasks"]] == [t["path"] for t in ref["tasks"]]
+    np.testing.assert_allclose(np.load(killed / "R.npy"), np.load(reference / "R.npy"), atol=1e-6, equal_nan=True)
+    stages = [(h["task_index"], h["stage"]) for h in got["history"]]
+    assert len(stages) == len(set(stages)) == 6 * len(config.data.tasks)  # every stage once: nothing redone
+    adapt = next(h for h in got["history"] if (h["task_index"], h["stage"]) == (1, "adapt"))
+    assert adapt["resumed_from"] > 0  # from the epoch checkpoint, not from the start
+    assert not list(killed.glob("tasks/*/adapt_checkpoint"))  # superseded by the snapshot, removed
+
+
+def test_mlflow_holds_one_parent_with_each_task_once(runs):
+    import mlflow
+
+    from dmea_dist.tracking import find_task_runs
+
+    config, _, killed, _, _ = runs
+    parent = _state(killed)["mlflow_parent_run_id"]
+    client = mlflow.MlflowClient(config.tracking.uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+    tasks = find_task_runs(uri=config.tracking.uri, experiment=config.tracking.experiment, parent_run_id=parent)
+    assert [r["task_id"] for r in tasks] == list(config.data.tasks)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    named = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{killed.name}'")
+    assert [r.info.run_id for r in named] == [parent]  # the resume reattached, it opened no second parent
+    running = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    assert running == []
+
+
+def test_resume_refuses_a_changed_config_and_a_folder_that_is_no_run(runs, tmp_path, capsys):
+    from dmea_dist.cli import main
+
+    _, _, killed, _, _ = runs
+    before = (killed / "state.json").read_bytes()
+    assert main(["resume", str(killed), "--in-process", "--set", "train.lr=0.5"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path), "--in-process"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert (killed / "state.json").read_bytes() == before  # nothing of the run was touched
