@@ -49,7 +49,7 @@ def main() -> None:
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=args.width, n_layer=args.layers,
                         n_head=4, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = DMEAModel.from_config(config, seed=0).eval()
-    path = model.add_module()
+    path = model.add_modules()
     formatter = Formatter(tokenizer, max_length=args.max_new_tokens + 1)
     # the same forbidden-eos budget on both sides: random weights rarely emit eos early
     common = dict(path=path, top_k=20, max_new_tokens=args.max_new_tokens)

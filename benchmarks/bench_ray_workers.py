@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -32,39 +33,51 @@ from pathlib import Path
 import ray
 import torch
 
+from dmea_dist import stages
 from dmea_dist.config import config_from_dict
-from dmea_dist.distributed.workers import RayKernels
-from dmea_dist.method import expansion
-from dmea_dist.pipeline import InProcessExecutor
+from dmea_dist.coordinator import decoding_settings, engine_settings, in_process_kernels
+from dmea_dist.distributed.kernels import RayKernels
+from dmea_dist.kernels import GenerateRequest, run_search_job
 from dmea_dist.run import build_run
+from dmea_dist.state import RunState
 
 
 def build(root: Path, args) -> tuple:
-    """(run, executor, captured search arguments of task 1) for a tiny two-task run."""
+    """(run, captured search arguments of task 1) for a tiny two-task run."""
     config = config_from_dict({
         "name": "bench", "output_dir": str(root),
-        "data": {"tasks": ["synth.restaurant.00", "synth.listops.00"], "synth_sizes": [args.train, 16, 16]},
+        "data": {"tasks": ["synth.restaurant.00", "synth.listops.00"], "synth_sizes": [args.train, 16, 16],
+                 "overlength": "truncate"},
         "model": {"tiny": {"n_layer": args.layers, "n_embd": args.width, "n_head": 4, "n_positions": 128,
                            "vocab_size": 500, "pretrain": {"steps": 50, "batch_size": 16, "seq_len": 64,
                                                            "heldout_tasks": 1}},
                   "max_length": args.max_length, "bottleneck": args.width // 2},
         "train": {"batch_size": 16},
-        "method": {"expansion": {"epochs": args.epochs, "warmup_epochs": 1, "coefficient_lr": 0.3,
-                                 "candidates": [{"beta": 1.0 + i, "seed": i} for i in range(args.candidates)]}},
+        "method": {"expansion": {"epochs": args.epochs, "warmup_epochs": 1,
+                                 "candidates": [{"beta": 0.15 * (1 + i), "seed": i} for i in range(args.candidates)]}},
         "eval": {"batch_size": 32},
         "tracking": {"enabled": False},
     })
     run = build_run(config, run_dir=root / "bench")
     captured = {}
+    reference = in_process_kernels(run)
 
-    def capture(model, jobs, common):  # keeps the arguments; searches one candidate to finish EXPAND quickly
-        captured.update(model=copy.deepcopy(model), jobs=jobs, common=common)
-        return [expansion.search_candidate(copy.deepcopy(model), **job, **common) for job in jobs[:1]]
+    class Capture:  # keeps the arguments; searches one candidate to finish EXPAND quickly
+        def search(self, model, jobs, data):
+            captured.update(model=copy.deepcopy(model), jobs=list(jobs), data=data)
+            return reference.search(model, jobs[:1], data)
 
-    executor = InProcessExecutor(run, engine_factory=lambda *a: None, search_fn=capture)
-    executor.expand(run.tasks[0])
-    executor.expand(run.tasks[1])
+    ctx = stages.RunContext(run=run, state=RunState.new(list(config.data.tasks)), kernels=Capture(),
+                            settings=stages.StageSettings.from_config(config))
+    stages.expand(ctx, run.tasks[0])
+    stages.expand(ctx, run.tasks[1])
     return run, captured
+
+
+def ray_kernels(run, **sizes) -> RayKernels:
+    return RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length, engine=engine_settings(run.config),
+                      decoding=decoding_settings(run.config), sizes=dataclasses.replace(run.config.ray, **sizes),
+                      storage_path=run.run_dir / "_ray_train")
 
 
 def timed(fn) -> tuple[float, object]:
@@ -74,17 +87,17 @@ def timed(fn) -> tuple[float, object]:
 
 
 def bench_search(run, cap, repeats: int, candidates: int) -> dict[str, list[float]]:
-    parallel = RayKernels(run, num_search_workers=candidates, search_cpus=1)
-    sequence = RayKernels(run, num_search_workers=1, search_cpus=1)
-    args = (cap["model"], cap["jobs"], cap["common"])
-    parallel.search_fn(*args)  # warm-up: starts the worker processes
+    parallel = ray_kernels(run, num_search_workers=candidates, search_cpus=1)
+    sequence = ray_kernels(run, num_search_workers=1, search_cpus=1)
+    args = (cap["model"], cap["jobs"], cap["data"])
+    parallel.search(*args)  # warm-up: starts the worker processes
     times: dict[str, list[float]] = {"parallel": [], "sequence": [], "in-process": []}
     for _ in range(repeats):
-        t, par = timed(lambda: parallel.search_fn(*args))
+        t, par = timed(lambda: parallel.search(*args))
         times["parallel"].append(t)
-        t, seq = timed(lambda: sequence.search_fn(*args))
+        t, seq = timed(lambda: sequence.search(*args))
         times["sequence"].append(t)
-        t, _ = timed(lambda: [expansion.search_candidate(copy.deepcopy(args[0]), **job, **args[2]) for job in args[1]])
+        t, _ = timed(lambda: [run_search_job(copy.deepcopy(args[0]), job, args[2]) for job in args[1]])
         times["in-process"].append(t)
         assert [r.path for r in par] == [r.path for r in seq]
     return times
@@ -92,19 +105,19 @@ def bench_search(run, cap, repeats: int, candidates: int) -> dict[str, list[floa
 
 def bench_generation(run, requests, repeats: int) -> dict[str, list[float]]:
     """Generated samples/s of a 2-actor and a 1-actor pool, interleaved; pool start-up untimed."""
-    pools = {"2 actors": RayKernels(run, num_generation_actors=2, generation_cpus=1),
-             "1 actor": RayKernels(run, num_generation_actors=1, generation_cpus=1)}
+    pools = {"2 actors": ray_kernels(run, num_generation_actors=2, generation_cpus=1),
+             "1 actor": ray_kernels(run, num_generation_actors=1, generation_cpus=1)}
     rates: dict[str, list[float]] = {name: [] for name in pools}
     try:
         for kernels in pools.values():  # start + warm every actor
-            kernels.generate_fn(run.model, [{**requests[0], "n": 8 * kernels.pool.num_actors}])
+            kernels.generate(run.model, [dataclasses.replace(requests[0], n=8 * kernels.pool.num_actors)])
         for _ in range(repeats):
             for name, kernels in pools.items():
-                t, out = timed(lambda k=kernels: k.generate_fn(run.model, requests))
+                t, out = timed(lambda k=kernels: k.generate(run.model, requests))
                 rates[name].append(sum(o.generated for o in out) / t)
     finally:
         for kernels in pools.values():
-            kernels.shutdown()
+            kernels.close()
     return rates
 
 
@@ -130,8 +143,8 @@ def main() -> None:
         try:
             search = bench_search(run, cap, args.repeats, args.candidates)
             path = run.model.path_of("synth.restaurant.00")
-            requests = [{"task_id": "synth.restaurant.00", "task_index": 0, "path": path, "n": args.samples,
-                         "seed": i} for i in range(args.requests)]
+            requests = [GenerateRequest(task_id="synth.restaurant.00", task_index=0, path=path, n=args.samples, seed=i)
+                        for i in range(args.requests)]
             generation = bench_generation(run, requests, args.repeats)
         finally:
             ray.shutdown()
@@ -140,7 +153,7 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} cores (load average {load} at the end); ray num_cpus={num_cpus} (logical); "
           f"model {args.layers}x{args.width}; median of {args.repeats}")
-    print(f"search, {args.candidates} candidates x {len(cap['common']['train_batches'])} batches x "
+    print(f"search, {args.candidates} candidates x {len(cap['data'].train)} batches x "
           f"{args.epochs:g} epochs:")
     for name in ("parallel", "sequence", "in-process"):
         print(f"  {name:<11} {med[name]:7.2f} s   (runs: {', '.join(f'{t:.2f}' for t in search[name])})")

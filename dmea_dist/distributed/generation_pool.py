@@ -66,6 +66,7 @@ from dmea_dist.kernels import (
     run_generate_request,
 )
 from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples
+from dmea_dist.modeling.io import modules_state, put_modules_state
 from dmea_dist.modeling.model import DMEAModel
 
 try:  # skip random init of a backbone whose weights are loaded right after
@@ -129,12 +130,8 @@ def derive_seed(seed: int, part: int) -> int:
 
 
 def model_state(model, *, with_backbone: bool) -> dict[str, Any]:
-    """What a replica needs to match `model`: module weights, paths, next_ids (+ backbone)."""
-    modules = {
-        layer: {m: model.get_module(layer, m).state_dict() for m in model.module_ids(layer)}
-        for layer in range(model.n_layers)
-    }
-    return {"modules": modules, "paths": model.paths, "next_ids": list(model.next_ids),
+    """What a replica needs to match `model`: every module (modeling.io's keys), paths, next_ids (+ backbone)."""
+    return {"modules": modules_state(model), "paths": model.paths, "next_ids": list(model.next_ids),
             "backbone": model.backbone.state_dict() if with_backbone else None}
 
 
@@ -144,13 +141,10 @@ def apply_model_state(model, state: dict[str, Any]) -> None:
         model.backbone.load_state_dict(state["backbone"], strict=True)
     for task_id in model.paths:
         model.remove_path(task_id)  # paths first: drop_modules refuses modules a path uses
-    for layer, modules in state["modules"].items():
-        model.drop_modules(layer, [m for m in model.module_ids(layer) if m not in modules])
-        for module_id, weights in modules.items():
-            if module_id in model.module_ids(layer):
-                model.get_module(layer, module_id).load_state_dict(weights)
-            else:
-                model.put_module(layer, module_id, weights)
+    keep = {(int(key.split(".")[1]), int(key.split(".")[3])) for key in state["modules"]}
+    for layer in range(model.n_layers):
+        model.drop_modules(layer, [m for m in model.module_ids(layer) if (layer, m) not in keep])
+    put_modules_state(model, state["modules"])
     model.next_ids[:] = list(state["next_ids"])
     for task_id, path in state["paths"].items():
         model.set_path(task_id, path)
@@ -249,6 +243,7 @@ class GenerationPool:
         self.num_actors, self.cpus, self.strategy = num_actors, cpus, strategy
         self.always_sync_backbone, self.ready_timeout_s = always_sync_backbone, ready_timeout_s
         self.min_chunk, self.retries = min_chunk, retries
+        self.restarts = 0  # calls redone because a replica died
         self.actors: list = []
         self._pg = None
         self._checksum: tuple[float, ...] | None = None  # of the backbone the replicas hold
@@ -334,9 +329,10 @@ class GenerationPool:
                 outs = gather([submit(s) for s in work], label=label, progress=progress)
                 return dict(zip(work, outs, strict=True))
             except RayActorError:
-                self.shutdown()  # a dead replica: start afresh (the others may have missed nothing, but the
-                if attempt == self.retries:  # sync state of a restarted actor would be stale)
+                self.shutdown()  # a dead replica: start the pool afresh from `model` and redo the call
+                if attempt == self.retries:
                     raise
+                self.restarts += 1
             except Exception:
                 self.shutdown()  # a failed replica may have missed a sync: start afresh next call
                 raise

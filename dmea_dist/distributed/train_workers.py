@@ -60,6 +60,7 @@ from dmea_dist.method.adaptation import (
     run_adapt_job,
     trained_state,
 )
+from dmea_dist.modeling.io import module_key
 
 CHECKPOINT_FORMAT = "dmea-adapt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -202,8 +203,8 @@ def _trained_weights(model, trainable: list[int] | None, engine) -> dict[str, An
                           "set deepspeed.zero_optimization.stage to 1 or 2")
     gathered = engine.trainable_state_dict()  # name -> full CPU tensor; gathers on every rank
     names = {id(p): n for n, p in model.named_parameters()}
-    return {"modules": {layer: {k: gathered[names[id(p)]] for k, p in model.get_module(layer, m).named_parameters()}
-                        for layer, m in enumerate(trainable)}}
+    return {"modules": {module_key(layer, m, k): gathered[names[id(p)]]
+                        for layer, m in enumerate(trainable) for k, p in model.get_module(layer, m).named_parameters()}}
 
 
 def adapt_metrics(result: AdaptResult, *, wall_s: float) -> dict[str, float]:
@@ -221,15 +222,13 @@ def write_adapt_checkpoint(directory: str | os.PathLike, *, trainable: list[int]
                            result: AdaptResult, world_size: int, nodes: list[str] | None = None) -> Path:
     """Write `trained_state` output as safetensors and the AdaptResult as JSON; returns the directory.
 
-    Keys: `{layer}.{name}` in adapters.safetensors (the path's modules), or the
-    backbone's own state-dict keys in backbone.safetensors (full fine-tuning).
+    Keys: modeling.io's (`layers.{layer}.modules.{id}.{name}`) in adapters.safetensors
+    (the path's modules), or the backbone's own state-dict keys in backbone.safetensors
+    (full fine-tuning).
     """
     directory = Path(directory)
     kind = "backbone" if trainable is None else "modules"
-    if kind == "modules":
-        tensors = {f"{layer}.{name}": t for layer, module in state["modules"].items() for name, t in module.items()}
-    else:
-        tensors = dict(state["backbone"])
+    tensors = dict(state[kind])
     save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(directory / WEIGHT_FILES[kind]),
               metadata={"format": "pt"})
     manifest = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": kind, "trainable": trainable,
@@ -253,12 +252,4 @@ def read_adapt_checkpoint(directory: str | os.PathLike, *,
         raise ValueError(f"{file}: holds the weights of trainable={manifest['trainable']}, "
                          f"the job trains {trainable}; was it written for another job?")
     tensors = load_file(str(directory / WEIGHT_FILES[manifest["kind"]]), device="cpu")
-    if manifest["kind"] == "backbone":
-        state = {"backbone": tensors}
-    else:
-        modules: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in range(len(trainable))}
-        for key, tensor in tensors.items():
-            layer, name = key.split(".", 1)
-            modules[int(layer)][name] = tensor
-        state = {"modules": modules}
-    return state, AdaptResult(**manifest["result"])
+    return {manifest["kind"]: tensors}, AdaptResult(**manifest["result"])

@@ -43,6 +43,7 @@ import torch
 from dmea_dist.data.formatting import BatchStream, Example
 from dmea_dist.errors import DmeaError
 from dmea_dist.method.training import task_loss
+from dmea_dist.modeling.io import modules_state, put_modules_state
 
 MIXINGS = ("alternate", "all")
 
@@ -221,11 +222,11 @@ def set_trainable(model, trainable: list[int] | None) -> list[torch.nn.Parameter
 
 
 def trained_state(model, trainable: list[int] | None) -> dict[str, Any]:
-    """The weights a job changed: {"modules": {layer: state}} or {"backbone": state} (CPU tensors)."""
+    """The weights a job changed (CPU tensors): {"modules": the path's modules in modeling.io's key scheme},
+    or {"backbone": its state dict} for full fine-tuning."""
     if trainable is None:
         return {"backbone": {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}}
-    return {"modules": {layer: {k: v.detach().cpu().clone() for k, v in model.get_module(layer, m).state_dict().items()}
-                        for layer, m in enumerate(trainable)}}
+    return {"modules": modules_state(model, {layer: [m] for layer, m in enumerate(trainable)})}
 
 
 def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]) -> None:
@@ -233,8 +234,10 @@ def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]
     if trainable is None:
         model.backbone.load_state_dict(state["backbone"])
         return
-    for layer, module_state in state["modules"].items():
-        model.put_module(int(layer), trainable[int(layer)], module_state)
+    installed = put_modules_state(model, state["modules"])
+    expected = [(layer, m) for layer, m in enumerate(trainable)]
+    if installed != expected:
+        raise ValueError(f"trained weights hold modules {installed}, the job trains {expected}")
 
 
 def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tuple[int, int] = (0, 1),

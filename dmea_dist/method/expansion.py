@@ -36,6 +36,7 @@ import torch
 
 from dmea_dist.data.formatting import BatchStream
 from dmea_dist.method.training import evaluate_loss, make_optimizer, task_loss
+from dmea_dist.modeling.io import modules_state, put_modules_state
 
 
 def token_distribution(token_lists: Iterable[Sequence[int]], *, exclude: Collection[int] = ()) -> Counter:
@@ -96,7 +97,7 @@ class CandidateResult:
     val_loss: float
     logits: list[list[float]]
     params: dict[str, float]  # beta, entropy_weight, seed
-    new_modules: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    new_modules: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # modeling.io's key scheme
 
     @property
     def n_new(self) -> int:
@@ -151,8 +152,7 @@ def search_candidate(model, *, candidate: int, train: BatchStream, val_batches: 
     return CandidateResult(
         candidate=candidate, path=path, new_layers=new_layers, val_loss=val_loss,
         logits=[x.detach().tolist() for x in logits], params=dict(params or {}),
-        new_modules={layer: {k: v.detach().clone() for k, v in model.get_module(layer, path[layer]).state_dict().items()}
-                     for layer in new_layers},
+        new_modules=modules_state(model, {layer: [path[layer]] for layer in new_layers}),
     )
 
 
@@ -165,6 +165,5 @@ def pick_best(results: Sequence[CandidateResult]) -> CandidateResult:
 
 def install_candidate(model, result: CandidateResult) -> list[int]:
     """Put the winner's new modules into `model` (same ids as in the search) and return its path."""
-    for layer, state in result.new_modules.items():
-        model.put_module(layer, result.path[layer], state)
+    put_modules_state(model, result.new_modules)
     return list(result.path)

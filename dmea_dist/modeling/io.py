@@ -7,7 +7,10 @@ Two artifact kinds share one layout, a directory holding `manifest.json` and
 - "path": one task's path and only the modules on it, the per-task artifact
   that is enough to serve that task (`save_path_modules` / `load_path_modules`).
 
-Tensor keys are `layers.{layer}.modules.{module_id}.{site}.{down|up}.{weight|bias}`.
+Tensor keys are `layers.{layer}.modules.{module_id}.{site}.{down|up}.{weight|bias}`,
+the one key scheme of module weights wherever they travel: these files, the
+model snapshots generation actors receive, adaptation checkpoints, search
+results (`modules_state` / `put_modules_state`).
 The backbone is not in these files: it is the checkpoint the model was built
 from, or the one `save_backbone` writes (with the plain GPT-2 key names).
 
@@ -102,6 +105,31 @@ def load_path_modules(model: DMEAModel, directory: str | Path) -> str:
     return manifest["task_id"]
 
 
+def module_key(layer: int, module_id: int, name: str) -> str:
+    """The key of one tensor of one module (`name`: e.g. attn.down.weight)."""
+    return f"layers.{layer}.modules.{module_id}.{name}"
+
+
+def modules_state(model: DMEAModel, modules: dict[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """{key: detached CPU tensor} of `modules` ({layer: [module ids]}; default: every module)."""
+    if modules is None:
+        modules = {layer: model.module_ids(layer) for layer in range(model.n_layers)}
+    return {module_key(layer, module_id, name): tensor.detach().to("cpu").contiguous()
+            for layer, ids in modules.items() for module_id in ids
+            for name, tensor in model.get_module(layer, module_id).state_dict().items()}
+
+
+def put_modules_state(model: DMEAModel, tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """Create or overwrite every module `tensors` holds (keys of `module_key`); returns their (layer, id)."""
+    grouped: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        _, layer, _, module_id, name = key.split(".", 4)
+        grouped.setdefault((int(layer), int(module_id)), {})[name] = tensor
+    for (layer, module_id), state in grouped.items():
+        model.put_module(layer, module_id, state)
+    return sorted(grouped)
+
+
 def save_backbone(model: DMEAModel, directory: str | Path) -> Path:
     """`save_pretrained` of the backbone with plain GPT-2 key names.
 
@@ -149,12 +177,7 @@ def _manifest(model: DMEAModel, *, kind: str, modules: dict[int, list[int]]) -> 
 def _write(model: DMEAModel, directory, manifest: dict, modules: dict[int, list[int]]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for layer, ids in modules.items():
-        for module_id in ids:
-            for name, tensor in model.get_module(layer, module_id).state_dict().items():
-                key = f"layers.{layer}.modules.{module_id}.{name}"
-                tensors[key] = tensor.detach().to("cpu").contiguous()
+    tensors = modules_state(model, modules)
     weights = directory / WEIGHTS
     partial = weights.with_name(f".{WEIGHTS}.{os.getpid()}.tmp")
     save_file(tensors, str(partial), metadata={"format": "pt"})

@@ -312,7 +312,7 @@ def test_truncate_is_said_by_dmea_run_before_any_work(workspace, capsys):
     write_rows(root, "mine.jsonl", [*GOOD_ROWS, long_row])
     config = write_config(root, ["mine"], data={**user_task(root, "mine", "data/mine.jsonl"), "overlength": "truncate"},
                           tracking={"enabled": False})
-    from dmea_dist.cli import check_input
+    from dmea_dist.driver import check_input
 
     check_input(load_config(config))
     err = capsys.readouterr().err

@@ -25,6 +25,7 @@ from dmea_dist.method.expansion import CandidateResult
 from dmea_dist.method.generation import PseudoSamples
 from dmea_dist.method.lifecycle import ORDER, Stage
 from dmea_dist.modeling.adapters import LayerModule
+from dmea_dist.modeling.io import module_key
 from dmea_dist.modeling.model import DMEAModel
 from dmea_dist.run import Run, build_policy, load_tasks
 from dmea_dist.state import load_state
@@ -50,7 +51,7 @@ class FakeKernels:
             state = LayerModule(model.d_model, model.bottleneck).state_dict()
             out.append(CandidateResult(candidate=job.candidate, path=[new_id, *earlier[1:]], new_layers=[0],
                                        val_loss=1.0 + job.candidate, logits=job.init, params=job.params,
-                                       new_modules={0: state}))
+                                       new_modules={module_key(0, new_id, k): v for k, v in state.items()}))
         return out
 
     def generate(self, model, requests):
