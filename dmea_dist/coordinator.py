@@ -22,19 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import GPT2LMHeadModel
-
 from dmea_dist.config import RunConfig, deepspeed_config
-from dmea_dist.data.formatting import Formatter, encode_task
-from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
 from dmea_dist.kernels import DecodingSettings, EngineSettings, InProcessKernels, Kernels, Progress
 from dmea_dist.method.lifecycle import Stage
-from dmea_dist.modeling.io import load_modules, save_backbone, save_modules
-from dmea_dist.modeling.model import DMEAModel
-from dmea_dist.run import Run, build_policy, build_run, load_tasks
+from dmea_dist.modeling.io import save_backbone, save_modules
+from dmea_dist.run import Run, build_policy, build_run, reopen_run
 from dmea_dist.stages import STAGES, RunContext, StageSettings, matrix
-from dmea_dist.state import RunState, load_state, save_state
+from dmea_dist.state import RunState, StateError, load_state, save_state
 
 KernelsFactory = Callable[[Run, "Progress | None"], Kernels]
 
@@ -70,7 +64,10 @@ class Coordinator:
         run_dir = Path(run_dir)
         if resume:
             state = load_state(run_dir)
-            run = run or reopen_run(config, run_dir, state)
+            if list(config.data.tasks) != state.task_ids:
+                raise StateError(f"{run_dir}: the config's tasks {list(config.data.tasks)} are not the run's "
+                                 f"{state.task_ids}")
+            run = run or reopen_run(config, run_dir, backbone=state.backbone, modules=state.modules)
         else:
             run = run or build_run(config, run_dir=run_dir)
             state = RunState.new(list(config.data.tasks))
@@ -160,31 +157,3 @@ class Coordinator:
 
     def close(self) -> None:
         self.ctx.kernels.close()
-
-
-def reopen_run(config: RunConfig, run_dir: Path, state: RunState) -> Run:
-    """The parts of a run on disk, as its last finished stage left them (no pretraining, no training)."""
-    m = config.model
-    tasks = load_tasks(config)
-    if [t.task_id for t in tasks] != state.task_ids:
-        raise ValueError(f"{run_dir}: the config's tasks {[t.task_id for t in tasks]} are not the run's "
-                         f"{state.task_ids}")
-    if m.pretrained:
-        tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
-        source = run_dir / state.backbone if state.backbone else m.pretrained
-        model = DMEAModel.from_pretrained(str(source), vocab_size=len(tokenizer), bottleneck=m.bottleneck)
-    else:
-        tokenizer = load_tokenizer(run_dir / "tokenizer")
-        backbone = GPT2LMHeadModel.from_pretrained(run_dir / (state.backbone or "backbone"))
-        model = DMEAModel(backbone, bottleneck=m.bottleneck)
-    if state.modules:
-        load_modules(model, run_dir / state.modules)
-    formatter = Formatter(tokenizer, max_length=m.max_length)
-    for task in tasks:
-        task.train = encode_task(formatter, task.rows["train"], task_index=task.index,
-                                 references=config.data.train_references)
-        task.val = encode_task(formatter, task.rows["validation"], task_index=task.index)
-    torch.manual_seed(config.train.seed)
-    return Run(config=config, tasks=tasks, tokenizer=tokenizer, model=model, formatter=formatter,
-               policy=build_policy(config), run_dir=run_dir)
-

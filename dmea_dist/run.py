@@ -255,7 +255,34 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
         backbone.save_pretrained(run_dir / "backbone")
         tokenizer.save_pretrained(run_dir / "tokenizer")
         model = DMEAModel(backbone, bottleneck=m.bottleneck)
-    formatter = Formatter(tokenizer, max_length=m.max_length)
+    return assemble_run(config, tasks, tokenizer, model, run_dir)
+
+
+def reopen_run(config: RunConfig, run_dir: str | Path, *, backbone: str | None = None,
+               modules: str | None = None) -> Run:
+    """The parts of a run on disk (for `dmea resume`): its tokenizer, its backbone (or the fine-tuned
+    snapshot `backbone`) and module pools `modules` (paths relative to `run_dir`). No pretraining."""
+    from transformers import GPT2LMHeadModel
+
+    from dmea_dist.modeling.io import load_modules
+
+    m, run_dir = config.model, Path(run_dir)
+    tasks = load_tasks(config)
+    if m.pretrained:
+        tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
+        source = run_dir / backbone if backbone else m.pretrained
+        model = DMEAModel.from_pretrained(str(source), vocab_size=len(tokenizer), bottleneck=m.bottleneck)
+    else:
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+        model = DMEAModel(GPT2LMHeadModel.from_pretrained(run_dir / (backbone or "backbone")), bottleneck=m.bottleneck)
+    if modules:
+        load_modules(model, run_dir / modules)
+    return assemble_run(config, tasks, tokenizer, model, run_dir)
+
+
+def assemble_run(config: RunConfig, tasks: list[Task], tokenizer, model: DMEAModel, run_dir: Path) -> Run:
+    """The run's parts, its tasks' training and validation examples encoded."""
+    formatter = Formatter(tokenizer, max_length=config.model.max_length)
     for task in tasks:
         task.train = encode_task(formatter, task.rows["train"], task_index=task.index,
                                  references=config.data.train_references)
