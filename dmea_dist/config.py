@@ -118,8 +118,13 @@ class ModelConfig:
     bottleneck: int | None = None  # adapter width; None = d_model // 16
     max_tasks: int = 128  # generation tokens reserved up front (no embedding resize mid-run)
     max_length: int = 128  # tokens per training example (at most the model's positions); see data.overlength
+    # dropout of the frozen backbone while modules train (None: the backbone's own, GPT-2's 0.1). With dropout each
+    # data-parallel rank draws its own masks, so only dropout 0 trains bit-for-bit alike on 1, 2 or 4 workers.
+    dropout: float | None = None
 
     def __post_init__(self):
+        if self.dropout is not None:
+            _check_range("model.dropout", self.dropout, 0.0, 0.9)
         if self.bottleneck is not None:
             _check_range("model.bottleneck", self.bottleneck, 1, 65536)
         _check_range("model.max_tasks", self.max_tasks, 1, 100_000)
@@ -166,7 +171,7 @@ class TrainConfig:
     adam_eps: float = 1e-6
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    batch_size: int = 4  # per task sub-batch
+    batch_size: int = 4  # global batch of each task sub-batch: data-parallel ranks each take a share
     lm_lambda: float = 0.25  # weight of the LM loss that teaches the model to generate pseudo samples
     # loss weight of the answer separator as a target (LAMOL/ACM `tokens_weight`: 5); a weighted mean,
     # so the separator counts this many tokens in both the sum and the normaliser
@@ -284,8 +289,11 @@ class EvalConfig:
     all_tasks: bool = False  # also evaluate tasks not yet seen (forward transfer)
     metric: Literal["rouge", "bleu", "em"] = "rouge"
     batch_size: int = 32
+    # evaluate after every `every`-th task and after the last (long sequences); rows in between stay empty in R
+    every: int = 1
 
     def __post_init__(self):
+        _check_range("eval.every", self.every, 1, 10**6)
         _check_range("eval.max_new_tokens", self.max_new_tokens, 1, 4096)
         _check_range("eval.top_k", self.top_k, 1, 10**6)
         _check_range("eval.batch_size", self.batch_size, 1, 65536)

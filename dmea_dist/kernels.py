@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from dmea_dist.data.formatting import BatchStream, Formatter
@@ -146,18 +147,54 @@ def run_search_job(model, job: SearchJob, data: SearchData) -> CandidateResult:
                             adam_eps=data.adam_eps, grad_clip=data.grad_clip, seed=job.seed, params=job.params)
 
 
-def run_generate_request(model, formatter: Formatter, request: GenerateRequest,
-                         decoding: DecodingSettings) -> PseudoSamples:
-    return generate_pseudo_samples(model, formatter, task_id=request.task_id, task_index=request.task_index,
-                                   path=request.path, n=request.n, seed=request.seed, top_k=decoding.pseudo_top_k,
-                                   batch_size=decoding.batch_size, answer=decoding.pseudo_answer)
+def chunks(size: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of the fixed-size pieces of `size` items (the last one shorter)."""
+    return [(start, min(size, start + chunk)) for start in range(0, size, chunk)]
 
 
-def run_answer_request(model, formatter: Formatter, request: AnswerRequest, decoding: DecodingSettings, *,
-                       seed: int | None = None) -> list[str]:
-    return generate_answers(model, formatter, request.rows, path=request.path, batch_size=decoding.batch_size,
-                            max_new_tokens=decoding.max_new_tokens, decoding=decoding.decoding, top_k=decoding.top_k,
-                            seed=decoding.seed if seed is None else seed)
+def derive_seed(seed: int, part: int) -> int:
+    """The seed of piece `part` of a request: the request's own for part 0, else a hashed stream."""
+    if part == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed) % 2**63, part]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) % 2**63
+
+
+def run_generate_request(model, formatter: Formatter, request: GenerateRequest, decoding: DecodingSettings,
+                         parts: range | None = None) -> PseudoSamples:
+    """`request.n` pseudo samples, made piece by piece (`decoding.batch_size` each, seeded by the piece;
+    `parts`: only those pieces). A piece depends on the request alone, so any pool of actors that runs
+    the pieces returns exactly these samples, whatever its size."""
+    pieces = chunks(request.n, decoding.batch_size)
+    out = []
+    for part in parts if parts is not None else range(len(pieces)):
+        start, stop = pieces[part]
+        out.append(generate_pseudo_samples(
+            model, formatter, task_id=request.task_id, task_index=request.task_index, path=request.path,
+            n=stop - start, seed=derive_seed(request.seed, part), top_k=decoding.pseudo_top_k,
+            batch_size=decoding.batch_size, answer=decoding.pseudo_answer))
+    return merge_pseudo_samples(request, out)
+
+
+def merge_pseudo_samples(request: GenerateRequest, parts: Sequence[PseudoSamples]) -> PseudoSamples:
+    return PseudoSamples(task_id=request.task_id, rows=[row for p in parts for row in p.rows],
+                         malformed=sum(p.malformed for p in parts), generated=sum(p.generated for p in parts),
+                         requested=request.n, truncated=sum(p.truncated for p in parts))
+
+
+def run_answer_request(model, formatter: Formatter, request: AnswerRequest, decoding: DecodingSettings,
+                       parts: range | None = None) -> list[str]:
+    """Answers of `request.rows`, a batch (piece) at a time, each seeded by its position (top-k
+    decoding; `parts`: only those batches): the same answers whichever actor runs which batches."""
+    pieces = chunks(len(request.rows), decoding.batch_size)
+    answers: list[str] = []
+    for part in parts if parts is not None else range(len(pieces)):
+        start, stop = pieces[part]
+        answers += generate_answers(model, formatter, request.rows[start:stop], path=request.path,
+                                    batch_size=decoding.batch_size, max_new_tokens=decoding.max_new_tokens,
+                                    decoding=decoding.decoding, top_k=decoding.top_k,
+                                    seed=derive_seed(decoding.seed, part))
+    return answers
 
 
 class InProcessKernels:

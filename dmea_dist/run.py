@@ -282,6 +282,12 @@ def reopen_run(config: RunConfig, run_dir: str | Path, *, backbone: str | None =
 
 def assemble_run(config: RunConfig, tasks: list[Task], tokenizer, model: DMEAModel, run_dir: Path) -> Run:
     """The run's parts, its tasks' training and validation examples encoded."""
+    if config.model.dropout is not None:  # in the modules and in the config replicas are built from
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            setattr(model.backbone.config, key, config.model.dropout)
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = config.model.dropout
     formatter = Formatter(tokenizer, max_length=config.model.max_length)
     for task in tasks:
         task.train = encode_task(formatter, task.rows["train"], task_index=task.index,

@@ -315,9 +315,11 @@ def _sources(ctx: RunContext, task: Task) -> list:
 
 
 def evaluate(ctx: RunContext, task: Task) -> dict[str, Any]:
-    ev = ctx.settings.eval
-    if ctx.run.policy.joint and task.index != len(ctx.run.tasks) - 1:
+    ev, last = ctx.settings.eval, task.index == len(ctx.run.tasks) - 1
+    if ctx.run.policy.joint and not last:
         return {"skipped": "multitask is evaluated once, after joint training"}
+    if (task.index + 1) % ev.every and not last:  # R's row j stays empty: not evaluated
+        return {"skipped": f"eval.every={ev.every}"}
     targets = ctx.run.tasks if ev.all_tasks else ctx.run.tasks[: task.index + 1]
     # unseen tasks (forward transfer) run along the newest path
     requests = [AnswerRequest(task_id=t.task_id, rows=_test_rows(ctx, t),
@@ -380,7 +382,8 @@ STAGES: dict[Stage, Callable[[RunContext, Task], dict[str, Any]]] = {
 
 def _stream(ctx: RunContext, examples, *, seed: str) -> BatchStream:
     qa, lm = examples
-    return BatchStream(qa, lm, batch_size=ctx.settings.train.batch_size, pad_id=ctx.special.pad, seed=seed)
+    return BatchStream(qa, lm, batch_size=ctx.settings.train.batch_size, pad_id=ctx.special.pad, seed=seed,
+                       token_weights=ctx.token_weights)
 
 
 def _special_ids(ctx: RunContext) -> set[int]:

@@ -17,7 +17,7 @@ answer only if it alone cannot fit. A batch always holds one task.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,28 +140,28 @@ def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def shard_order(n: int, *, seed: int | str, shard: tuple[int, int] = (0, 1)) -> list[int]:
-    """A seeded shuffle of range(n), then this rank's part of it.
+def collate_share(examples: Sequence[Example], share: Sequence[int], *, pad_id: int, world: int,
+                  token_weights: Mapping[int, float] | None) -> dict[str, torch.Tensor]:
+    """Collate this rank's `share` of a global batch, with the loss denominator of the whole batch.
 
-    `shard=(rank, world)` keeps every world-th example, so data-parallel ranks
-    see disjoint parts; every rank gets the same count (the tail that does not
-    fill every rank is dropped only when world > 1).
+    `denominator` = (weighted number of targets in the global batch) / world:
+    a rank whose loss is (sum of its weighted target losses) / denominator,
+    averaged over the ranks as data parallelism does, gives exactly the loss
+    of the whole batch on one rank. An empty share (a last batch smaller than
+    the world) runs one example with denominator infinity: a forward that
+    adds nothing.
     """
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    rank, world = shard
-    if world > 1:
-        order = order[rank::world][: n // world]
-    return order
+    total = sum(_weighted_targets(ex.labels, token_weights) for ex in examples)
+    rows = [examples[i] for i in share] or list(examples[:1])
+    batch = collate(rows, pad_id=pad_id)
+    batch["denominator"] = torch.tensor(total / world if share else float("inf"), dtype=torch.float64)
+    return batch
 
 
-def iterate_batches(qa: Sequence[Example], lm: Sequence[Example], *, batch_size: int, pad_id: int,
-                    seed: int, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[dict, dict]]:
-    """One epoch of (qa_batch, lm_batch) pairs of one task, shuffled by `seed` (see `shard_order`)."""
-    order = shard_order(len(qa), seed=seed, shard=shard)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield (collate([qa[i] for i in idx], pad_id=pad_id), collate([lm[i] for i in idx], pad_id=pad_id))
+def _weighted_targets(labels: Sequence[int], token_weights: Mapping[int, float] | None) -> float:
+    """The weight a loss normalises by: targets after the first position, each weighted (LM shift)."""
+    weights = token_weights or {}
+    return float(sum(weights.get(t, 1.0) for t in labels[1:] if t != IGNORE))
 
 
 @dataclass
@@ -169,9 +169,13 @@ class BatchStream:
     """An endless stream of (qa_batch, lm_batch) pairs of one task, reshuffled every epoch.
 
     Batch k is a pure function of (seed, k): it lies in epoch k // len(self),
-    whose order is a shuffle seeded by (seed, epoch). So a stream gives the
-    same batches in a Ray task, a Ray Train worker or in process, and a run
-    never trains every epoch in the same order.
+    whose order is a shuffle seeded by (seed, epoch). `batch_size` is the
+    global batch: with `shard=(rank, world)` every rank walks the same global
+    batches and takes every world-th example of each (its share), with the
+    global batch's loss denominator (`collate_share`). So 1, 2 or 4 ranks
+    train the same steps on the same examples with the same gradients, a
+    stream gives the same batches in a Ray task, a Ray Train worker or in
+    process, and a run never trains every epoch in the same order.
     """
 
     qa: Sequence[Example]
@@ -180,6 +184,7 @@ class BatchStream:
     pad_id: int
     seed: int | str
     shard: tuple[int, int] = (0, 1)
+    token_weights: Mapping[int, float] | None = None  # loss weight per target token (the answer separator)
 
     def __post_init__(self):
         if len(self.qa) != len(self.lm):
@@ -187,18 +192,21 @@ class BatchStream:
         self._epoch, self._order = -1, []
 
     def __len__(self) -> int:
-        """Batches per epoch on this shard."""
-        per_rank = len(self.qa) if self.shard[1] == 1 else len(self.qa) // self.shard[1]
-        return -(-per_rank // self.batch_size)
+        """Global batches per epoch (the same on every rank)."""
+        return -(-len(self.qa) // self.batch_size)
 
     def batch(self, k: int) -> tuple[dict, dict]:
+        """This rank's share of global batch k: (qa_batch, lm_batch), each with its `denominator`."""
         epoch, position = divmod(k, len(self))
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, shard_order(len(self.qa), seed=f"{self.seed}:{epoch}",
-                                                          shard=self.shard)
+            self._order = list(range(len(self.qa)))
+            random.Random(f"{self.seed}:{epoch}").shuffle(self._order)
+            self._epoch = epoch
         idx = self._order[position * self.batch_size:(position + 1) * self.batch_size]
-        return (collate([self.qa[i] for i in idx], pad_id=self.pad_id),
-                collate([self.lm[i] for i in idx], pad_id=self.pad_id))
+        rank, world = self.shard
+        share = list(range(len(idx)))[rank::world]
+        return tuple(collate_share([examples[i] for i in idx], share, pad_id=self.pad_id, world=world,
+                                   token_weights=self.token_weights) for examples in (self.qa, self.lm))
 
     def epoch(self, epoch: int = 0) -> list[tuple[dict, dict]]:
         """Every batch of one epoch, in order."""

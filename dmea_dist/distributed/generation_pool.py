@@ -7,21 +7,15 @@ different nodes). It is started lazily from the coordinator's model at the
 first call and then reused.
 
 Key decisions:
-- Work is cut by a *plan* that depends only on the request sizes and the
-  number of actors (`plan_shards`), never on timing: each request is split
-  into at most `num_actors` contiguous ranges (of samples, or of rows) and
-  the ranges go to the least-loaded actor. Results are reassembled in
-  (request, range) order, so a call is deterministic.
-- Pseudo samples: range `part` of a request samples with seed
-  `derive_seed(seed, part)`, and part 0 keeps the request's seed. With one
-  actor (or a request too small to split) the actor runs the unchanged
-  request, so the result equals the in-process `generate_pseudo_samples`.
-  Each range comes back as a `pyarrow.Table` with `PSEUDO_SCHEMA` (plain Arrow
-  columns) plus its malformed/generated counts.
-- Answers: row ranges are cut at multiples of the batch size, so every batch
-  holds the same rows (same padding) as in-process: greedy answers are
-  exactly the in-process ones. (Top-k decoding reseeds each range: it is
-  deterministic but differs from an unsharded run.)
+- A request is cut into pieces of one batch (`decoding.batch_size` samples
+  or rows), each computed with its own seed (`kernels.derive_seed(seed,
+  piece)`), in process exactly as here (`kernels.run_*_request`). The plan
+  (`plan_shards`) only groups pieces into contiguous runs and gives each run
+  to the least-loaded actor: it decides where work runs, never what it
+  returns. So pseudo samples and answers (top-k ones too) are the same with 1,
+  2 or 8 actors and in process, and a call is deterministic. Pseudo samples
+  come back per run as a `pyarrow.Table` with `PSEUDO_SCHEMA` (plain Arrow
+  columns) plus their malformed/generated counts.
 - Model sync: before every call the pool sends, in one `ray.put` read by all
   actors, the module pools, the paths and `next_ids` (small); the backbone
   only when it may have changed: always for full fine-tuning
@@ -38,15 +32,12 @@ Key decisions:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 import torch
@@ -62,6 +53,7 @@ from dmea_dist.kernels import (
     AnswerRequest,
     DecodingSettings,
     GenerateRequest,
+    chunks,
     run_answer_request,
     run_generate_request,
 )
@@ -82,10 +74,11 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Shard:
-    """Range [start, stop) of request `request`, its `part`-th piece, run by actor `actor`."""
+    """Pieces [first, last) of request `request`, items [start, stop), run by actor `actor`."""
 
     request: int
-    part: int
+    first: int
+    last: int
     start: int
     stop: int
     actor: int
@@ -95,35 +88,28 @@ class Shard:
         return self.stop - self.start
 
 
-def plan_shards(sizes: Sequence[int], *, n_actors: int, granule: int = 1) -> list[Shard]:
-    """Split each request into <= n_actors ranges cut at multiples of `granule`; balance over actors.
+def plan_shards(sizes: Sequence[int], *, n_actors: int, chunk: int) -> list[Shard]:
+    """Cut each request into pieces of `chunk` items, group them into <= n_actors contiguous runs, balance.
 
-    A request of size s has ceil(s / granule) granules; they are split into
-    k = min(n_actors, that) near-equal contiguous groups. Shards are then
-    given, in (request, part) order, to the actor with the least work so far
-    (ties to the lowest index). Depends on the sizes only: deterministic.
+    Each piece is computed the same wherever it runs (`kernels.run_*_request`
+    seed by piece), so the plan decides only where work runs, never what it
+    returns. Runs go, in (request, run) order, to the actor with the least
+    work so far (ties to the lowest index). Depends on the sizes only.
     """
-    if n_actors < 1 or granule < 1:
-        raise ValueError(f"plan_shards needs n_actors >= 1 and granule >= 1, got {n_actors} and {granule}")
+    if n_actors < 1 or chunk < 1:
+        raise ValueError(f"plan_shards needs n_actors >= 1 and chunk >= 1, got {n_actors} and {chunk}")
     load = [0] * n_actors
     shards = []
     for request, size in enumerate(sizes):
-        granules = math.ceil(size / granule)
-        k = max(1, min(n_actors, granules))
-        bounds = [min(size, (granules * i // k) * granule) for i in range(k + 1)]
-        for part in range(k):
+        pieces = chunks(size, chunk) or [(0, 0)]
+        k = min(n_actors, len(pieces))
+        bounds = [len(pieces) * i // k for i in range(k + 1)]
+        for first, last in zip(bounds, bounds[1:], strict=False):
+            start, stop = pieces[first][0], pieces[last - 1][1]
             actor = min(range(n_actors), key=lambda a: (load[a], a))
-            load[actor] += bounds[part + 1] - bounds[part]
-            shards.append(Shard(request, part, bounds[part], bounds[part + 1], actor))
+            load[actor] += stop - start
+            shards.append(Shard(request, first, last, start, stop, actor))
     return shards
-
-
-def derive_seed(seed: int, part: int) -> int:
-    """The seed of range `part` of a request: the request's own for part 0, else a hashed stream."""
-    if part == 0:
-        return int(seed)
-    state = np.random.SeedSequence([int(seed) % 2**63, part]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) % 2**63
 
 
 # --------------------------------------------------------------------- model state
@@ -214,13 +200,13 @@ class GenerationWorker:
     def sync(self, state: dict[str, Any]) -> None:
         apply_model_state(self.model, state)
 
-    def pseudo_samples(self, request: GenerateRequest) -> dict[str, Any]:
-        out = run_generate_request(self.model, self.formatter, request, self.decoding)
+    def pseudo_samples(self, request: GenerateRequest, parts: range) -> dict[str, Any]:
+        out = run_generate_request(self.model, self.formatter, request, self.decoding, parts=parts)
         table = pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA)
         return {"table": table, "malformed": out.malformed, "generated": out.generated, "truncated": out.truncated}
 
-    def answers(self, request: AnswerRequest, seed: int) -> list[str]:
-        return run_answer_request(self.model, self.formatter, request, self.decoding, seed=seed)
+    def answers(self, request: AnswerRequest, parts: range) -> list[str]:
+        return run_answer_request(self.model, self.formatter, request, self.decoding, parts=parts)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -234,15 +220,13 @@ class GenerationPool:
 
     def __init__(self, *, tokenizer, max_length: int, decoding: DecodingSettings, num_actors: int = 1,
                  cpus: float = 1.0, strategy: str = "SPREAD", always_sync_backbone: bool = False,
-                 ready_timeout_s: float = 120.0, min_chunk: int = 8, retries: int = 1):
+                 ready_timeout_s: float = 120.0, retries: int = 1):
         if num_actors < 1 or cpus <= 0:
             raise ValueError(f"GenerationPool needs num_actors >= 1 and cpus > 0, got {num_actors} and {cpus}")
-        if min_chunk < 1:
-            raise ValueError(f"min_chunk must be >= 1 (pseudo samples per generation range), got {min_chunk}")
         self.tokenizer, self.max_length, self.decoding = tokenizer, max_length, decoding
         self.num_actors, self.cpus, self.strategy = num_actors, cpus, strategy
         self.always_sync_backbone, self.ready_timeout_s = always_sync_backbone, ready_timeout_s
-        self.min_chunk, self.retries = min_chunk, retries
+        self.retries = retries
         self.restarts = 0  # calls redone because a replica died
         self.actors: list = []
         self._pg = None
@@ -284,10 +268,9 @@ class GenerationPool:
     def generate(self, model, requests: Sequence[GenerateRequest], *,
                  progress: Progress | None = None) -> list[PseudoSamples]:
         """One PseudoSamples per request: rows of its ranges in order, counts summed."""
-        shards = plan_shards([r.n for r in requests], n_actors=self.num_actors, granule=self.min_chunk)
+        shards = plan_shards([r.n for r in requests], n_actors=self.num_actors, chunk=self.decoding.batch_size)
         outs = self._run(model, shards, lambda s: self.actors[s.actor].pseudo_samples.remote(
-            dataclasses.replace(requests[s.request], n=s.size, seed=derive_seed(requests[s.request].seed, s.part))),
-            label="generate", progress=progress)
+            requests[s.request], range(s.first, s.last)), label="generate", progress=progress)
         results = []
         for index, req in enumerate(requests):
             mine = [outs[s] for s in shards if s.request == index and s in outs]
@@ -302,10 +285,9 @@ class GenerationPool:
                progress: Progress | None = None) -> list[list[str]]:
         """Answers of every request's rows, in row order; ranges cut at batch boundaries."""
         shards = plan_shards([len(r.rows) for r in requests], n_actors=self.num_actors,
-                             granule=self.decoding.batch_size)
+                             chunk=self.decoding.batch_size)
         outs = self._run(model, shards, lambda s: self.actors[s.actor].answers.remote(
-            dataclasses.replace(requests[s.request], rows=list(requests[s.request].rows[s.start:s.stop])),
-            derive_seed(self.decoding.seed, s.part)), label="evaluate", progress=progress)
+            requests[s.request], range(s.first, s.last)), label="evaluate", progress=progress)
         answers: list[list[str]] = [[] for _ in requests]
         for shard in shards:
             answers[shard.request].extend(outs.get(shard, []))

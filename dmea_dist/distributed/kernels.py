@@ -55,7 +55,7 @@ class RayKernels:
     """The kernels as Ray work, sized by `sizes` (the config's `ray:` section)."""
 
     def __init__(self, *, tokenizer, max_length: int, engine: EngineSettings, decoding: DecodingSettings,
-                 sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False, min_chunk: int = 8,
+                 sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False,
                  ready_timeout_s: float = 120.0, progress: Progress | None = None):
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
                         strategy=sizes.placement_strategy)
@@ -64,7 +64,7 @@ class RayKernels:
         self.pool = GenerationPool(tokenizer=tokenizer, max_length=max_length, decoding=decoding,
                                    num_actors=sizes.num_generation_actors, cpus=sizes.generation_cpus,
                                    strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
-                                   ready_timeout_s=ready_timeout_s, min_chunk=min_chunk)
+                                   ready_timeout_s=ready_timeout_s)
         self.trainer = None
         if sizes.adapt_on == "ray_train":
             self.trainer = RayTrainAdapter(engine, num_workers=sizes.num_train_workers,

@@ -278,7 +278,8 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
     try:
         engine = engine_factory(target, params)
         sources = [Source(key, BatchStream(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
-                                           seed=f"{job.seed}:{key}", shard=shard), path)
+                                           seed=f"{job.seed}:{key}", shard=shard, token_weights=job.token_weights),
+                          path)
                    for key, (qa, lm), path in job.sources]
         start, partial, on_checkpoint = 0, None, None
         if checkpoint_dir is not None:

@@ -28,11 +28,14 @@ from dmea_dist.data.formatting import IGNORE
 
 
 def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                     token_weights: Mapping[int, float] | None = None) -> torch.Tensor:
+                     token_weights: Mapping[int, float] | None = None,
+                     denominator: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy of `logits` (batch, seq, vocab) against `labels` (batch, seq).
 
-    Position t predicts labels[t + 1]; IGNORE labels are skipped; a weighted mean
-    when `token_weights` is given.
+    Position t predicts labels[t + 1]; IGNORE labels are skipped; weighted by
+    `token_weights`. The mean over this batch's targets, or, with a
+    `denominator` (a data-parallel rank's share of a global batch, see
+    `data.formatting.collate_share`), their sum divided by it.
     """
     vocab = logits.shape[-1]
     shifted = logits[:, :-1].reshape(-1, vocab).float()  # (batch * (seq-1), vocab)
@@ -42,18 +45,21 @@ def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
         weight = torch.ones(vocab, dtype=shifted.dtype, device=shifted.device)
         for token, w in token_weights.items():
             weight[int(token)] = float(w)
-    return F.cross_entropy(shifted, targets, weight=weight, ignore_index=IGNORE)
+    if denominator is None:
+        return F.cross_entropy(shifted, targets, weight=weight, ignore_index=IGNORE)
+    total = F.cross_entropy(shifted, targets, weight=weight, ignore_index=IGNORE, reduction="sum")
+    return total / denominator.to(device=total.device, dtype=total.dtype)
 
 
 def task_loss(model, qa_batch: dict, lm_batch: dict, *, path: Sequence[int] | None, lm_lambda: float,
               token_weights: Mapping[int, float] | None = None) -> torch.Tensor:
     """QA + lm_lambda * LM loss of one batch of one task along `path` (None: active route)."""
     qa = model(qa_batch["input_ids"], attention_mask=qa_batch["attention_mask"], path=path).logits
-    loss = lm_cross_entropy(qa, qa_batch["labels"], token_weights)
+    loss = lm_cross_entropy(qa, qa_batch["labels"], token_weights, qa_batch.get("denominator"))
     if lm_lambda == 0:
         return loss
     lm = model(lm_batch["input_ids"], attention_mask=lm_batch["attention_mask"], path=path).logits
-    return loss + lm_lambda * lm_cross_entropy(lm, lm_batch["labels"], token_weights)
+    return loss + lm_lambda * lm_cross_entropy(lm, lm_batch["labels"], token_weights, lm_batch.get("denominator"))
 
 
 @torch.no_grad()

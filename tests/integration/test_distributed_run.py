@@ -53,3 +53,31 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
     assert np.isfinite(distributed.R[np.tril_indices(3)]).all()
     # the distributed adaptation really ran on Ray Train: its adapters-only checkpoints are on disk
     assert list((tmp_path / "ray" / "_ray_train").glob("*/checkpoint_*/adapters.safetensors"))
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
+    """2 search workers, 2 generation actors and 2 Ray Train ranks give the in-process run: the global batch
+    is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece."""
+    from dmea_dist.distributed.coordinator import ray_coordinator_factory
+
+    two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
+                "num_train_workers": 2, "train_cpus": 0.5}
+    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
+                               coordinator_factory=ray_coordinator_factory)
+
+    def stages(result, stage):
+        return [h for h in result.history if h["stage"] == stage]
+
+    assert [h["path"] for h in stages(distributed, "expand")] == [h["path"] for h in stages(local, "expand")]
+    assert [h["selected"] for h in stages(distributed, "select")] == [h["selected"] for h in stages(local, "select")]
+    assert [h["pseudo_samples"] for h in stages(distributed, "generate")] == \
+        [h["pseudo_samples"] for h in stages(local, "generate")]
+    assert [h["steps"] for h in stages(distributed, "adapt")] == [h["steps"] for h in stages(local, "adapt")]
+    np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)

@@ -43,7 +43,7 @@ from dmea_dist.run import build_run
 from dmea_dist.state import RunState
 
 ray = pytest.importorskip("ray")
-from dmea_dist.distributed.generation_pool import derive_seed, plan_shards  # noqa: E402
+from dmea_dist.distributed.generation_pool import plan_shards  # noqa: E402
 from dmea_dist.distributed.kernels import RayKernels  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -106,11 +106,11 @@ def prepare(root, *, pretrain_steps: int = 300, train_steps: int = 150) -> Simpl
     return SimpleNamespace(run=run, reference=kernels.kernels, **kernels.captured)
 
 
-def ray_kernels(run, tmp, *, min_chunk: int = 8, **sizes) -> RayKernels:
+def ray_kernels(run, tmp, **sizes) -> RayKernels:
     """The run's Ray kernels with `sizes` in place of its `ray:` section."""
     return RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length, engine=engine_settings(run.config),
                       decoding=decoding_settings(run.config), sizes=dataclasses.replace(run.config.ray, **sizes),
-                      storage_path=tmp, min_chunk=min_chunk)
+                      storage_path=tmp)
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kernels2(ray_local, env, tmp_path_factory):
-    kernels = ray_kernels(env.run, tmp_path_factory.mktemp("train"), min_chunk=2, num_generation_actors=2,
-                          generation_cpus=1)
+    kernels = ray_kernels(env.run, tmp_path_factory.mktemp("train"), num_generation_actors=2, generation_cpus=1)
     yield kernels
     kernels.close()
 
@@ -152,22 +151,20 @@ def in_process_pseudo(env, model, req):
 # ------------------------------------------------------------------------------ plan (pure)
 
 
-def test_plan_covers_requests_at_granule_boundaries():
+def test_plan_groups_fixed_pieces_and_balances():
     sizes = [10, 3, 0, 7]
-    shards = plan_shards(sizes, n_actors=3, granule=4)
+    shards = plan_shards(sizes, n_actors=3, chunk=4)
     for request, size in enumerate(sizes):
         mine = [s for s in shards if s.request == request]
-        assert [s.part for s in mine] == list(range(len(mine)))
-        assert mine[0].start == 0 and mine[-1].stop == size
-        assert all(a.stop == b.start for a, b in zip(mine, mine[1:], strict=False))
-        assert all(s.start % 4 == 0 for s in mine)
+        assert mine[0].start == 0 and mine[-1].stop == size and mine[0].first == 0
+        assert all(a.stop == b.start and a.last == b.first for a, b in zip(mine, mine[1:], strict=False))
+        assert all(s.start == 4 * s.first for s in mine)  # runs of whole pieces
     assert [len([s for s in shards if s.request == r]) for r in range(4)] == [3, 1, 1, 2]
     loads = [sum(s.size for s in shards if s.actor == a) for a in range(3)]
-    assert max(loads) - min(loads) <= 4  # greedy balance within one granule
-    # one actor: every request whole, as the in-process kernel runs it
-    assert [(s.start, s.stop, s.actor) for s in plan_shards(sizes, n_actors=1)] == [(0, 10, 0), (0, 3, 0), (0, 0, 0),
-                                                                                   (0, 7, 0)]
-    assert derive_seed(7, 0) == 7 and len({derive_seed(7, p) for p in range(5)}) == 5
+    assert max(loads) - min(loads) <= 4  # greedy balance within one piece
+    # one actor: every request whole
+    assert [(s.start, s.stop, s.actor) for s in plan_shards(sizes, n_actors=1, chunk=4)] == \
+        [(0, 10, 0), (0, 3, 0), (0, 0, 0), (0, 7, 0)]
 
 
 # ---------------------------------------------------------------------------------- search
@@ -210,23 +207,16 @@ def test_one_actor_equals_in_process(ray_local, env):
     assert not kernels.pool.started
 
 
-def test_two_actors_pseudo_samples_are_the_planned_ranges(kernels2, env):
+def test_pool_size_does_not_change_pseudo_samples(kernels2, env):
+    """Pieces are seeded by what they are (request, piece), not by which actor runs them."""
     run = env.run
-    requests = pseudo_requests(run)
+    requests = pseudo_requests(run, n=10)  # pieces of eval.batch_size=4: 3 and 2 of them
     got = kernels2.generate(run.model, requests)
-    shards = plan_shards([r.n for r in requests], n_actors=2, granule=2)
+    shards = plan_shards([r.n for r in requests], n_actors=2, chunk=4)
     assert {s.actor for s in shards if s.request == 0} == {0, 1}  # task 0 is split over both actors
-    for index, req in enumerate(requests):
-        mine = [s for s in shards if s.request == index]
-        assert sum(s.size for s in mine) == req.n
-        parts = [in_process_pseudo(env, run.model, dataclasses.replace(req, n=s.size, seed=derive_seed(req.seed, s.part)))
-                 for s in mine]
-        assert got[index].task_id == req.task_id
-        assert got[index].rows == [row for p in parts for row in p.rows]
-        assert got[index].malformed == sum(p.malformed for p in parts)
-        assert got[index].generated == sum(p.generated for p in parts)
-        assert len(got[index].rows) <= req.n
-    assert got[0].rows
+    want = env.reference.generate(run.model, requests)  # in process: every piece in one process
+    assert got == want
+    assert got[0].rows and all(len(g.rows) <= r.n for g, r in zip(got, requests, strict=True))
     assert kernels2.generate(run.model, requests) == got  # deterministic across calls
 
 

@@ -5,10 +5,10 @@ import torch
 
 from dmea_dist.data.formatting import (
     IGNORE,
+    BatchStream,
     Formatter,
     collate,
     encode_task,
-    iterate_batches,
     left_pad,
 )
 from dmea_dist.data.tokenizer import (
@@ -119,8 +119,8 @@ def test_batches_hold_one_task_and_shards_are_disjoint(tokenizer):
     assert len(qa_all) == 20
     seen = []
     for rank in range(2):
-        for qb, lb in iterate_batches(qa, lm, batch_size=2, pad_id=fmt.special.pad, seed=0, shard=(rank, 2)):
+        for qb, lb in BatchStream(qa, lm, batch_size=4, pad_id=fmt.special.pad, seed=0, shard=(rank, 2)).epoch(0):
             assert qb["input_ids"].shape[0] == lb["input_ids"].shape[0]
             assert torch.all(lb["input_ids"][:, 0] == fmt.special.tasks[2])
             seen += [tuple(r[r != fmt.special.pad].tolist()) for r in qb["input_ids"]]
-    assert len(seen) == len(set(seen)) == 10
+    assert len(seen) == len(set(seen)) == 10  # the ranks' shares of the global batches: all, once

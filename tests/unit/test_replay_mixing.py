@@ -76,6 +76,33 @@ def test_batch_stream_reshuffles_every_epoch_and_is_a_pure_function_of_k():
     assert first != second  # in another order
     again = BatchStream(qa, qa, batch_size=4, pad_id=0, seed="s")
     assert torch.equal(again.batch(4)[0]["input_ids"], stream.batch(4)[0]["input_ids"])
-    shards = [BatchStream(qa, qa, batch_size=2, pad_id=0, seed="s", shard=(r, 2)) for r in range(2)]
-    seen = [i for s in shards for k in range(len(s)) for i in s.batch(k)[0]["input_ids"][:, 0].tolist()]
-    assert sorted(seen) == list(range(12))
+    # batch_size is the global batch: 2 ranks walk the same global batches and split each one
+    shards = [BatchStream(qa, qa, batch_size=4, pad_id=0, seed="s", shard=(r, 2)) for r in range(2)]
+    assert [len(s) for s in shards] == [3, 3]
+    for k in range(3):
+        parts = [s.batch(k)[0]["input_ids"][:, 0].tolist() for s in shards]
+        assert sorted(parts[0] + parts[1]) == sorted(stream.batch(k)[0]["input_ids"][:, 0].tolist())
+
+
+def test_rank_losses_average_to_the_global_batch_loss():
+    """Each rank divides its summed loss by the global batch's (weighted) target count / world."""
+    from dmea_dist.method.training import lm_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(ids, [-100] + ids[1:]) for ids in
+                ([1, 2, 3], [4, 5, 6, 7], [8, 9], [1, 3, 5, 7, 9], [2, 4])]
+    weights = {5: 5.0}
+    logits = {tuple(e.input_ids): torch.randn(len(e.input_ids), 12, generator=g) for e in examples}
+
+    def loss(batch):
+        out = torch.nn.utils.rnn.pad_sequence([logits[tuple(r[m.bool()].tolist())] for r, m in
+                                              zip(batch["input_ids"], batch["attention_mask"], strict=True)],
+                                              batch_first=True)
+        return lm_cross_entropy(out, batch["labels"], weights, batch.get("denominator"))
+
+    whole = BatchStream(examples, examples, batch_size=5, pad_id=0, seed="x", token_weights=weights).batch(0)[0]
+    for world in (2, 3, 4, 6):  # 6 > 5 examples: one rank's share is empty
+        shares = [BatchStream(examples, examples, batch_size=5, pad_id=0, seed="x", shard=(r, world),
+                              token_weights=weights).batch(0)[0] for r in range(world)]
+        mean = sum(loss(b) for b in shares) / world  # what data-parallel averaging computes
+        assert float(mean) == pytest.approx(float(loss(whole)), rel=1e-6)

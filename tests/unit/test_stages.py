@@ -174,3 +174,16 @@ def test_a_coordinator_built_from_the_files_continues_where_the_run_stopped(tmp_
     assert kernels.calls.count("adapt") == 2  # tasks 1 and 2 only: task 0's adaptation is not redone
     # the pseudo samples of task 1 were read back from their Parquet files, not from memory
     assert any(key.startswith("replay:") for key, _, _ in kernels.adapt_jobs[0].sources)
+
+
+def test_eval_every_k_tasks_leaves_the_other_rows_empty(tmp_path):
+    config = _config(tmp_path, "adapter")
+    config = type(config)(**{**config.__dict__, "eval": type(config.eval)(**{**config.eval.__dict__, "every": 2})})
+    run_dir = tmp_path / "every"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: FakeKernels(run),
+                              run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    R = coordinator.results()["R"]
+    assert (R[0] != R[0]).all()  # task 1 of 3: not a multiple of 2, not the last
+    assert list(R[1, :2]) == [100.0, 100.0] and list(R[2]) == [100.0, 100.0, 100.0]  # every 2nd, and the last
