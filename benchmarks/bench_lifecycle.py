@@ -42,11 +42,13 @@ def stage_seconds(history) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=3)
-    parser.add_argument("--adapt-on", choices=["ray_train", "coordinator"], default="ray_train",
-                        help="coordinator: adaptation in the coordinator actor, without Ray Train's start-up")
+    parser.add_argument("--adapt-on", choices=["train_group", "ray_train", "coordinator"], default="train_group",
+                        help="train_group: ranks started once per run (default); ray_train: a TorchTrainer per task; "
+                             "coordinator: adaptation in the coordinator actor")
     args = parser.parse_args()
     import ray
 
+    from dmea_dist.distributed.cluster import logical_cpus
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +58,7 @@ def main() -> None:
         torch.set_num_threads(1)
         run_sequence(config, run_dir=f"{tmp}/warm", progress=False, echo=lambda s: None)  # builds the cached backbone
         local = run_sequence(config, run_dir=f"{tmp}/local", progress=False, echo=lambda s: None)
-        connect(None, num_cpus=2)
+        connect(None, num_cpus=logical_cpus(config.ray))
         start = time.perf_counter()
         distributed = run_sequence(config, run_dir=f"{tmp}/ray", progress=False, echo=lambda s: None,
                                    coordinator_factory=ray_coordinator_factory)

@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, args.set)
     check_input(config)  # before Ray starts: on Ray, build_run's errors would come back as Ray tracebacks
-    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray.num_cpus)
+    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray)
     with _tracking_reported(config):
         run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=factory,
                      check=False)
@@ -138,7 +138,7 @@ def cmd_resume(args) -> int:
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
     if config.tracking.enabled:
         check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
-    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray.num_cpus)
+    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray)
     with _tracking_reported(config):
         resume_sequence(args.run_dir, overrides=args.set, progress=not args.quiet, coordinator_factory=factory)
     return 0
@@ -162,11 +162,12 @@ def _tracking_reported(config):
                 print(f"WARNING: {summary}", file=sys.stderr)
 
 
-def _ray(address: str | None, num_cpus: int | None):
-    """Join Ray (embedded by default) and return the factory of the coordinator actor."""
+def _ray(address: str | None, sizes):
+    """Join Ray (embedded by default; `sizes`: the config's `ray:` section) and return the coordinator factory."""
+    from dmea_dist.distributed.cluster import logical_cpus
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
-    where = connect(address, num_cpus=num_cpus)
+    where = connect(address, num_cpus=sizes.num_cpus or logical_cpus(sizes))
     print(f"ray: {'embedded local cluster' if where == 'local' else where}", file=sys.stderr)
     return ray_coordinator_factory
 

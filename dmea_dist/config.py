@@ -322,13 +322,17 @@ class RayConfig:
     train_cpus: float = 1.0
     use_gpu: bool = False  # one GPU per training worker (bf16/fp16 unsupported by the scaled step: fp32)
     placement_strategy: Literal["SPREAD", "PACK"] = "SPREAD"
-    adapt_on: Literal["ray_train", "coordinator"] = "ray_train"  # coordinator: skip Ray Train's start-up
+    # where adaptation runs: a training group of num_train_workers ranks started once and kept for the run
+    # (train_group), a Ray Train TorchTrainer per task (ray_train: start-up every task), or the coordinator itself
+    adapt_on: Literal["train_group", "ray_train", "coordinator"] = "train_group"
+    max_failures: int = 2  # restarts of the training ranks after one dies, each from the last epoch checkpoint
 
     def __post_init__(self):
         if self.num_cpus is not None:
             _check_range("ray.num_cpus", self.num_cpus, 1, 100_000)
         for key in ("num_search_workers", "num_generation_actors", "num_train_workers"):
             _check_range(f"ray.{key}", getattr(self, key), 1, 10_000)
+        _check_range("ray.max_failures", self.max_failures, 0, 1000)
         for key in ("search_cpus", "generation_cpus", "train_cpus"):
             _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
 

@@ -61,6 +61,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def logical_cpus(sizes) -> int:
+    """CPUs an embedded Ray declares for a run sized by `sizes` (the config's `ray:` section).
+
+    The generation pool and the training group live for the run and keep their
+    reservations, and search candidates need theirs; but the stages run one
+    after another, so these roles take turns on the machine's cores. Declaring
+    at least the sum lets all of them be placed at once, each still using only
+    the threads it reserved (`worker_env`).
+    """
+    need = (sizes.num_search_workers * sizes.search_cpus + sizes.num_generation_actors * sizes.generation_cpus
+            + (sizes.num_train_workers * sizes.train_cpus if sizes.adapt_on != "coordinator" else 0))
+    return max(os.cpu_count() or 1, int(need + 0.999))
+
+
 def require_ray() -> None:
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call ray.init() (or connect to the cluster) before using "
@@ -77,9 +91,10 @@ def configure_threads(cpus: float | None = None) -> None:
     torch.set_num_threads(max(1, int(cpus or os.cpu_count() or 1)))
 
 
-def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str):
-    """A ready placement group of `n_bundles` x {CPU: cpus}, or a clear error."""
-    pg = placement_group([{"CPU": float(cpus)}] * n_bundles, strategy=strategy)
+def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str,
+            bundle: dict[str, float] | None = None):
+    """A ready placement group of `n_bundles` x {CPU: cpus} (or x `bundle`), or a clear error."""
+    pg = placement_group([bundle or {"CPU": float(cpus)}] * n_bundles, strategy=strategy)
     if not pg.wait(timeout_seconds=timeout_s):
         remove_placement_group(pg)
         free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)

@@ -3,8 +3,10 @@
 * search: candidates as parallel Ray tasks in a placement group (distributed/search.py);
 * generate / answer: a `GenerationPool` of model replicas sharing the work by task and
   by sample / row range (distributed/generation_pool.py), kept for the whole run;
-* adapt: a Ray Train `TorchTrainer` of `num_train_workers` DeepSpeed ranks
-  (distributed/train_workers.py), or in the coordinator's process (`adapt_on: coordinator`).
+* adapt: a training group of `num_train_workers` DeepSpeed ranks started once
+  and kept for the run (distributed/train_group.py, the default), a Ray Train
+  `TorchTrainer` per task (distributed/train_workers.py, `adapt_on:
+  ray_train`), or the coordinator's own process (`adapt_on: coordinator`).
 
 Built by `ray_kernels(run, progress)` inside the coordinator (on a cluster,
 the coordinator actor) from the run's config, resolved here into plain
@@ -25,6 +27,7 @@ from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import Progress, require_ray
 from dmea_dist.distributed.generation_pool import GenerationPool
 from dmea_dist.distributed.search import check_resources, search_candidates
+from dmea_dist.distributed.train_group import TrainGroup
 from dmea_dist.distributed.train_workers import RayTrainAdapter
 from dmea_dist.kernels import (
     AnswerRequest,
@@ -65,11 +68,16 @@ class RayKernels:
                                    num_actors=sizes.num_generation_actors, cpus=sizes.generation_cpus,
                                    strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
                                    ready_timeout_s=ready_timeout_s)
-        self.trainer = None
+        self.trainer, self.group = None, None
         if sizes.adapt_on == "ray_train":
             self.trainer = RayTrainAdapter(engine, num_workers=sizes.num_train_workers,
                                            cpus_per_worker=sizes.train_cpus, use_gpu=sizes.use_gpu,
-                                           storage_path=storage_path, placement_strategy=sizes.placement_strategy)
+                                           storage_path=storage_path, placement_strategy=sizes.placement_strategy,
+                                           max_failures=sizes.max_failures)
+        elif sizes.adapt_on == "train_group":
+            self.group = TrainGroup(engine, num_workers=sizes.num_train_workers, cpus_per_worker=sizes.train_cpus,
+                                    use_gpu=sizes.use_gpu, placement_strategy=sizes.placement_strategy,
+                                    max_failures=sizes.max_failures, ready_timeout_s=ready_timeout_s)
         self.placement = Placement()
 
     def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
@@ -93,16 +101,23 @@ class RayKernels:
         return out
 
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
-        if self.trainer is None:  # adapt_on: coordinator (no Ray Train start-up; one process)
-            return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir)
-        require_ray()
-        result = self.trainer(model, job)
-        self.placement.train.update(self.trainer.last_nodes)
-        return result
+        if self.group is not None:
+            require_ray()
+            result = self.group(model, job, checkpoint_dir=checkpoint_dir)
+            self.placement.train.update(self.group.nodes)
+            return result
+        if self.trainer is not None:
+            require_ray()
+            result = self.trainer(model, job)
+            self.placement.train.update(self.trainer.last_nodes)
+            return result
+        return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir)
 
     def close(self) -> None:
-        """Release the generation actors and their CPUs (Ray itself stays up)."""
+        """Release the generation actors, the training group and their CPUs (Ray itself stays up)."""
         self.pool.shutdown()
+        if self.group is not None:
+            self.group.shutdown()
 
 
 def ray_kernels(run, progress: Progress | None = None) -> RayKernels:

@@ -11,7 +11,8 @@ shortfall is reported in the counts, never hidden.
 
 Answers: prompts `context <|ans|>` are left-padded and decoded greedily (the
 default, reproducible) or by top-k sampling; the separator and generation
-tokens cannot occur in an answer and are suppressed.
+tokens cannot occur in an answer and are suppressed. One batch may hold
+several tasks (`paths`: one path per row).
 
 Pseudo samples are stored as Parquet with plain Arrow columns (no tensor
 extension types, so `datasets`, pandas and Ray Data all read them).
@@ -156,12 +157,20 @@ def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_i
 
 
 @torch.no_grad()
-def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path: Sequence[int] | None,
-                     batch_size: int = 32, max_new_tokens: int = 64, decoding: str = "greedy",
-                     top_k: int = 20, seed: int = 0) -> list[str]:
-    """Answer every row (`context`, `question`) along `path`; returns decoded answers."""
+def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path: Sequence[int] | None = None,
+                     paths: Sequence[Sequence[int] | None] | None = None, batch_size: int = 32,
+                     max_new_tokens: int = 64, decoding: str = "greedy", top_k: int = 20,
+                     seed: int = 0) -> list[str]:
+    """Answer every row (`context`, `question`) along `path`; returns decoded answers.
+
+    `paths`: one path per row instead (several tasks in one batch: each row runs
+    along its own task's path, `DMEAModel.route_batch`); greedy answers are the
+    ones each row gets in a batch of its own task.
+    """
     if decoding not in ("greedy", "top_k"):
         raise ValueError(f"decoding {decoding!r} unknown; choose greedy or top_k")
+    if paths is not None and (path is not None or len(paths) != len(rows)):
+        raise ValueError(f"paths needs one path per row ({len(rows)} rows, {len(paths)} paths) and no `path`")
     special = formatter.special
     torch.manual_seed(seed)
     was_training = model.training
@@ -169,12 +178,14 @@ def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path:
     answers: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
+        routing = {"path": path} if paths is None else {"paths": [None if p is None else list(p)
+                                                                   for p in paths[start:start + batch_size]]}
         batch = left_pad([formatter.prompt_ids(r["context"], r["question"]) for r in chunk], pad_id=special.pad)
         budget = max(1, min(max_new_tokens, _positions(model) - batch["input_ids"].shape[1]))
         sampling = {"do_sample": True, "top_k": top_k} if decoding == "top_k" else {"do_sample": False}
-        out = model.generate(batch["input_ids"], path=path, attention_mask=batch["attention_mask"],
+        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                              max_new_tokens=budget, eos_token_id=special.eos, pad_token_id=special.pad,
-                             use_cache=True, suppress_tokens=[special.ans, *special.tasks], **sampling)
+                             use_cache=True, suppress_tokens=[special.ans, *special.tasks], **routing, **sampling)
         width = batch["input_ids"].shape[1]
         answers.extend(formatter.decode_answer(seq) for seq in out[:, width:].tolist())
     model.train(was_training)

@@ -17,6 +17,13 @@ Key decisions:
   returns the original output untouched: the plain backbone runs.
 - Mixing (expansion) computes the softmax of the caller's logits on every
   call, so each forward builds a fresh autograd graph to the logits.
+- Per-row routing (several tasks in one batch, like PEFT's per-sample
+  adapter names): each row of the batch names its own module (or None: the
+  plain backbone). The rows of one module are gathered, run through that
+  module's adapter and scattered back, so a row computes exactly what a
+  batch of its own task computes; the groups are built once per route, not
+  per call. The batch must keep its rows in order (`generate` with greedy
+  or top-k decoding does; beam search, which reorders rows, does not).
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def mixing_weights(logits: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class LayerRouter:
-    """The active route of one layer: nothing, one module id, or a mixture.
+    """The active route of one layer: nothing, one module id, a mixture, or one module id per row.
 
     `pool` is the layer's `nn.ModuleDict` (str(module_id) -> LayerModule),
     owned by the model; the router only reads it.
@@ -86,18 +93,23 @@ class LayerRouter:
         self.module_id: int | None = None
         self.candidates: list[int] | None = None
         self.logits: torch.Tensor | None = None
+        self.rows: RowGroups | None = None
 
     def state(self) -> tuple:
-        return (self.module_id, self.candidates, self.logits)
+        return (self.module_id, self.candidates, self.logits, self.rows)
 
     def restore(self, state: tuple) -> None:
-        self.module_id, self.candidates, self.logits = state
+        self.module_id, self.candidates, self.logits, self.rows = state
 
     def set_module(self, module_id: int | None) -> None:
-        self.restore((module_id, None, None))
+        self.restore((module_id, None, None, None))
 
     def set_mixture(self, candidates: list[int], logits: torch.Tensor) -> None:
-        self.restore((None, list(candidates), logits))
+        self.restore((None, list(candidates), logits, None))
+
+    def set_rows(self, module_ids: list[int | None]) -> None:
+        """Row b of every batch uses module `module_ids[b]` (None: no adapter for that row)."""
+        self.restore((None, None, None, RowGroups.of(module_ids)))
 
     def apply(self, site: str, h: torch.Tensor) -> torch.Tensor:
         """The sublayer output `h` (batch, seq, d_model) after this layer's adapters."""
@@ -111,7 +123,36 @@ class LayerRouter:
                 for k, module_id in enumerate(self.candidates)
             )
             return h + delta
+        if self.rows is not None:
+            return h + self.rows.delta(h, lambda module_id, x: self.pool[str(module_id)].adapter(site)(x))
         return h
+
+
+class RowGroups:
+    """The rows of a batch grouped by the module they use: {module id: row indices}."""
+
+    def __init__(self, n_rows: int, groups: dict[int, torch.Tensor]) -> None:
+        self.n_rows = n_rows
+        self.groups = groups  # module id -> (rows,) long indices, ascending
+
+    @classmethod
+    def of(cls, module_ids: list[int | None]) -> RowGroups:
+        by_module: dict[int, list[int]] = {}
+        for row, module_id in enumerate(module_ids):
+            if module_id is not None:
+                by_module.setdefault(int(module_id), []).append(row)
+        return cls(len(module_ids), {m: torch.tensor(rows, dtype=torch.long) for m, rows in by_module.items()})
+
+    def delta(self, h: torch.Tensor, adapter) -> torch.Tensor:
+        """Sum of each row's adapter increment; `adapter(module_id, h_rows)` -> increment of h_rows."""
+        if h.shape[0] != self.n_rows:
+            raise ValueError(f"per-row routing was set for {self.n_rows} rows but the batch has {h.shape[0]}; "
+                             "route_batch needs one path per row, rows kept in order (no beam search)")
+        delta = torch.zeros_like(h)  # (batch, seq, d_model)
+        for module_id, rows in self.groups.items():
+            rows = rows.to(h.device)
+            delta.index_copy_(0, rows, adapter(module_id, h.index_select(0, rows)))
+        return delta
 
 
 class RoutedSublayer(nn.Module):

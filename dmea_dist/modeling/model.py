@@ -7,7 +7,10 @@ Key decisions:
 - Routing is a context (`route(path)`, `mixing(candidates, logits)`) that sets
   the per-layer routers for the duration of the block and restores the
   previous state on exit, so `backbone.generate` inside `route` runs along the
-  path with the KV cache, and contexts nest.
+  path with the KV cache, and contexts nest. `route_batch(paths)` routes
+  each row of a batch along its own path (several tasks in one batch, for
+  serving and evaluation across tasks); a batch of one task costs what
+  `route` costs.
 - Module ids are per layer and never reused within a model (`next_ids` is
   saved with the modules), so a path stays unambiguous across the whole run.
 - Reserved special tokens: `from_pretrained(vocab_size=...)` grows the
@@ -226,6 +229,29 @@ class DMEAModel(nn.Module):
                 router.restore(state)
 
     @contextlib.contextmanager
+    def route_batch(self, paths: list[list[int] | None]) -> Iterator[None]:
+        """Run row b of every batch inside the block along `paths[b]` (None: the plain backbone).
+
+        A row computes what it computes in a batch of its own path (up to float
+        rounding of the frozen backbone over a different batch size).
+        """
+        if not paths:
+            raise ValueError("route_batch needs one path per row of the batch, got none")
+        checked = [None if p is None else self._checked_path(p) for p in paths]
+        if all(p == checked[0] for p in checked):  # one task: plain routing, no gather/scatter
+            with self.route(checked[0]):
+                yield
+            return
+        saved = [router.state() for router in self._routers]
+        try:
+            for layer, router in enumerate(self._routers):
+                router.set_rows([None if p is None else p[layer] for p in checked])
+            yield
+        finally:
+            for router, state in zip(self._routers, saved, strict=True):
+                router.restore(state)
+
+    @contextlib.contextmanager
     def mixing(self, candidates: list[list[int]], logits: list[torch.Tensor]) -> Iterator[None]:
         """Per layer, add `sum_k softmax(logits[l])_k * adapter_k(h)` over `candidates[l]`."""
         self._check_mixing(candidates, logits)
@@ -262,29 +288,38 @@ class DMEAModel(nn.Module):
         *,
         path: list[int] | None = None,
         task_id: str | None = None,
+        paths: list[list[int] | None] | None = None,
         labels: torch.Tensor | None = None,
         **kwargs,
     ):
-        """The backbone's CausalLMOutput, along `path` / the task's path / the active route."""
-        if path is not None and task_id is not None:
-            raise ValueError("give either path or task_id, not both")
+        """The backbone's CausalLMOutput, along `path` / the task's path / one path per row / the active route."""
+        if sum(x is not None for x in (path, task_id, paths)) > 1:
+            raise ValueError("give either path or task_id (or paths: one per row), not several")
         if task_id is not None:
             path = self.path_of(task_id)
-        if path is not None and self.training and _activation_checkpointing(self.backbone):
+        if (path is not None or paths is not None) and self.training and _activation_checkpointing(self.backbone):
             raise RuntimeError(
                 "with gradient checkpointing, blocks are recomputed during backward, after a "
                 "per-call path is reset: run forward and backward inside `with model.route(path):`"
             )
         # no path: whatever route/mixing is active; none -> the plain backbone
-        with contextlib.nullcontext() if path is None else self.route(path):
+        with self._routing(path, paths):
             return self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
             )
 
-    def generate(self, input_ids: torch.Tensor, *, path: list[int] | None = None, **kwargs):
-        """`backbone.generate` along `path` (None: the active route)."""
-        with contextlib.nullcontext() if path is None else self.route(path):
+    def generate(self, input_ids: torch.Tensor, *, path: list[int] | None = None,
+                 paths: list[list[int] | None] | None = None, **kwargs):
+        """`backbone.generate` along `path`, or `paths` (one per row), else the active route."""
+        if path is not None and paths is not None:
+            raise ValueError("give either path or paths, not both")
+        with self._routing(path, paths):
             return self.backbone.generate(input_ids=input_ids, **kwargs)
+
+    def _routing(self, path, paths):
+        if paths is not None:
+            return self.route_batch(paths)
+        return contextlib.nullcontext() if path is None else self.route(path)
 
     # ------------------------------------------------------------- parameters
 

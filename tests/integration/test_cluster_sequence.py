@@ -38,8 +38,8 @@ def test_short_sequence_uses_both_nodes(two_nodes, tmp_path):
     from dmea_dist.tracking import find_task_runs
 
     config = tiny_config(tmp_path, data={"tasks": ["synth.hotel.00", "synth.listops.00"]},
-                         ray={"num_search_workers": 2, "num_generation_actors": 2, "num_train_workers": 2,
-                              "placement_strategy": "SPREAD"})
+                         ray={"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2,
+                              "num_train_workers": 2, "train_cpus": 0.5, "placement_strategy": "SPREAD"})
     handles = []
 
     def factory(cfg, run_dir, *, resume, progress=None):

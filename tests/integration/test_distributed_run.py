@@ -23,7 +23,7 @@ def ray_local():
 
     from dmea_dist.distributed.coordinator import connect
 
-    connect(None, num_cpus=2)
+    connect(None, num_cpus=4)  # logical: the pool, the training group and search bundles take turns on 2 cores
     yield
     ray.shutdown()
 

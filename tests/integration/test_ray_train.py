@@ -140,6 +140,9 @@ def test_one_worker_equals_in_process_and_installs_adapters(ray_session, tiny, i
 
 
 def _no_dropout(model):
+    """Dropout off in the modules and in the config that replicas are built from (as model.dropout=0 does)."""
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(model.backbone.config, key, 0.0)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -250,3 +253,68 @@ def test_a_failing_worker_surfaces_its_error_and_leaves_the_model(ray_session, t
                         max_failures=0)(driver_model, empty)
     assert max_diff(trained_state(driver_model, job.trainable)["modules"], before) == 0.0
 
+
+
+# ------------------------------------------------------------- the training group that lives for the run
+
+
+def test_training_group_lives_for_the_run_and_trains_what_one_process_trains(ray_session, tiny, tmp_path):
+    """Two jobs on one 2-rank group (started once): each equals the in-process job; the second call starts
+    nothing (same actors), and gets the first job's trained modules as adapter deltas."""
+    from dmea_dist.distributed.train_group import TrainGroup
+
+    cfg, model, first, second = tiny
+    model = _no_dropout(copy.deepcopy(model))
+    reference = copy.deepcopy(model)
+    want = [run_adapt_job(reference, job, engine_factory=engine_settings(cfg).factory()) for job in (first, second)]
+    group = TrainGroup(engine_settings(cfg), num_workers=2, cpus_per_worker=1)
+    try:
+        driver_model = copy.deepcopy(model)
+        got = [group(driver_model, first, checkpoint_dir=tmp_path / "a")]
+        workers, start_seconds = list(group.workers), group.start_seconds
+        got.append(group(driver_model, second, checkpoint_dir=tmp_path / "b"))
+        assert group.workers == workers and group.start_seconds == start_seconds  # nothing started again
+    finally:
+        group.shutdown()
+    for job, g, w in zip((first, second), got, want, strict=True):
+        assert_results_close(g, w, tol=1e-5)
+        assert max_diff(trained_state(driver_model, job.trainable)["modules"],
+                        trained_state(reference, job.trainable)["modules"]) <= 1e-5
+
+
+def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray_session, tiny, tmp_path):
+    """SIGKILL a rank after its first epoch checkpoint: the group restarts and continues from that checkpoint;
+    the result is the uninterrupted in-process one."""
+    import threading
+
+    from dmea_dist.distributed.train_group import TrainGroup
+    from tests.integration.test_ray_workers import _kill
+
+    cfg, model, job, _ = tiny
+    job = dataclasses.replace(job, epochs=20)  # long enough that the kill lands mid-training
+    want_model = copy.deepcopy(model)
+    want = run_adapt_job(want_model, job, engine_factory=engine_settings(cfg).factory())
+    checkpoints = tmp_path / "adapt_checkpoint"
+    stop, killed = threading.Event(), []
+
+    def kill_after_first_checkpoint():
+        while not (checkpoints / "adapt_progress.json").exists():
+            if stop.wait(0.05):
+                return
+        killed.append(_kill("TrainWorker"))
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    group = TrainGroup(engine_settings(cfg), num_workers=1, cpus_per_worker=2, max_failures=2)
+    driver_model = copy.deepcopy(model)
+    try:
+        got = group(driver_model, job, checkpoint_dir=checkpoints)
+    finally:
+        stop.set()
+        killer.join()
+        group.shutdown()
+    assert killed and killed[0] >= 1 and group.restarts == 1
+    assert got.resumed_from > 0 and got.steps == want.steps
+    assert max_diff(trained_state(driver_model, job.trainable)["modules"],
+                    trained_state(want_model, job.trainable)["modules"]) <= TOL
+    assert_results_close(got, want)

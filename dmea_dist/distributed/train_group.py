@@ -1,0 +1,172 @@
+"""The ADAPT stage on a training group that lives for the run: N Ray actors, one torch.distributed group.
+
+Ray Train builds a trainer, a placement group, worker processes, a process
+group and a DeepSpeed build for every `fit`: ~13-33 s per task on a laptop,
+for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
+
+* `start` (first call): N `TrainWorker` actors in a placement group (PACK by
+  default), each with a model replica; they join one gloo (CPU) or nccl (GPU)
+  process group over a TCP rendezvous that rank 0 offers. DeepSpeed finds
+  the group initialised and joins it (`engine.build_engine`).
+* every call: the coordinator's model reaches the replicas as its module
+  pools, paths and next_ids (adapter-sized; the backbone only when its
+  checksum changed, e.g. full fine-tuning), then every rank runs
+  `run_adapt_job(shard=(rank, N))`, with the global batch split over the
+  ranks, and rank 0's trained weights are installed in the coordinator's
+  model, as the in-process kernel leaves them.
+* faults: every epoch the ranks checkpoint into `checkpoint_dir` (the task's
+  folder in the run directory: shared storage on a multi-node cluster, as Ray
+  Train's storage_path). If a worker dies (its process, its node), the call
+  fails with RayActorError; the group is torn down, started afresh and the
+  job rerun, continuing from the last complete checkpoint, up to
+  `max_failures` times: Ray Train's FailureConfig guarantee, kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch.distributed as dist
+from ray.exceptions import RayActorError
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from dmea_dist.distributed.cluster import configure_threads, free_port, reserve, worker_env
+from dmea_dist.distributed.generation_pool import (
+    apply_model_state,
+    backbone_checksum,
+    build_model,
+    model_snapshot,
+    model_state,
+)
+from dmea_dist.kernels import EngineSettings
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, load_trained_state, run_adapt_job
+
+
+class TrainWorker:
+    """One rank of the group (a Ray actor; a plain class, so it also runs in-process)."""
+
+    def __init__(self, snapshot: dict[str, Any], *, engine: EngineSettings, cpus: float):
+        configure_threads(cpus)
+        self.model = build_model(snapshot)
+        self.engine = engine
+        self.rank = self.world = None
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 offers the rendezvous: this node's IP and a free port."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, rank: int, world: int, master: tuple[str, int], backend: str) -> str:
+        """Join the process group (once per group); returns this worker's node id."""
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master[0],
+                          MASTER_PORT=str(master[1]))
+        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world)
+        self.rank, self.world = rank, world
+        return ray.get_runtime_context().get_node_id()
+
+    def sync(self, state: dict[str, Any]) -> None:
+        apply_model_state(self.model, state)
+
+    def adapt(self, job: AdaptJob, checkpoint_dir: str | None) -> tuple[AdaptResult, dict[str, Any] | None]:
+        """Train this rank's share; rank 0 returns (result, trained weights), the others (result, None)."""
+        from dmea_dist.distributed.train_workers import (
+            _trained_weights,  # ZeRO-3 gathering lives there
+        )
+
+        engines = []
+        build = self.engine.factory()
+
+        def engine_factory(model, params):
+            engines.append(build(model, params))
+            return engines[-1]
+
+        engine_factory.partitions_model = getattr(build, "partitions_model", False)
+        result = run_adapt_job(self.model, job, engine_factory=engine_factory, shard=(self.rank, self.world),
+                               checkpoint_dir=checkpoint_dir,
+                               barrier=dist.barrier if self.world > 1 else None)
+        state = _trained_weights(self.model, job.trainable, engines[0])  # a collective at ZeRO-3
+        return result, state if self.rank == 0 else None
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainGroup:
+    """`adapt(model, job, checkpoint_dir)` on N long-lived ranks (module docstring)."""
+
+    def __init__(self, engine: EngineSettings, *, num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
+                 placement_strategy: str = "PACK", max_failures: int = 2, ready_timeout_s: float = 120.0):
+        self.engine, self.num_workers, self.cpus = engine, num_workers, cpus_per_worker
+        self.use_gpu, self.strategy, self.max_failures = use_gpu, placement_strategy, max_failures
+        self.ready_timeout_s = ready_timeout_s
+        self.workers: list = []
+        self.nodes: list[str] = []
+        self.restarts = 0  # group restarts after a worker died
+        self.start_seconds = 0.0  # what starting the group cost, paid once (and at a restart)
+        self._pg = None
+        self._checksum: tuple[float, ...] | None = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.workers)
+
+    def start(self, model) -> None:
+        started = time.perf_counter()
+        bundle = {"CPU": float(self.cpus), **({"GPU": 1.0} if self.use_gpu else {})}
+        self._pg = reserve(self.num_workers, cpus=self.cpus, strategy=self.strategy, timeout_s=self.ready_timeout_s,
+                           what="the training group", bundle=bundle)
+        env = worker_env(self.cpus) if not self.use_gpu else {"OMP_NUM_THREADS": str(max(1, int(self.cpus)))}
+        snapshot = ray.put(model_snapshot(model))
+        cls = ray.remote(TrainWorker)
+        self.workers = [
+            cls.options(num_cpus=self.cpus, num_gpus=1 if self.use_gpu else 0, runtime_env={"env_vars": env},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
+            .remote(snapshot, engine=self.engine, cpus=self.cpus)
+            for i in range(self.num_workers)
+        ]
+        master = ray.get(self.workers[0].address.remote())
+        backend = "nccl" if self.use_gpu else "gloo"
+        self.nodes = ray.get([w.join.remote(rank, self.num_workers, master, backend)
+                              for rank, w in enumerate(self.workers)])
+        self._checksum = backbone_checksum(model)
+        self.start_seconds += time.perf_counter() - started
+
+    def __call__(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
+        for attempt in range(self.max_failures + 1):
+            try:
+                self._sync(model)
+                outs = ray.get([w.adapt.remote(job, str(checkpoint_dir) if checkpoint_dir else None)
+                                for w in self.workers])
+                break
+            except RayActorError:
+                self.shutdown()  # a dead rank: a fresh group continues from the last checkpoint
+                if attempt == self.max_failures:
+                    raise
+                self.restarts += 1
+        result, state = outs[0]
+        load_trained_state(model, job.trainable, state)
+        return result
+
+    def _sync(self, model) -> None:
+        """Start the group, or bring its replicas to `model` (modules always, backbone if it changed)."""
+        if not self.started:
+            self.start(model)
+            return
+        checksum = backbone_checksum(model)
+        ref = ray.put(model_state(model, with_backbone=checksum != self._checksum))
+        ray.get([w.sync.remote(ref) for w in self.workers])
+        self._checksum = checksum
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers, self.nodes = [], []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        self._checksum = None

@@ -1,0 +1,107 @@
+"""Before and around a run: refuse a broken tracking store, count tracking failures.
+
+A store that is broken before the run starts is bad input, not a transient
+failure: a corrupt `mlflow.db` would give a run that looks tracked and is
+not. `check_store` refuses it before any work, naming the database and the
+fixes; it opens an existing SQLite file read-only first, so a damaged or
+foreign file is never "repaired" by MLflow's table creation.
+`count_failures` counts the warnings of a run so its end can say how much of
+the record is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from dmea_dist.tracking.common import (
+    TrackingError,
+    TrackingWarning,
+    _truncate,
+    redact_uri,
+    resolve_uri,
+    sqlite_path,
+)
+
+def check_store(*, uri: str, experiment: str) -> None:
+    """Refuse a tracking store that does not open, before any work (module docstring); TrackingError says why.
+
+    A sqlite database that does not exist yet is fine (MLflow creates it) if
+    its folder exists. One that exists must pass SQLite's quick_check, hold
+    MLflow's tables (or none), and open in MLflow with `experiment` not deleted.
+    """
+    uri = resolve_uri(uri)
+    db = sqlite_path(uri)
+    where = str(db) if db is not None else uri
+    fixes = (f"move {db} away (e.g. mv {db} {db}.broken) and run again for a new database, point " if db is not None
+             else "check the server, or point ") + \
+        "tracking.uri at another store (--set tracking.uri=sqlite:///other.db), or run untracked " \
+        "(--set tracking.enabled=false)"
+    if db is not None:
+        if not db.exists():
+            if not db.parent.is_dir():
+                raise TrackingError(f"tracking.uri {uri!r}: the folder {db.parent} does not exist; create it or "
+                                    f"set tracking.uri (--set tracking.uri=sqlite:///path/mlflow.db)")
+            return
+        if not _check_sqlite_file(db, fixes):
+            return  # an empty database: MLflow creates its tables when the run starts
+    try:
+        from mlflow import MlflowClient
+
+        found = MlflowClient(tracking_uri=uri, registry_uri=uri).get_experiment_by_name(experiment)
+    except Exception as exc:  # MLflow wraps SQLAlchemy and HTTP errors in several types
+        raise TrackingError(f"MLflow tracking store {where} does not open "
+                            f"({_truncate(f'{type(exc).__name__}: {exc}', 300)}); {fixes}") from None
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {experiment!r} in {where} is deleted; restore it (mlflow experiments "
+                            f"restore) or set tracking.experiment")
+
+
+def _check_sqlite_file(db: Path, fixes: str) -> bool:
+    """Read-only: an SQLite file that passes quick_check and holds MLflow's tables (True) or no tables (False)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as exc:
+        raise TrackingError(f"{db}: the MLflow database is damaged or not a database ({exc}); {fixes}") from None
+    if problems != ["ok"]:
+        raise TrackingError(f"{db}: the MLflow database is damaged (SQLite: {'; '.join(problems[:3])}); {fixes}")
+    if tables and "experiments" not in tables:
+        raise TrackingError(f"{db}: an SQLite database without MLflow's tables (it has {sorted(tables)[:5]}), "
+                            f"so not an MLflow database; {fixes}")
+    return bool(tables)
+
+
+@contextlib.contextmanager
+def count_failures() -> Iterator[list[str]]:
+    """Collect the TrackingWarnings raised inside (each still shown) for the report at the end of a run.
+
+    Every one is shown and counted, repeats included (Python shows a repeated
+    warning once per place by default). Only this process's: the driver is the
+    one process that talks to MLflow.
+    """
+    failures: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TrackingWarning)
+        show = warnings.showwarning
+
+        def counted(message, category, *args, **kwargs):
+            if issubclass(category, TrackingWarning):
+                failures.append(str(message))
+            show(message, category, *args, **kwargs)
+
+        warnings.showwarning = counted  # catch_warnings puts the original back
+        yield failures
+
+
+def failures_summary(failures: Sequence[str], *, uri: str) -> str:
+    """One line for the end of a run whose tracking failed somewhere ("" when nothing failed)."""
+    if not failures:
+        return ""
+    first = failures[0].removeprefix("MLflow tracking: ")
+    return (f"tracking: {len(failures)} MLflow call(s) failed during this run, so its record at {uri} is "
+            f"incomplete (the run directory has every result); first: {_truncate(first, 300)}")
