@@ -16,11 +16,14 @@ and is the only process that talks to MLflow.
 
 from __future__ import annotations
 
+import resource
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from dmea_dist.config import RunConfig, deepspeed_config
 from dmea_dist.kernels import DecodingSettings, EngineSettings, InProcessKernels, Kernels, Progress
@@ -31,6 +34,16 @@ from dmea_dist.stages import STAGES, RunContext, StageSettings, matrix
 from dmea_dist.state import RunState, StateError, load_state, save_state
 
 KernelsFactory = Callable[[Run, "Progress | None"], Kernels]
+
+
+def _footprint(model, stage: Stage) -> dict[str, Any]:
+    """This process's memory after a stage (peak so far, MiB), and the model's size after RECORD."""
+    out = {"rss_mib": psutil.Process().memory_info().rss / 2**20,
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # ru_maxrss: KiB on Linux
+    if stage is Stage.RECORD:
+        out["pool_sizes"] = model.pool_sizes()
+        out["module_parameters"] = sum(p.numel() for pool in model.pools for p in pool.parameters())
+    return out
 
 
 def engine_settings(config: RunConfig) -> EngineSettings:
@@ -89,6 +102,7 @@ class Coordinator:
         started = time.perf_counter()
         summary = STAGES[stage](ctx, task)
         garbage = self._snapshot(stage)
+        summary = {**summary, **_footprint(ctx.run.model, stage)}
         state.advance(summary, seconds=time.perf_counter() - started)
         save_state(state, ctx.run_dir)
         for path in garbage:  # superseded snapshots, only once the state no longer names them
