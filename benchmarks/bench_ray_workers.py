@@ -139,7 +139,7 @@ def main() -> None:
         run, cap = build(Path(tmp), args)
         # logical CPUs: both pools (3 actors) stay up, but only one generates at a time
         num_cpus = max(args.candidates, 3)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         try:
             search = bench_search(run, cap, args.repeats, args.candidates)
             path = run.model.path_of("synth.restaurant.00")

@@ -49,8 +49,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         return address
     port = free_port()
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API, not another's
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": env}, log_to_driver=logs)
+    # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
+    # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=logs)
     return "local"
 
 
