@@ -76,11 +76,13 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class AnswerRequest:
-    """Answers to `rows` (context, question) along `path`."""
+    """Answers to `rows` (context, question) along `path`, or along `paths` (one per row: several tasks
+    in one request, each row through its own task's path)."""
 
     task_id: str
     rows: list[dict]
     path: list[int] | None
+    paths: list[list[int] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def run_answer_request(model, formatter: Formatter, request: AnswerRequest, deco
     answers: list[str] = []
     for part in parts if parts is not None else range(len(pieces)):
         start, stop = pieces[part]
-        answers += generate_answers(model, formatter, request.rows[start:stop], path=request.path,
+        routing = {"path": request.path} if request.paths is None else {"paths": request.paths[start:stop]}
+        answers += generate_answers(model, formatter, request.rows[start:stop], **routing,
                                     batch_size=decoding.batch_size, max_new_tokens=decoding.max_new_tokens,
                                     decoding=decoding.decoding, top_k=decoding.top_k,
                                     seed=derive_seed(decoding.seed, part))

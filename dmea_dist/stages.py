@@ -321,12 +321,17 @@ def evaluate(ctx: RunContext, task: Task) -> dict[str, Any]:
     if (task.index + 1) % ev.every and not last:  # R's row j stays empty: not evaluated
         return {"skipped": f"eval.every={ev.every}"}
     targets = ctx.run.tasks if ev.all_tasks else ctx.run.tasks[: task.index + 1]
-    # unseen tasks (forward transfer) run along the newest path
-    requests = [AnswerRequest(task_id=t.task_id, rows=_test_rows(ctx, t),
-                              path=ctx.path(t.task_id if t.index <= task.index else task.task_id)) for t in targets]
-    row = {}
-    for target, req, answers in zip(targets, requests, ctx.kernels.answer(ctx.run.model, requests), strict=True):
-        scores = score_task(ev.metric, answers, [r["answer"] for r in req.rows])
+    # every target's test rows in one request, each row along its task's path (unseen tasks, for forward
+    # transfer, along the newest path): batches fill across tasks, and the pool shards one request
+    rows = [_test_rows(ctx, t) for t in targets]
+    paths = [ctx.path(t.task_id if t.index <= task.index else task.task_id) for t in targets]
+    request = AnswerRequest(task_id="*", rows=[r for part in rows for r in part], path=None,
+                            paths=[p for part, p in zip(rows, paths, strict=True) for _ in part])
+    (answers,) = ctx.kernels.answer(ctx.run.model, [request])
+    row, start = {}, 0
+    for target, part in zip(targets, rows, strict=True):
+        scores = score_task(ev.metric, answers[start:start + len(part)], [r["answer"] for r in part])
+        start += len(part)
         ctx.state.R[task.index][target.index] = scores["primary"]
         row[target.task_id] = scores
     rec = ctx.record(task)
