@@ -5,7 +5,9 @@
     dmea data list                          the tasks the registry knows
     dmea data show TASK                     split sizes, formatted examples, token lengths
     dmea model summary CONFIG               the backbone, its modules and parameter counts
-    dmea generate RUN_DIR TASK CONTEXT...   answer inputs with any recorded task of a run
+    dmea generate SOURCE [TASK] INPUT...    answer inputs with recorded tasks (run dir, run id, models:/)
+    dmea generate SOURCE --input FILE       ... a JSONL/CSV file of inputs, several tasks in one batch
+    dmea report RUN_DIR [RUN_DIR ...]       the Markdown/HTML report of a run, or a comparison of runs
 
 Errors caused by input (config, data) print one clear line and exit 2; no
 traceback.
@@ -173,12 +175,56 @@ def _ray(address: str | None, sizes):
 
 
 def cmd_generate(args) -> int:
-    from dmea_dist.serving import answer
+    import json
 
-    for context, out in zip(args.context, answer(args.run_dir, args.task, args.context, question=args.question,
-                                                 decoding=args.decoding, max_new_tokens=args.max_new_tokens),
-                            strict=True):
-        print(f"{context}\n  -> {out}")
+    from transformers.utils import logging as transformers_logging
+
+    from dmea_dist.serving import load_task_model, read_inputs
+
+    # the answers are the output: no bars for loading weights or fetching a recorded model
+    transformers_logging.disable_progress_bar()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    task, texts = _generate_task_and_inputs(args)
+    rows = [{"context": text, "question": args.question} for text in texts]
+    if args.input:
+        rows += read_inputs(args.input)
+    if not rows:
+        raise DmeaError("no inputs: give contexts after the task, or --input FILE (JSONL or CSV)")
+    named = [r["task"] for r in rows if r.get("task")]
+    served = load_task_model(args.source, task, tasks=list(dict.fromkeys(named)) or None,
+                             tracking_uri=args.tracking_uri)
+    answers = served.generate(rows, decoding=args.decoding, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                              batch_size=args.batch_size, seed=args.seed)
+    out = open(args.output, "w") if args.output else sys.stdout  # noqa: SIM115 - closed below unless stdout
+    try:
+        jsonl = (args.format or ("jsonl" if args.input or args.output else "text")) == "jsonl"
+        for row, checked, answer in zip(rows, served.rows(rows), answers, strict=True):
+            if jsonl:
+                out.write(json.dumps({**checked, "answer": answer}) + "\n")
+            else:
+                where = f"[{checked['task']}] " if len(served.tasks) > 1 else ""
+                out.write(f"{where}{row['context']}\n  -> {answer}\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _generate_task_and_inputs(args) -> tuple[str | None, list[str]]:
+    """(default task, contexts): the first positional is the task unless --task, --input or a models:/ URI says it."""
+    if args.task or args.input or args.source.startswith("models:/"):
+        return args.task, list(args.items)
+    if not args.items:
+        raise DmeaError("dmea generate SOURCE TASK INPUT...: name the task (or use --task / --input FILE)")
+    return args.items[0], list(args.items[1:])
+
+
+def cmd_report(args) -> int:
+    from dmea_dist.evaluation.pages import write_report
+
+    written = write_report([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None)
+    print(f"report: {written.html}\n        {written.markdown} ({len(written.images)} figures in {written.figures})")
     return 0
 
 
@@ -205,14 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
     resume.set_defaults(func=cmd_resume)
 
-    gen = sub.add_parser("generate", help="answer inputs with a recorded task of a run")
-    gen.add_argument("run_dir", help="the run directory `dmea run` printed")
-    gen.add_argument("task", help="a task of that run, e.g. synth.restaurant.00")
-    gen.add_argument("context", nargs="+", help="one or more inputs (e.g. an MR)")
-    gen.add_argument("--question", default="")
+    gen = sub.add_parser("generate", help="answer inputs with recorded tasks of a run (run dir, run id, models:/)",
+                         description="Answer inputs with recorded tasks. SOURCE: a run directory, an MLflow run "
+                                     "id (runs:/ID too), or a registered task model models:/NAME@ALIAS. Forms: "
+                                     "`dmea generate SOURCE TASK INPUT...`, `dmea generate models:/NAME@ALIAS "
+                                     "INPUT...`, `dmea generate SOURCE --input FILE [--task TASK]` (JSONL or CSV "
+                                     "rows with context[, question][, task]: rows of several tasks share batches).")
+    gen.add_argument("source", help="run directory, MLflow run id, or models:/NAME@ALIAS")
+    gen.add_argument("items", nargs="*", metavar="[TASK] INPUT",
+                     help="the task (unless --task, --input or a models:/ URI names it), then inputs (contexts)")
+    gen.add_argument("--task", help="the task of inputs that name none")
+    gen.add_argument("--input", "-i", help="a JSONL or CSV file of inputs: context[, question][, task]")
+    gen.add_argument("--output", "-o", help="write the answers here as JSONL (default: stdout)")
+    gen.add_argument("--format", choices=["text", "jsonl"],
+                     help="text (context -> answer) or jsonl (default: jsonl for --input/--output, else text)")
+    gen.add_argument("--question", default="", help="question of the positional inputs")
     gen.add_argument("--decoding", choices=["greedy", "top_k"], default="greedy")
+    gen.add_argument("--top-k", type=int, help="k of top_k decoding (default: the run's eval.top_k)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--batch-size", type=int, help="inputs per batch (default: the run's eval.batch_size)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of top_k decoding")
+    gen.add_argument("--tracking-uri", help="MLflow store of a run id or models:/ URI "
+                                            "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     gen.set_defaults(func=cmd_generate)
+
+    rep = sub.add_parser("report", help="write the Markdown/HTML report of one run, or compare several",
+                         description="Reads everything from the run directories (state.json, tasks/*/record.json, "
+                                     "R.npy, metrics.json), so it works on any finished or stopped run.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", help="folder for report.html, report.md and report_files/ (default: the run "
+                                   "directory for one run; ./dmea-report-<time> for several)")
+    rep.set_defaults(func=cmd_report)
 
     data = sub.add_parser("data", help="inspect task data").add_subparsers(dest="data_command", required=True)
     for name, func, helptext in (("list", cmd_data_list, "list known tasks"),

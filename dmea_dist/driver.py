@@ -39,6 +39,7 @@ from dmea_dist.config import RunConfig, config_from_dict
 from dmea_dist.errors import DmeaError
 from dmea_dist.evaluation import continual, report
 from dmea_dist.method.lifecycle import Stage
+from dmea_dist.progress import StageProgress, task_summary
 
 # Keys a resumed run may change: where and how big the work runs, not what it computes.
 SAFE_TO_CHANGE = ("ray.",)
@@ -52,40 +53,6 @@ class SequenceResult:
     metrics: dict[str, float]
     parent_run_id: str | None
     history: list[dict[str, Any]]
-
-
-class StageProgress:
-    """A progress bar per stage of each task (tqdm to stderr; plain lines when not a terminal)."""
-
-    def __init__(self, tasks: list[str], *, enabled: bool = True):
-        self.tasks = tasks
-        self.enabled = enabled
-        self.bar = None
-        self.what = ""
-
-    def start(self, task_index: int, stage: Stage) -> None:
-        self.close()
-        if self.enabled:
-            print(f"[{task_index + 1}/{len(self.tasks)}] {self.tasks[task_index]} {stage.value}",
-                  file=sys.stderr, flush=True)
-
-    def __call__(self, what: str, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
-            return
-        if self.bar is None or self.what != what:
-            self.close()
-            from tqdm import tqdm
-
-            self.what = what
-            self.bar = tqdm(total=total, desc=f"  {what}", leave=False, file=sys.stderr,
-                            disable=not sys.stderr.isatty())
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 CoordinatorFactory = Callable[..., Any]  # (config, run_dir, *, resume, progress) -> a Coordinator or its remote handle
@@ -109,6 +76,7 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
 
     if check:
         check_input(config)
+    config = without_credentials(config)
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(config)
     if (run_dir / STATE_FILE).exists():
@@ -168,6 +136,30 @@ def check_input(config: RunConfig) -> None:
         check_and_say(load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks))
     else:
         tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say)
+
+
+def without_credentials(config: RunConfig) -> RunConfig:
+    """`config` with a `user:password@` taken out of tracking.uri into MLflow's environment variables.
+
+    MLflow authenticates from MLFLOW_TRACKING_USERNAME/PASSWORD, so the run works
+    the same, and the config it saves (config.yaml, MLflow params) holds no
+    secret. `dmea resume` needs the variables set (launch/README.md).
+    """
+    import dataclasses
+
+    from dmea_dist.tracking import credentials_from_uri, redact_uri
+
+    clean, user, password = credentials_from_uri(config.tracking.uri)
+    if clean == config.tracking.uri:
+        return config
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    print(f"note: tracking.uri {redact_uri(config.tracking.uri)} carries credentials: this run authenticates with "
+          f"them from MLFLOW_TRACKING_USERNAME/PASSWORD and saves tracking.uri={clean}; set those variables to "
+          f"resume it", file=sys.stderr)
+    return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=clean))
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -236,7 +228,7 @@ def local_coordinator(config: RunConfig, run_dir: Path, *, resume: bool, progres
 
 def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factory: CoordinatorFactory | None,
            progress: bool, echo: Callable[[str], None]) -> SequenceResult:
-    from dmea_dist.tracking import Tracker
+    from dmea_dist.tracking import Tracker, redact_uri, registered_model_name, task_aliases
 
     with run_lock(run_dir):
         bar = StageProgress(config.data.tasks, enabled=progress)
@@ -251,8 +243,8 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
                 _step_until_done(coordinator, tracker, config, bar, stop, echo)
             results = coordinator.results()
         except BaseException as err:
-            bar.close()
             stopped = isinstance(err, RunStopped | KeyboardInterrupt)
+            bar.close(ended="stopped" if stopped else "failed")
             message = str(err) or type(err).__name__
             _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
             tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
@@ -264,15 +256,22 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
     bar.close()
     R, names = results["R"], config.data.tasks
     metrics = sequence_metrics(R, baseline=results.get("baseline"))
-    write_reports(run_dir, config, R, metrics, similarity=results["similarity"], paths=results["paths"])
-    tracker.log_sequence_metrics(metrics, artifacts={"report": run_dir / "report.md", "report_html": run_dir / "report.html",
-                                                     "R": run_dir / "R.npy"})
+    figures = write_reports(run_dir, config, R, metrics, similarity=results["similarity"], paths=results["paths"])
+    reports = {"report": run_dir / "report.md", "report_html": run_dir / "report.html",
+               "report/report_files": figures} if figures else {}
+    tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
     tracker.finish_sequence(status="FINISHED")
 
     echo(f"\nR matrix ({config.eval.metric}, row j = after training task j):")
     echo(report.format_matrix_table(names, R))
     echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
-    echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   tracking: {config.tracking.uri}")
+    echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   "
+         f"tracking: {redact_uri(config.tracking.uri)}")
+    if tracker.active:
+        name = registered_model_name(config.name, config.method.name, run_dir.name)
+        first = task_aliases(names)[names[0]]
+        echo(f"registered models: models:/{name}@<task alias>, e.g. models:/{name}@{first} "
+             f"(dmea generate models:/{name}@{first} INPUT...)")
     return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
                           history=results["history"])
 
@@ -288,15 +287,15 @@ def _step_until_done(coordinator, tracker, config: RunConfig, bar: StageProgress
                              f"({config.data.tasks[task_index]})")
         bar.start(out["next"][0], Stage(out["next"][1]))
         out = coordinator.step()
+        bar.close()
         for warning in out["finished"].get("warnings", []):
-            bar.close()
             echo(f"WARNING: {warning}")
         rec = out["record"]
         if rec is not None:
-            bar.close()
             _record(tracker, coordinator, config, rec)
             history = [h for h in coordinator.results()["history"] if h["task_index"] == rec["task_index"]]
             echo(task_summary(rec, history, n_tasks=n_tasks))
+            sys.stdout.flush()  # in a log (not a terminal), beside the progress lines on stderr
 
 
 def _open_tracking(tracker, coordinator, config: RunConfig, run_dir: Path) -> str | None:
@@ -314,11 +313,36 @@ def _open_tracking(tracker, coordinator, config: RunConfig, run_dir: Path) -> st
 
 
 def _record(tracker, coordinator, config: RunConfig, rec: dict[str, Any]) -> None:
-    run_id = tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
-                                 metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
-                                 model_dir=rec.get("model_dir"), registered_model=f"{config.name}-{config.method.name}")
+    """The task's nested MLflow run; its pyfunc model registered as `models:/<run's model>@<task alias>`."""
+    with _servable(tracker, config, rec) as servable:
+        run_id = tracker.record_task(task_index=rec["task_index"], task_id=rec["task_id"], params=rec["params"],
+                                     metrics=rec["metrics"], series=rec["series"], artifacts=rec["artifacts"],
+                                     model_dir=rec.get("model_dir"), servable=servable,
+                                     registered_model=servable.model_tags["dmea.registered_model"]
+                                     if servable else None)
     if run_id is not None:
         coordinator.set_tracking(task_id=rec["task_id"], run_id=run_id)
+
+
+@contextmanager
+def _servable(tracker, config: RunConfig, rec: dict[str, Any]) -> Iterator[Any]:
+    """The task alone as a run folder (a temporary copy) for its registered model; None when untracked."""
+    if not tracker.active or not rec.get("model_dir"):
+        yield None
+        return
+    import tempfile
+
+    from dmea_dist.serving import stage_task
+    from dmea_dist.tracking import registered_model_name, task_aliases
+    from dmea_dist.tracking.registry import ServableTask
+
+    run_dir = Path(rec["model_dir"]).parents[2]  # <run_dir>/tasks/NNN-<task>/modules
+    name = registered_model_name(config.name, config.method.name, run_dir.name)
+    with tempfile.TemporaryDirectory(prefix="dmea-servable-") as tmp:
+        yield ServableTask(folder=stage_task(run_dir, rec["task_id"], Path(tmp) / "run"),
+                           alias=task_aliases(config.data.tasks)[rec["task_id"]], path=rec["params"].get("path"),
+                           model_tags={"dmea.registered_model": name, "dmea.config": config.name,
+                                       "dmea.method": config.method.name, "dmea.run_dir": str(run_dir)})
 
 
 def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
@@ -372,40 +396,24 @@ def _try(call: Callable[[], Any]) -> None:
         print(f"warning: {err}", file=sys.stderr)
 
 
-def task_summary(record: dict[str, Any], history: list[dict[str, Any]], *, n_tasks: int) -> str:
-    """One line per finished task: time, modules, selection, pseudo-sample yield and fidelity, clamp rate, score."""
-    m, p, task = record["metrics"], record["params"], record["task_id"]
-    parts = [f"{sum(h.get('seconds', 0.0) for h in history):.1f}s"]
-    if "new_modules" in m:
-        parts.append(f"{int(m['new_modules'])} new modules")
-    if p.get("selected"):
-        parts.append(f"selected {', '.join(p['selected'])}")
-    yields = {k.removeprefix("pseudo.yield."): v for k, v in m.items() if k.startswith("pseudo.yield.")}
-    if yields:
-        kept = sum(v for k, v in m.items() if k.startswith("pseudo.kept."))
-        asked = sum(v for k, v in m.items() if k.startswith("pseudo.requested."))
-        line = f"pseudo samples {int(kept)}/{int(asked)}, yield {min(yields.values()):.0%}"
-        fids = [v for k, v in m.items() if k.startswith("pseudo.fidelity.")]
-        if fids:
-            line += f", fidelity {sum(fids) / len(fids):.0%}"
-        parts.append(line)
-    if "eta_clamp_rate" in m:
-        parts.append(f"eta at clamp {m['eta_clamp_rate']:.0%}")
-    if f"R.{task}" in m:
-        parts.append(f"score {m[f'R.{task}']:.1f}")
-    return f"[{record['task_index'] + 1}/{n_tasks}] {task} done: " + "; ".join(parts)
-
-
 def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict[str, float], *,
-                  similarity: np.ndarray, paths: dict[str, list[int]] | None) -> None:
-    names = config.data.tasks
-    title = f"dmea-dist: {config.name} ({config.method.name})"
-    (run_dir / "report.md").write_text(report.render_markdown(names, R, metrics, similarity=similarity,
-                                                              paths=paths, title=title))
-    (run_dir / "report.html").write_text(report.render_html(names, R, metrics, similarity=similarity,
-                                                            paths=paths, title=title))
+                  similarity: np.ndarray, paths: dict[str, list[int]] | None) -> Path | None:
+    """R.npy, metrics.json, then the report (report.html, report.md, report_files/) read back from `run_dir`.
+
+    Returns the figures folder, or None when the report could not be drawn: the
+    results are saved either way, and `dmea report RUN_DIR` draws it later.
+    `similarity` and `paths` are in the run's state, which the report reads.
+    """
+    from dmea_dist.evaluation.pages import write_report
+
     np.save(run_dir / "R.npy", R)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    try:
+        return write_report([run_dir]).figures
+    except Exception as err:  # noqa: BLE001 - a figure must not fail a finished run
+        print(f"warning: the report of {run_dir} could not be drawn ({type(err).__name__}: {err}); the results "
+              f"are saved: try `dmea report {run_dir}`", file=sys.stderr)
+        return None
 
 
 def sequence_metrics(R: np.ndarray, *, baseline: np.ndarray | None = None) -> dict[str, float]:

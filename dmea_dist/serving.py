@@ -1,10 +1,22 @@
-"""Serve any recorded task of any run: rebuild the model and answer along the task's path.
+"""Serve any recorded task of any run: from its run directory, its MLflow run, or the registry.
 
-A run directory (or its MLflow record, downloaded) holds everything needed:
-`config.yaml`, the tokenizer (tiny runs) and backbone (tiny runs; pretrained
-runs name their checkpoint in the config), and per task
-`tasks/NNN-<task>/modules/` (the task's modules + path manifest; for the
-full fine-tuning baselines, the whole backbone after that task).
+    load_task_model(source, task)   source: a run directory | an MLflow run id (or runs:/ID)
+                                    | models:/NAME@ALIAS | models:/NAME/VERSION
+    ServedTasks.generate(inputs)    answers; rows of several tasks share one batch
+
+Every source becomes a run folder on disk (an MLflow source is downloaded to
+a temporary folder, loaded, and removed): `config.yaml`, the tokenizer (tiny
+runs) and backbone (tiny runs; pretrained runs name their checkpoint in the
+config), and per task `tasks/NNN-<task>/modules/` (the task's modules + path
+manifest; for the full fine-tuning baselines, the whole backbone after that
+task). `stage_task` writes the folder of one task alone: what a registered
+task model carries (tracking/registry.py).
+
+All loaded tasks of a module-based run share one backbone, their modules in
+its pools (module ids are unique within a run), so a batch of rows of
+several tasks runs each row along its own path (`DMEAModel.route_batch`).
+The full fine-tuning baselines have a backbone per task; their rows are
+answered task by task.
 
 A task folder without `modules/` is a task whose run stopped before recording
 it: the error says so, with the stage the run's state file names, and how to
@@ -15,10 +27,18 @@ fails here, naming the folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from dmea_dist.config import load_config
+from dmea_dist.config import RunConfig, load_config
 from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.lengths import prompt_length
 from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
@@ -29,6 +49,187 @@ from dmea_dist.modeling.model import DMEAModel
 
 # state files that name where a run stopped: the run state, or the lifecycle file of older runs
 STATE_FILES = ("state.json", "lifecycle.json")
+RUN_ID = re.compile(r"(?:runs:/)?([0-9a-f]{32})/?")
+
+
+@dataclass
+class ServedTasks:
+    """Recorded tasks of one run, loaded to answer inputs (`generate`)."""
+
+    config: RunConfig
+    formatter: Formatter
+    models: dict[str, DMEAModel]  # task -> model (one shared model unless full fine-tuning)
+    paths: dict[str, list[int] | None]  # task -> its path (None: full fine-tuning)
+    task: str | None  # the task of inputs that name none
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.models)
+
+    def generate(self, inputs: Sequence[str | dict[str, Any]], *, task: str | None = None,
+                 decoding: str = "greedy", max_new_tokens: int = 64, top_k: int | None = None,
+                 batch_size: int | None = None, seed: int = 0) -> list[str]:
+        """One answer per input: a context string, or {context, question?, task?}; `task` for those without."""
+        rows = self.rows(inputs, task=task)
+        answers: list[str | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}  # one group per model object: rows of tasks sharing a backbone
+        for i, row in enumerate(rows):
+            groups.setdefault(id(self.models[row["task"]]), []).append(i)
+        for members in groups.values():
+            model = self.models[rows[members[0]]["task"]]
+            out = generate_answers(model, self.formatter, [rows[i] for i in members],
+                                   paths=[self.paths[rows[i]["task"]] for i in members], decoding=decoding,
+                                   max_new_tokens=max_new_tokens, top_k=top_k or self.config.eval.top_k,
+                                   batch_size=batch_size or self.config.eval.batch_size, seed=seed)
+            for i, answer in zip(members, out, strict=True):
+                answers[i] = answer
+        return answers
+
+    def rows(self, inputs: Sequence[str | dict[str, Any]], *, task: str | None = None) -> list[dict[str, str]]:
+        """Inputs as checked rows {context, question, task}; errors name the input and the fix."""
+        default = task or self.task
+        rows = []
+        for i, item in enumerate(inputs):
+            row = {"context": item} if isinstance(item, str) else dict(item)
+            row_task = row.get("task") or default
+            if not isinstance(row.get("context"), str) or not row["context"]:
+                raise DmeaError(f"input {i + 1} has no context (a non-empty string); got {item!r}")
+            if row_task is None:
+                raise DmeaError(f"input {i + 1} names no task; give one (--task, or a `task` column) from "
+                                f"{self.tasks}")
+            if row_task not in self.models:
+                raise DmeaError(f"input {i + 1}: task {row_task!r} is not loaded; loaded: {self.tasks}")
+            question = row.get("question")
+            rows.append({"context": row["context"], "question": question if isinstance(question, str) else "",
+                         "task": row_task})
+            tokens = prompt_length(self.formatter, rows[-1]["context"], rows[-1]["question"])
+            if tokens > self.formatter.max_length:  # a longer prompt would be cut: another input answered
+                raise DmeaError(f"input {i + 1} is {tokens} tokens with the answer separator, longer than this "
+                                f"run's model.max_length={self.formatter.max_length}; shorten it")
+        return rows
+
+
+def load_task_model(source: str | Path, task: str | None = None, *, tasks: Sequence[str] | None = None,
+                    tracking_uri: str | None = None) -> ServedTasks:
+    """Load recorded tasks to answer with, in one call.
+
+    `source`: a run directory, an MLflow run id (sequence or task run; also
+    `runs:/ID`), or a registered task model `models:/NAME@ALIAS` /
+    `models:/NAME/VERSION`. `task`: the default task of inputs (implied by a
+    task run id or a models:/ URI). `tasks`: the tasks to load (default:
+    every recorded task of a run; for models:/, the other tasks are found by
+    their aliases in the same registered model). `tracking_uri`: the MLflow
+    store of a run id or models:/ URI (default $MLFLOW_TRACKING_URI, else
+    sqlite:///mlflow.db).
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    wanted = list(dict.fromkeys([*([task] if task else []), *(tasks or [])])) or None
+    with _run_folder(str(source), wanted, uri) as (folder, implied):
+        default = task or implied
+        return _load_folder(folder, wanted if wanted else ([default] if implied else None), default)
+
+
+@contextlib.contextmanager
+def _run_folder(source: str, wanted: list[str] | None, uri: str) -> Iterator[tuple[Path, str | None]]:
+    """(a local run folder, the task the source implies); MLflow sources are downloaded, then removed."""
+    if Path(source).is_dir():
+        yield Path(source), None
+        return
+    from dmea_dist import tracking
+
+    with tempfile.TemporaryDirectory(prefix="dmea-serve-") as tmp:
+        if source.startswith("models:/"):
+            yield _registered_folder(source, wanted, uri, Path(tmp))
+        elif RUN_ID.fullmatch(source):
+            yield tracking.download_run(uri=uri, run_id=RUN_ID.fullmatch(source).group(1), dst=Path(tmp) / "run")
+        elif Path(source).exists():
+            raise DmeaError(f"{source} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
+        else:
+            raise DmeaError(f"{source} does not exist; pass the run directory `dmea run` printed, an MLflow run "
+                            f"id, or models:/NAME@ALIAS")
+
+
+def _registered_folder(model_uri: str, wanted: list[str] | None, uri: str, tmp: Path) -> tuple[Path, str]:
+    """The task of `model_uri`, plus the other `wanted` tasks by their aliases, merged in one run folder."""
+    from dmea_dist import tracking
+    from dmea_dist.tracking.readers import parse_model_uri
+
+    folder, task = tracking.download_registered_model(uri=uri, model_uri=model_uri, dst=tmp / "0")
+    name = parse_model_uri(model_uri)[0]
+    for k, other in enumerate(t for t in (wanted or []) if t != task):
+        extra, _ = tracking.download_registered_model(uri=uri, model_uri=f"models:/{name}@{other}",
+                                                      dst=tmp / str(k + 1))
+        for modules in extra.glob("tasks/*/modules"):  # same run, same backbone: only the modules differ
+            shutil.copytree(modules, folder / "tasks" / modules.parent.name / "modules", dirs_exist_ok=True)
+    return folder, task
+
+
+def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None) -> ServedTasks:
+    """Every wanted task (default: every recorded one) of the run folder, on one shared backbone if it can."""
+    if not (run_dir / "config.yaml").is_file():
+        raise DmeaError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
+    config = load_config(run_dir / "config.yaml")  # a damaged file fails as a ConfigError naming it
+    task_ids = wanted or recorded_tasks(run_dir)
+    if not task_ids:
+        raise DmeaError(f"{run_dir} has no recorded task yet: {stopped_at(run_dir)}")
+    if config.model.pretrained:
+        tokenizer = load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks)
+    else:
+        tokenizer = _tokenizer(run_dir / "tokenizer")
+    models: dict[str, DMEAModel] = {}
+    paths: dict[str, list[int] | None] = {}
+    shared = None
+    for task_id in task_ids:
+        modules = task_dir(run_dir, task_id)
+        if (modules / "config.json").is_file():  # a saved backbone (full fine-tuning), not adapters
+            models[task_id], paths[task_id] = _backbone(modules, tokenizer, config).eval(), None
+            continue
+        if shared is None:
+            source = config.model.pretrained or run_dir / "backbone"
+            shared = _backbone(source, tokenizer, config).eval()
+        load_path_modules(shared, modules)
+        models[task_id], paths[task_id] = shared, shared.path_of(task_id)
+    return ServedTasks(config=config, formatter=Formatter(tokenizer, max_length=config.model.max_length),
+                       models=models, paths=paths, task=default if default in models else None)
+
+
+def read_inputs(file: str | Path) -> list[dict[str, str]]:
+    """Rows {context, question?, task?} of a JSONL file (objects, or strings = contexts) or a CSV file with a
+    header naming `context` (and optionally `question`, `task`); errors name the file and line."""
+    import csv
+
+    file = Path(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DmeaError(f"{file}: cannot read the inputs ({err})") from None
+    if file.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if "context" not in (reader.fieldnames or []):
+            raise DmeaError(f"{file}: a CSV of inputs needs a header with a `context` column (and optionally "
+                            f"`question`, `task`); its header is {reader.fieldnames}")
+        return [{k: v for k, v in row.items() if k in ("context", "question", "task") and v}
+                for row in reader]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DmeaError(f"{file}, line {number}: not JSON ({err.msg}); one JSON object per line, e.g. "
+                            f'{{"context": "...", "task": "..."}}') from None
+        if isinstance(item, str):
+            item = {"context": item}
+        if not isinstance(item, dict) or not isinstance(item.get("context"), str):
+            raise DmeaError(f"{file}, line {number}: needs a `context` string, got {line[:120]!r}")
+        rows.append(item)
+    return rows
+
+
+def recorded_tasks(run_dir: Path) -> list[str]:
+    """The tasks of a run folder that have modules, in task order."""
+    return [p.parent.name.split("-", 1)[1] for p in sorted(run_dir.glob("tasks/*-*/modules"))]
 
 
 def task_dir(run_dir: Path, task_id: str) -> Path:
@@ -36,7 +237,7 @@ def task_dir(run_dir: Path, task_id: str) -> Path:
     found = sorted(run_dir.glob(f"tasks/*-{task_id}/modules"))
     if found:
         return found[0]
-    recorded = sorted(p.parent.name.split("-", 1)[1] for p in run_dir.glob("tasks/*-*/modules"))
+    recorded = sorted(recorded_tasks(run_dir))
     if any(run_dir.glob(f"tasks/*-{task_id}")):
         raise DmeaError(f"task {task_id!r} of {run_dir} was not finished: {stopped_at(run_dir)}, before "
                         f"recording it; finish the run with `dmea resume {run_dir}` (or start it again with "
@@ -60,34 +261,28 @@ def stopped_at(run_dir: Path) -> str:
     return "its run stopped"
 
 
-def load_task_model(run_dir: str | Path, task_id: str):
-    """(model routed to the task, formatter, path) from a run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DmeaError(f"{run_dir} does not exist; pass the run directory `dmea run` printed")
-    if not (run_dir / "config.yaml").is_file():
-        raise DmeaError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
-    config = load_config(run_dir / "config.yaml")  # a damaged file fails as a ConfigError naming it
+def stage_task(run_dir: str | Path, task_id: str, dst: str | Path) -> Path:
+    """Copy what serves `task_id` alone into `dst` (a run folder of one task); returns `dst`.
+
+    config.yaml, tokenizer/ and backbone/ when the run has them (a pretrained
+    backbone is named in the config, not copied), and tasks/NNN-<task>/modules.
+    """
+    run_dir, dst = Path(run_dir), Path(dst)
     modules = task_dir(run_dir, task_id)
-    full_finetune = (modules / "config.json").is_file()  # a saved backbone, not adapters
-    if config.model.pretrained:
-        tokenizer = load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks)
-        source = modules if full_finetune else config.model.pretrained
-    else:
-        tokenizer = _tokenizer(run_dir / "tokenizer")
-        source = modules if full_finetune else run_dir / "backbone"
-    model = _backbone(source, vocab_size=len(tokenizer), bottleneck=config.model.bottleneck)
-    path = None
-    if not full_finetune:
-        load_path_modules(model, modules)
-        path = model.path_of(task_id)
-    return model.eval(), Formatter(tokenizer, max_length=config.model.max_length), path, config
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / "config.yaml", dst / "config.yaml")
+    config = load_config(run_dir / "config.yaml")
+    for name in ("tokenizer", "backbone"):
+        if (run_dir / name).is_dir() and not (name == "backbone" and config.model.pretrained):
+            shutil.copytree(run_dir / name, dst / name, dirs_exist_ok=True)
+    shutil.copytree(modules, dst / "tasks" / modules.parent.name / "modules", dirs_exist_ok=True)
+    return dst
 
 
-def _backbone(source, *, vocab_size: int, bottleneck: int | None) -> DMEAModel:
+def _backbone(source, tokenizer, config: RunConfig) -> DMEAModel:
     """DMEAModel.from_pretrained, with a damaged or missing local checkpoint named instead of a traceback."""
     try:
-        return DMEAModel.from_pretrained(str(source), vocab_size=vocab_size, bottleneck=bottleneck)
+        return DMEAModel.from_pretrained(str(source), vocab_size=len(tokenizer), bottleneck=config.model.bottleneck)
     except (OSError, ValueError, RuntimeError) as err:  # transformers and safetensors raise these
         if not Path(source).is_dir():
             raise  # a hub name: not a file of this run
@@ -101,16 +296,3 @@ def _tokenizer(directory: Path):
         raise DmeaError(f"{directory}: not found; the run stopped before saving its tokenizer, or the folder "
                         f"was removed: restore it or run the sequence again")
     return load_tokenizer(directory)
-
-
-def answer(run_dir: str | Path, task_id: str, contexts: list[str], *, question: str = "",
-           decoding: str = "greedy", max_new_tokens: int = 64) -> list[str]:
-    model, formatter, path, config = load_task_model(run_dir, task_id)
-    rows = [{"context": c, "question": question} for c in contexts]
-    for i, row in enumerate(rows):  # a longer prompt would be cut at its end, silently answering another input
-        tokens = prompt_length(formatter, row["context"], row["question"])
-        if tokens > formatter.max_length:
-            raise DmeaError(f"input {i + 1} is {tokens} tokens with the answer separator, longer than this run's "
-                            f"model.max_length={formatter.max_length}; shorten it")
-    return generate_answers(model, formatter, rows, path=path, decoding=decoding, max_new_tokens=max_new_tokens,
-                            top_k=config.eval.top_k, batch_size=config.eval.batch_size)

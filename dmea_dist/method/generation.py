@@ -165,7 +165,9 @@ def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path:
 
     `paths`: one path per row instead (several tasks in one batch: each row runs
     along its own task's path, `DMEAModel.route_batch`); greedy answers are the
-    ones each row gets in a batch of its own task.
+    ones each row gets in a batch of its own task. (Any batch cuts answers at
+    n_positions minus its widest prompt, so an answer that runs that long
+    without an end token depends on its batch's widest prompt.)
     """
     if decoding not in ("greedy", "top_k"):
         raise ValueError(f"decoding {decoding!r} unknown; choose greedy or top_k")

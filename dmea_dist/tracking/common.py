@@ -129,8 +129,9 @@ REDACTED = "***"
 # userinfo of a URI: scheme://user:password@host (also user@host for tokens passed as the user name)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@:\s]*)(?::(?P<password>[^/@\s]*))?@")
 # query parameters that carry secrets: ?token=..., &password=..., access_token, api_key, sig (signed URLs)
-_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[\w.\-]*(?:token|password|passwd|secret|api[_-]?key)|sig|signature)=)[^&;#\s]*")
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|secret|token|api[_-]?key|credential)")
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:[\w.\-]*(?:token|password|passwd|secret|api[_-]?key|signature|credential)|sig)=)[^&;#\s]*")
+# a key whose last word names a secret: password, db_password, mlflow_token, api_key, aws_secret_access_key
+_SECRET_KEY = re.compile(r"(?i)(^|[_\-])(password|passwd|secret|token|api_?key|access_key|credentials?)$")
 
 
 def redact_uri(text: str) -> str:
@@ -156,7 +157,7 @@ def redact_config(value: Any, key: str = "") -> Any:
     if isinstance(value, list | tuple):
         return [redact_config(v, key) for v in value]
     if isinstance(value, str):
-        return REDACTED if value and _SECRET_KEY.search(key) else redact_uri(value)
+        return REDACTED if value and _SECRET_KEY.search(key.rsplit(".", 1)[-1]) else redact_uri(value)
     return value
 
 

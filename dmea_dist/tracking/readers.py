@@ -22,6 +22,7 @@ from dmea_dist.tracking.common import (
     sqlite_path,
 )
 
+
 def find_task_runs(*, uri: str, experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
     """The FINISHED task runs of a sequence, one per task index (the latest), in task order.
 

@@ -26,6 +26,7 @@ from dmea_dist.tracking.common import (
     sqlite_path,
 )
 
+
 def check_store(*, uri: str, experiment: str) -> None:
     """Refuse a tracking store that does not open, before any work (module docstring); TrackingError says why.
 
@@ -35,7 +36,7 @@ def check_store(*, uri: str, experiment: str) -> None:
     """
     uri = resolve_uri(uri)
     db = sqlite_path(uri)
-    where = str(db) if db is not None else uri
+    where = str(db) if db is not None else redact_uri(uri)
     fixes = (f"move {db} away (e.g. mv {db} {db}.broken) and run again for a new database, point " if db is not None
              else "check the server, or point ") + \
         "tracking.uri at another store (--set tracking.uri=sqlite:///other.db), or run untracked " \
@@ -54,7 +55,7 @@ def check_store(*, uri: str, experiment: str) -> None:
         found = MlflowClient(tracking_uri=uri, registry_uri=uri).get_experiment_by_name(experiment)
     except Exception as exc:  # MLflow wraps SQLAlchemy and HTTP errors in several types
         raise TrackingError(f"MLflow tracking store {where} does not open "
-                            f"({_truncate(f'{type(exc).__name__}: {exc}', 300)}); {fixes}") from None
+                            f"({_truncate(redact_uri(f'{type(exc).__name__}: {exc}'), 300)}); {fixes}") from None
     if found is not None and found.lifecycle_stage == "deleted":
         raise TrackingError(f"experiment {experiment!r} in {where} is deleted; restore it (mlflow experiments "
                             f"restore) or set tracking.experiment")
@@ -102,6 +103,6 @@ def failures_summary(failures: Sequence[str], *, uri: str) -> str:
     """One line for the end of a run whose tracking failed somewhere ("" when nothing failed)."""
     if not failures:
         return ""
-    first = failures[0].removeprefix("MLflow tracking: ")
-    return (f"tracking: {len(failures)} MLflow call(s) failed during this run, so its record at {uri} is "
+    first = redact_uri(failures[0].removeprefix("MLflow tracking: "))
+    return (f"tracking: {len(failures)} MLflow call(s) failed during this run, so its record at {redact_uri(uri)} is "
             f"incomplete (the run directory has every result); first: {_truncate(first, 300)}")

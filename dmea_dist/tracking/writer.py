@@ -10,6 +10,7 @@ not interfere; `mlflow` is imported lazily (`enabled=False` never imports it).
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,8 @@ from dmea_dist.tracking.common import (
     redact_uri,
     resolve_uri,
 )
+from dmea_dist.tracking.registry import ServableTask, log_task_model, register_task_model
+
 
 class Tracker:
     """Records a task sequence in MLflow; every failure warns, nothing here raises on MLflow errors.
@@ -60,7 +63,7 @@ class Tracker:
         self._parent_run_id: str | None = None
         if enabled:
             connected = self._fetch(
-                f"connecting to {self.uri} (experiment {experiment!r}); tracking is off",
+                f"connecting to {redact_uri(self.uri)} (experiment {experiment!r}); tracking is off",
                 self._connect,
             )
             if connected is not None:
@@ -98,7 +101,7 @@ class Tracker:
             return None
         run_id = self._parent_run_id = run.info.run_id
         params = {"sequence.tasks": json.dumps(list(tasks)), "sequence.num_tasks": str(len(tasks))}
-        params.update(flatten(config))
+        params.update(flatten(redact_config(config)))
         self._attempt("logging the config params", lambda: self._log_params(run_id, params))
         self._attempt("logging config.yaml", lambda: self._log_config(run_id, config))
         self._attempt(
@@ -169,13 +172,16 @@ class Tracker:
         artifacts: Mapping[str, str | Path] | None = None,
         model_dir: str | Path | None = None,
         registered_model: str | None = None,
+        servable: ServableTask | None = None,
     ) -> str | None:
         """One nested run for a finished task; ends FAILED if any part could not be recorded.
 
         `params` values that are not scalars are logged as JSON; each `series` is
         one metric with steps 0..n-1; `artifacts` maps an artifact sub-path to a
-        local file or folder; `model_dir` is logged under `modules/` and, with
-        `registered_model`, registered as a new version of that model.
+        local file or folder; `model_dir` is logged under `modules/`. With
+        `servable`, the task's pyfunc model is logged under `model/` and, with
+        `registered_model`, registered as a new version of that model with the
+        task's alias; without it, `model_dir` is the registered version.
         """
         if self._client is None or not self._has_sequence(f"record_task({task_id!r})"):
             return None
@@ -208,6 +214,16 @@ class Tracker:
         ]
         if model_dir is not None:
             ok.append(self._log_artifacts(run_id, {MODULES_ARTIFACT: model_dir}, what))
+        if servable is not None:
+            ok.append(self._attempt(f"logging the pyfunc model of {what}",
+                                    lambda: log_task_model(self._client, run_id, task_id, servable)))
+            if ok[-1] and registered_model:
+                ok.append(self._attempt(
+                    f"registering the model of {what} as {registered_model}@{servable.alias}",
+                    lambda: register_task_model(self._client, registered_model, run, task_id=task_id,
+                                                task_index=task_index, servable=servable,
+                                                parent_run_id=self._parent_run_id)))
+        elif model_dir is not None:
             if ok[-1] and registered_model:
                 ok.append(
                     self._attempt(
@@ -273,7 +289,7 @@ class Tracker:
         import yaml
 
         self._client.log_text(
-            run_id, yaml.safe_dump(_jsonable(dict(config)), sort_keys=False), "config.yaml"
+            run_id, yaml.safe_dump(_jsonable(redact_config(dict(config))), sort_keys=False), "config.yaml"
         )
 
     def _log_artifacts(self, run_id: str, artifacts: Mapping[str, str | Path], what: str) -> bool:
@@ -341,7 +357,7 @@ class Tracker:
 
 
 def _warn(what: str, exc: Exception) -> None:
-    detail = _truncate(f"{type(exc).__name__}: {exc}", 600)
+    detail = _truncate(redact_uri(f"{type(exc).__name__}: {exc}"), 600)
     warnings.warn(
         f"MLflow tracking: {what} failed ({detail}); training continues",
         TrackingWarning,

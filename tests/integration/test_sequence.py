@@ -127,14 +127,12 @@ def test_mlflow_holds_parent_nested_runs_and_artifacts(quickstart, tmp_path):
 def test_a_recorded_task_served_later_scores_as_in_the_run(quickstart):
     from dmea_dist.data.registry import load_task
     from dmea_dist.evaluation.metrics import score_task
-    from dmea_dist.method.generation import generate_answers
     from dmea_dist.serving import load_task_model
 
     config, result, _, _ = quickstart
-    model, formatter, path, _ = load_task_model(result.run_dir, B)
+    served = load_task_model(result.run_dir, B)
     test = load_task(B, data_root=None, synth_seed=config.data.synth_seed,
                      synth_sizes=config.data.synth_sizes)["test"].to_list()[: config.eval.max_samples]
-    answers = generate_answers(model, formatter, test, path=path, max_new_tokens=config.eval.max_new_tokens,
-                               batch_size=config.eval.batch_size)
+    answers = served.generate(test, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
     score = score_task("rouge", answers, [r["answer"] for r in test])["primary"]
     assert score == pytest.approx(result.R[2, 2], abs=1e-6)

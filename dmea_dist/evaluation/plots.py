@@ -1,0 +1,219 @@
+"""The report's figures, drawn with matplotlib from plain values (no files, no pyplot state).
+
+Each `*_figure` function takes lists, dicts and arrays and returns a
+`matplotlib.figure.Figure`; `png(figure)` turns one into bytes, which the
+report inlines (base64) and writes beside its Markdown.
+
+Key decisions:
+- `Figure` objects, not `pyplot`: nothing global, no display backend, safe in
+  a driver that keeps running (matplotlib's Agg canvas draws them).
+- Heatmaps use one perceptual colour map (viridis) with the value printed in
+  every cell, grey for "not measured", so they read in greyscale too; scores
+  scale over their own min..max, similarities over 0..1 so that panels side
+  by side compare.
+- Path diagram: layers bottom (0) to top, tasks left to right in sequence
+  order; a new module is an orange cell, a reused one blue and names the task
+  that added it; under each task, the modules and parameters it added.
+- Figures grow with the number of tasks (long sequences stay readable) and
+  are capped so the page stays light.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+NEW_COLOUR, REUSED_COLOUR, NAN_COLOUR = "#f28e2b", "#a0c4e8", "#e6e6e6"
+STAGE_COLOURS = {"expand": "#4e79a7", "select": "#bab0ac", "generate": "#59a14f", "adapt": "#e15759",
+                 "evaluate": "#f28e2b", "record": "#9c755f"}
+DPI = 100
+
+
+def png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _short(name: str, width: int = 22) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _draw_heatmap(ax, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, vmin: float, vmax: float,
+                  precision: int):
+    """One annotated heatmap on `ax`; returns the image (for a colour bar)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad=NAN_COLOUR)
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), [_short(c) for c in cols], rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [_short(r) for r in rows], fontsize=8)
+    if matrix.size <= 400:  # values in the cells while they fit
+        span = (vmax - vmin) or 1.0
+        for (j, i), value in np.ndenumerate(matrix):
+            if math.isnan(value):
+                ax.text(i, j, "-", ha="center", va="center", fontsize=8, color="#666")
+            else:
+                light = (value - vmin) / span > 0.6  # viridis is light at the top
+                ax.text(i, j, f"{value:.{precision}f}", ha="center", va="center", fontsize=8,
+                        color="#111" if light else "#fff")
+    return image
+
+
+def heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], *, title: str, xlabel: str, ylabel: str,
+                   precision: int = 1, vmin: float | None = None, vmax: float | None = None) -> Figure:
+    """A (T, T) matrix as an annotated heatmap (NaN grey); colour over the finite min..max unless given."""
+    finite = matrix[np.isfinite(matrix)]
+    lo = float(finite.min()) if vmin is None and finite.size else (vmin or 0.0)
+    hi = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 1.0)
+    side = min(12.0, 2.5 + 0.6 * len(tasks))
+    figure = Figure(figsize=(side + 1.2, side))
+    ax = figure.add_subplot()
+    image = _draw_heatmap(ax, matrix, tasks, tasks, vmin=lo, vmax=hi if hi > lo else lo + 1e-9,
+                          precision=precision)
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return figure
+
+
+def similarity_figure(panels: Sequence[tuple[str, np.ndarray]], tasks: Sequence[str]) -> Figure:
+    """Similarity matrices side by side, all on 0..1: what DMEA measured beside what the generator knows."""
+    side = min(8.0, 2.5 + 0.45 * len(tasks))
+    figure = Figure(figsize=((side + 0.6) * len(panels), side + 0.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (title, matrix) in zip(axes, panels, strict=True):
+        image = _draw_heatmap(ax, matrix, tasks, tasks, vmin=0.0, vmax=1.0, precision=2)
+        ax.set(title=title, xlabel="earlier task i", ylabel="new task n")
+    figure.colorbar(image, ax=list(axes), fraction=0.03, pad=0.02)
+    return figure
+
+
+def path_figure(grid: Sequence[Sequence[tuple[int, str, int]]], tasks: Sequence[str],
+                added: Sequence[int | None]) -> Figure:
+    """Each task's path: layers (rows, 0 at the bottom) by tasks (columns); new vs reused modules."""
+    from matplotlib.patches import Patch, Rectangle
+
+    n_tasks, n_layers = len(grid), len(grid[0])
+    figure = Figure(figsize=(min(22.0, 2.0 + 1.35 * n_tasks), min(14.0, 1.6 + 0.62 * n_layers)))
+    ax = figure.add_subplot()
+    for x, column in enumerate(grid):
+        for layer, (module, kind, owner) in enumerate(column):
+            ax.add_patch(Rectangle((x - 0.45, layer - 0.42), 0.9, 0.84, linewidth=0.8, edgecolor="#555",
+                                   facecolor=NEW_COLOUR if kind == "new" else REUSED_COLOUR))
+            label = f"m{module}\nnew" if kind == "new" else f"m{module}\n← t{owner}"
+            ax.text(x, layer, label, ha="center", va="center", fontsize=7 if n_tasks > 12 else 8)
+    labels = []
+    for x, task in enumerate(tasks):
+        new = sum(kind == "new" for _, kind, _ in grid[x])
+        grown = f"+{new} modules" + (f"\n+{added[x]:,} params" if added[x] is not None else "")
+        labels.append(f"t{x} {_short(task, 20)}\n{grown}")
+    ax.set_xticks(range(n_tasks), labels, fontsize=7 if n_tasks > 8 else 8)
+    ax.set_yticks(range(n_layers), [f"layer {layer}" for layer in range(n_layers)], fontsize=8)
+    ax.set_xlim(-0.6, n_tasks - 0.4)
+    ax.set_ylim(-0.6, n_layers - 0.4)
+    ax.tick_params(length=0)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.legend(handles=[Patch(facecolor=NEW_COLOUR, edgecolor="#555", label="new module (added by this task)"),
+                       Patch(facecolor=REUSED_COLOUR, edgecolor="#555", label="reused (← task that added it)")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.22 if n_tasks <= 8 else -0.3), ncol=2, fontsize=8,
+              frameon=False)
+    ax.set_title("Paths: the module each task uses in each layer")
+    return figure
+
+
+def curves_figure(curves: dict[str, dict[str, list[float]]], *, title: str, ylabel: str, log: bool = False,
+                  bounds: tuple[float, float] | None = None, smooth: int = 1) -> Figure:
+    """One panel per task, one line per stream (e.g. eta per replayed task); dashed `bounds` (the clamp)."""
+    tasks = list(curves)
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    figure = Figure(figsize=(4.6 * cols, 3.1 * rows), layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for ax, task in zip(axes, tasks, strict=False):
+        for stream, values in sorted(curves[task].items()):
+            y = np.asarray(values, dtype=float)
+            if smooth > 1 and len(y) > 2 * smooth:  # a moving average: per-step values are noisy
+                y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(np.arange(len(y)) + (smooth - 1 if len(y) < len(values) else 0), y, label=_short(stream, 30),
+                    linewidth=1.2)
+        if bounds:
+            for bound in bounds:
+                ax.axhline(bound, linestyle="--", linewidth=0.8, color="#888")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"learning {_short(task, 30)}", fontsize=9)
+        ax.set_xlabel("adaptation step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def pseudo_figure(rows: Sequence[dict]) -> Figure:
+    """Yield and fidelity of every pseudo-sample batch (0..1), with kept/requested above the bars."""
+    labels = [f"{_short(r['of'], 24)}\nfor {_short(r['task'], 24)}" + (f"\n({r['role']})" if r["role"] else "")
+              for r in rows]
+    x = np.arange(len(rows))
+    figure = Figure(figsize=(min(20.0, 3.0 + 1.6 * len(rows)), 3.8))
+    ax = figure.add_subplot()
+    ax.bar(x - 0.2, [r["yield"] for r in rows], width=0.4, label="yield: well formed / generated", color="#4e79a7")
+    ax.bar(x + 0.2, [r["fidelity"] if r["fidelity"] is not None else 0.0 for r in rows], width=0.4,
+           label="fidelity: answer realises its own input", color="#59a14f")
+    for i, r in enumerate(rows):
+        if r["kept"] is not None and r["requested"] is not None:
+            ax.text(i, 1.03, f"{int(r['kept'])}/{int(r['requested'])} kept", ha="center", fontsize=7)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("share", fontsize=8)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    ax.set_title("Pseudo samples of earlier tasks", fontsize=10)
+    return figure
+
+
+def stage_figure(seconds: dict[str, dict[str, float]]) -> Figure:
+    """Where each task's time went: one horizontal bar per task, stacked by stage."""
+    tasks = list(seconds)
+    figure = Figure(figsize=(8.0, min(14.0, 1.4 + 0.42 * len(tasks))))
+    ax = figure.add_subplot()
+    left = np.zeros(len(tasks))
+    for stage, colour in STAGE_COLOURS.items():
+        widths = np.array([seconds[t].get(stage, 0.0) for t in tasks])
+        ax.barh(range(len(tasks)), widths, left=left, color=colour, label=stage)
+        left += widths
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.1f}s", va="center", fontsize=7)
+    ax.set_yticks(range(len(tasks)), [f"t{i} {_short(t)}" for i, t in enumerate(tasks)], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds", fontsize=8)
+    ax.set_xlim(0, max(1.0, float(left.max(initial=0.0))) * 1.15)
+    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    ax.set_title("Time per task, by stage", fontsize=10)
+    return figure
+
+
+def comparison_figure(runs: Sequence[str], tasks: Sequence[str], finals: Sequence[np.ndarray],
+                      trajectories: Sequence[np.ndarray]) -> Figure:
+    """Runs side by side: the final score of every task (bars) and the average so far after each task (lines)."""
+    figure = Figure(figsize=(min(20.0, 5.0 + 0.9 * len(tasks) * max(1, len(runs) / 2)), 3.8), layout="constrained")
+    bars, lines = figure.subplots(1, 2, width_ratios=[2, 1])
+    width = 0.8 / len(runs)
+    x = np.arange(len(tasks))
+    for k, (run, final, trajectory) in enumerate(zip(runs, finals, trajectories, strict=True)):
+        bars.bar(x - 0.4 + width * (k + 0.5), final, width=width, label=_short(run, 40))
+        lines.plot(np.arange(len(trajectory)), trajectory, marker="o", label=_short(run, 40))
+    bars.set_xticks(x, [f"t{i} {_short(t, 24)}" for i, t in enumerate(tasks)], rotation=30, ha="right", fontsize=7)
+    bars.set_title("Final score per task (last row of R)", fontsize=10)
+    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(2, len(runs)), frameon=False)
+    lines.set_xticks(range(len(tasks)), [f"t{i}" for i in range(len(tasks))], fontsize=7)
+    lines.set_title("Average over tasks seen, after each task", fontsize=10)
+    lines.set_xlabel("after training task", fontsize=8)
+    return figure

@@ -1,0 +1,228 @@
+"""`dmea report`: figure data from a run directory, the page and its images, checked in a real browser.
+
+The run directories here are written from dicts (what a run leaves on disk),
+so nothing trains; the browser test renders the page in headless Chromium
+where one is installed and looks at the pixels of the heatmap, the path
+diagram and the eta curves.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from dmea_dist.cli import main
+from dmea_dist.data.synthetic import task_relatedness
+from dmea_dist.evaluation.pages import write_report
+from dmea_dist.evaluation.run_data import (
+    NEW,
+    REUSED,
+    ground_truth,
+    load_run,
+    params_added,
+    path_grid,
+    pseudo_samples,
+    series,
+    stage_seconds,
+)
+
+TASKS = ["synth.restaurant.00", "synth.listops.00", "synth.restaurant.01"]
+PATHS = {TASKS[0]: [0, 0, 0, 0], TASKS[1]: [1, 0, 1, 1], TASKS[2]: [0, 2, 1, 0]}
+R = [[85.9, None, None], [85.0, 36.4, None], [86.4, 30.0, 80.8]]
+
+
+def make_run(root: Path, *, method: str = "dmea", finished: bool = True, R=R) -> Path:
+    """A run directory as `dmea run` leaves it (without the module weights, which the report never reads)."""
+    run = root / f"quickstart-20260101-000000-{method}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "name": "quickstart", "method": {"name": method, "adaptation": {"eta_clamp": [0.1, 10.0]}},
+        "eval": {"metric": "rouge"}, "data": {"tasks": TASKS}}))
+    history = [{"task": t, "task_index": i, "stage": s, "seconds": sec}
+               for i, t in enumerate(TASKS) for s, sec in (("expand", 2.0 * i), ("adapt", 5.0), ("evaluate", 1.0))]
+    state = {"format": "dmea-run-state", "version": 1, "task_index": 2, "stage": "done" if finished else "adapt",
+             "status": "finished" if finished else "failed", "R": R,
+             "similarity": [[None] * 3, [0.55, None, None], [0.96, 0.32, None]], "history": history,
+             "tasks": [{"task_id": t, "index": i, "path": PATHS[t], "selected": [TASKS[0]] if i else []}
+                       for i, t in enumerate(TASKS)]}
+    (run / "state.json").write_text(json.dumps(state))
+    for i, task in enumerate(TASKS):
+        folder = run / "tasks" / f"{i:03d}-{task}"
+        (folder / "modules").mkdir(parents=True)
+        (folder / "modules" / "manifest.json").write_text(json.dumps({"d_model": 64, "bottleneck": 32}))
+        rec = {"task_id": task, "task_index": i, "params": {"replay": [TASKS[0]] if i == 2 else [],
+                                                             "transfer": [TASKS[0]] if i else []},
+               "metrics": {}, "series": {"loss.new": list(np.linspace(2, 1, 30))}}
+        if i:
+            rec["params"]["token_similarity"] = {TASKS[0]: 0.9 if i == 2 else 0.2}
+            rec["metrics"].update({f"pseudo.yield.{TASKS[0]}": 1.0, f"pseudo.fidelity.{TASKS[0]}": 0.5 + 0.1 * i,
+                                   f"pseudo.kept.{TASKS[0]}": 32.0, f"pseudo.requested.{TASKS[0]}": 32.0})
+        if i == 2:
+            rec["series"][f"eta.replay:{TASKS[0]}"] = [10.0, 3.0, 1.5, 1.2, 1.0, 1.0]
+        (folder / "record.json").write_text(json.dumps(rec))
+    if finished:
+        (run / "metrics.json").write_text(json.dumps({"final_average": 65.7, "bwt": -2.7, "forgetting": 3.2}))
+    return run
+
+
+# ------------------------------------------------------------------ figure data
+
+
+@pytest.mark.parametrize("paths, expected", [
+    # the first task adds every module; a later task reuses what it shares and adds the rest
+    ({"a": [0, 0], "b": [0, 1]}, [[(0, NEW, 0), (0, NEW, 0)], [(0, REUSED, 0), (1, NEW, 1)]]),
+    # a module is new only for the first task using it in that layer, whoever uses it later
+    ({"a": [0, 0], "b": [1, 1], "c": [1, 0]},
+     [[(0, NEW, 0), (0, NEW, 0)], [(1, NEW, 1), (1, NEW, 1)], [(1, REUSED, 1), (0, REUSED, 0)]]),
+    # the same id in another layer is another module
+    ({"a": [0, 1], "b": [1, 0]}, [[(0, NEW, 0), (1, NEW, 0)], [(1, NEW, 1), (0, NEW, 1)]]),
+])
+def test_path_grid_marks_new_and_reused_modules(paths, expected):
+    assert path_grid(paths, list(paths)) == expected
+
+
+def test_params_added_counts_new_modules_only():
+    module = 2 * (2 * 64 * 32 + 32 + 64)  # two adapters: down (d*b + b) and up (b*d + d)
+    assert params_added(PATHS, TASKS, module) == {TASKS[0]: 4 * module, TASKS[1]: 3 * module, TASKS[2]: module}
+    assert params_added(PATHS, TASKS, None) == dict.fromkeys(TASKS)
+
+
+def test_load_run_reads_everything_the_report_shows(tmp_path):
+    run = load_run(make_run(tmp_path))
+    assert run.tasks == TASKS and run.method == "dmea" and run.status == "finished"
+    assert run.R[2, 1] == 30.0 and np.isnan(run.R[0, 1])
+    assert run.metrics == {"final_average": 65.7, "bwt": -2.7, "forgetting": 3.2}
+    assert run.paths == PATHS and run.selected[TASKS[2]] == [TASKS[0]]
+    assert run.module_params == 2 * (2 * 64 * 32 + 32 + 64) and run.eta_clamp == (0.1, 10.0)
+    assert run.token_similarity[2, 0] == 0.9 and np.isnan(run.token_similarity[2, 1])
+    assert series(run.records, "eta") == {TASKS[2]: {f"replay:{TASKS[0]}": [10.0, 3.0, 1.5, 1.2, 1.0, 1.0]}}
+    assert stage_seconds(run.history, TASKS)[TASKS[2]] == {
+        "expand": 4.0, "select": 0.0, "generate": 0.0, "adapt": 5.0, "evaluate": 1.0, "record": 0.0}
+    rows = pseudo_samples(run.records, TASKS)
+    assert [(r["task"], r["of"], r["role"], r["fidelity"]) for r in rows] == [
+        (TASKS[1], TASKS[0], "transfer", 0.6), (TASKS[2], TASKS[0], "transfer+replay", 0.7)]
+
+
+def test_a_stopped_run_gets_metrics_over_the_tasks_it_finished(tmp_path):
+    run = load_run(make_run(tmp_path, finished=False, R=[[80.0, None, None], [70.0, 40.0, None], [None] * 3]))
+    assert run.status == "failed"
+    assert run.metrics["final_average"] == pytest.approx(55.0) and run.metrics["bwt"] == pytest.approx(-10.0)
+
+
+def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
+    truth = ground_truth(TASKS)
+    assert truth[2, 0] == task_relatedness(TASKS[0], TASKS[2]) > truth[2, 1] == 0.0
+    assert np.isnan(truth[0, 2]) and np.isnan(truth[1, 1])
+    assert ground_truth(["e2e", "rnnlg.hotel"]) is None
+
+
+# ------------------------------------------------------------------ the page
+
+
+def _images(page: str) -> dict[str, Image.Image]:
+    found = re.findall(r'<img id="([\w-]+)" alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    return {key: Image.open(io.BytesIO(base64.b64decode(data))) for key, data in found}
+
+
+def test_report_is_self_contained_with_every_figure(tmp_path):
+    run_dir = make_run(tmp_path)
+    written = write_report([run_dir])
+    page = written.html.read_text()
+    images = _images(page)
+    assert {"fig-scores-0", "fig-similarity-0", "fig-paths-0", "fig-eta-0", "fig-loss-0", "fig-pseudo-0",
+            "fig-time-0"} <= set(images)
+    assert all(min(image.size) > 100 for image in images.values())
+    assert "<script" not in page and not re.search(r'(src|href)="(https?:)?//', page), "no network, no script"
+    for term in ("A_T", "BWT", "forgetting", "The model grew by 8 modules (67,072 parameters)",
+                 "t1 chose synth.restaurant.00"):
+        assert term in page, term
+    markdown = written.markdown.read_text()
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
+    assert len(links) == len(images) and all((run_dir / link).is_file() for link in links)
+
+
+def test_comparison_of_two_runs_side_by_side(tmp_path, capsys):
+    dmea, acm = make_run(tmp_path / "a"), make_run(tmp_path / "b", method="acm")
+    assert main(["report", str(dmea), str(acm), "--out", str(tmp_path / "cmp")]) == 0
+    assert "report.html" in capsys.readouterr().out
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    images = _images(page)
+    assert "fig-compare-1" in images  # final scores and trajectories of both runs
+    assert {"fig-scores-0", "fig-scores-1", "fig-paths-0", "fig-paths-1"} <= set(images)
+    assert page.count("(dmea)") >= 2 and page.count("(acm)") >= 2
+    assert 'id="fig-compare-0"' in page  # the metrics table, one column per run
+
+
+def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a real browser
+
+BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                if shutil.which(name)), None)
+
+
+def _screenshot(page: Path, element_id: str, out: Path) -> Image.Image:
+    """Headless Chromium's screenshot of the page with only `element_id` shown, at the top left."""
+    only = (f"<style>body * {{ visibility: hidden !important; }} #{element_id} {{ visibility: visible !important;"
+            f" position: fixed; left: 0; top: 0; width: 700px !important; }}</style></head>")
+    isolated = out.with_suffix(".html")
+    isolated.write_text(page.read_text().replace("</head>", only, 1))
+    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=800,800", f"--screenshot={out}", isolated.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return Image.open(out).convert("RGB")
+
+
+def _share(image: Image.Image, test) -> float:
+    pixels = np.asarray(image, dtype=int).reshape(-1, 3)
+    return float(np.mean([test(*p) for p in pixels[::7]]))
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless Chromium installed (apt-get install chromium)")
+def test_browser_draws_the_heatmap_the_paths_and_the_eta_curves(tmp_path):
+    written = write_report([make_run(tmp_path)])
+    blank = _screenshot(written.html, "nothing-has-this-id", tmp_path / "blank.png")
+    assert _share(blank, lambda r, g, b: r + g + b < 700) == 0.0, "the isolation leaves a white page"
+    heat = _screenshot(written.html, "fig-scores-0", tmp_path / "heat.png")
+    # viridis: the high scores yellow, the low ones dark purple, unevaluated cells grey
+    assert _share(heat, lambda r, g, b: r > 200 and g > 200 and b < 90) > 0.02
+    assert _share(heat, lambda r, g, b: r < 90 and g < 40 and b > 60) > 0.01
+    paths = _screenshot(written.html, "fig-paths-0", tmp_path / "paths.png")
+    assert _share(paths, lambda r, g, b: r > 220 and 120 < g < 160 and b < 70) > 0.02  # new modules, orange
+    assert _share(paths, lambda r, g, b: 140 < r < 180 and 180 < g < 215 and b > 220) > 0.01  # reused, blue
+    eta = _screenshot(written.html, "fig-eta-0", tmp_path / "eta.png")
+    assert _share(eta, lambda r, g, b: b > 150 and r < 80 and 90 < g < 140) > 0.0002  # the curve (matplotlib blue)
+    assert _share(eta, lambda r, g, b: r + g + b < 600) > 0.01  # axes, ticks, labels
+
+
+def test_a_run_from_before_state_json_reads_its_lifecycle_file_records_and_r_npy(tmp_path):
+    run_dir = make_run(tmp_path)
+    state = json.loads((run_dir / "state.json").read_text())
+    (run_dir / "state.json").unlink()
+    (run_dir / "lifecycle.json").write_text(json.dumps({"tasks": TASKS, "task_index": 2, "stage": "done",
+                                                        "history": state["history"]}))
+    np.save(run_dir / "R.npy", np.array([[np.nan if v is None else v for v in row] for row in R]))
+    for i, task in enumerate(TASKS):  # older records carried the path, the selection and the similarity
+        file = run_dir / "tasks" / f"{i:03d}-{task}" / "record.json"
+        rec = json.loads(file.read_text())
+        rec["params"].update(path=PATHS[task], selected=[TASKS[0]] if i else [],
+                             subspace_similarity={TASKS[0]: 0.5} if i else {})
+        file.write_text(json.dumps(rec))
+    run = load_run(run_dir)
+    assert run.status == "finished" and run.paths == PATHS and run.selected[TASKS[1]] == [TASKS[0]]
+    assert run.R[2, 1] == 30.0 and run.similarity[1, 0] == 0.5
+    assert sum(stage_seconds(run.history, TASKS)[TASKS[1]].values()) == 8.0
+    assert {"fig-scores-0", "fig-paths-0", "fig-time-0"} <= set(_images(write_report([run_dir]).html.read_text()))
