@@ -234,7 +234,7 @@ class InProcessKernels:
 
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
         return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
-                             on_step=lambda done, total: self.progress("adapt", done, total))
+                             on_step=lambda done, total, **info: self.progress("adapt", done, total, **info))
 
     def close(self) -> None:
         pass

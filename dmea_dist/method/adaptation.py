@@ -127,7 +127,7 @@ class TrainingDiverged(DmeaError):
 def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda: float,
           scale: bool, progress: str = "epochs", autocast: str = "none", mixing: str = "alternate",
           token_weights: Mapping[int, float] | None = None, seed: int | str = 0,
-          on_step: Callable[[int, int], None] | None = None, start: int = 0, result: AdaptResult | None = None,
+          on_step: Callable[..., None] | None = None, start: int = 0, result: AdaptResult | None = None,
           checkpoint_every: int | None = None,
           on_checkpoint: Callable[[int, AdaptResult], None] | None = None) -> AdaptResult:
     """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask).
@@ -179,7 +179,7 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         for key, hit in getattr(stats, "clamped", {}).items():
             result.clamp_hits[key] = result.clamp_hits.get(key, 0) + bool(hit)
         if on_step is not None:
-            on_step(step + 1, total)
+            on_step(step + 1, total, loss=float(getattr(stats, "losses", {}).get(keys[0], float("nan"))))
         if on_checkpoint is not None and (step + 1) % every == 0 and step + 1 < total:
             on_checkpoint(step + 1, result)
     return result
@@ -241,7 +241,7 @@ def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]
 
 
 def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tuple[int, int] = (0, 1),
-                  on_step: Callable[[int, int], None] | None = None, checkpoint_dir: str | Path | None = None,
+                  on_step: Callable[..., None] | None = None, checkpoint_dir: str | Path | None = None,
                   checkpoint_every: int | None = None, barrier: Callable[[], None] | None = None,
                   after_checkpoint: Callable[[], None] | None = None) -> AdaptResult:
     """Train `model` in place on this rank's shard of `job`; everything is frozen again after.
