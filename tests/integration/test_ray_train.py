@@ -218,11 +218,13 @@ def test_a_worker_killed_mid_adaptation_is_restarted_from_its_checkpoint(ray_ses
     killed = []
 
     def kill_after_first_checkpoint():
-        while not list(storage.glob("*/checkpoint_*/adapt_progress.json")):
+        # The worker uploads a checkpoint's files, then the controller registers it and only then writes
+        # its checkpoint-manager snapshot: kill once the snapshot exists, so a restart must find the
+        # checkpoint (waiting a fixed time after the files appeared lost that race on a loaded CI machine).
+        while not list(storage.glob("*/checkpoint_manager_snapshot.json")):
             if killer_stop.is_set():
                 return
             threading.Event().wait(0.05)
-        threading.Event().wait(1.0)  # the controller registers a checkpoint after its files are uploaded
         killed.append(_kill("RayTrainWorker"))
 
     killer_stop = threading.Event()
