@@ -39,6 +39,30 @@ def per_task(history) -> list[float]:
     return [out[k] for k in sorted(out)]
 
 
+def per_stage(history) -> dict[str, list[float]]:
+    """Seconds of each stage, one entry per task (in task order)."""
+    out: dict[str, dict[int, float]] = {}
+    for h in history:
+        row = out.setdefault(h["stage"], {})
+        row[h["task_index"]] = row.get(h["task_index"], 0.0) + h["seconds"]
+    return {stage: [row[k] for k in sorted(row)] for stage, row in out.items()}
+
+
+def print_stages(local, distributed) -> None:
+    """Where Ray's overhead sits: per stage, the first task that ran it against the median of the later ones
+    (a kernel's pool starts at its first use: the search pool at the second task's expansion)."""
+    compute, on_ray = per_stage(local), per_stage(distributed)
+    print(f"\n{'stage':<10} {'in process s':>13} {'on Ray s':>9} {'overhead at first use s':>24} "
+          f"{'median overhead after s':>24}")
+    for stage, c in compute.items():
+        r = on_ray[stage]
+        # a stage that does no work on the first task (no search, no generation) has nothing to start there
+        first = next((i for i, x in enumerate(c) if x > 0.05), 0)
+        over = [b - a for a, b in zip(c, r, strict=True)]
+        later = statistics.median(over[first + 1:]) if len(over) > first + 1 else 0.0
+        print(f"{stage:<10} {sum(c):>13.1f} {sum(r):>9.1f} {over[first]:>24.2f} {later:>24.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -81,6 +105,7 @@ def main() -> None:
     print(f"Ray wall time {wall:.1f} s; outside the stages (coordinator start, building the run, reports) "
           f"{wall - sum(on_ray):.1f} s")
     print(f"one-time start-up: {startup:.1f} s; per-task overhead after it (median of tasks 2..): {later:.2f} s")
+    print_stages(local.history, distributed.history)
     print(f"ratio, Ray wall time without the start-up / in-process compute: {(wall - startup) / sum(compute):.2f}x "
           f"({len(tasks)} tasks, adaptation on {args.adapt_on}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f})")

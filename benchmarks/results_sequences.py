@@ -1,0 +1,213 @@
+"""Run a named matrix of lifelong-sequence runs serially, then print Markdown tables of their results.
+
+Each run is one `python -m dmea_dist.cli run CONFIG --in-process --set ...` subprocess with
+DS_ACCELERATOR=cpu, TOKENIZERS_PARALLELISM=false and PYTHONPATH=<code> (default: the repository this
+script lives in; --code DIR measures another checkout, e.g. a frozen git worktree). A run whose run dir
+already holds metrics.json is skipped, so an interrupted matrix resumes where it stopped.
+
+    python benchmarks/results_sequences.py --only quickstart              # run, then tables
+    python benchmarks/results_sequences.py --only main,ablations,synth10 --dry-run   # commands only
+    python benchmarks/results_sequences.py --code ../exp --out /tmp/results --report-only
+
+Groups: main (RNNLG+E2E tiny, orders ABCDE/EDCBA x dmea/acm/lamol x seeds 0,1; main-s0 and main-s1 are
+its halves, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in that order), ablations (ABCDE, seed 0:
+adapter, finetune, multitask, dmea static init, random selection, no gradient scaling), synth10 (10
+synthetic tasks, dmea; also selection precision@K against the generator's ground truth), quickstart
+({dmea, acm, dmea without gradient scaling} x seeds 0,1,2). Run dirs: OUT/runs/<label>; logs:
+OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
+pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
+whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ORDERS = {"ABCDE": "configs/rnnlg_e2e_abcde_tiny.yaml", "EDCBA": "configs/rnnlg_e2e_edcba_tiny.yaml"}
+# (label, method label for the tables, config, order, seed, overrides)
+Run = tuple[str, str, str, str, int, list[str]]
+
+
+def matrix(synth_config: str) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {"main": [], "ablations": [], "synth10": [], "quickstart": []}
+    for seed in (0, 1):  # seed 0 of both orders first: the matrix runs in this order
+        for order, cfg in ORDERS.items():
+            for m in ("dmea", "acm", "lamol"):
+                groups["main"].append((f"main-{order}-{m}-s{seed}", m, cfg, order, seed, [f"method.name={m}"]))
+    abl = [("adapter", ["method.name=adapter"]), ("finetune", ["method.name=finetune"]),
+           ("multitask", ["method.name=multitask"]),
+           ("dmea-static-init", ["method.name=dmea", "method.expansion.init=static"]),
+           ("dmea-random-sel", ["method.name=dmea", "method.selection.mode=random"]),
+           ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])]
+    groups["main-s0"] = [r for r in groups["main"] if r[4] == 0]
+    groups["main-s1"] = [r for r in groups["main"] if r[4] == 1]
+    groups["ablations"] = [(f"abl-ABCDE-{m}-s0", m, ORDERS["ABCDE"], "ABCDE", 0, o) for m, o in abl]
+    groups["synth10"] = [("synth10-dmea-s0", "dmea", synth_config, "synth10", 0, ["method.name=dmea"])]
+    for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
+                 ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
+        for seed in (0, 1, 2):
+            groups["quickstart"].append((f"quickstart-{m}-s{seed}", m, "configs/quickstart.yaml", "qs", seed, o))
+    return groups
+
+
+def command(run: Run, code: Path, out: Path, data_root: str) -> list[str]:
+    label, _, cfg, _, seed, overrides = run
+    sets = [f"data.root={data_root}", f"output_dir={out / 'runs'}", "tracking.enabled=false",
+            f"train.seed={seed}", *overrides]
+    return [sys.executable, "-m", "dmea_dist.cli", "run", cfg, "--in-process",
+            *(a for s in sets for a in ("--set", s)), "--run-dir", str(out / "runs" / label)]
+
+
+def execute(run: Run, cmd: list[str], code: Path, out: Path) -> None:
+    run_dir, log = out / "runs" / run[0], out / "logs" / f"{run[0]}.log"
+    if (run_dir / "metrics.json").is_file():
+        print(f"skip {run[0]} (done)", flush=True)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(code), "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"run  {run[0]}: {shlex.join(cmd)}", flush=True)
+    start = time.time()
+    with log.open("w") as fh:
+        rc = subprocess.call(cmd, cwd=code, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    took = time.time() - start
+    with log.open("a") as fh:
+        fh.write(f"\n[results_sequences] rc={rc} process_wall_s={took:.1f}\n")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "command.txt").write_text(shlex.join(cmd) + f"\n# rc={rc} process_wall_s={took:.1f}\n")
+    print(f"     {run[0]}: rc={rc}, {took:.0f}s", flush=True)
+
+
+def load_run(run_dir: Path) -> dict | None:
+    if not (run_dir / "metrics.json").is_file():
+        return None
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("tasks/*/record.json"))]
+    records.sort(key=lambda r: r.get("task_index", 0))
+    # state.json (the run's state since the durable-runs redesign) or lifecycle.json (older checkouts)
+    life = next((p for p in (run_dir / "state.json", run_dir / "lifecycle.json") if p.is_file()), None)
+    history = json.loads(life.read_text()).get("history", []) if life else []
+    saved = run_dir / "command.txt"  # written by execute(): the command and the whole process's wall time
+    proc = saved.read_text().rsplit("process_wall_s=", 1)[-1].strip() if saved.is_file() else ""
+    return {"metrics": metrics, "records": records, "history": history,
+            "proc": float(proc) if proc.replace(".", "").isdigit() else None}
+
+
+def fmt(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summarise(data: dict) -> dict:
+    ms = [r["metrics"] for r in data["records"]]
+    yields = [v for m in ms for k, v in m.items() if k.startswith("pseudo.yield.")]
+    fids = [v for m in ms for k, v in m.items() if k.startswith("pseudo.fidelity.")]
+    clamps = [m["eta_clamp_rate"] for m in ms if "eta_clamp_rate" in m]
+    met = data["metrics"]
+    return {"A": met.get("final_average"), "bwt": met.get("bwt"), "fgt": met.get("forgetting"),
+            "fwt": met.get("fwt"),
+            "new": "/".join(str(int(m["new_modules"])) if "new_modules" in m else "-" for m in ms),
+            "ymin": min(yields) if yields else None, "ymean": mean(yields) if yields else None,
+            "fid": mean(fids) if fids else None, "clamp": mean(clamps) if clamps else None,
+            "wall": sum(h.get("seconds", 0.0) for h in data["history"]), "proc": data["proc"]}
+
+
+def precision_at_k(data: dict, k: int) -> tuple[float | None, list[tuple]]:
+    from dmea_dist.data.synthetic import task_relatedness
+    names = [r["task_id"] for r in data["records"]]
+    rows, precs = [], []
+    for n, rec in enumerate(data["records"]):
+        related = [t for t in names[:n] if task_relatedness(t, names[n]) > 0]
+        if n == 0 or not related:
+            continue
+        selected = rec.get("params", {}).get("selected", [])
+        p = len(set(selected) & set(related)) / min(k, len(related))
+        precs.append(p)
+        rows.append((names[n], selected, related, p))
+    return (mean(precs) if precs else None), rows
+
+
+def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
+    print("\n| run | method | order | seed | A_T (ROUGE-L) | BWT | forgetting | FWT | new modules/task "
+          "| yield min | yield mean | fidelity | eta clamp | wall s | process s |\n" + "|---" * 15 + "|")
+    done, per_method = [], {}
+    for run in runs:
+        data = load_run(out / "runs" / run[0])
+        if data is None:
+            print(f"| {run[0]} | {run[1]} | {run[3]} | {run[4]} | (not finished) |" + " |" * 10)
+            continue
+        s = summarise(data)
+        done.append((run, data))
+        per_method.setdefault((run[3] if run[3] in ("qs", "synth10") else "rnnlg", run[1]), []).append(s)
+        print(f"| {run[0]} | {run[1]} | {run[3]} | {run[4]} | {fmt(s['A'])} | {fmt(s['bwt'])} | {fmt(s['fgt'])} "
+              f"| {fmt(s['fwt'])} | {s['new']} | {fmt(s['ymin'])} | {fmt(s['ymean'])} | {fmt(s['fid'])} "
+              f"| {fmt(s['clamp'])} | {s['wall']:.0f} | {fmt(s['proc'], '.0f')} |")
+    print("\nCommands (run from the code directory, env PYTHONPATH=<code> DS_ACCELERATOR=cpu "
+          "TOKENIZERS_PARALLELISM=false):\n")
+    for run, _ in done:
+        saved = out / "runs" / run[0] / "command.txt"
+        cmd = saved.read_text().splitlines()[0] if saved.is_file() else shlex.join(cmds[run[0]])
+        print(f"- `{run[0]}`: `{cmd}`")
+    print("\nSummary: per method, mean over the orders and seeds it ran on\n\n"
+          "| sequence | method | runs | A_T | BWT | forgetting | FWT | yield mean | eta clamp | wall s |\n"
+          + "|---" * 10 + "|")
+    def col(ss: list[dict], key: str) -> float | None:
+        xs = [s[key] for s in ss if s[key] is not None]
+        return mean(xs) if xs else None
+
+    for (seq, m), ss in per_method.items():
+        print(f"| {seq} | {m} | {len(ss)} | {fmt(col(ss, 'A'))} | {fmt(col(ss, 'bwt'))} | {fmt(col(ss, 'fgt'))} "
+              f"| {fmt(col(ss, 'fwt'))} | {fmt(col(ss, 'ymean'))} | {fmt(col(ss, 'clamp'))} | {fmt(col(ss, 'wall'), '.0f')} |")
+    for run, data in done:
+        if run[3] != "synth10":
+            continue
+        cfg = yaml.safe_load((out / "runs" / run[0] / "config.yaml").read_text())
+        k = int(cfg["method"]["selection"]["top_k"])
+        p, rows = precision_at_k(data, k)
+        print(f"\nSelection precision@{k} ({run[0]}, ground truth: task_relatedness > 0): mean {fmt(p)}\n\n"
+              "| task | selected | related earlier | precision |\n|---|---|---|---|")
+        for name, sel, rel, prec in rows:
+            print(f"| {name} | {', '.join(sel) or '-'} | {', '.join(rel)} | {prec:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="quickstart,main,ablations,synth10", help="comma-separated groups")
+    ap.add_argument("--code", type=Path, default=REPO, help="checkout to run (PYTHONPATH and cwd)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "results", help="runs/ and logs/ go here")
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--synth-config", help="default: CODE/configs/synth10_tiny.yaml, else this repo's")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--report-only", action="store_true", help="run nothing, print the tables")
+    args = ap.parse_args()
+    code = args.code.resolve()
+    synth = args.synth_config or next(str(p) for p in (code / "configs/synth10_tiny.yaml",
+                                                       REPO / "configs/synth10_tiny.yaml") if p.is_file())
+    groups = matrix(synth)
+    unknown = [g for g in args.only.split(",") if g not in groups]
+    if unknown:
+        ap.error(f"unknown groups {unknown}; choose from {', '.join(groups)}")
+    runs = list({r[0]: r for g in args.only.split(",") for r in groups[g]}.values())  # in order, no repeats
+    cmds = {r[0]: command(r, code, args.out, args.data_root) for r in runs}
+    if args.dry_run:
+        for r in runs:
+            print(f"{r[0]}: cd {code} && PYTHONPATH={code} DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false "
+                  f"{shlex.join(cmds[r[0]])}")
+        return
+    if not args.report_only:
+        for r in runs:
+            execute(r, cmds[r[0]], code, args.out)
+    sys.path.insert(0, str(code))
+    report(runs, cmds, args.out)
+
+
+if __name__ == "__main__":
+    main()
