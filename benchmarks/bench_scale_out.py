@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import sys
 import tempfile
 import time
@@ -60,7 +61,11 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for w in args.workers:
-                share = args.nodes * cpus_per_node / (3 * w)  # the three roles' reservations fit at once
+                # One CPU share for every worker count, sized so that the largest count's 3w equal reservations
+                # fit on the nodes however SPREAD lays them out (up to ceil(3w / nodes) per node). The share sets
+                # each worker's torch threads (`configure_threads`), and a different thread count sums floats in
+                # a different order: results are equal across worker counts at equal threads, not otherwise.
+                share = math.floor(100 * cpus_per_node / math.ceil(3 * max(args.workers) / args.nodes)) / 100
                 config = load_config(args.config, [
                     f"output_dir={tmp}/runs", "tracking.enabled=false", "model.dropout=0.0",
                     f"ray.num_train_workers={w}", f"ray.train_cpus={share}", f"ray.num_generation_actors={w}",
@@ -74,7 +79,8 @@ def main() -> None:
         ray.shutdown()
         cluster.shutdown()
     base = results[0][2]
-    print(f"{args.nodes} nodes x {cpus_per_node} logical CPUs; config {args.config}; dropout 0")
+    print(f"{args.nodes} nodes x {cpus_per_node} logical CPUs; config {args.config}; dropout 0; "
+          f"{share} CPU ({max(1, int(share))} torch threads) per worker")
     print(f"| workers | wall s | {' | '.join(s for s in stage_seconds(base.history))} | decisions equal | "
           f"R equal (max diff) | final average |")
     print("|---|---|" + "---|" * len(stage_seconds(base.history)) + "---|---|---|")
