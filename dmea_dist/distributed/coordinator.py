@@ -12,11 +12,20 @@ the driver's, which logs it to MLflow: the driver stays the only process that
 talks to MLflow. It takes no CPU reservation: it only orchestrates and runs
 the light stages (selection, recording). The driver holds a `RemoteCoordinator`,
 which has the Coordinator's methods and waits for each call.
+
+Live progress: the kernels report steps (search candidates, generation
+requests, adaptation steps with the loss, evaluation) inside the actor. There
+they go to a `ProgressRelay`; the actor runs two calls at once (a step and a
+poll), and while a step runs the driver polls the relay twice a second and
+feeds the events to its own bars, so `dmea run` on Ray shows the same bars and
+plain lines as in process.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -26,15 +35,60 @@ from dmea_dist.distributed.cluster import connect  # noqa: F401 - the entry poin
 from dmea_dist.distributed.kernels import ray_kernels
 
 
+class ProgressRelay:
+    """A `Progress` callable that keeps the events it is given until `drain` takes them (thread-safe)."""
+
+    def __init__(self):
+        self._events: list[tuple[str, int, int, dict[str, float]]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, what: str, done: int, total: int, **info: float) -> None:
+        with self._lock:
+            if self._events and self._events[-1][0] == what:  # only the latest count of a kind matters
+                self._events[-1] = (what, done, total, info)
+            else:
+                self._events.append((what, done, total, info))
+
+    def drain(self) -> list[tuple[str, int, int, dict[str, float]]]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class RelayingCoordinator(Coordinator):
+    """The Coordinator with its kernels' progress kept in a relay the driver polls (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        self.relay = ProgressRelay()
+        super().__init__(*args, progress=self.relay, **kwargs)
+
+    def progress_events(self) -> list[tuple[str, int, int, dict[str, float]]]:
+        return self.relay.drain()
+
+
 class RemoteCoordinator:
     """The driver's handle of the coordinator actor: the same methods, each call waited for."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    POLL_S = 0.5
+
+    def __init__(self, actor, progress=None):
+        self.actor, self.progress = actor, progress
 
     def __getattr__(self, name: str):
         method = getattr(self.actor, name)
         return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+
+    def step(self) -> dict[str, Any]:
+        """The actor's step; meanwhile its kernels' progress is fed to the driver's bars."""
+        ref = self.actor.step.remote()
+        if self.progress is None:
+            return ray.get(ref)
+        while True:
+            ready, _ = ray.wait([ref], timeout=self.POLL_S)
+            for what, done, total, info in ray.get(self.actor.progress_events.remote()):
+                self.progress(what, done, total, **info)
+            if ready:
+                return ray.get(ref)
 
     def close(self) -> None:
         try:
@@ -49,7 +103,8 @@ def ray_coordinator_factory(config: RunConfig, run_dir: str | Path, *, resume: b
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(num_cpus=0)(Coordinator).options(
+    # two calls at once: a step, and the driver's polls of its progress (only those run beside a step)
+    actor = ray.remote(num_cpus=0, max_concurrency=2)(RelayingCoordinator).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
     ).remote(config, str(Path(run_dir).resolve()), resume=resume, kernels_factory=ray_kernels)
-    return RemoteCoordinator(actor)
+    return RemoteCoordinator(actor, progress=progress)

@@ -77,7 +77,8 @@ class RayKernels:
         elif sizes.adapt_on == "train_group":
             self.group = TrainGroup(engine, num_workers=sizes.num_train_workers, cpus_per_worker=sizes.train_cpus,
                                     use_gpu=sizes.use_gpu, placement_strategy=sizes.placement_strategy,
-                                    max_failures=sizes.max_failures, ready_timeout_s=ready_timeout_s)
+                                    max_failures=sizes.max_failures, ready_timeout_s=ready_timeout_s,
+                                    progress=progress)
         self.placement = Placement()
 
     def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:

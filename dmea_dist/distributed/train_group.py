@@ -71,8 +71,13 @@ class TrainWorker:
     def sync(self, state: dict[str, Any]) -> None:
         apply_model_state(self.model, state)
 
-    def adapt(self, job: AdaptJob, checkpoint_dir: str | None) -> tuple[AdaptResult, dict[str, Any] | None]:
-        """Train this rank's share; rank 0 returns (result, trained weights), the others (result, None)."""
+    def adapt(self, job: AdaptJob, checkpoint_dir: str | None,
+              progress=None) -> tuple[AdaptResult, dict[str, Any] | None]:
+        """Train this rank's share; rank 0 returns (result, trained weights), the others (result, None).
+
+        `progress`: a `ray.util.queue.Queue` that gets (steps done, total, {"loss": ...}) at most twice a
+        second and at the last step, for the driver's bar (given to rank 0 only).
+        """
         from dmea_dist.distributed.train_workers import (
             _trained_weights,  # ZeRO-3 gathering lives there
         )
@@ -86,7 +91,7 @@ class TrainWorker:
 
         engine_factory.partitions_model = getattr(build, "partitions_model", False)
         result = run_adapt_job(self.model, job, engine_factory=engine_factory, shard=(self.rank, self.world),
-                               checkpoint_dir=checkpoint_dir,
+                               checkpoint_dir=checkpoint_dir, on_step=_throttled(progress),
                                barrier=dist.barrier if self.world > 1 else None)
         state = _trained_weights(self.model, job.trainable, engines[0])  # a collective at ZeRO-3
         return result, state if self.rank == 0 else None
@@ -96,12 +101,29 @@ class TrainWorker:
             dist.destroy_process_group()
 
 
+def _throttled(queue, every_s: float = 0.5):
+    """An `on_step` that puts (done, total, info) on `queue` at most every `every_s` and at the last step."""
+    if queue is None:
+        return None
+    last = [0.0]
+
+    def on_step(done: int, total: int, **info: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or done >= total:
+            last[0] = now
+            queue.put_nowait((done, total, info))
+
+    return on_step
+
+
 class TrainGroup:
     """`adapt(model, job, checkpoint_dir)` on N long-lived ranks (module docstring)."""
 
     def __init__(self, engine: EngineSettings, *, num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
-                 placement_strategy: str = "PACK", max_failures: int = 2, ready_timeout_s: float = 120.0):
+                 placement_strategy: str = "PACK", max_failures: int = 2, ready_timeout_s: float = 120.0,
+                 progress=None):
         self.engine, self.num_workers, self.cpus = engine, num_workers, cpus_per_worker
+        self.progress = progress  # Progress: ("adapt", done, total, loss=...) from rank 0 while a job runs
         self.use_gpu, self.strategy, self.max_failures = use_gpu, placement_strategy, max_failures
         self.ready_timeout_s = ready_timeout_s
         self.workers: list = []
@@ -110,6 +132,7 @@ class TrainGroup:
         self.start_seconds = 0.0  # what starting the group cost, paid once (and at a restart)
         self._pg = None
         self._checksum: tuple[float, ...] | None = None
+        self._queue = None  # ray.util.queue.Queue of rank 0's progress, made at the first job with `progress`
 
     @property
     def started(self) -> bool:
@@ -140,8 +163,7 @@ class TrainGroup:
         for attempt in range(self.max_failures + 1):
             try:
                 self._sync(model)
-                outs = ray.get([w.adapt.remote(job, str(checkpoint_dir) if checkpoint_dir else None)
-                                for w in self.workers])
+                outs = self._adapt(job, str(checkpoint_dir) if checkpoint_dir else None)
                 break
             except RayActorError:
                 self.shutdown()  # a dead rank: a fresh group continues from the last checkpoint
@@ -151,6 +173,25 @@ class TrainGroup:
         result, state = outs[0]
         load_trained_state(model, job.trainable, state)
         return result
+
+    def _adapt(self, job: AdaptJob, checkpoint_dir: str | None) -> list:
+        """Every rank's `adapt`, waited for; meanwhile rank 0's steps are fed to `progress`."""
+        if self.progress is None:
+            return ray.get([w.adapt.remote(job, checkpoint_dir) for w in self.workers])
+        if self._queue is None:  # one small actor for the group's life, however many tasks and restarts
+            from ray.util.queue import Queue
+
+            self._queue = Queue(actor_options={"num_cpus": 0})
+        refs = [w.adapt.remote(job, checkpoint_dir, self._queue if rank == 0 else None)
+                for rank, w in enumerate(self.workers)]
+        pending = refs
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            ray.get(ready)  # a rank that died raises here, at once
+            while not self._queue.empty():
+                done, total, info = self._queue.get_nowait()
+                self.progress("adapt", done, total, **info)
+        return ray.get(refs)
 
     def _sync(self, model) -> None:
         """Start the group, or bring its replicas to `model` (modules always, backbone if it changed)."""
@@ -170,3 +211,6 @@ class TrainGroup:
             remove_placement_group(self._pg)
             self._pg = None
         self._checksum = None
+        if self._queue is not None:
+            self._queue.shutdown()
+            self._queue = None

@@ -39,10 +39,12 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
         local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
     finally:
         torch.set_num_threads(threads)
-    handles = []
+    handles, events = [], []
 
     def factory(cfg, run_dir, *, resume, progress=None):
-        handles.append(ray_coordinator_factory(cfg, run_dir, resume=resume))
+        # the driver's bars get the kernels' progress from inside the actor (the relay)
+        handles.append(ray_coordinator_factory(cfg, run_dir, resume=resume,
+                                               progress=lambda what, done, total, **info: events.append(what)))
         placement, close = handles[-1].placement, handles[-1].close
         handles[-1].close = lambda: (handles.append(placement()), close())  # where work ran, before it goes
         return handles[0]
@@ -59,6 +61,7 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
         [h["pseudo_samples"] for h in stages(local, "generate")]
     np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
     assert np.isfinite(distributed.R[np.tril_indices(3)]).all()
+    assert {"search", "generate", "adapt", "evaluate"} <= set(events), sorted(set(events))
     # the work really ran on Ray: search tasks, the generation pool and the training group
     placement = handles[-1]
     assert placement["search"] and placement["generation"] and placement["train"], placement

@@ -307,7 +307,9 @@ def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    group = TrainGroup(engine_settings(cfg), num_workers=1, cpus_per_worker=2, max_failures=2)
+    steps = []  # rank 0's progress reaches the driver through the restart
+    group = TrainGroup(engine_settings(cfg), num_workers=1, cpus_per_worker=2, max_failures=2,
+                       progress=lambda what, done, total, **info: steps.append((what, done, total, info)))
     driver_model = copy.deepcopy(model)
     try:
         got = group(driver_model, job, checkpoint_dir=checkpoints)
@@ -317,6 +319,7 @@ def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray
         group.shutdown()
     assert killed and killed[0] >= 1 and group.restarts == 1
     assert got.resumed_from > 0 and got.steps == want.steps
+    assert steps[-1][:3] == ("adapt", want.steps, want.steps) and "loss" in steps[-1][3]
     assert max_diff(trained_state(driver_model, job.trainable)["modules"],
                     trained_state(want_model, job.trainable)["modules"]) <= TOL
     assert_results_close(got, want)
