@@ -180,8 +180,11 @@ class TrainGroup:
             return ray.get([w.adapt.remote(job, checkpoint_dir) for w in self.workers])
         if self._queue is None:  # one small actor for the group's life, however many tasks and restarts
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self._queue = Queue(actor_options={"num_cpus": 0})
+            # on this (the coordinator's, the driver's) node: a lost worker node does not take it along
+            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+            self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         refs = [w.adapt.remote(job, checkpoint_dir, self._queue if rank == 0 else None)
                 for rank, w in enumerate(self.workers)]
         pending = refs
