@@ -211,7 +211,8 @@ def read_inputs(file: str | Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k in ("context", "question", "task") and v}
                 for row in reader]
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only (as data/user_tasks.py): str.splitlines also splits at U+2028 inside JSON strings
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -477,3 +477,12 @@ def test_tracking_failures_are_counted_and_summarised():
     assert summary.startswith("tracking: 3 MLflow call(s) failed during this run, so its record at sqlite:///m.db "
                               "is incomplete (the run directory has every result); first: logging metrics")
     assert failures_summary([], uri="x") == ""
+
+
+def test_generate_inputs_keep_a_line_separator_inside_a_json_string(tmp_path):
+    """A JSONL input whose text holds U+2028 is one input, not a broken line (str.splitlines would split it)."""
+    from dmea_dist.serving import read_inputs
+
+    path = tmp_path / "inputs.jsonl"
+    path.write_text('{"context": "name[a]\u2028food[b]", "task": "t"}\n"plain context"\n', encoding="utf-8")
+    assert read_inputs(path) == [{"context": "name[a]\u2028food[b]", "task": "t"}, {"context": "plain context"}]
