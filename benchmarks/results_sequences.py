@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "results", help="runs/ and logs/ go here")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--synth-config", help="default: CODE/configs/synth10_tiny.yaml, else this repo's")
+    ap.add_argument("--labels", help="comma-separated run labels: of the chosen groups' runs, only these, in this order")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--report-only", action="store_true", help="run nothing, print the tables")
     args = ap.parse_args()
@@ -196,6 +197,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown groups {unknown}; choose from {', '.join(groups)}")
     runs = list({r[0]: r for g in args.only.split(",") for r in groups[g]}.values())  # in order, no repeats
+    if args.labels:
+        by_label = {r[0]: r for r in runs}
+        missing = [x for x in args.labels.split(",") if x not in by_label]
+        if missing:
+            ap.error(f"--labels {missing} are not runs of --only {args.only}; --dry-run lists them")
+        runs = [by_label[x] for x in args.labels.split(",")]
     cmds = {r[0]: command(r, code, args.out, args.data_root) for r in runs}
     if args.dry_run:
         for r in runs:
