@@ -126,7 +126,9 @@ def cmd_run(args) -> int:
 
     config = load_config(args.config, args.set)
     check_input(config)  # before Ray starts: on Ray, build_run's errors would come back as Ray tracebacks
-    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray)
+    factory = None
+    if not args.in_process:
+        config, factory = _ray(args.address or config.ray.address, config)
     with _tracking_reported(config):
         run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=factory,
                      check=False)
@@ -140,9 +142,14 @@ def cmd_resume(args) -> int:
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
     if config.tracking.enabled:
         check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
-    factory = None if args.in_process else _ray(args.address or config.ray.address, config.ray)
+    factory, overrides = None, list(args.set)
+    if not args.in_process:
+        from dmea_dist.distributed.cluster import size_overrides
+
+        sized, factory = _ray(args.address or config.ray.address, config)
+        overrides += size_overrides(config.ray, sized.ray)  # a run started in process has no sizes yet
     with _tracking_reported(config):
-        resume_sequence(args.run_dir, overrides=args.set, progress=not args.quiet, coordinator_factory=factory)
+        resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory)
     return 0
 
 
@@ -164,14 +171,21 @@ def _tracking_reported(config):
                 print(f"WARNING: {summary}", file=sys.stderr)
 
 
-def _ray(address: str | None, sizes):
-    """Join Ray (embedded by default; `sizes`: the config's `ray:` section) and return the coordinator factory."""
-    from dmea_dist.distributed.cluster import logical_cpus
+def _ray(address: str | None, config):
+    """Join Ray (embedded by default) and return (the config with its Ray sizes set for it, the coordinator
+    factory): on an embedded Ray, sizes the config leaves unset use the machine's cores (`RayConfig.sized`)."""
+    import dataclasses
+
+    from dmea_dist.distributed.cluster import logical_cpus, sized_for
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
-    where = connect(address, num_cpus=sizes.num_cpus or logical_cpus(sizes))
-    print(f"ray: {'embedded local cluster' if where == 'local' else where}", file=sys.stderr)
-    return ray_coordinator_factory
+    s = sized_for(config.ray, address)
+    where = connect(address, num_cpus=s.num_cpus or logical_cpus(s))
+    print(f"ray: {'embedded local cluster' if where == 'local' else where} (search {s.num_search_workers} x "
+          f"{s.search_cpus:g} CPU, generation {s.num_generation_actors} x {s.generation_cpus:g}, training "
+          f"{s.num_train_workers} x {s.train_cpus:g})", file=sys.stderr)
+    return dataclasses.replace(config, ray=s), ray_coordinator_factory
+
 
 
 def cmd_generate(args) -> int:

@@ -314,27 +314,57 @@ class RayConfig:
 
     address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS); "auto", "host:6379", ray://...
     num_cpus: int | None = None  # CPUs of the embedded local Ray (None: all)
-    num_search_workers: int = 1  # expansion candidates in flight at once
+    # The three sizes left at None are set by where the run is (`sized`): on an embedded local Ray every role
+    # gets the machine's cores (the stages run one after another, so the roles take turns on them); on a
+    # cluster, 1 each.
+    num_search_workers: int | None = None  # expansion candidates in flight at once
     search_cpus: float = 1.0
     num_generation_actors: int = 1  # model replicas sharing pseudo-sample generation and evaluation
-    generation_cpus: float = 1.0
+    generation_cpus: float | None = None
     num_train_workers: int = 1  # Ray Train data-parallel ranks of the DeepSpeed adaptation
-    train_cpus: float = 1.0
+    train_cpus: float | None = None
     use_gpu: bool = False  # one GPU per training worker (bf16/fp16 unsupported by the scaled step: fp32)
     placement_strategy: Literal["SPREAD", "PACK"] = "SPREAD"
     # where adaptation runs: a training group of num_train_workers ranks started once and kept for the run
     # (train_group), a Ray Train TorchTrainer per task (ray_train: start-up every task), or the coordinator itself
     adapt_on: Literal["train_group", "ray_train", "coordinator"] = "train_group"
     max_failures: int = 2  # restarts of the training ranks after one dies, each from the last epoch checkpoint
+    # start every worker when the run starts, not at first use (RayKernels.warm_up). None: when the roles have
+    # cores of their own (a cluster; an embedded Ray with cores to spare), not where they take turns on them
+    warm_up: bool | None = None
 
     def __post_init__(self):
         if self.num_cpus is not None:
             _check_range("ray.num_cpus", self.num_cpus, 1, 100_000)
         for key in ("num_search_workers", "num_generation_actors", "num_train_workers"):
-            _check_range(f"ray.{key}", getattr(self, key), 1, 10_000)
+            if getattr(self, key) is not None:
+                _check_range(f"ray.{key}", getattr(self, key), 1, 10_000)
         _check_range("ray.max_failures", self.max_failures, 0, 1000)
         for key in ("search_cpus", "generation_cpus", "train_cpus"):
-            _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
+            if getattr(self, key) is not None:
+                _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
+
+    def sized(self, *, local_cores: int | None) -> RayConfig:
+        """This section with the sizes left at None set: `local_cores` is the embedded Ray's cores (None on a
+        cluster). The search gets one worker of `search_cpus` per core; the training ranks and the generation
+        actors share the cores (all of them for one rank, one actor)."""
+        if local_cores is None:
+            fill = {"num_search_workers": 1, "generation_cpus": 1.0, "train_cpus": 1.0}
+        else:
+            cores = max(1, int(local_cores))
+            fill = {"num_search_workers": max(1, int(cores // self.search_cpus)),
+                    "generation_cpus": float(max(1, cores // self.num_generation_actors)),
+                    "train_cpus": float(max(1, cores // self.num_train_workers))}
+        sized = dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
+        if self.warm_up is None:
+            spare = local_cores is None or sized.reserved_cpus() <= local_cores
+            sized = dataclasses.replace(sized, warm_up=spare)
+        return sized
+
+    def reserved_cpus(self) -> float:
+        """CPUs the roles reserve when all are up (their sizes set: `sized`)."""
+        return (self.num_search_workers * self.search_cpus + self.num_generation_actors * self.generation_cpus
+                + (self.num_train_workers * self.train_cpus if self.adapt_on != "coordinator" else 0))
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ artifacts (launch/README.md): this driver's local disk is not shared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from dmea_dist.config import load_config
+from dmea_dist.distributed.cluster import size_overrides, sized_for
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 from dmea_dist.driver import check_input, resume_config, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
         where = connect(config.ray.address)  # inside `ray job submit`: the job's cluster
         print(f"ray: {where}", flush=True)
+        sized = sized_for(config.ray, None if where == "local" else where)  # unset sizes: 1 each on a cluster
+        overrides = args.set + size_overrides(config.ray, sized)
+        config = dataclasses.replace(config, ray=sized)
         if args.resume:
-            result = resume_sequence(args.resume, overrides=args.set, coordinator_factory=ray_coordinator_factory)
+            result = resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory)
         else:
             result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
                                   check=False)

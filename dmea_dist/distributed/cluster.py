@@ -63,6 +63,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def machine_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def embedded(address: str | None) -> bool:
+    """Whether `connect(address)` starts an embedded local Ray (no address, no $RAY_ADDRESS)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def sized_for(sizes, address: str | None):
+    """`sizes` (the config's `ray:` section) with its unset sizes filled for where `address` runs: the
+    machine's cores (or `ray.num_cpus`) on an embedded local Ray, 1 on a cluster (`RayConfig.sized`)."""
+    return sizes.sized(local_cores=(sizes.num_cpus or machine_cores()) if embedded(address) else None)
+
+
+def size_overrides(before, after) -> list[str]:
+    """`--set ray.KEY=VALUE` for each size `after` sets that `before` left unset (resuming a run whose saved
+    config has none: one started in process)."""
+    keys = ("num_search_workers", "generation_cpus", "train_cpus", "warm_up")
+    return [f"ray.{k}={getattr(after, k)}" for k in keys if getattr(before, k) is None]
+
+
 def logical_cpus(sizes) -> int:
     """CPUs an embedded Ray declares for a run sized by `sizes` (the config's `ray:` section).
 
@@ -72,9 +98,7 @@ def logical_cpus(sizes) -> int:
     at least the sum lets all of them be placed at once, each still using only
     the threads it reserved (`worker_env`).
     """
-    need = (sizes.num_search_workers * sizes.search_cpus + sizes.num_generation_actors * sizes.generation_cpus
-            + (sizes.num_train_workers * sizes.train_cpus if sizes.adapt_on != "coordinator" else 0))
-    return max(os.cpu_count() or 1, int(need + 0.999))
+    return max(machine_cores(), int(sizes.sized(local_cores=None).reserved_cpus() + 0.999))
 
 
 def require_ray() -> None:

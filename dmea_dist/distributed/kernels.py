@@ -12,6 +12,9 @@ Built by `ray_kernels(run, progress)` inside the coordinator (on a cluster,
 the coordinator actor) from the run's config, resolved here into plain
 settings: search tasks, generation actors and training workers receive
 values (`SearchJob`, `DecodingSettings`, `EngineSettings`), never a config.
+With `ray.warm_up`, `ray_kernels` also starts every worker at once
+(`RayKernels.warm_up`), without waiting for them, so that their start-up
+overlaps the run's set-up.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ray
 from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import Progress, require_ray
 from dmea_dist.distributed.generation_pool import GenerationPool
-from dmea_dist.distributed.search import check_resources, search_candidates
+from dmea_dist.distributed.search import check_resources, search_candidates, warm_search_workers
 from dmea_dist.distributed.train_group import TrainGroup
 from dmea_dist.distributed.train_workers import RayTrainAdapter
 from dmea_dist.kernels import (
@@ -60,6 +63,7 @@ class RayKernels:
     def __init__(self, *, tokenizer, max_length: int, engine: EngineSettings, decoding: DecodingSettings,
                  sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False,
                  ready_timeout_s: float = 120.0, progress: Progress | None = None):
+        sizes = sizes.sized(local_cores=None)  # sizes left unset: 1 each (the CLI sizes them for where it runs)
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
                         strategy=sizes.placement_strategy)
         self.sizes, self.engine, self.progress = sizes, engine, progress
@@ -80,6 +84,19 @@ class RayKernels:
                                     max_failures=sizes.max_failures, ready_timeout_s=ready_timeout_s,
                                     progress=progress)
         self.placement = Placement()
+        self._warming: list = []  # refs of the search workers' first tasks (warm_up)
+
+    def warm_up(self, model) -> None:
+        """Start the run's workers now, without waiting for them: the generation actors, the training ranks
+        (which also join their process group) and the search workers' processes. Their start-up (processes,
+        imports, replicas) then overlaps the run's own set-up instead of its first tasks; errors surface
+        at first use."""
+        require_ray()
+        if not self.pool.started:
+            self.pool.start(model)
+        if self.group is not None and not self.group.started:
+            self.group.launch(model)
+        self._warming = warm_search_workers(self.sizes.num_search_workers, cpus=self.sizes.search_cpus)
 
     def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
         require_ray()
@@ -130,7 +147,10 @@ def ray_kernels(run, progress: Progress | None = None) -> RayKernels:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU runs stay on CPU on GPU nodes too
     if not ray.is_initialized():
         raise RuntimeError("ray_kernels needs a connected Ray (dmea_dist.distributed.cluster.connect)")
-    return RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length, engine=engine_settings(config),
-                      decoding=decoding_settings(config), sizes=config.ray,
-                      storage_path=Path(run.run_dir).resolve() / "_ray_train",
-                      full_finetune=run.policy.full_finetune, progress=progress)
+    kernels = RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length,
+                         engine=engine_settings(config), decoding=decoding_settings(config),
+                         sizes=config.ray, storage_path=Path(run.run_dir).resolve() / "_ray_train",
+                         full_finetune=run.policy.full_finetune, progress=progress)
+    if config.ray.warm_up:  # None (not sized for a place, e.g. in a notebook): at first use
+        kernels.warm_up(run.model)
+    return kernels

@@ -50,6 +50,22 @@ def run_candidate(snapshot: dict[str, Any], job: SearchJob, data: SearchData, *,
     return result, ray.get_runtime_context().get_node_id()
 
 
+def _ready() -> str:
+    """A search worker's first task: its process is up and this module (torch, transformers) imported."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def warm_search_workers(num_workers: int, *, cpus: float) -> list:
+    """Start `num_workers` search worker processes now, without waiting (refs of their first, empty task).
+
+    Ray keeps a task's worker process for later tasks with the same runtime environment, so the first
+    search (at the second task) finds processes with their imports done instead of starting them.
+    """
+    task = ray.remote(_ready)
+    return [task.options(num_cpus=cpus, num_gpus=0, runtime_env={"env_vars": worker_env(cpus)}).remote()
+            for _ in range(num_workers)]
+
+
 def search_candidates(model, jobs: Sequence[SearchJob], data: SearchData, *, num_workers: int = 1,
                       cpus: float = 1.0, strategy: str = "SPREAD", ready_timeout_s: float = 120.0,
                       progress: Callable[[str, int, int], None] | None = None

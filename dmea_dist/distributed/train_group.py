@@ -4,7 +4,8 @@ Ray Train builds a trainer, a placement group, worker processes, a process
 group and a DeepSpeed build for every `fit`: ~13-33 s per task on a laptop,
 for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
 
-* `start` (first call): N `TrainWorker` actors in a placement group (PACK by
+* `launch` (when the run starts, `RayKernels.warm_up`; else the first call):
+  N `TrainWorker` actors in a placement group (PACK by
   default), each with a model replica; they join one gloo (CPU) or nccl (GPU)
   process group over a TCP rendezvous that rank 0 offers. DeepSpeed finds
   the group initialised and joins it (`engine.build_engine`).
@@ -52,6 +53,10 @@ class TrainWorker:
 
     def __init__(self, snapshot: dict[str, Any], *, engine: EngineSettings, cpus: float):
         configure_threads(cpus)
+        import deepspeed  # noqa: F401 - imported now, while the run starts, not in the first job
+
+        from dmea_dist.distributed import train_workers  # noqa: F401 - likewise (the ZeRO-3 gathering)
+
         self.model = build_model(snapshot)
         self.engine = engine
         self.rank = self.world = None
@@ -131,6 +136,8 @@ class TrainGroup:
         self.restarts = 0  # group restarts after a worker died
         self.start_seconds = 0.0  # what starting the group cost, paid once (and at a restart)
         self._pg = None
+        self._joining: list | None = None  # the ranks' join calls, from `launch` until `start` has waited
+        self._launched = 0.0
         self._checksum: tuple[float, ...] | None = None
         self._queue = None  # ray.util.queue.Queue of rank 0's progress, made at the first job with `progress`
 
@@ -138,8 +145,11 @@ class TrainGroup:
     def started(self) -> bool:
         return bool(self.workers)
 
-    def start(self, model) -> None:
-        started = time.perf_counter()
+    def launch(self, model) -> None:
+        """Create the ranks, replicas of `model` as it is now, and have them join their process group,
+        without waiting: the first job waits (`start`). With `ray.warm_up` the group is launched when the
+        run starts (`RayKernels.warm_up`), so its start-up overlaps the run's own set-up."""
+        self._launched = time.perf_counter()
         bundle = {"CPU": float(self.cpus), **({"GPU": 1.0} if self.use_gpu else {})}
         self._pg = reserve(self.num_workers, cpus=self.cpus, strategy=self.strategy, timeout_s=self.ready_timeout_s,
                            what="the training group", bundle=bundle)
@@ -152,12 +162,19 @@ class TrainGroup:
             .remote(snapshot, engine=self.engine, cpus=self.cpus)
             for i in range(self.num_workers)
         ]
-        master = ray.get(self.workers[0].address.remote())
+        master = self.workers[0].address.remote()  # resolved by Ray before each join runs
         backend = "nccl" if self.use_gpu else "gloo"
-        self.nodes = ray.get([w.join.remote(rank, self.num_workers, master, backend)
-                              for rank, w in enumerate(self.workers)])
+        self._joining = [w.join.remote(rank, self.num_workers, master, backend) for rank, w in enumerate(self.workers)]
         self._checksum = backbone_checksum(model)
-        self.start_seconds += time.perf_counter() - started
+
+    def start(self, model) -> None:
+        """Launch the group unless it was, and wait until every rank has joined."""
+        if not self.started:
+            self.launch(model)
+        if self._joining is not None:
+            self.nodes = ray.get(self._joining)
+            self._joining = None
+            self.start_seconds += time.perf_counter() - self._launched
 
     def __call__(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
         for attempt in range(self.max_failures + 1):
@@ -200,7 +217,8 @@ class TrainGroup:
         """Start the group, or bring its replicas to `model` (modules always, backbone if it changed)."""
         if not self.started:
             self.start(model)
-            return
+            return  # the replicas are `model` as of now
+        self.start(model)  # launched ahead (warm_up): wait for its ranks, then sync
         checksum = backbone_checksum(model)
         ref = ray.put(model_state(model, with_backbone=checksum != self._checksum))
         ray.get([w.sync.remote(ref) for w in self.workers])
@@ -209,7 +227,7 @@ class TrainGroup:
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
-        self.workers, self.nodes = [], []
+        self.workers, self.nodes, self._joining = [], [], None
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

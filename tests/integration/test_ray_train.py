@@ -284,6 +284,36 @@ def test_training_group_lives_for_the_run_and_trains_what_one_process_trains(ray
                         trained_state(reference, job.trainable)["modules"]) <= 1e-5
 
 
+def test_a_group_launched_ahead_trains_the_model_as_it_is_at_its_first_job(ray_session, tiny, tmp_path):
+    """`launch` (ray.warm_up) starts the ranks from the model as it is at the run's start, without waiting;
+    the first job waits for them and first brings them to the model as it is then, so it trains what one
+    process trains. Without that sync the ranks would train the modules they were launched with."""
+    from dmea_dist.distributed.train_group import TrainGroup
+
+    cfg, model, first, _ = tiny
+    model = _no_dropout(copy.deepcopy(model))
+    at_launch = copy.deepcopy(model)
+    with torch.no_grad():  # the modules as they were before the stages changed them
+        for pool in at_launch.pools:
+            for p in pool.parameters():
+                p.add_(0.5)
+    reference = copy.deepcopy(model)
+    want = run_adapt_job(reference, first, engine_factory=engine_settings(cfg).factory())
+    group = TrainGroup(engine_settings(cfg), num_workers=2, cpus_per_worker=1)
+    try:
+        group.launch(at_launch)
+        assert group.started and group._joining is not None  # launched, not waited for
+        workers = list(group.workers)
+        driver_model = copy.deepcopy(model)
+        got = group(driver_model, first, checkpoint_dir=tmp_path / "a")
+        assert group.workers == workers and group._joining is None  # the launched ranks did the job
+    finally:
+        group.shutdown()
+    assert_results_close(got, want, tol=1e-5)
+    assert max_diff(trained_state(driver_model, first.trainable)["modules"],
+                    trained_state(reference, first.trainable)["modules"]) <= 1e-5
+
+
 def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray_session, tiny, tmp_path):
     """SIGKILL a rank after its first epoch checkpoint: the group restarts and continues from that checkpoint;
     the result is the uninterrupted in-process one."""

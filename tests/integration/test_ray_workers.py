@@ -14,6 +14,8 @@ jobs are exactly the ones the stage builds. Then:
 * two actors: pseudo samples equal the in-process generation of the planned
   ranges (part seeds derived), cover n, and repeat exactly; greedy answers
   equal the in-process ones; top-k answers repeat exactly;
+* warm_up starts the generation actor and a search worker before any call,
+  and the first calls use them;
 * after the coordinator's model changes (new module, new path, perturbed
   module and backbone weights, then a module dropped again) the pool's next
   call matches the in-process kernels on the changed model.
@@ -205,6 +207,28 @@ def test_one_actor_equals_in_process(ray_local, env):
         env.reference.answer(run.model, answer_requests(run.model, run))
     kernels.close()
     assert not kernels.pool.started
+
+
+def test_warm_up_starts_the_workers_before_their_first_call(ray_local, env):
+    """ray.warm_up: the generation actors and the search workers' processes start at once, without a call;
+    the first calls use them and compute what the in-process kernels compute."""
+    run = env.run
+    kernels = ray_kernels(run, run.run_dir / "_ray_train", num_generation_actors=1, generation_cpus=1,
+                          num_search_workers=1, search_cpus=1, adapt_on="coordinator")
+    try:
+        assert not kernels.pool.started
+        kernels.warm_up(run.model)
+        assert kernels.pool.started and len(kernels._warming) == 1
+        actors = list(kernels.pool.actors)
+        assert ray.get(kernels._warming, timeout=120)  # the search worker's process is up, imports done
+        requests = pseudo_requests(run)
+        assert kernels.generate(run.model, requests) == [in_process_pseudo(env, run.model, r) for r in requests]
+        assert kernels.pool.actors == actors  # the warmed actors did the work
+        (got,) = kernels.search(env.model, env.jobs[:1], env.data)
+        want = run_search_job(copy.deepcopy(env.model), env.jobs[0], env.data)
+        assert got.path == want.path and got.val_loss == pytest.approx(want.val_loss, abs=1e-6)
+    finally:
+        kernels.close()
 
 
 def test_pool_size_does_not_change_pseudo_samples(kernels2, env):

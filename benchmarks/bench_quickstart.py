@@ -1,0 +1,102 @@
+"""Wall time of the quick start as a user runs it (`dmea run configs/quickstart.yaml`), variants side by side.
+
+Each run is the whole CLI command in a fresh process: imports, input checks, embedded Ray, the coordinator,
+every stage, MLflow (a fresh SQLite store per run) and the reports. The backbone cache under
+`output_dir/_cache` (default: the quick start's, runs/_cache) is filled first if empty (one run, not
+counted), so every timed run is a warm start; `--cold` also times one run with an empty cache. Variants alternate (A B A B ...) so that drift of a shared
+machine hits both alike.
+
+    python benchmarks/bench_quickstart.py                 # the default sizing against one worker per role
+    python benchmarks/bench_quickstart.py --repeats 3 --cold
+
+Prints one row per run (wall s and the stage seconds the run reported) and the mean per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "machine": [],  # the defaults: on an embedded Ray each role gets the machine's cores
+    "one each": ["ray.num_search_workers=1", "ray.train_cpus=1", "ray.generation_cpus=1"],
+}
+STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
+
+
+def run_once(config: str, sets: list[str], work: Path, output_dir: Path) -> tuple[float, dict[str, float], str]:
+    """(wall s, stage s summed by stage, the final metrics line) of one `dmea run` in a fresh process."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    cmd = [str(Path(sys.executable).parent / "dmea"), "run", config, "--run-dir", str(work / "run"),
+           "--set", f"output_dir={output_dir}", "--set", f"tracking.uri=sqlite:///{work}/mlflow.db"]
+    for item in sets:
+        cmd += ["--set", item]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    text = out.stdout + out.stderr
+    stages: dict[str, float] = {}
+    for name, seconds in STAGE.findall(text):
+        stages[name] = stages.get(name, 0.0) + float(seconds)
+    final = next((line.strip() for line in text.splitlines() if line.startswith("final_average=")), "")
+    return wall, stages, final
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant")
+    ap.add_argument("--cold", action="store_true", help="also time one run that pretrains the backbone")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    ap.add_argument("--output-dir", type=Path, default=REPO / "runs",
+                    help="output_dir of the runs, whose _cache holds the backbone (default: the quick start's)")
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    root = Path(tempfile.mkdtemp(prefix="bench-quickstart-"))
+    cache_dir = root / "out" if args.cold else args.output_dir
+    rows = []
+    if args.cold:  # an empty cache: this run pretrains the backbone
+        wall, stages, final = run_once(args.config, VARIANTS[names[0]], root / "cold", cache_dir)
+        rows.append((f"{names[0]} (cold: pretrains)", wall, stages, final))
+    elif not (cache_dir / "_cache").is_dir():
+        run_once(args.config, VARIANTS[names[0]], root / "warm-cache", cache_dir)  # fills the cache, not counted
+    for _ in range(args.repeats):
+        for name in names:
+            wall, stages, final = run_once(args.config, VARIANTS[name], root / "run", cache_dir)
+            rows.append((name, wall, stages, final))
+            print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+    order = ["expand", "generate", "adapt", "evaluate"]
+    print(f"| variant | wall s | {' | '.join(order)} | stages s | outside stages s | result |")
+    print("| --- " * (len(order) + 5) + "|")
+    for name, wall, stages, final in rows:
+        total = sum(stages.values())
+        print(f"| {name} | {wall:.1f} | " + " | ".join(f"{stages.get(k, 0.0):.1f}" for k in order)
+              + f" | {total:.1f} | {wall - total:.1f} | {final} |")
+    print()
+    for name in names:
+        walls = [w for n, w, _, _ in rows if n == name]
+        print(f"{name}: mean {statistics.mean(walls):.1f} s over {len(walls)} warm runs "
+              f"(min {min(walls):.1f}, max {max(walls):.1f})")
+    if len(names) == 2:
+        a, b = ([w for n, w, _, _ in rows if n == x] for x in names)
+        print(f"{names[1]} / {names[0]}: {statistics.mean(b) / statistics.mean(a):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
