@@ -6,7 +6,7 @@ every stage, MLflow (a fresh SQLite store per run) and the reports. The backbone
 counted), so every timed run is a warm start; `--cold` also times one run with an empty cache. Variants alternate (A B A B ...) so that drift of a shared
 machine hits both alike.
 
-    python benchmarks/bench_quickstart.py                 # the default sizing against one worker per role
+    python benchmarks/bench_quickstart.py                 # the default against one search worker
     python benchmarks/bench_quickstart.py --repeats 3 --cold
 
 Prints one row per run (wall s and the stage seconds the run reported) and the mean per variant.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "machine": [],  # the defaults: on an embedded Ray each role gets the machine's cores
-    "one each": ["ray.num_search_workers=1", "ray.train_cpus=1", "ray.generation_cpus=1"],
+    "default": [],  # on an embedded Ray: one search worker per core
+    "one search worker": ["ray.num_search_workers=1"],
 }
 STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
 

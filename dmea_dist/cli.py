@@ -173,7 +173,7 @@ def _tracking_reported(config):
 
 def _ray(address: str | None, config):
     """Join Ray (embedded by default) and return (the config with its Ray sizes set for it, the coordinator
-    factory): on an embedded Ray, sizes the config leaves unset use the machine's cores (`RayConfig.sized`)."""
+    factory): on an embedded Ray, one search worker per core unless the config says (`RayConfig.sized`)."""
     import dataclasses
 
     from dmea_dist.distributed.cluster import logical_cpus, sized_for

@@ -314,15 +314,16 @@ class RayConfig:
 
     address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS); "auto", "host:6379", ray://...
     num_cpus: int | None = None  # CPUs of the embedded local Ray (None: all)
-    # The three sizes left at None are set by where the run is (`sized`): on an embedded local Ray every role
-    # gets the machine's cores (the stages run one after another, so the roles take turns on them); on a
-    # cluster, 1 each.
-    num_search_workers: int | None = None  # expansion candidates in flight at once
+    # expansion candidates in flight at once; None: set by where the run is (`sized`), one per core on an
+    # embedded local Ray (the pool's size does not change results), 1 on a cluster
+    num_search_workers: int | None = None
     search_cpus: float = 1.0
     num_generation_actors: int = 1  # model replicas sharing pseudo-sample generation and evaluation
-    generation_cpus: float | None = None
+    # CPUs (= torch threads) per generation actor and per training rank: a thread count changes floating-point
+    # results (sampled pseudo samples amplify that), so it is not taken from the machine
+    generation_cpus: float = 1.0
     num_train_workers: int = 1  # Ray Train data-parallel ranks of the DeepSpeed adaptation
-    train_cpus: float | None = None
+    train_cpus: float = 1.0
     use_gpu: bool = False  # one GPU per training worker (bf16/fp16 unsupported by the scaled step: fp32)
     placement_strategy: Literal["SPREAD", "PACK"] = "SPREAD"
     # where adaptation runs: a training group of num_train_workers ranks started once and kept for the run
@@ -341,21 +342,16 @@ class RayConfig:
                 _check_range(f"ray.{key}", getattr(self, key), 1, 10_000)
         _check_range("ray.max_failures", self.max_failures, 0, 1000)
         for key in ("search_cpus", "generation_cpus", "train_cpus"):
-            if getattr(self, key) is not None:
-                _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
+            _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
 
     def sized(self, *, local_cores: int | None) -> RayConfig:
-        """This section with the sizes left at None set: `local_cores` is the embedded Ray's cores (None on a
-        cluster). The search gets one worker of `search_cpus` per core; the training ranks and the generation
-        actors share the cores (all of them for one rank, one actor)."""
-        if local_cores is None:
-            fill = {"num_search_workers": 1, "generation_cpus": 1.0, "train_cpus": 1.0}
-        else:
-            cores = max(1, int(local_cores))
-            fill = {"num_search_workers": max(1, int(cores // self.search_cpus)),
-                    "generation_cpus": float(max(1, cores // self.num_generation_actors)),
-                    "train_cpus": float(max(1, cores // self.num_train_workers))}
-        sized = dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
+        """This section with what it leaves at None set for where the run is: `local_cores`, the cores of an
+        embedded Ray, or None on a cluster. Search workers: one of `search_cpus` per core, or 1; warm_up:
+        where the roles have cores of their own (a cluster), not where they take turns on the same cores."""
+        sized = self
+        if self.num_search_workers is None:
+            workers = 1 if local_cores is None else max(1, int(local_cores // self.search_cpus))
+            sized = dataclasses.replace(sized, num_search_workers=workers)
         if self.warm_up is None:
             spare = local_cores is None or sized.reserved_cpus() <= local_cores
             sized = dataclasses.replace(sized, warm_up=spare)

@@ -77,15 +77,15 @@ def embedded(address: str | None) -> bool:
 
 
 def sized_for(sizes, address: str | None):
-    """`sizes` (the config's `ray:` section) with its unset sizes filled for where `address` runs: the
-    machine's cores (or `ray.num_cpus`) on an embedded local Ray, 1 on a cluster (`RayConfig.sized`)."""
+    """`sizes` (the config's `ray:` section) with what it leaves unset filled for where `address` runs: an
+    embedded local Ray with the machine's cores (or `ray.num_cpus`), or a cluster (`RayConfig.sized`)."""
     return sizes.sized(local_cores=(sizes.num_cpus or machine_cores()) if embedded(address) else None)
 
 
 def size_overrides(before, after) -> list[str]:
     """`--set ray.KEY=VALUE` for each size `after` sets that `before` left unset (resuming a run whose saved
     config has none: one started in process)."""
-    keys = ("num_search_workers", "generation_cpus", "train_cpus", "warm_up")
+    keys = ("num_search_workers", "warm_up")
     return [f"ray.{k}={getattr(after, k)}" for k in keys if getattr(before, k) is None]
 
 

@@ -63,7 +63,7 @@ class RayKernels:
     def __init__(self, *, tokenizer, max_length: int, engine: EngineSettings, decoding: DecodingSettings,
                  sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False,
                  ready_timeout_s: float = 120.0, progress: Progress | None = None):
-        sizes = sizes.sized(local_cores=None)  # sizes left unset: 1 each (the CLI sizes them for where it runs)
+        sizes = sizes.sized(local_cores=None)  # unset: 1 search worker (the CLI sizes it for where it runs)
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
                         strategy=sizes.placement_strategy)
         self.sizes, self.engine, self.progress = sizes, engine, progress
