@@ -129,7 +129,10 @@ class RayKernels:
             result = self.trainer(model, job)
             self.placement.train.update(self.trainer.last_nodes)
             return result
-        return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir)
+        progress = self.progress
+        on_step = (lambda done, total, **info: progress("adapt", done, total, **info)) if progress else None
+        return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
+                             on_step=on_step)
 
     def close(self) -> None:
         """Release the generation actors, the training group and their CPUs (Ray itself stays up)."""

@@ -284,6 +284,22 @@ def test_training_group_lives_for_the_run_and_trains_what_one_process_trains(ray
                         trained_state(reference, job.trainable)["modules"]) <= 1e-5
 
 
+def test_adaptation_in_the_coordinator_reports_its_steps(tiny, tmp_path):
+    """adapt_on: coordinator trains in the coordinator's process and feeds every step to the run's progress."""
+    from dmea_dist.config import RayConfig
+    from dmea_dist.coordinator import decoding_settings
+    from dmea_dist.distributed.kernels import RayKernels
+
+    cfg, model, first, _ = tiny
+    events = []
+    kernels = RayKernels(tokenizer=None, max_length=96, engine=engine_settings(cfg), decoding=decoding_settings(cfg),
+                         sizes=RayConfig(adapt_on="coordinator"), storage_path=tmp_path,
+                         progress=lambda what, done, total, **info: events.append((what, done, total, info)))
+    result = kernels.adapt(copy.deepcopy(model), first)
+    assert [e[:3] for e in events] == [("adapt", k + 1, result.steps) for k in range(result.steps)]
+    assert events[-1][3]["loss"] == pytest.approx(result.losses["new"][-1], rel=1e-6)
+
+
 def test_a_group_launched_ahead_trains_the_model_as_it_is_at_its_first_job(ray_session, tiny, tmp_path):
     """`launch` (ray.warm_up) starts the ranks from the model as it is at the run's start, without waiting;
     the first job waits for them and first brings them to the model as it is then, so it trains what one
