@@ -187,7 +187,6 @@ def _ray(address: str | None, config):
     return dataclasses.replace(config, ray=s), ray_coordinator_factory
 
 
-
 def cmd_generate(args) -> int:
     import json
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from dmea_dist.config import load_config
-from dmea_dist.distributed.cluster import size_overrides, sized_for
+from dmea_dist.distributed.cluster import logical_cpus, size_overrides, sized_for
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 from dmea_dist.driver import check_input, resume_config, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         config = resume_config(Path(args.resume), args.set) if args.resume else load_config(args.config, args.set)
         if not args.resume:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
-        where = connect(config.ray.address)  # inside `ray job submit`: the job's cluster
+        # inside `ray job submit` (RAY_ADDRESS set): the job's cluster, unset sizes 1 each; run by hand without
+        # an address: an embedded Ray sized as `dmea run` sizes it
+        sized = sized_for(config.ray, config.ray.address)
+        where = connect(config.ray.address, num_cpus=sized.num_cpus or logical_cpus(sized))
         print(f"ray: {where}", flush=True)
-        sized = sized_for(config.ray, None if where == "local" else where)  # unset sizes: 1 each on a cluster
         overrides = args.set + size_overrides(config.ray, sized)
         config = dataclasses.replace(config, ray=sized)
         if args.resume:
