@@ -461,6 +461,9 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str):
         raise ConfigError(f"{source}: {err}") from None
 
 
+_BOOL_WORDS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}
+
+
 def _coerce(tp: Any, value: Any, *, key: str, source: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -472,6 +475,10 @@ def _coerce(tp: Any, value: Any, *, key: str, source: str):
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key=key, source=source)
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:  # YAML 1.1 reads a bare off/on/no/yes as a bool
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in _BOOL_WORDS[value]]
+            if len(spelled) == 1:
+                return spelled[0]
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

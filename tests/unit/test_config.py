@@ -38,6 +38,15 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert cfg.deepspeed == {"zero_optimization": {"stage": 2}}
 
 
+def test_a_choice_spelled_off_is_the_choice_not_yaml_false(tmp_path):
+    """YAML 1.1 reads a bare `off` as false: a choice key whose choices include "off" takes it as "off"."""
+    path = write(tmp_path, "data:\n  tasks: [a]\nmethod:\n  adaptation:\n    transfer: off\n")
+    assert load_config(path).method.adaptation.transfer == "off"
+    assert load_config(path, ["method.adaptation.transfer=off"]).method.adaptation.transfer == "off"
+    with pytest.raises(ConfigError, match=r"method.name=True is not accepted"):
+        load_config(path, ["method.name=yes"])  # no choice of method.name is spelled like true
+
+
 def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     path = write(tmp_path, "data:\n  tasks: [a]\nmethod:\n  selection:\n    topk: 3\n")
     with pytest.raises(ConfigError) as err:
