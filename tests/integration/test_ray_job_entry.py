@@ -18,7 +18,9 @@ def test_the_job_entry_point_sizes_an_embedded_ray_and_runs_the_sequence(tmp_pat
     from ray_jobs.run_sequence import main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = tiny_config(tmp_path, tracking={"enabled": False})
+    # two tasks: the second one searches, which needs the search pool's CPUs beside the long-lived pools'
+    config = tiny_config(tmp_path, tracking={"enabled": False},
+                         data={"tasks": ["synth.hotel.00", "synth.hotel.01"], "synth_sizes": [64, 12, 12]})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     assert not ray.is_initialized()
