@@ -255,11 +255,15 @@ class AdaptationConfig:
     # alternate: each step = one new-task batch + one batch of one other stream, round-robin, reshuffled
     # every round (ACM's order); all: one batch of every stream in every step
     mixing: Literal["alternate", "all"] = "alternate"
-    min_yield: float = 0.9  # warn when fewer than this share of generated pseudo samples are well formed
+    # warn when fewer than this share of generated pseudo samples are well formed (and, with transfer
+    # "gated", do not transfer from that task)
+    min_yield: float = 0.9
     gradient_scaling: bool = True
     eta_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])
     progress: Literal["epochs", "fraction"] = "epochs"  # meaning of t in exp(-t)
-    transfer: Literal["new_path", "off"] = "new_path"  # selected tasks' pseudo samples through the new path
+    # selected tasks' pseudo samples through the new path: new_path (always), gated (only from a task whose
+    # pseudo samples reach min_yield in this task's generation), off
+    transfer: Literal["new_path", "gated", "off"] = "new_path"
     replay: Literal["shared", "all", "none"] = "shared"  # which earlier tasks replay through their own paths
     top_k_sampling: int = 20  # generation of pseudo samples
 

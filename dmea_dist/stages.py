@@ -247,7 +247,16 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
             file = write_pseudo_samples(out.rows, ctx.task_dir(task) / "pseudo_samples" / f"{out.task_id}.parquet")
             ts.pseudo[out.task_id] = ctx.rel(file)
             rec["artifacts"][f"pseudo_samples/{out.task_id}.parquet"] = str(file)
-    rec["params"].update(transfer=transfer, replay=replay)
+    # transfer gate: a selected task whose pseudo samples mostly failed to parse teaches the new path noise
+    gate = policy.transfer_min_yield
+    ts.transfer = [t for t in transfer if t in ts.pseudo and summary["yield"].get(t, 0.0) >= gate]
+    for t in transfer:
+        if t not in ts.transfer and t in ts.pseudo:
+            summary["warnings"].append(
+                f"pseudo samples of {t} (learning {task.task_id}): yield {summary['yield'][t]:.1%} is below "
+                f"method.adaptation.min_yield={gate:.0%}: not transferred (method.adaptation.transfer=gated)")
+    summary["transfer"] = ts.transfer
+    rec["params"].update(transfer=ts.transfer, replay=replay)
     if summary["warnings"]:
         rec["params"]["warnings"] = rec["params"].get("warnings", []) + summary["warnings"]
     ctx.save_record(task)
@@ -301,7 +310,8 @@ def _sources(ctx: RunContext, task: Task) -> list:
         return encode_task(ctx.run.formatter, rows, task_index=earlier[old_id].index)
 
     replay = replay_tasks(policy=ctx.run.policy, new_path=new_path, paths=ctx.run.model.paths, earlier=list(earlier))
-    for old_id in ts.selected if ctx.run.policy.transfer else []:
+    transfer = ts.transfer if ts.transfer is not None else ts.selected  # see TaskState.transfer
+    for old_id in transfer if ctx.run.policy.transfer else []:
         # a replayed task whose own path is the new path already trains exactly what transfer would
         if old_id in ts.pseudo and not (old_id in replay and ctx.path(old_id) == new_path):
             sources.append((f"transfer:{old_id}", encode(old_id), new_path))

@@ -50,6 +50,9 @@ class TaskState:
     path: list[int] | None = None  # its modules, one id per layer (None: full fine-tuning)
     new_modules: int | None = None
     selected: list[str] = field(default_factory=list)
+    # the selected tasks whose pseudo samples its path trains on (None, in states from before transfer
+    # could be gated: every selected task that has pseudo samples)
+    transfer: list[str] | None = None
     token_counts: str | None = None  # token_counts.json: expansion's similarity of later tasks
     basis: str | None = None  # basis.safetensors: its input subspace per layer (selection)
     pseudo: dict[str, str] = field(default_factory=dict)  # earlier task -> parquet of its pseudo samples

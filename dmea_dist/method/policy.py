@@ -33,14 +33,16 @@ class MethodPolicy:
     scaling: bool  # dynamic gradient scaling
     full_finetune: bool  # train the whole backbone, no modules
     joint: bool  # multitask: one model trained on every task's real data at the end
+    transfer_min_yield: float = 0.0  # transfer only from selected tasks whose pseudo samples yield this much
 
 
 def method_policy(name: str, *, init: str = "similarity", selection: str = "subspace", top_k: int = 2,
-                  replay: str = "shared", transfer: bool = True, scaling: bool = True) -> MethodPolicy:
+                  replay: str = "shared", transfer: bool = True, scaling: bool = True,
+                  transfer_min_yield: float = 0.0) -> MethodPolicy:
     """The policy of `name`; the keyword arguments (DMEA's options) apply to dmea only."""
     if name == "dmea":
         return MethodPolicy(name, True, init, selection, top_k, replay, transfer and selection != "none",
-                            scaling, False, False)
+                            scaling, False, False, transfer_min_yield)
     if name == "acm":
         return MethodPolicy(name, True, "static", "none", 0, "shared", False, False, False, False)
     if name == "adapter":

@@ -9,6 +9,7 @@ the files alone continues the run where it stopped, redoing nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -77,14 +78,14 @@ class FakeKernels:
         self.calls.append("close")
 
 
-def _config(tmp_path, method):
+def _config(tmp_path, method, adaptation=None):
     return config_from_dict({
         "name": "fake", "output_dir": str(tmp_path / "runs"),
         "data": {"tasks": TASKS, "synth_sizes": [12, 4, 4]},
         "model": {"tiny": {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 96, "vocab_size": 300},
                   "bottleneck": 4, "max_length": 80},
         "method": {"name": method, "selection": {"top_k": 1, "n_samples": 4},
-                   "expansion": {"candidates": [{}, {"seed": 1}]}},
+                   "expansion": {"candidates": [{}, {"seed": 1}]}, "adaptation": adaptation or {}},
         "eval": {"max_samples": 3},
         "tracking": {"enabled": False},
     })
@@ -187,3 +188,40 @@ def test_eval_every_k_tasks_leaves_the_other_rows_empty(tmp_path):
     R = coordinator.results()["R"]
     assert (R[0] != R[0]).all()  # task 1 of 3: not a multiple of 2, not the last
     assert list(R[1, :2]) == [100.0, 100.0] and list(R[2]) == [100.0, 100.0, 100.0]  # every 2nd, and the last
+
+
+class HalfParsedKernels(FakeKernels):
+    """Generation that parses only half of what it samples, for one task: that task's yield is 50%."""
+
+    def __init__(self, run, poor: str):
+        super().__init__(run)
+        self.poor = poor
+
+    def generate(self, model, requests):
+        return [dataclasses.replace(o, generated=2 * o.generated, malformed=o.generated) if o.task_id == self.poor
+                else o for o in super().generate(model, requests)]
+
+
+@pytest.mark.parametrize("mode", ["new_path", "gated"])
+def test_gated_transfer_leaves_out_a_selected_task_whose_pseudo_samples_mostly_failed(tmp_path, mode):
+    config = _config(tmp_path, "dmea", adaptation={"transfer": mode, "min_yield": 0.9})
+    run_dir, made = tmp_path / mode, []
+    run = _run(config, run_dir)
+
+    def kernels(run, progress):
+        made.append(HalfParsedKernels(run, poor=TASKS[0]))
+        return made[-1]
+
+    coordinator = Coordinator(config, run_dir, kernels_factory=kernels, run=run)
+    while not coordinator.state.done:
+        coordinator.step()
+    last, ts = made[0].adapt_jobs[-1], coordinator.state.tasks[2]
+    assert ts.selected == [TASKS[0]] and TASKS[0] in ts.pseudo  # selected, and its samples were made
+    keys = [key for key, _, _ in last.sources]
+    assert f"replay:{TASKS[0]}" in keys  # replay is not gated: a poor sample still guards the old modules
+    if mode == "gated":
+        assert f"transfer:{TASKS[0]}" not in keys and ts.transfer == []
+        record = json.loads((run_dir / ts.record).read_text())
+        assert any("not transferred" in w for w in record["params"]["warnings"])
+    else:
+        assert f"transfer:{TASKS[0]}" in keys and ts.transfer == [TASKS[0]]
