@@ -11,7 +11,8 @@ already holds metrics.json is skipped, so an interrupted matrix resumes where it
 
 Groups: main (RNNLG+E2E tiny, orders ABCDE/EDCBA x dmea/acm/lamol x seeds 0,1; main-s0 and main-s1 are
 its halves, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in that order), ablations (ABCDE, seed 0:
-adapter, finetune, multitask, dmea static init, random selection, no gradient scaling), synth10 (10
+adapter, finetune, multitask, dmea static init, random selection, no gradient scaling), transfer (dmea with
+method.adaptation.transfer off and gated, both orders, seeds 0 and 1), synth10 (10
 synthetic tasks, dmea; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0,1,2). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
@@ -39,7 +40,7 @@ Run = tuple[str, str, str, str, int, list[str]]
 
 
 def matrix(synth_config: str) -> dict[str, list[Run]]:
-    groups: dict[str, list[Run]] = {"main": [], "ablations": [], "synth10": [], "quickstart": []}
+    groups: dict[str, list[Run]] = {"main": [], "ablations": [], "transfer": [], "synth10": [], "quickstart": []}
     for seed in (0, 1):  # seed 0 of both orders first: the matrix runs in this order
         for order, cfg in ORDERS.items():
             for m in ("dmea", "acm", "lamol"):
@@ -52,6 +53,11 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
     groups["main-s0"] = [r for r in groups["main"] if r[4] == 0]
     groups["main-s1"] = [r for r in groups["main"] if r[4] == 1]
     groups["ablations"] = [(f"abl-ABCDE-{m}-s0", m, ORDERS["ABCDE"], "ABCDE", 0, o) for m, o in abl]
+    for seed in (0, 1):  # how selected tasks transfer (method.adaptation.transfer), both orders
+        for order, cfg in ORDERS.items():
+            for mode, name in (("off", "no-transfer"), ("gated", "gated-transfer")):
+                groups["transfer"].append((f"abl-{order}-dmea-{name}-s{seed}", f"dmea-{name}", cfg, order, seed,
+                                           ["method.name=dmea", f"method.adaptation.transfer={mode}"]))
     groups["synth10"] = [("synth10-dmea-s0", "dmea", synth_config, "synth10", 0, ["method.name=dmea"])]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
