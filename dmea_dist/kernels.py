@@ -27,7 +27,7 @@ import torch
 from dmea_dist.data.formatting import BatchStream, Formatter
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
 from dmea_dist.method.expansion import CandidateResult, search_candidate
-from dmea_dist.method.generation import PseudoSamples, generate_answers, generate_pseudo_samples
+from dmea_dist.method.generation import PseudoSamples, generate_answers, generate_pseudo_samples, merge_reasons
 
 Progress = Callable[[str, int, int], None]
 
@@ -181,7 +181,8 @@ def run_generate_request(model, formatter: Formatter, request: GenerateRequest, 
 def merge_pseudo_samples(request: GenerateRequest, parts: Sequence[PseudoSamples]) -> PseudoSamples:
     return PseudoSamples(task_id=request.task_id, rows=[row for p in parts for row in p.rows],
                          malformed=sum(p.malformed for p in parts), generated=sum(p.generated for p in parts),
-                         requested=request.n, truncated=sum(p.truncated for p in parts))
+                         requested=request.n, truncated=sum(p.truncated for p in parts),
+                         reasons=merge_reasons(p.reasons for p in parts))
 
 
 def run_answer_request(model, formatter: Formatter, request: AnswerRequest, decoding: DecodingSettings,

@@ -39,6 +39,17 @@ def _join(context: str, question: str) -> str:
     return f"{context} {question}".strip() if question else context
 
 
+# why a generated pseudo sample was dropped (Formatter.split_generated)
+MALFORMED = {
+    "no_separator_ended": "ended before the answer separator",
+    "no_separator_cut": "cut at the length limit before the answer separator",
+    "several_separators": "more than one answer separator",
+    "task_token": "a generation token inside",
+    "empty_input": "nothing before the separator",
+    "empty_answer": "nothing after the separator",
+}
+
+
 class Formatter:
     """Encodes rows of one tokenizer; holds no per-task state."""
 
@@ -81,18 +92,27 @@ class Formatter:
         `ids` excludes the leading task token. As in LAMOL/ACM, a sample cut at
         the length limit (no end token) is kept up to where it stops; only a
         sample without exactly one separator, with a generation token inside,
-        or with an empty side is malformed.
+        or with an empty side is malformed (`split_generated` says which).
         """
+        out = self.split_generated(ids)
+        return None if isinstance(out, str) else out
+
+    def split_generated(self, ids: Sequence[int]) -> tuple[str, str] | str:
+        """(context, answer) of a generated sample, or why it is malformed: one of MALFORMED."""
         ids = list(ids)
-        if self.special.eos in ids:
+        ended = self.special.eos in ids
+        if ended:
             ids = ids[: ids.index(self.special.eos)]
-        if ids.count(self.special.ans) != 1 or set(self.special.tasks) & set(ids):
-            return None
+        if set(self.special.tasks) & set(ids):
+            return "task_token"
+        if ids.count(self.special.ans) != 1:
+            return "several_separators" if ids.count(self.special.ans) else \
+                "no_separator_ended" if ended else "no_separator_cut"
         sep = ids.index(self.special.ans)
         context = self.tokenizer.decode(ids[:sep]).strip()
         answer = self.tokenizer.decode(ids[sep + 1:]).strip()
         if not context or not answer:
-            return None
+            return "empty_input" if not context else "empty_answer"
         return context, answer
 
     def decode_answer(self, ids: Sequence[int]) -> str:

@@ -57,7 +57,7 @@ from dmea_dist.kernels import (
     run_answer_request,
     run_generate_request,
 )
-from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples
+from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples, merge_reasons
 from dmea_dist.modeling.io import modules_state, put_modules_state
 from dmea_dist.modeling.model import DMEAModel
 
@@ -203,7 +203,8 @@ class GenerationWorker:
     def pseudo_samples(self, request: GenerateRequest, parts: range) -> dict[str, Any]:
         out = run_generate_request(self.model, self.formatter, request, self.decoding, parts=parts)
         table = pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA)
-        return {"table": table, "malformed": out.malformed, "generated": out.generated, "truncated": out.truncated}
+        return {"table": table, "malformed": out.malformed, "generated": out.generated, "truncated": out.truncated,
+                "reasons": out.reasons}
 
     def answers(self, request: AnswerRequest, parts: range) -> list[str]:
         return run_answer_request(self.model, self.formatter, request, self.decoding, parts=parts)
@@ -278,7 +279,8 @@ class GenerationPool:
             results.append(PseudoSamples(task_id=req.task_id, rows=rows,
                                          malformed=sum(o["malformed"] for o in mine),
                                          generated=sum(o["generated"] for o in mine), requested=req.n,
-                                         truncated=sum(o["truncated"] for o in mine)))
+                                         truncated=sum(o["truncated"] for o in mine),
+                                         reasons=merge_reasons(o["reasons"] for o in mine)))
         return results
 
     def answer(self, model, requests: Sequence[AnswerRequest], *,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dmea_dist.data.formatting import Formatter, left_pad
+from dmea_dist.data.formatting import MALFORMED, Formatter, left_pad
 
 PSEUDO_SCHEMA = pa.schema([
     ("task_id", pa.string()), ("context", pa.string()), ("question", pa.string()),
@@ -48,6 +48,7 @@ class PseudoSamples:
     generated: int  # sampled sequences, well formed or not
     requested: int = 0
     truncated: int = 0  # kept, but cut at the length limit (no end token)
+    reasons: dict[str, int] = field(default_factory=dict)  # malformed ones by why (formatting.MALFORMED)
 
     @property
     def well_formed(self) -> int:
@@ -80,7 +81,7 @@ def yield_warnings(out: PseudoSamples, *, min_yield: float, new_task: str) -> li
     if out.generated and out.yield_rate < min_yield:
         warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): only {out.well_formed} of "
                         f"{out.generated} generated were well formed ({out.yield_rate:.1%}, below "
-                        f"method.adaptation.min_yield={min_yield:.0%})")
+                        f"method.adaptation.min_yield={min_yield:.0%}){why_malformed(out.reasons)}")
     if not out.rows and out.requested:
         warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): none usable of "
                         f"{out.requested} requested; {out.task_id} is neither replayed nor transferred")
@@ -88,6 +89,23 @@ def yield_warnings(out: PseudoSamples, *, min_yield: float, new_task: str) -> li
         warnings.append(f"pseudo samples of {out.task_id} (learning {new_task}): {len(out.rows)} of "
                         f"{out.requested} requested; it is replayed with fewer")
     return warnings
+
+
+def why_malformed(reasons: dict[str, int]) -> str:
+    """'; dropped: 21 ended before the answer separator, 3 ...' (most frequent first), or ''."""
+    if not reasons:
+        return ""
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    return "; dropped: " + ", ".join(f"{n} {MALFORMED.get(r, r)}" for r, n in top)
+
+
+def merge_reasons(parts) -> dict[str, int]:
+    """Sum of the parts' `reasons` counts."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 class GreedyAfter(LogitsProcessor):
@@ -132,6 +150,7 @@ def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_i
     processors = LogitsProcessorList([GreedyAfter(special.ans)] if answer == "greedy" else [])
     rows: list[dict] = []
     malformed = generated = truncated = 0
+    reasons: dict[str, int] = {}
     for _ in range(max_rounds):
         if len(rows) >= n:
             break
@@ -145,15 +164,16 @@ def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_i
             if len(rows) >= n:
                 break  # count only what is used: over-asked extras are neither kept nor judged
             generated += 1
-            parsed = formatter.parse_generated(seq)
-            if parsed is None:
+            parsed = formatter.split_generated(seq)
+            if isinstance(parsed, str):
                 malformed += 1
+                reasons[parsed] = reasons.get(parsed, 0) + 1
                 continue
             truncated += special.eos not in seq
             rows.append({"task_id": task_id, "context": parsed[0], "question": "", "answer": [parsed[1]]})
     model.train(was_training)
     return PseudoSamples(task_id=task_id, rows=rows, malformed=malformed, generated=generated, requested=n,
-                         truncated=truncated)
+                         truncated=truncated, reasons=reasons)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 
 from dmea_dist.data.formatting import (
     IGNORE,
+    MALFORMED,
     BatchStream,
     Formatter,
     collate,
@@ -95,6 +96,15 @@ def test_parse_generated_roundtrip_and_malformed(tokenizer):
     assert fmt.parse_generated(body + [sp.ans, 5]) == fmt.parse_generated(body)  # nothing after the end counts
     assert fmt.parse_generated([sp.ans] + body) is None  # empty context
     assert fmt.parse_generated(body[: body.index(sp.ans) + 1] + [sp.eos]) is None  # empty answer
+    # and why each was dropped
+    no_sep = [i for i in body if i != sp.ans]
+    assert fmt.split_generated(no_sep) == "no_separator_ended"
+    assert fmt.split_generated(no_sep[:-1]) == "no_separator_cut"  # no end token: cut at the length limit
+    assert fmt.split_generated(body[:sep + 2] + [sp.ans] + body[sep + 2:]) == "several_separators"
+    assert fmt.split_generated(body[:2] + [sp.tasks[1]] + body[2:]) == "task_token"
+    assert fmt.split_generated(body[sep:]) == "empty_input"
+    assert fmt.split_generated(body[: sep + 1] + [sp.eos]) == "empty_answer"
+    assert fmt.split_generated(body) == fmt.parse_generated(body)
 
 
 def test_collate_and_left_pad():
@@ -124,3 +134,19 @@ def test_batches_hold_one_task_and_shards_are_disjoint(tokenizer):
             assert torch.all(lb["input_ids"][:, 0] == fmt.special.tasks[2])
             seen += [tuple(r[r != fmt.special.pad].tolist()) for r in qb["input_ids"]]
     assert len(seen) == len(set(seen)) == 10  # the ranks' shares of the global batches: all, once
+
+
+def test_generation_counts_every_dropped_sample_by_why(tokenizer):
+    """An untrained model writes mostly malformed samples: each one is counted under one reason."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dmea_dist.method.generation import generate_pseudo_samples
+    from dmea_dist.modeling.model import DMEAModel
+
+    torch.manual_seed(0)
+    backbone = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=16, n_layer=2, n_head=2))
+    model = DMEAModel(backbone, bottleneck=4)
+    out = generate_pseudo_samples(model, Formatter(tokenizer, max_length=24), task_id="t", task_index=0, path=None,
+                                  n=16, seed=0, max_rounds=2)
+    assert out.malformed > 0 and sum(out.reasons.values()) == out.malformed
+    assert set(out.reasons) <= set(MALFORMED)

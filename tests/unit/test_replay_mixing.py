@@ -53,9 +53,13 @@ def test_pseudo_sample_budget_is_gamma_n_in_total_by_default():
 def test_shortfalls_and_low_yield_are_said():
     ok = PseudoSamples("t", rows=[{}] * 10, malformed=0, generated=10, requested=10)
     assert yield_warnings(ok, min_yield=0.9, new_task="n") == []
-    low = PseudoSamples("t", rows=[{}] * 10, malformed=5, generated=15, requested=10)
+    low = PseudoSamples("t", rows=[{}] * 10, malformed=5, generated=15, requested=10,
+                        reasons={"no_separator_cut": 1, "no_separator_ended": 4})
     (msg,) = yield_warnings(low, min_yield=0.9, new_task="n")
     assert "10 of 15" in msg and "min_yield" in msg
+    # the user is told why, most frequent first
+    assert msg.endswith("dropped: 4 ended before the answer separator, 1 cut at the length limit before the "
+                        "answer separator")
     short = PseudoSamples("t", rows=[{}] * 4, malformed=20, generated=24, requested=10)
     assert any("4 of 10 requested" in m for m in yield_warnings(short, min_yield=0.9, new_task="n"))
     none = PseudoSamples("t", rows=[], malformed=24, generated=24, requested=10)
