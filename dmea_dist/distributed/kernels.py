@@ -77,7 +77,7 @@ class RayKernels:
             self.trainer = RayTrainAdapter(engine, num_workers=sizes.num_train_workers,
                                            cpus_per_worker=sizes.train_cpus, use_gpu=sizes.use_gpu,
                                            storage_path=storage_path, placement_strategy=sizes.placement_strategy,
-                                           max_failures=sizes.max_failures)
+                                           max_failures=sizes.max_failures, progress=progress)
         elif sizes.adapt_on == "train_group":
             self.group = TrainGroup(engine, num_workers=sizes.num_train_workers, cpus_per_worker=sizes.train_cpus,
                                     use_gpu=sizes.use_gpu, placement_strategy=sizes.placement_strategy,
@@ -139,6 +139,8 @@ class RayKernels:
         self.pool.shutdown()
         if self.group is not None:
             self.group.shutdown()
+        if self.trainer is not None:
+            self.trainer.close()
 
 
 def ray_kernels(run, progress: Progress | None = None) -> RayKernels:

@@ -37,6 +37,7 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dmea_dist.distributed.cluster import configure_threads, free_port, reserve, worker_env
+from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.distributed.generation_pool import (
     apply_model_state,
     backbone_checksum,
@@ -96,7 +97,7 @@ class TrainWorker:
 
         engine_factory.partitions_model = getattr(build, "partitions_model", False)
         result = run_adapt_job(self.model, job, engine_factory=engine_factory, shard=(self.rank, self.world),
-                               checkpoint_dir=checkpoint_dir, on_step=_throttled(progress),
+                               checkpoint_dir=checkpoint_dir, on_step=throttled(progress),
                                barrier=dist.barrier if self.world > 1 else None)
         state = _trained_weights(self.model, job.trainable, engines[0])  # a collective at ZeRO-3
         return result, state if self.rank == 0 else None
@@ -104,21 +105,6 @@ class TrainWorker:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _throttled(queue, every_s: float = 0.5):
-    """An `on_step` that puts (done, total, info) on `queue` at most every `every_s` and at the last step."""
-    if queue is None:
-        return None
-    last = [0.0]
-
-    def on_step(done: int, total: int, **info: float) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every_s or done >= total:
-            last[0] = now
-            queue.put_nowait((done, total, info))
-
-    return on_step
 
 
 class TrainGroup:
@@ -139,7 +125,7 @@ class TrainGroup:
         self._joining: list | None = None  # the ranks' join calls, from `launch` until `start` has waited
         self._launched = 0.0
         self._checksum: tuple[float, ...] | None = None
-        self._queue = None  # ray.util.queue.Queue of rank 0's progress, made at the first job with `progress`
+        self._relay = ProgressRelay(progress) if progress is not None else None  # rank 0's steps, to `progress`
 
     @property
     def started(self) -> bool:
@@ -195,22 +181,14 @@ class TrainGroup:
         """Every rank's `adapt`, waited for; meanwhile rank 0's steps are fed to `progress`."""
         if self.progress is None:
             return ray.get([w.adapt.remote(job, checkpoint_dir) for w in self.workers])
-        if self._queue is None:  # one small actor for the group's life, however many tasks and restarts
-            from ray.util.queue import Queue
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            # on this (the coordinator's, the driver's) node: a lost worker node does not take it along
-            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-            self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        refs = [w.adapt.remote(job, checkpoint_dir, self._queue if rank == 0 else None)
+        queue = self._relay.queue()  # one small actor for the group's life, however many tasks and restarts
+        refs = [w.adapt.remote(job, checkpoint_dir, queue if rank == 0 else None)
                 for rank, w in enumerate(self.workers)]
         pending = refs
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             ray.get(ready)  # a rank that died raises here, at once
-            while not self._queue.empty():
-                done, total, info = self._queue.get_nowait()
-                self.progress("adapt", done, total, **info)
+            self._relay.drain()
         return ray.get(refs)
 
     def _sync(self, model) -> None:
@@ -232,6 +210,5 @@ class TrainGroup:
             remove_placement_group(self._pg)
             self._pg = None
         self._checksum = None
-        if self._queue is not None:
-            self._queue.shutdown()
-            self._queue = None
+        if self._relay is not None:
+            self._relay.shutdown()

@@ -51,6 +51,7 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
+from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.errors import ConfigError
 from dmea_dist.kernels import EngineSettings
 from dmea_dist.method.adaptation import (
@@ -82,7 +83,7 @@ class RayTrainAdapter:
     """
 
     def __init__(self, engine: EngineSettings, *, num_workers: int, cpus_per_worker: float, storage_path: str | os.PathLike,
-                 use_gpu: bool = False, placement_strategy: str = "PACK", max_failures: int = 2):
+                 use_gpu: bool = False, placement_strategy: str = "PACK", max_failures: int = 2, progress=None):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(f"ray.num_train_workers={num_workers!r} must be an int >= 1")
         if not cpus_per_worker > 0:
@@ -99,9 +100,13 @@ class RayTrainAdapter:
         self.last_checkpoint: ray.train.Checkpoint | None = None
         self.last_metrics: dict[str, Any] = {}
         self.last_nodes: list[str] = []  # node id of each rank of the latest call
+        # Progress: ("adapt", done, total, loss=...) from rank 0 while `fit()` runs
+        self._relay = ProgressRelay(progress) if progress is not None else None
 
     def __call__(self, model, job: AdaptJob) -> AdaptResult:
-        result = self._trainer(model, job).fit()  # raises TrainingFailedError when the failures are used up
+        trainer = self._trainer(model, job)
+        # fit() raises TrainingFailedError when the failures are used up
+        result = self._relay.around(trainer.fit) if self._relay is not None else trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {result.path} ended without the adapters checkpoint rank 0 reports")
         self.last_checkpoint = result.checkpoint
@@ -120,7 +125,8 @@ class RayTrainAdapter:
         if not self.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed must not pick CUDA on a GPU node (DESIGN section 4)
         loop_config = {"model": ray.put(model), "job": ray.put(job), "engine": self.engine,
-                       "threads": self._threads(), "use_gpu": self.use_gpu}
+                       "threads": self._threads(), "use_gpu": self.use_gpu,
+                       "progress": self._relay.queue() if self._relay is not None else None}
         return TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
@@ -136,6 +142,10 @@ class RayTrainAdapter:
 
     def _threads(self) -> int:
         return max(1, int(self.cpus_per_worker))
+
+    def close(self) -> None:
+        if self._relay is not None:
+            self._relay.shutdown()
 
 
 # ------------------------------------------------------------------ the worker
@@ -174,6 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start = time.perf_counter()
         result = run_adapt_job(model, job, engine_factory=engine_factory, shard=(rank, world_size),
                                checkpoint_dir=local, after_checkpoint=report_checkpoint,
+                               on_step=throttled(config.get("progress")) if rank == 0 else None,
                                barrier=torch.distributed.barrier if world_size > 1 else None)
     metrics = adapt_metrics(result, wall_s=time.perf_counter() - start)
     state = _trained_weights(model, job.trainable, engines[0])  # a collective at ZeRO-3: every rank

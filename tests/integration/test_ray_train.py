@@ -118,14 +118,20 @@ def test_one_worker_equals_in_process_and_installs_adapters(ray_session, tiny, i
     want_model, want_result = in_process_first
     driver_model = copy.deepcopy(model)
     before = trained_state(driver_model, job.trainable)
-    adapter = RayTrainAdapter(engine_settings(cfg), num_workers=1, cpus_per_worker=2, storage_path=cfg.output_dir)
+    steps = []  # what the driver's progress bar gets while fit() runs
+    adapter = RayTrainAdapter(engine_settings(cfg), num_workers=1, cpus_per_worker=2, storage_path=cfg.output_dir,
+                              progress=lambda stage, done, total, **info: steps.append((stage, done, total, info)))
     got_result = adapter(driver_model, job)
+    adapter.close()
 
     got, want = trained_state(driver_model, job.trainable)["modules"], trained_state(want_model, job.trainable)["modules"]
     assert max_diff(got, before["modules"]) > 1e-3  # it trained, and the driver's model got the result
     assert max_diff(got, want) <= TOL
     assert got_result.steps == EPOCHS * N_TRAIN // BATCH
     assert_results_close(got_result, want_result)
+    # rank 0's steps reached the driver, the last one with the final loss
+    assert steps and steps[-1][:3] == ("adapt", got_result.steps, got_result.steps)
+    assert steps[-1][3]["loss"] == pytest.approx(want_result.losses["new"][-1], abs=TOL)
     backbone_after = driver_model.backbone.state_dict()
     for key, tensor in model.backbone.state_dict().items():
         assert torch.equal(backbone_after[key], tensor), key  # the frozen backbone is untouched
