@@ -234,7 +234,7 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
     for out in ctx.kernels.generate(ctx.run.model, requests) if requests and n else []:
         counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
                   "kept": len(out.rows), "truncated": out.truncated,
-                  **{f"dropped_{reason}": n for reason, n in out.reasons.items()}}  # why the others were dropped
+                  **{f"dropped_{why}": k for why, k in out.reasons.items()}}  # why the others were dropped
         faithful = fidelity(out.task_id, out.rows)
         summary["pseudo_samples"][out.task_id] = counts
         summary["yield"][out.task_id] = out.yield_rate
