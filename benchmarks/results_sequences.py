@@ -12,7 +12,8 @@ already holds metrics.json is skipped, so an interrupted matrix resumes where it
 Groups: main (RNNLG+E2E tiny, orders ABCDE/EDCBA x dmea/acm/lamol x seeds 0,1; main-s0 and main-s1 are
 its halves, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in that order), ablations (ABCDE, seed 0:
 adapter, finetune, multitask, dmea static init, random selection, no gradient scaling), transfer (dmea with
-method.adaptation.transfer off and gated, both orders, seeds 0 and 1), synth10 (10
+method.adaptation.transfer off and gated, both orders, seeds 0 and 1; quickstart-transfer: the same on the
+quick start, seeds 0-2), synth10 (10
 synthetic tasks, dmea; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0,1,2). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
@@ -40,7 +41,8 @@ Run = tuple[str, str, str, str, int, list[str]]
 
 
 def matrix(synth_config: str) -> dict[str, list[Run]]:
-    groups: dict[str, list[Run]] = {"main": [], "ablations": [], "transfer": [], "synth10": [], "quickstart": []}
+    groups: dict[str, list[Run]] = {"main": [], "ablations": [], "transfer": [], "synth10": [], "quickstart": [],
+                                    "quickstart-transfer": []}
     for seed in (0, 1):  # seed 0 of both orders first: the matrix runs in this order
         for order, cfg in ORDERS.items():
             for m in ("dmea", "acm", "lamol"):
@@ -63,6 +65,11 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
         for seed in (0, 1, 2):
             groups["quickstart"].append((f"quickstart-{m}-s{seed}", m, "configs/quickstart.yaml", "qs", seed, o))
+    for mode, name in (("off", "no-transfer"), ("gated", "gated-transfer")):  # transfer on the quick start
+        for seed in (0, 1, 2):
+            groups["quickstart-transfer"].append((f"quickstart-dmea-{name}-s{seed}", f"dmea-{name}",
+                                                  "configs/quickstart.yaml", "qs", seed,
+                                                  ["method.name=dmea", f"method.adaptation.transfer={mode}"]))
     return groups
 
 
