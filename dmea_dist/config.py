@@ -261,9 +261,9 @@ class AdaptationConfig:
     gradient_scaling: bool = True
     eta_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])
     progress: Literal["epochs", "fraction"] = "epochs"  # meaning of t in exp(-t)
-    # selected tasks' pseudo samples through the new path: new_path (always), gated (only from a task whose
-    # pseudo samples reach min_yield in this task's generation), off
-    transfer: Literal["new_path", "gated", "off"] = "new_path"
+    # selected tasks' pseudo samples through the new path: gated (only from a task whose pseudo samples reach
+    # min_yield in this task's generation; docs/RESULTS.md section 2 for why), new_path (always), off
+    transfer: Literal["gated", "new_path", "off"] = "gated"
     replay: Literal["shared", "all", "none"] = "shared"  # which earlier tasks replay through their own paths
     top_k_sampling: int = 20  # generation of pseudo samples
 
