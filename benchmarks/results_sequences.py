@@ -11,10 +11,11 @@ already holds metrics.json is skipped, so an interrupted matrix resumes where it
 
 Groups: main (RNNLG+E2E tiny, orders ABCDE/EDCBA x dmea/acm/lamol x seeds 0,1; main-s0 and main-s1 are
 its halves, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in that order), ablations (ABCDE, seed 0:
-adapter, finetune, multitask, dmea static init, random selection, no gradient scaling), transfer (dmea with
-method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with transfer
-gated, ABCDE seed 0; quickstart-transfer: the same on the
-quick start, seeds 0-2), synth10 (10
+adapter, finetune, multitask, dmea static init, random selection, no gradient scaling; run on a checkout
+whose default transfer is gated, these are the gated ablations), transfer (dmea with
+method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with
+transfer gated explicitly, ABCDE seed 0, for checkouts from before gated was the default),
+quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), synth10 (10
 synthetic tasks, dmea; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0,1,2). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
