@@ -8,6 +8,7 @@ machine hits both alike.
 
     python benchmarks/bench_quickstart.py                 # the default against one search worker
     python benchmarks/bench_quickstart.py --repeats 3 --cold
+    python benchmarks/bench_quickstart.py --variants "default,virtual shards 4"
 
 Prints one row per run (wall s and the stage seconds the run reported) and the mean per variant.
 """
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],  # on an embedded Ray: one search worker per core
     "one search worker": ["ray.num_search_workers=1"],
+    "virtual shards 4": ["train.virtual_shards=4"],  # adaptation over 4 fixed pieces per batch (dmea_dist.engine)
 }
 STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
 

@@ -179,6 +179,10 @@ class TrainConfig:
     first_task_epochs: float = 9.0
     seed: int = 0
     autocast: Literal["none", "bf16"] = "none"  # bf16 matmuls in adaptation; weights/grads/optimizer stay fp32
+    # > 0: adaptation cuts every global batch into this many fixed pieces and reduces them in a fixed order, so
+    # 1, 2 or 4 training ranks (dividing it) train bit for bit alike, dropout included (dmea_dist/engine.py);
+    # costs more, smaller forwards. 0: each rank's share in one forward, results differ by rounding across ranks
+    virtual_shards: int = 0
 
     def __post_init__(self):
         _check_range("train.lr", self.lr, 1e-8, 1.0)
@@ -190,6 +194,7 @@ class TrainConfig:
         _check_range("train.grad_clip", self.grad_clip, 0.0, 1e6)
         _check_range("train.adam_eps", self.adam_eps, 0.0, 1.0)
         _check_range("train.weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_range("train.virtual_shards", self.virtual_shards, 0, self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def engine_settings(config: RunConfig) -> EngineSettings:
     lr = t.full_finetune_lr if build_policy(config).full_finetune else t.lr
     ds = deepspeed_config(config.deepspeed, lr=lr, weight_decay=t.weight_decay, eps=t.adam_eps,
                           grad_clip=t.grad_clip, micro_batch=t.batch_size)
-    return EngineSettings(ds_config=ds, clamp=tuple(config.method.adaptation.eta_clamp))
+    return EngineSettings(ds_config=ds, clamp=tuple(config.method.adaptation.eta_clamp),
+                          virtual_shards=t.virtual_shards)
 
 
 def decoding_settings(config: RunConfig) -> DecodingSettings:

@@ -37,6 +37,26 @@ One step (file:line in deepspeed 0.19.8, deepspeed/runtime/):
    pass (engine.py:3300, 3327), which averages identical tensors; then
    `engine.step()` (clipping, AdamW) as usual.
 
+Fixed virtual shards (`virtual_shards=V`, `train.virtual_shards`): results
+that do not depend on the number of ranks. Above, each rank's gradient comes
+from one backward over its share of the batch and the ranks' gradients are
+summed by the all-reduce: both orders of summation change with the rank count,
+and Adam turns a last-bit difference in a near-zero gradient into a full-size
+step, so a run on 2 ranks drifts from the run on 1 (docs/BENCHMARKS.md,
+scale-out). With V shards every global batch is cut into V fixed pieces (the
+batch stream's `shard_batches`); a rank runs one forward/backward per piece it
+owns (piece s belongs to rank s % world) into row (group, s) of a
+(n_groups, V, n_trainable) buffer. The all-reduce of that buffer is exact:
+every slot has one owner and every other rank adds exact zeros. Every rank
+then sums the V pieces in index order and clips the update itself in float64
+(DeepSpeed's own clipping is turned off: its norm is summed over partitions,
+in an order that depends on the ranks). The update is written on rank 0 times
+the world size, zeros elsewhere, so DeepSpeed's averaging pass (sum, times
+1 / world) gives it back exactly when the world is a power of two. So 1, 2 or
+4 ranks (dividing V) compute the same bits at equal torch thread counts; the
+price is V smaller forwards per group instead of one per rank, and a buffer V
+times the trainable size.
+
 Other decisions:
 - `gradient_accumulation_steps` must be 1: one block is one optimizer step;
   with more, `engine.step()` would not apply it (engine.py:3463). fp16/bf16
@@ -118,6 +138,7 @@ def build_engine(
     ds_config: dict[str, Any],
     clamp: tuple[float, float] = DEFAULT_CLAMP,
     dist_backend: str | None = None,
+    virtual_shards: int = 0,
 ) -> ScaledStepEngine:
     """Wrap `model` in a DeepSpeed engine that optimizes exactly `params`.
 
@@ -126,19 +147,39 @@ def build_engine(
     dist_backend: default "gloo" on DeepSpeed's CPU accelerator, else "nccl".
     Joins an existing torch.distributed group (Ray Train, deepspeed launcher);
     without one and without RANK in the environment, starts a one-rank group.
+    virtual_shards: V > 0 reduces over V fixed pieces of every batch, so results
+    do not depend on the number of ranks (module docstring); the ranks must
+    divide V, and `step` then takes {piece: closure} per group.
     """
     names = _check_params(model, params)
     deepspeed = _import_deepspeed()
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     config = _check_ds_config(ds_config, on_cpu=on_cpu)
+    clip = 0.0
+    if virtual_shards:
+        clip = float(config.get("gradient_clipping", 0.0) or 0.0)
+        config["gradient_clipping"] = 0.0  # clipped in the engine, in a fixed order (module docstring)
     _init_distributed(deepspeed, dist_backend or ("gloo" if on_cpu else "nccl"))
+    if virtual_shards:
+        world = dist.get_world_size()
+        if world & (world - 1):
+            raise ConfigError(
+                f"train.virtual_shards gives results independent of the rank count only on a power-of-two number "
+                f"of training ranks (DeepSpeed's averaging is exact only there); got {world} ranks: use 1, 2, 4, "
+                "... ranks, or train.virtual_shards: 0"
+            )
+        if virtual_shards % world:
+            raise ConfigError(
+                f"train.virtual_shards={virtual_shards} is not a multiple of the {world} training ranks; "
+                f"set it to a multiple of every rank count you run on (e.g. {math.lcm(virtual_shards, world)})"
+            )
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(params), config=config)
     if engine.gradient_accumulation_steps() != 1:
         raise ConfigError(
             f"ds_config implies gradient_accumulation_steps={engine.gradient_accumulation_steps()} "
             "(train_batch_size / micro batch / world size); give train_micro_batch_size_per_gpu only"
         )
-    return ScaledStepEngine(engine, list(params), names, clamp=clamp)
+    return ScaledStepEngine(engine, list(params), names, clamp=clamp, virtual_shards=virtual_shards, clip=clip)
 
 
 class ScaledStepEngine:
@@ -155,9 +196,13 @@ class ScaledStepEngine:
         names: list[str],
         *,
         clamp: tuple[float, float] = DEFAULT_CLAMP,
+        virtual_shards: int = 0,
+        clip: float = 0.0,
     ):
         self.engine = engine
         self.clamp = clamp
+        self.virtual_shards = virtual_shards
+        self._clip = clip  # with virtual shards: the engine clips (DeepSpeed's clipping is off)
         self._params = params
         self._names = names
         # ZeRO-3 partitions parameters (numel() is 0 between uses); ds_numel is the full size.
@@ -197,12 +242,16 @@ class ScaledStepEngine:
         never compared; every other group is a replayed task (g_i), scaled by eta_i.
         progress: training progress in epochs (fractional), the t of exp(-t).
         scale=False: the plain sum of the group gradients (ablation).
+        With virtual shards each group's closure is a {piece: closure} dict of
+        the pieces this rank owns (module docstring).
         """
-        keys, closures = _check_sub_batches(sub_batches)
+        keys, closures = _check_sub_batches(sub_batches, pieces=self._my_pieces() if self.virtual_shards else None)
         unscaled_rows = _check_unscaled(keys, unscaled)
         if not math.isfinite(progress) or progress < 0:
             raise ValueError(f"progress must be a finite number of epochs >= 0, got {progress!r}")
         self._check_no_pending_grads()
+        if self.virtual_shards:
+            return self._sharded_step(keys, closures, unscaled_rows, progress, scale)
         device = self._params[0].device
         losses = torch.zeros(len(keys), dtype=torch.float64, device=device)  # (n_groups,)
         grads, scaling = None, None
@@ -226,6 +275,55 @@ class ScaledStepEngine:
         losses = dict(zip(keys, self._mean_over_ranks(losses).tolist(), strict=True))
         replay_keys = [key for k, key in enumerate(keys) if k > 0 and k not in unscaled_rows]
         return _step_stats(keys, replay_keys, losses, scaling)
+
+    def _my_pieces(self) -> list[int]:
+        rank = dist.get_rank(group=self.engine.seq_data_parallel_group)
+        return list(range(rank, self.virtual_shards, self.world_size))
+
+    def _sharded_step(self, keys: list[str], closures: list[dict[int, Closure]], unscaled_rows: set[int],
+                      progress: float, scale: bool) -> StepStats:
+        """`step` over fixed pieces: the same bits for any rank count dividing V (module docstring)."""
+        device = self._params[0].device
+        n_groups, n_pieces = len(keys), self.virtual_shards
+        losses = torch.zeros(n_groups, n_pieces, dtype=torch.float64, device=device)
+        # (n_groups, V, n_trainable): slot (k, s) is group k's gradient on piece s, filled by s's owner only
+        pieces = torch.zeros(n_groups, n_pieces, self._n_trainable, dtype=self._params[0].dtype, device=device)
+        scaling = None
+        try:
+            with self.engine.coalesce_grad_reduction():
+                for k, key in enumerate(keys):
+                    for s, closure in sorted(closures[k].items()):
+                        loss = self._forward(f"{key}[piece {s}]", closure)
+                        self.engine.backward(loss)
+                        losses[k, s] = loss.detach()
+                        self._take_group_grad(pieces[k, s], reset=True)
+                # exact: every other rank adds zeros to a slot
+                self._sum_over_ranks(pieces)
+                self._sum_over_ranks(losses)
+                grads = _sum_in_order(pieces)  # (n_groups, n_trainable)
+                del pieces
+                if scale:
+                    update, scaling = self._scaled_update(grads, unscaled_rows, progress)
+                else:
+                    update = _sum_in_order(grads.unsqueeze(0))[0]  # the groups, in order
+                self._write_grads(self._clip_in_order(update), owner_only=True)
+        except BaseException:
+            self.engine.optimizer.zero_grad()  # drop the half-done step (module docstring)
+            raise
+        self.engine.step()
+        losses = dict(zip(keys, _sum_in_order(losses.unsqueeze(-1)).reshape(-1).tolist(), strict=True))
+        replay_keys = [key for k, key in enumerate(keys) if k > 0 and k not in unscaled_rows]
+        return _step_stats(keys, replay_keys, losses, scaling)
+
+    def _clip_in_order(self, update: Tensor) -> Tensor:
+        """DeepSpeed's rule (scale by clip / (norm + 1e-6) when below 1), with the norm summed per tensor in
+        a fixed order in float64."""
+        if not self._clip:
+            return update
+        sq = sum(float(torch.linalg.vector_norm(update[o:o + n], dtype=torch.float64) ** 2)
+                 for o, n in zip(self._offsets, self._numels, strict=True))
+        coef = self._clip / (math.sqrt(sq) + 1e-6)
+        return update.mul_(coef) if coef < 1.0 else update
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Full CPU copies of the trainable parameters by name. At ZeRO-3 call it on every rank."""
@@ -291,7 +389,12 @@ class ScaledStepEngine:
 
     def _scale_and_write(self, grads: Tensor, unscaled_rows: set[int], progress: float) -> _Scaling:
         """Average `grads` (n_groups, n_trainable) over ranks, compute eta, write the update."""
-        grads = self._mean_over_ranks(grads)
+        update, scaling = self._scaled_update(self._mean_over_ranks(grads), unscaled_rows, progress)
+        self._write_grads(update)
+        return scaling
+
+    def _scaled_update(self, grads: Tensor, unscaled_rows: set[int], progress: float) -> tuple[Tensor, _Scaling]:
+        """From the global group gradients (n_groups, n_trainable): eta and `g_j + sum_i eta_i g_i + sum_t g_t`."""
         param_sq = self._param_sq_norms(grads)  # (n_groups, n_params), float64 on the CPU
         replay = [k for k in range(1, len(grads)) if k not in unscaled_rows]
         matched = matched_sq_norms(param_sq[[0, *replay]])  # (n_replay,)
@@ -300,9 +403,8 @@ class ScaledStepEngine:
         (update,) = combine_gradients(
             [grads[0]], [[grads[k]] for k in replay], etas, [[grads[k]] for k in sorted(unscaled_rows)]
         )
-        self._write_grads(update)
-        return _Scaling(etas=etas.tolist(), clamped=clamped.tolist(),
-                        sq_norms=param_sq.sum(dim=1).tolist(), matched_sq_norms=matched.tolist())
+        return update, _Scaling(etas=etas.tolist(), clamped=clamped.tolist(),
+                                sq_norms=param_sq.sum(dim=1).tolist(), matched_sq_norms=matched.tolist())
 
     def _param_sq_norms(self, grads: Tensor) -> Tensor:
         """(n_groups, n_params) float64: each group's squared norm on each trainable tensor.
@@ -316,7 +418,12 @@ class ScaledStepEngine:
         ]  # n_params x (n_groups,); float64 accumulation, see dmea_dist.method.scaling on precision
         return torch.stack(columns, dim=1).cpu().pow(2)
 
-    def _write_grads(self, update: Tensor) -> None:
+    def _write_grads(self, update: Tensor, *, owner_only: bool = False) -> None:
+        """Put `update` (identical on every rank) into `param.grad` for DeepSpeed's averaging pass.
+        owner_only: rank 0 writes update x world and the others zeros (exact for a power-of-two world)."""
+        if owner_only:
+            update = owner_share(update, rank=dist.get_rank(group=self.engine.seq_data_parallel_group),
+                                 world=self.world_size)
         for name, param, offset, numel in zip(
             self._names, self._params, self._offsets, self._numels, strict=True
         ):
@@ -331,6 +438,12 @@ class ScaledStepEngine:
                         "ZeRO-3 every rank must route each group through the same modules"
                     )
                 param.grad = piece.view_as(param).clone()
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        group = self.engine.seq_data_parallel_group
+        if dist.get_world_size(group=group) > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
 
     def _mean_over_ranks(self, tensor: Tensor) -> Tensor:
         group = self.engine.seq_data_parallel_group
@@ -386,12 +499,42 @@ def _check_unscaled(keys: list[str], unscaled: Collection[str]) -> set[int]:
     return rows
 
 
-def _check_sub_batches(sub_batches: Sequence[tuple[str, Closure]]) -> tuple[list[str], list[Closure]]:
+def owner_share(update: Tensor, *, rank: int, world: int) -> Tensor:
+    """What rank `rank` writes so that a sum over the ranks times 1 / world gives `update` back bit for bit.
+
+    Every rank writing `update` itself is exact only up to 4 ranks: 8 identical float32 values summed one
+    after another and scaled by 1/8 differ from the value in about 4 of 10 elements (rounding of the partial
+    sums). `update x world` on rank 0 and zeros elsewhere sums exactly in any order, and scaling by a power
+    of two is exact. In place.
+    """
+    if world == 1:
+        return update
+    return update.mul_(world) if rank == 0 else update.zero_()
+
+
+def _sum_in_order(pieces: Tensor) -> Tensor:
+    """(n, V, ...) -> (n, ...): the V pieces added one after another in index order, whatever their owner."""
+    total = pieces[:, 0].clone()
+    for s in range(1, pieces.shape[1]):
+        total += pieces[:, s]
+    return total
+
+
+def _check_sub_batches(sub_batches: Sequence[tuple[str, Any]], *, pieces: list[int] | None = None
+                       ) -> tuple[list[str], list[Any]]:
+    """Keys and closures; with `pieces` (virtual shards) each closure is {piece: closure} over exactly them."""
     if len(sub_batches) == 0:
         raise ValueError("step needs at least one sub-batch: the new task's ('new', closure)")
     keys, closures = [], []
     for item in sub_batches:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and callable(item[1])):
+        if pieces is not None and isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
+            if sorted(item[1]) != pieces or not all(callable(c) for c in item[1].values()):
+                raise ValueError(f"sub-batch {item[0]!r}: with virtual shards each group gives one closure per "
+                                 f"piece this rank owns, {{piece: closure}} for pieces {pieces}; got pieces "
+                                 f"{sorted(item[1])}")
+        elif pieces is not None:
+            raise TypeError(f"with virtual shards each sub-batch is (group_key, {{piece: closure}}), got {item!r}")
+        elif not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and callable(item[1])):
             raise TypeError(f"each sub-batch must be a (group_key: str, closure) pair, got {item!r}")
         if item[0] in keys:
             raise ValueError(

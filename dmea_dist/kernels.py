@@ -27,7 +27,12 @@ import torch
 from dmea_dist.data.formatting import BatchStream, Formatter
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
 from dmea_dist.method.expansion import CandidateResult, search_candidate
-from dmea_dist.method.generation import PseudoSamples, generate_answers, generate_pseudo_samples, merge_reasons
+from dmea_dist.method.generation import (
+    PseudoSamples,
+    generate_answers,
+    generate_pseudo_samples,
+    merge_reasons,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -104,6 +109,7 @@ class EngineSettings:
 
     ds_config: dict[str, Any]
     clamp: tuple[float, float]
+    virtual_shards: int = 0  # train.virtual_shards (dmea_dist.engine)
 
     @property
     def partitions_model(self) -> bool:
@@ -116,7 +122,8 @@ class EngineSettings:
         def build(model, params):
             from dmea_dist.engine import build_engine  # DeepSpeed lives there only
 
-            return build_engine(model, params, ds_config=settings.ds_config, clamp=settings.clamp)
+            return build_engine(model, params, ds_config=settings.ds_config, clamp=settings.clamp,
+                                virtual_shards=settings.virtual_shards)
 
         build.partitions_model = self.partitions_model
         return build

@@ -277,7 +277,7 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
                    lm_lambda=tr.lm_lambda, scale=policy.scaling, progress=ctx.settings.adaptation.progress,
                    batch_size=tr.batch_size, pad_id=ctx.special.pad, seed=tr.seed + task.index,
                    autocast=tr.autocast, mixing="all" if policy.joint else ctx.settings.adaptation.mixing,
-                   token_weights=ctx.token_weights)
+                   token_weights=ctx.token_weights, virtual_shards=tr.virtual_shards)
     result = ctx.kernels.adapt(ctx.run.model, job, checkpoint_dir=ctx.task_dir(task) / "adapt_checkpoint")
     if policy.selection == "subspace":  # only subspace selection reads the bases
         bases = [selection.subspace_basis(r, epsilon=ctx.settings.selection.epsilon)

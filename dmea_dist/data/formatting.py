@@ -217,16 +217,36 @@ class BatchStream:
 
     def batch(self, k: int) -> tuple[dict, dict]:
         """This rank's share of global batch k: (qa_batch, lm_batch), each with its `denominator`."""
+        idx = self._global_indices(k)
+        rank, world = self.shard
+        share = list(range(len(idx)))[rank::world]
+        return tuple(collate_share([examples[i] for i in idx], share, pad_id=self.pad_id, world=world,
+                                   token_weights=self.token_weights) for examples in (self.qa, self.lm))
+
+    def shard_batches(self, k: int, pieces: int) -> dict[int, tuple[dict, dict]]:
+        """Global batch k cut into `pieces` fixed pieces (piece s: examples s, s + pieces, ...), the ones this
+        rank owns (s % world == rank): {s: (qa_batch, lm_batch)}, each with the whole batch's denominator.
+
+        A piece's content does not depend on the rank count, so neither does its gradient (the engine's
+        virtual shards). An empty piece (a last batch smaller than `pieces`) runs one example with
+        denominator infinity, as `collate_share` does.
+        """
+        rank, world = self.shard
+        if pieces % world:
+            raise ValueError(f"{pieces} pieces cannot be split evenly over {world} ranks")
+        idx = self._global_indices(k)
+        return {s: tuple(collate_share([examples[i] for i in idx], list(range(len(idx)))[s::pieces],
+                                       pad_id=self.pad_id, world=1, token_weights=self.token_weights)
+                         for examples in (self.qa, self.lm))
+                for s in range(rank, pieces, world)}
+
+    def _global_indices(self, k: int) -> list[int]:
         epoch, position = divmod(k, len(self))
         if epoch != self._epoch:
             self._order = list(range(len(self.qa)))
             random.Random(f"{self.seed}:{epoch}").shuffle(self._order)
             self._epoch = epoch
-        idx = self._order[position * self.batch_size:(position + 1) * self.batch_size]
-        rank, world = self.shard
-        share = list(range(len(idx)))[rank::world]
-        return tuple(collate_share([examples[i] for i in idx], share, pad_id=self.pad_id, world=world,
-                                   token_weights=self.token_weights) for examples in (self.qa, self.lm))
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
 
     def epoch(self, epoch: int = 0) -> list[tuple[dict, dict]]:
         """Every batch of one epoch, in order."""

@@ -37,7 +37,6 @@ from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dmea_dist.distributed.cluster import configure_threads, free_port, reserve, worker_env
-from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.distributed.generation_pool import (
     apply_model_state,
     backbone_checksum,
@@ -45,6 +44,7 @@ from dmea_dist.distributed.generation_pool import (
     model_snapshot,
     model_state,
 )
+from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.kernels import EngineSettings
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, load_trained_state, run_adapt_job
 

@@ -16,10 +16,14 @@ One call:
    DeepSpeed engine (`engine.build_engine`) finds the group initialised and
    joins it instead of starting its own.
 3. Every worker runs `run_adapt_job(model, job, shard=(rank, world))`: each
-   rank batches every world-th example of every source (`BatchStream`), so
-   the global batch is world x train.batch_size and DeepSpeed averages the
-   gradients; with one worker the job is the in-process one, step for step.
-   Dropout draws from torch's global generator, seeded with `job.seed + rank`.
+   rank takes every world-th example of each global batch of
+   `train.batch_size` (`BatchStream`) with the global batch's loss
+   denominator, and DeepSpeed averages the gradients: the same steps on the
+   same examples for any worker count, equal to rounding; with one worker the
+   job is the in-process one, step for step. Dropout draws from torch's
+   global generator, seeded with `job.seed + rank`. With
+   `train.virtual_shards` the ranks split fixed pieces of each batch instead
+   and the results are equal bit for bit, dropout included (engine.py).
 4. Fault tolerance: after every epoch each rank saves its part of a DeepSpeed
    checkpoint (`method.adapt_checkpoint`: trainable weights, optimizer, RNG,
    step) and reports it; Ray Train merges the ranks' files into one

@@ -20,6 +20,12 @@ the new task, or the first task for multitask) and, by `mixing`:
   there are transfer streams, one batch of one of them by a second rotation;
 * `all`: one batch of every other stream.
 
+With `virtual_shards` V > 0 every sub-batch is V fixed pieces of its global
+batch (`BatchStream.shard_batches`), each its own forward with dropout seeded
+by (job seed, step, stream, piece): the engine reduces them in a fixed order,
+so the result does not depend on how many ranks share the pieces
+(dmea_dist.engine's docstring).
+
 Every stream is a `BatchStream`: it cycles through its examples reshuffled
 every epoch. An epoch is one pass over the anchor's batches; `t` of exp(-t)
 is the fractional epoch (or the fraction of training, by option). The engine
@@ -33,6 +39,7 @@ import copy
 import functools
 import math
 import random
+import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +99,11 @@ def _loss(engine, qa: dict, lm: dict, *, path, lm_lambda: float, autocast: str,
         return task_loss(engine, qa, lm, path=path, lm_lambda=lm_lambda, token_weights=token_weights).float()
 
 
+def _piece_loss(engine, qa: dict, lm: dict, *, dropout_seed: int, **kwargs) -> torch.Tensor:
+    torch.manual_seed(dropout_seed)  # dropout masks by what the piece is, not by which rank runs it
+    return _loss(engine, qa, lm, **kwargs)
+
+
 def step_plan(keys: Sequence[str], total: int, *, mixing: str, seed: int | str) -> list[list[str]]:
     """The streams of every step: the anchor (keys[0]) and the others by `mixing` (module docstring).
 
@@ -128,9 +140,12 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
           scale: bool, progress: str = "epochs", autocast: str = "none", mixing: str = "alternate",
           token_weights: Mapping[int, float] | None = None, seed: int | str = 0,
           on_step: Callable[..., None] | None = None, start: int = 0, result: AdaptResult | None = None,
-          checkpoint_every: int | None = None,
+          checkpoint_every: int | None = None, virtual_shards: int = 0,
           on_checkpoint: Callable[[int, AdaptResult], None] | None = None) -> AdaptResult:
     """Run `epochs` over `sources[0]` (the anchor: new task, or first task for multitask).
+
+    virtual_shards: V > 0 gives the engine V fixed pieces per sub-batch (module
+    docstring); the engine must have been built with the same V.
 
     start/result: continue a run checkpointed after `start` steps (its result so
     far); `on_checkpoint(steps_done, result)` is called every `checkpoint_every`
@@ -140,6 +155,9 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         raise ValueError("adaptation needs the new task's batches; its training split is empty")
     if progress not in ("epochs", "fraction"):
         raise ValueError(f"progress {progress!r} unknown; choose epochs or fraction")
+    if getattr(engine, "virtual_shards", 0) != virtual_shards:
+        raise ValueError(f"the job has virtual_shards={virtual_shards}, the engine was built with "
+                         f"{getattr(engine, 'virtual_shards', 0)}; build both from the same train.virtual_shards")
     live = {s.key: s for s in sources if len(s.batches)}
     per_epoch = len(sources[0].batches)
     total = max(1, round(epochs * per_epoch))
@@ -157,11 +175,17 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         t = step / per_epoch if progress == "epochs" else step / total
         sub_batches = []
         for key in keys:
-            qa, lm = (_to(b, device) for b in live[key].batches.batch(used[key]))
+            loss_args = dict(path=live[key].path, lm_lambda=lm_lambda, autocast=autocast, token_weights=token_weights)
+            if virtual_shards:
+                pieces = live[key].batches.shard_batches(used[key], virtual_shards)
+                closure = {s: functools.partial(_piece_loss, engine, _to(qa, device), _to(lm, device), **loss_args,
+                                                dropout_seed=zlib.crc32(f"{seed}:{step}:{key}:{s}".encode()))
+                           for s, (qa, lm) in pieces.items()}
+            else:
+                qa, lm = (_to(b, device) for b in live[key].batches.batch(used[key]))
+                closure = functools.partial(_loss, engine, qa, lm, **loss_args)
             used[key] += 1
-            sub_batches.append((key, functools.partial(_loss, engine, qa, lm, path=live[key].path,
-                                                       lm_lambda=lm_lambda, autocast=autocast,
-                                                       token_weights=token_weights)))
+            sub_batches.append((key, closure))
         try:
             stats = engine.step(sub_batches, progress=t, scale=scale, unscaled=[k for k in keys if k in unscaled])
         except ValueError as err:
@@ -210,6 +234,7 @@ class AdaptJob:
     autocast: str = "none"  # "bf16": forward/backward under bf16 autocast (fp32 weights and gradients)
     mixing: str = "alternate"  # how streams share the steps (module docstring)
     token_weights: dict[int, float] | None = None  # loss weight per target token (the answer separator)
+    virtual_shards: int = 0  # > 0: fixed pieces per batch, results independent of the rank count
 
 
 def set_trainable(model, trainable: list[int] | None) -> list[torch.nn.Parameter]:
@@ -297,6 +322,7 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
         result = adapt(engine, sources=sources, epochs=job.epochs, lm_lambda=job.lm_lambda, scale=job.scale,
                        progress=job.progress, autocast=job.autocast, mixing=job.mixing,
                        token_weights=job.token_weights, seed=job.seed, on_step=on_step, start=start,
+                       virtual_shards=job.virtual_shards,
                        result=partial, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint)
         if isolate:
             state = engine.trainable_state_dict()  # a collective at ZeRO-3: every rank gets here

@@ -67,14 +67,10 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
     assert placement["search"] and placement["generation"] and placement["train"], placement
 
 
-def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
-    """2 search workers, 2 generation actors and 2 Ray Train ranks give the in-process run: the global batch
-    is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece."""
+def _in_process_and_on_ray(config, tmp_path):
+    """The same config run in process at one thread (as every Ray worker computes) and on the embedded Ray."""
     from dmea_dist.distributed.coordinator import ray_coordinator_factory
 
-    two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
-                "num_train_workers": 2, "train_cpus": 0.5}
-    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -83,13 +79,32 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
         torch.set_num_threads(threads)
     distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
                                coordinator_factory=ray_coordinator_factory)
+    return local, distributed
 
-    def stages(result, stage):
-        return [h for h in result.history if h["stage"] == stage]
 
-    assert [h["path"] for h in stages(distributed, "expand")] == [h["path"] for h in stages(local, "expand")]
-    assert [h["selected"] for h in stages(distributed, "select")] == [h["selected"] for h in stages(local, "select")]
-    assert [h["pseudo_samples"] for h in stages(distributed, "generate")] == \
-        [h["pseudo_samples"] for h in stages(local, "generate")]
-    assert [h["steps"] for h in stages(distributed, "adapt")] == [h["steps"] for h in stages(local, "adapt")]
+def _decisions(result, stage, key):
+    return [h[key] for h in result.history if h["stage"] == stage]
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
+    """2 search workers, 2 generation actors and 2 Ray Train ranks give the in-process run: the global batch
+    is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece."""
+    two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
+                "num_train_workers": 2, "train_cpus": 0.5}
+    local, distributed = _in_process_and_on_ray(tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0}), tmp_path)
+    for stage, key in (("expand", "path"), ("select", "selected"), ("generate", "pseudo_samples"), ("adapt", "steps")):
+        assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
     np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
+
+
+def test_virtual_shards_train_two_ranks_bit_for_bit_like_one_with_dropout(tmp_path, ray_local):
+    """With `train.virtual_shards` two training ranks give the in-process run's numbers exactly, dropout on:
+    each fixed piece of a batch draws its own masks and the pieces are summed in one order (dmea_dist.engine)."""
+    config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5}, train={"virtual_shards": 4},
+                         model={"dropout": 0.1})
+    local, distributed = _in_process_and_on_ray(config, tmp_path)
+    # not close: equal, down to the losses of every adaptation and the whole R matrix
+    for stage, key in (("expand", "path"), ("generate", "pseudo_samples"), ("adapt", "final_losses")):
+        assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
+    np.testing.assert_array_equal(distributed.R, local.R)
+    assert np.isfinite(local.R[np.tril_indices(3)]).all()

@@ -407,3 +407,99 @@ def test_params_must_be_exactly_the_trainable_ones(pick, match):
     model = TinyRouted()
     with pytest.raises(ValueError, match=match):
         build_engine(model, pick(model), ds_config=_ds_config(1))
+
+
+# ------------------------------------------------------------------ virtual shards
+
+PIECES = 4  # the global batch: the 4 shards of `_make_case(4)`, 5 examples each, as 4 fixed pieces
+
+
+def _piece_batches(eng, data, step, pieces):
+    # Piece s is shard s of the case; its loss is its share of the global batch's mean (equal sizes).
+    return [(key, {s: (lambda x=data[s][step][key][0], y=data[s][step][key][1], route=route, w=LOSS_WEIGHT[key]:
+                       eng(x, y, route) * w / PIECES) for s in pieces})
+            for key, route in ROUTES.items()]
+
+
+def _sharded_worker(rank, world_size, port, stage, state, data, out_dir):
+    from dataclasses import asdict
+
+    from dmea_dist.engine import build_engine
+
+    _setup_rank(rank, world_size, port)
+    results = {}
+    for scale in (True, False):
+        model = TinyRouted()
+        model.load_state_dict(state)
+        eng = build_engine(model, _trainable(model), ds_config=_ds_config(stage), clamp=HP["clamp"],
+                           virtual_shards=PIECES)
+        mine = list(range(rank, PIECES, world_size))
+        errors = {}
+        for name, pieces in {"others": [(mine[0] + 1) % PIECES], "plain": None}.items():
+            try:
+                bad = _piece_batches(eng, data, 0, mine)
+                if pieces is None:  # a plain closure where pieces are expected
+                    bad = [(bad[0][0], next(iter(bad[0][1].values())))] + bad[1:]
+                else:
+                    bad = [(bad[0][0], {p: bad[0][1][mine[0]] for p in pieces})] + bad[1:]
+                eng.step(bad, progress=0.0, unscaled=UNSCALED)
+                errors[name] = "no error"
+            except (TypeError, ValueError) as err:
+                errors[name] = f"{type(err).__name__}: {err}"
+        stats = [asdict(eng.step(_piece_batches(eng, data, step, mine), progress=progress, scale=scale,
+                                 unscaled=UNSCALED))
+                 for step, progress in enumerate(PROGRESS)]
+        results[scale] = {"params": eng.trainable_state_dict(), "stats": stats, "errors": errors}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    _leave_group()
+
+
+@pytest.mark.parametrize("stage, worlds", [(1, (1, 2)), (2, (1, 2, 4)), (3, (1, 2))])
+def test_virtual_shards_train_the_same_bits_on_any_rank_count(stage, worlds, tmp_path):
+    """With fixed pieces the trained weights and every reported figure are bit for bit the same on 1, 2
+    and 4 ranks (not merely close), and still the float64 reference's step to 1e-6."""
+    state, data = _make_case(PIECES)
+    runs = {}
+    for world in worlds:
+        (tmp_path / str(world)).mkdir()
+        runs[world] = _run_engine(_sharded_worker, stage, world, state, data, tmp_path / str(world))
+    one = runs[1][0]
+    assert one[True]["errors"]["plain"].startswith("TypeError: with virtual shards each sub-batch is (group_key, "
+                                                   "{piece: closure})"), one[True]["errors"]
+    for scale in (True, False):
+        expected_params, history = _reference(state, data, scale=scale)
+        for name, expected in expected_params.items():
+            torch.testing.assert_close(one[scale]["params"][name].double(), expected, rtol=0, atol=1e-6)
+        for stats, ref in zip(one[scale]["stats"], history, strict=True):
+            assert stats["etas"] == pytest.approx(ref["etas"], rel=1e-5)
+            assert stats["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        for world, ranks in runs.items():
+            for rank, got in enumerate(ranks):
+                for name, tensor in one[scale]["params"].items():
+                    assert torch.equal(got[scale]["params"][name], tensor), (world, rank, scale, name)
+                assert got[scale]["stats"] == one[scale]["stats"], (world, rank, scale)
+                assert "one closure per piece this rank owns" in got[scale]["errors"]["others"], got[scale]["errors"]
+
+
+def test_virtual_shards_must_be_a_multiple_of_the_ranks(tmp_path):
+    from dmea_dist.engine import free_port
+
+    mp.spawn(_bad_pieces_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(
+            "ConfigError: train.virtual_shards=3 is not a multiple of the 2 training ranks")
+
+
+def _bad_pieces_worker(rank, world_size, port, out_dir):
+    from dmea_dist.engine import build_engine
+
+    _setup_rank(rank, world_size, port)
+    model = TinyRouted()
+    try:
+        build_engine(model, _trainable(model), ds_config=_ds_config(1), virtual_shards=3)
+        message = "no error"
+    except Exception as err:  # noqa: BLE001 - the test reads what it was
+        message = f"{type(err).__name__}: {err}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    _leave_group()

@@ -61,6 +61,8 @@ def test_wrong_type_and_range_and_choice(tmp_path):
         load_config(path, ["train.batch_size=four"])
     with pytest.raises(ConfigError, match=r"method.selection.epsilon=1.5 is out of range"):
         load_config(path, ["method.selection.epsilon=1.5"])
+    with pytest.raises(ConfigError, match=r"train.virtual_shards=8 is out of range; accepted: 0 <= virtual_shards <= 4"):
+        load_config(path, ["train.batch_size=4", "train.virtual_shards=8"])
     with pytest.raises(ConfigError, match=r"did you mean 'dmea'"):
         load_config(path, ["method.name=dmae"])
     with pytest.raises(ConfigError, match=r"data.tasks is empty"):

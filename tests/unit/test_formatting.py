@@ -136,6 +136,42 @@ def test_batches_hold_one_task_and_shards_are_disjoint(tokenizer):
     assert len(seen) == len(set(seen)) == 10  # the ranks' shares of the global batches: all, once
 
 
+def test_fixed_pieces_are_the_same_whatever_the_rank_count(tokenizer):
+    """`shard_batches`: piece s holds the same examples (with the whole batch's denominator) on 1, 2 or 4
+    ranks; each rank gets the pieces it owns; a piece left empty by a short last batch adds nothing."""
+    fmt = Formatter(tokenizer, max_length=64)
+    rows = [{"context": f"inform(name='n{i}')", "question": "", "answer": [f"name {i}"]} for i in range(10)]
+    qa, lm = encode_task(fmt, rows, task_index=0)
+
+    def pieces(world, k):
+        out = {}
+        for rank in range(world):
+            stream = BatchStream(qa, lm, batch_size=6, pad_id=fmt.special.pad, seed=3, shard=(rank, world))
+            mine = stream.shard_batches(k, 4)
+            assert sorted(mine) == list(range(rank, 4, world))
+            out.update(mine)
+        return out
+
+    for k in (0, 1, 2):  # batch 1 is the short last one (4 of 6 examples), batch 2 the next epoch's first
+        one = pieces(1, k)
+        for world in (2, 4):
+            other = pieces(world, k)
+            assert sorted(other) == [0, 1, 2, 3]
+            for s in range(4):
+                for part in (0, 1):
+                    assert other[s][part].keys() == one[s][part].keys()
+                    for key in one[s][part]:
+                        assert torch.equal(other[s][part][key], one[s][part][key]), (world, k, s, key)
+        whole = BatchStream(qa, lm, batch_size=6, pad_id=fmt.special.pad, seed=3).batch(k)[0]
+        n_examples = whole["input_ids"].shape[0]
+        real = [s for s in range(4) if torch.isfinite(one[s][0]["denominator"])]
+        assert len(real) == min(4, n_examples)  # the empty pieces have denominator inf
+        assert all(float(one[s][0]["denominator"]) == float(whole["denominator"]) for s in real)
+        assert sum(one[s][0]["input_ids"].shape[0] for s in real) == n_examples
+    with pytest.raises(ValueError, match="3 pieces cannot be split evenly over 2 ranks"):
+        BatchStream(qa, lm, batch_size=6, pad_id=0, seed=3, shard=(0, 2)).shard_batches(0, 3)
+
+
 def test_generation_counts_every_dropped_sample_by_why(tokenizer):
     """An untrained model writes mostly malformed samples: each one is counted under one reason."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -217,3 +217,23 @@ def test_unscaled_groups_are_added_with_weight_exactly_one():
     assert torch.equal(only[0], torch.tensor([3.0]))
     with pytest.raises(ValueError, match="unscaled gradient 0 has 2 tensors"):
         combine_gradients([torch.ones(1)], [], [], [[torch.ones(1), torch.ones(1)]])
+
+
+def test_owner_share_survives_any_summation_order_where_identical_copies_do_not():
+    """Virtual shards write the (identical) update as rank 0: update x world, others: zeros
+    (dmea_dist.engine.owner_share). DeepSpeed then sums over the ranks and scales by 1 / world; with 8
+    ranks identical copies summed one after another already come back wrong, owner shares never do."""
+    from dmea_dist.engine import owner_share
+
+    update = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    for world in (1, 2, 4, 8, 16):
+        for order in (range(world), reversed(range(world))):
+            shares = {r: owner_share(update.clone(), rank=r, world=world) for r in range(world)}
+            total = torch.zeros_like(update)
+            for r in order:
+                total += shares[r]
+            assert torch.equal(total * (1 / world), update), world
+    copies = torch.zeros_like(update)
+    for _ in range(8):
+        copies += update
+    assert not torch.equal(copies * (1 / 8), update)  # what the shares avoid
