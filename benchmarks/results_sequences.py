@@ -14,7 +14,7 @@ its halves, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in tha
 adapter, finetune, multitask, dmea static init, random selection, no gradient scaling; run on a checkout
 whose default transfer is gated, these are the gated ablations), transfer (dmea with
 method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with
-transfer gated explicitly, ABCDE seed 0, for checkouts from before gated was the default),
+transfer gated explicitly, ABCDE seeds 0 and 1, for checkouts from before gated was the default),
 quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), synth10 (10
 synthetic tasks, dmea; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0,1,2). Run dirs: OUT/runs/<label>; logs:
@@ -62,10 +62,12 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
             for mode, name in (("off", "no-transfer"), ("gated", "gated-transfer")):
                 groups["transfer"].append((f"abl-{order}-dmea-{name}-s{seed}", f"dmea-{name}", cfg, order, seed,
                                            ["method.name=dmea", f"method.adaptation.transfer={mode}"]))
-    for name, extra in (("static-init", "method.expansion.init=static"), ("random-sel", "method.selection.mode=random"),
-                        ("no-gs", "method.adaptation.gradient_scaling=false")):  # DMEA's ablations, transfer gated
-        groups["transfer"].append((f"abl-ABCDE-dmea-gated-{name}-s0", f"dmea-gated-{name}", ORDERS["ABCDE"], "ABCDE", 0,
-                                   ["method.name=dmea", "method.adaptation.transfer=gated", extra]))
+    for seed in (0, 1):  # DMEA's ablations, transfer gated, ABCDE
+        for name, extra in (("static-init", "method.expansion.init=static"),
+                            ("random-sel", "method.selection.mode=random"),
+                            ("no-gs", "method.adaptation.gradient_scaling=false")):
+            groups["transfer"].append((f"abl-ABCDE-dmea-gated-{name}-s{seed}", f"dmea-gated-{name}", ORDERS["ABCDE"],
+                                       "ABCDE", seed, ["method.name=dmea", "method.adaptation.transfer=gated", extra]))
     groups["synth10"] = [("synth10-dmea-s0", "dmea", synth_config, "synth10", 0, ["method.name=dmea"])]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
