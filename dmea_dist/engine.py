@@ -210,7 +210,8 @@ class ScaledStepEngine:
         self._offsets = [sum(self._numels[:k]) for k in range(len(params))]
         self._n_trainable = sum(self._numels)
         self._forward_calls = 0
-        engine.register_forward_pre_hook(self._count_forward)
+        self._counter = engine.register_forward_pre_hook(self._count_forward)
+        self.closed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
@@ -245,6 +246,8 @@ class ScaledStepEngine:
         With virtual shards each group's closure is a {piece: closure} dict of
         the pieces this rank owns (module docstring).
         """
+        if self.closed:
+            raise RuntimeError("this engine was closed; build a new one (build_engine) to train again")
         keys, closures = _check_sub_batches(sub_batches, pieces=self._my_pieces() if self.virtual_shards else None)
         unscaled_rows = _check_unscaled(keys, unscaled)
         if not math.isfinite(progress) or progress < 0:
@@ -275,6 +278,28 @@ class ScaledStepEngine:
         losses = dict(zip(keys, self._mean_over_ranks(losses).tolist(), strict=True))
         replay_keys = [key for k, key in enumerate(keys) if k > 0 and k not in unscaled_rows]
         return _step_stats(keys, replay_keys, losses, scaling)
+
+    def close(self) -> None:
+        """Release the DeepSpeed engine: its optimizer's gradient hooks and its forward hooks on the model.
+
+        DeepSpeed leaves both on the model it wrapped, and they hold the engine,
+        its optimizer state and flat buffers: on a model that lives for a run
+        (a training worker adapting task after task), every task's engine would
+        stay alive, and every forward would run all of their hooks. Idempotent.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        engine = self.engine
+        engine.destroy()  # the ZeRO optimizer's gradient-accumulation hooks (stage 1/2) or parameter hooks (3)
+        for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(engine, name, None)
+            if handle is not None:  # DeepSpeed's destroy() leaves these on the module
+                handle.remove()
+                setattr(engine, name, None)
+        self._counter.remove()
+        if self.zero_stage == 3:
+            _forget_zero3_module(engine.module)
 
     def _my_pieces(self) -> list[int]:
         rank = dist.get_rank(group=self.engine.seq_data_parallel_group)
@@ -491,6 +516,33 @@ def _check_unscaled(keys: list[str], unscaled: Collection[str]) -> set[int]:
                              "which every other group is compared with; it cannot be unscaled")
         rows.add(keys.index(key))
     return rows
+
+
+def _forget_zero3_module(module: nn.Module) -> None:
+    """Drop what ZeRO-3 keeps of `module` in process-wide state after its engine is destroyed.
+
+    DeepSpeed 0.19 keeps, for the life of the process, every ZeRO-3 root module
+    in `parameter_offload.FWD_MODULE_STACK` (pushed at set-up, never popped)
+    and every parameter coordinator in the class-wide
+    `functools.lru_cache(maxsize=None)` of
+    `PartitionedParameterCoordinator.__params_to_release`; either holds the
+    engine, its optimizer and the model copy it partitioned. The cache only
+    memoises a pure lookup: emptying it costs a live engine a recomputation.
+    """
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not module]
+    fn = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for _ in range(3):  # the cache sits under DeepSpeed's nvtx decorator, which keeps it in its closure
+        if fn is None or hasattr(fn, "cache_clear"):
+            break
+        inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+        fn = getattr(fn, "__wrapped__", None) or (inner[0] if inner else None)
+    if fn is not None and hasattr(fn, "cache_clear"):
+        fn.cache_clear()
 
 
 def owner_share(update: Tensor, *, rank: int, world: int) -> Tensor:

@@ -84,22 +84,13 @@ class TrainWorker:
         `progress`: a `ray.util.queue.Queue` that gets (steps done, total, {"loss": ...}) at most twice a
         second and at the last step, for the driver's bar (given to rank 0 only).
         """
-        from dmea_dist.distributed.train_workers import (
-            _trained_weights,  # ZeRO-3 gathering lives there
-        )
+        from dmea_dist.distributed.train_workers import _check_trainable, _trained_weights
 
-        engines = []
-        build = self.engine.factory()
-
-        def engine_factory(model, params):
-            engines.append(build(model, params))
-            return engines[-1]
-
-        engine_factory.partitions_model = getattr(build, "partitions_model", False)
-        result = run_adapt_job(self.model, job, engine_factory=engine_factory, shard=(self.rank, self.world),
+        _check_trainable(job.trainable, self.engine)
+        result = run_adapt_job(self.model, job, engine_factory=self.engine.factory(), shard=(self.rank, self.world),
                                checkpoint_dir=checkpoint_dir, on_step=throttled(progress),
                                barrier=dist.barrier if self.world > 1 else None)
-        state = _trained_weights(self.model, job.trainable, engines[0])  # a collective at ZeRO-3
+        state = _trained_weights(self.model, job.trainable)
         return result, state if self.rank == 0 else None
 
     def close(self) -> None:

@@ -65,7 +65,6 @@ from dmea_dist.method.adaptation import (
     run_adapt_job,
     trained_state,
 )
-from dmea_dist.modeling.io import module_key
 
 CHECKPOINT_FORMAT = "dmea-adapt-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -168,14 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])
     model, job = _resolve(config["model"]), _resolve(config["job"])
-    build = config["engine"].factory()
-    engines = []
-
-    def engine_factory(model, params):
-        engines.append(build(model, params))  # joins Ray Train's process group (module docstring)
-        return engines[-1]  # `adapt` moves each batch to the engine's device
-
-    engine_factory.partitions_model = getattr(build, "partitions_model", False)
+    _check_trainable(job.trainable, config["engine"])
+    engine_factory = config["engine"].factory()  # joins Ray Train's process group (module docstring)
     with tempfile.TemporaryDirectory(prefix="dmea-adapt-") as local:
         local = Path(local)
         restored = ray.train.get_checkpoint()
@@ -191,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                on_step=throttled(config.get("progress")) if rank == 0 else None,
                                barrier=torch.distributed.barrier if world_size > 1 else None)
     metrics = adapt_metrics(result, wall_s=time.perf_counter() - start)
-    state = _trained_weights(model, job.trainable, engines[0])  # a collective at ZeRO-3: every rank
+    state = _trained_weights(model, job.trainable)
     nodes = [ray.get_runtime_context().get_node_id()] * world_size
     if world_size > 1:  # where each rank ran, for the record (a collective)
         torch.distributed.all_gather_object(nodes, nodes[0])
@@ -209,17 +202,17 @@ def _resolve(value):
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def _trained_weights(model, trainable: list[int] | None, engine) -> dict[str, Any]:
-    """`trained_state` of the job; at ZeRO-3 the modules' weights are gathered from the partitions."""
-    if engine.zero_stage != 3:
-        return trained_state(model, trainable)
-    if trainable is None:
+def _check_trainable(trainable: list[int] | None, settings: EngineSettings) -> None:
+    """Refuse, before any training, what a worker cannot hand back."""
+    if trainable is None and settings.partitions_model:
         raise ConfigError("full fine-tuning (lamol/finetune) on Ray Train supports ZeRO stage 1 or 2; "
                           "set deepspeed.zero_optimization.stage to 1 or 2")
-    gathered = engine.trainable_state_dict()  # name -> full CPU tensor; gathers on every rank
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {"modules": {module_key(layer, m, k): gathered[names[id(p)]]
-                        for layer, m in enumerate(trainable) for k, p in model.get_module(layer, m).named_parameters()}}
+
+
+def _trained_weights(model, trainable: list[int] | None) -> dict[str, Any]:
+    """`trained_state` of the job. At ZeRO-3 `run_adapt_job` trained a copy and loaded its gathered weights
+    into `model` on every rank, so the model holds them; the engine itself is closed by then."""
+    return trained_state(model, trainable)
 
 
 def adapt_metrics(result: AdaptResult, *, wall_s: float) -> dict[str, float]:

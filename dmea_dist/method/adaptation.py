@@ -300,6 +300,7 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
          checkpoint_dir: Path | None, checkpoint_every: int | None, barrier, after_checkpoint) -> AdaptResult:
     from dmea_dist.method import adapt_checkpoint
 
+    engine = None
     try:
         engine = engine_factory(target, params)
         sources = [Source(key, BatchStream(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
@@ -332,5 +333,7 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
             model.load_state_dict(state, strict=False)
         return result
     finally:
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()  # DeepSpeed's hooks on the model would keep this engine alive (ScaledStepEngine.close)
         target.set_trainable(None)
         target.backbone.requires_grad_(False)

@@ -503,3 +503,50 @@ def _bad_pieces_worker(rank, world_size, port, out_dir):
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(message)
     _leave_group()
+
+
+# ------------------------------------------------------------------ releasing engines
+
+
+def _hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def _release_worker(rank, world_size, port, stage, state, data, out_dir):
+    import gc
+    import weakref
+
+    from dmea_dist.method.adaptation import run_adapt_job
+    from tests.integration.adapt_case import tiny_case
+
+    _setup_rank(rank, world_size, port)
+    model, job, settings = tiny_case(stage, "cpu")
+    build, engines = settings.factory(), []
+
+    def factory(model, params):
+        eng = build(model, params)
+        engines.append(weakref.ref(eng.engine))
+        return eng
+
+    factory.partitions_model = build.partitions_model
+    hooks_before = _hooks(model)
+    losses = []
+    for _ in range(3):  # one worker, one model, task after task
+        losses.append(run_adapt_job(model, job, engine_factory=factory).losses["new"])
+    gc.collect()
+    torch.save({"alive": sum(ref() is not None for ref in engines), "built": len(engines),
+                "hooks": (hooks_before, _hooks(model)), "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+    _leave_group()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_adaptations_on_one_model_leave_no_engine_behind(stage, tmp_path):
+    """DeepSpeed hooks its engine onto the model it wraps; a worker that adapts one model task after task
+    must not keep every task's engine (optimizer state, buffers) alive, nor run their hooks."""
+    (out,) = _run_engine(_release_worker, stage, 1, None, None, tmp_path)
+    assert out["built"] == 3
+    assert out["alive"] == 0
+    assert out["hooks"][1] == out["hooks"][0]
+    first, *later = out["losses"]
+    assert all(loss[0] < first[0] for loss in later)  # each job kept training the same modules
