@@ -1,10 +1,15 @@
-"""GPU checks (skipped without CUDA): the module pools, generation and bf16 autocast on the device.
+"""GPU checks (skipped without CUDA): the module pools, generation, bf16 autocast and DeepSpeed on the device.
 
-DeepSpeed's accelerator is fixed per process (the suite forces the CPU one),
-so the distributed GPU path is exercised by the cluster configs, not here.
+DeepSpeed's accelerator is fixed per process and the suite forces the CPU one,
+so the adaptation check runs its GPU side in a child process
+(tests/integration/adapt_case.py) and compares it with the same job here.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ import torch
 from dmea_dist.data.formatting import IGNORE
 from dmea_dist.method.training import task_loss
 from dmea_dist.modeling.model import DMEAModel
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.gpu
 
@@ -57,3 +63,27 @@ def test_bf16_autocast_loss_is_close_to_fp32(models):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         half = task_loss(gpu, batch, batch, path=path, lm_lambda=0.25).float()
     assert abs(float(full) - float(half)) < 0.05 * float(full)
+
+
+@pytest.mark.integration
+def test_adaptation_on_gpu_trains_what_the_cpu_trains_at_every_zero_stage(tmp_path):
+    """The scaled DeepSpeed step on CUDA (NCCL, ZeRO 1/2/3) against the same job on the CPU (gloo)."""
+    from tests.integration.adapt_case import adapt_tiny
+
+    out = tmp_path / "gpu.pt"
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "DS_ACCELERATOR": "cuda", "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-m", "tests.integration.adapt_case", str(out)], cwd=REPO_ROOT, env=env,
+                   check=True, timeout=600)
+    on_gpu = torch.load(out)
+    for stage in (1, 2, 3):
+        gpu, cpu = on_gpu[stage], adapt_tiny(stage, "cpu")
+        assert gpu["device"].startswith("cuda")
+        assert gpu["modules"].keys() == cpu["modules"].keys()
+        etas = cpu["etas"]["replay:a"]
+        assert len(etas) == 4 and all(0.1 < e < 10.0 for e in etas)  # scaled, off the clamp
+        assert gpu["etas"]["replay:a"] == pytest.approx(etas, rel=1e-3)
+        for key in ("new", "transfer:a", "replay:a"):
+            assert gpu["losses"][key] == pytest.approx(cpu["losses"][key], rel=1e-4)
+        for key, expected in cpu["modules"].items():
+            torch.testing.assert_close(gpu["modules"][key], expected, atol=2e-4, rtol=1e-3)
