@@ -16,6 +16,7 @@ the entry point: no worker ever receives a RunConfig.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,9 @@ from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
 from dmea_dist.method.expansion import CandidateResult, search_candidate
 from dmea_dist.method.generation import (
     PseudoSamples,
+    SampleWant,
     generate_answers,
-    generate_pseudo_samples,
+    generate_pseudo_samples_of,
     merge_reasons,
 )
 
@@ -69,13 +71,10 @@ class SearchData:
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
-    """`n` pseudo samples of one earlier task from its generation token, along `path`."""
+class GenerateRequest(SampleWant):
+    """`n` pseudo samples of one earlier task from its generation token, along `path`, and the seed of
+    the call (`generate_seed`)."""
 
-    task_id: str
-    task_index: int
-    path: list[int] | None
-    n: int
     seed: int
 
 
@@ -169,20 +168,47 @@ def derive_seed(seed: int, part: int) -> int:
     return int(state) % 2**63
 
 
-def run_generate_request(model, formatter: Formatter, request: GenerateRequest, decoding: DecodingSettings,
-                         parts: range | None = None) -> PseudoSamples:
-    """`request.n` pseudo samples, made piece by piece (`decoding.batch_size` each, seeded by the piece;
-    `parts`: only those pieces). A piece depends on the request alone, so any pool of actors that runs
-    the pieces returns exactly these samples, whatever its size."""
-    pieces = chunks(request.n, decoding.batch_size)
-    out = []
+def generate_seed(requests: Sequence[GenerateRequest]) -> int:
+    """The seed of one generate call: its request's own for a single request, else a hash of all of them."""
+    if len(requests) == 1:
+        return int(requests[0].seed)
+    seeds = [int(r.seed) % 2**63 for r in requests]
+    return int(np.random.SeedSequence(seeds).generate_state(1, dtype=np.uint64)[0]) % 2**63
+
+
+def run_generate_requests(model, formatter: Formatter, requests: Sequence[GenerateRequest],
+                          decoding: DecodingSettings, parts: range | None = None) -> list[PseudoSamples]:
+    """Every request's pseudo samples (one PseudoSamples each, in order), made piece by piece.
+
+    The requests' samples are laid end to end and cut into pieces of
+    `decoding.batch_size`; a piece may hold the tail of one task and the head
+    of the next, and generates them in one batch (`generate_pseudo_samples_of`),
+    seeded by the call and the piece (`parts`: only those pieces). A piece
+    depends on the call alone, so any pool of actors that runs the pieces
+    returns exactly these samples, whatever its size; and a call of many small
+    requests costs about as many `generate` calls as its samples fill batches.
+    """
+    pieces = chunks(sum(r.n for r in requests), decoding.batch_size)
+    offsets = np.cumsum([0] + [r.n for r in requests]).tolist()
+    seed = generate_seed(requests) if requests else 0
+    made: list[list[PseudoSamples]] = [[] for _ in requests]
     for part in parts if parts is not None else range(len(pieces)):
         start, stop = pieces[part]
-        out.append(generate_pseudo_samples(
-            model, formatter, task_id=request.task_id, task_index=request.task_index, path=request.path,
-            n=stop - start, seed=derive_seed(request.seed, part), top_k=decoding.pseudo_top_k,
-            batch_size=decoding.batch_size, answer=decoding.pseudo_answer))
-    return merge_pseudo_samples(request, out)
+        mine = [(i, min(stop, offsets[i + 1]) - max(start, offsets[i])) for i in range(len(requests))
+                if offsets[i] < stop and offsets[i + 1] > start]
+        wants = [dataclasses.replace(requests[i], n=n) for i, n in mine]
+        outs = generate_pseudo_samples_of(model, formatter, wants, top_k=decoding.pseudo_top_k,
+                                          batch_size=decoding.batch_size, seed=derive_seed(seed, part),
+                                          answer=decoding.pseudo_answer)
+        for (i, _), out in zip(mine, outs, strict=True):
+            made[i].append(out)
+    return [merge_pseudo_samples(request, out) for request, out in zip(requests, made, strict=True)]
+
+
+def run_generate_request(model, formatter: Formatter, request: GenerateRequest, decoding: DecodingSettings,
+                         parts: range | None = None) -> PseudoSamples:
+    """`run_generate_requests` of one request."""
+    return run_generate_requests(model, formatter, [request], decoding, parts=parts)[0]
 
 
 def merge_pseudo_samples(request: GenerateRequest, parts: Sequence[PseudoSamples]) -> PseudoSamples:
@@ -227,11 +253,15 @@ class InProcessKernels:
         return results
 
     def generate(self, model, requests: Sequence[GenerateRequest]) -> list[PseudoSamples]:
-        out = []
-        for k, request in enumerate(requests):
-            self.progress("generate", k, len(requests))
-            out.append(run_generate_request(model, self.formatter, request, self.decoding))
-        return out
+        n_pieces = len(chunks(sum(r.n for r in requests), self.decoding.batch_size))
+        parts: list[list[PseudoSamples]] = [[] for _ in requests]
+        for part in range(n_pieces):
+            self.progress("generate", part, n_pieces)
+            for k, out in enumerate(run_generate_requests(model, self.formatter, requests, self.decoding,
+                                                          parts=range(part, part + 1))):
+                parts[k].append(out)
+        self.progress("generate", n_pieces, n_pieces)
+        return [merge_pseudo_samples(r, p) for r, p in zip(requests, parts, strict=True)]
 
     def answer(self, model, requests: Sequence[AnswerRequest]) -> list[list[str]]:
         out = []

@@ -7,9 +7,11 @@ different nodes). It is started lazily from the coordinator's model at the
 first call and then reused.
 
 Key decisions:
-- A request is cut into pieces of one batch (`decoding.batch_size` samples
-  or rows), each computed with its own seed (`kernels.derive_seed(seed,
-  piece)`), in process exactly as here (`kernels.run_*_request`). The plan
+- Work is cut into pieces of one batch (`decoding.batch_size` samples or
+  rows), each computed with its own seed (`kernels.derive_seed(seed,
+  piece)`), in process exactly as here (`kernels.run_answer_request`,
+  `kernels.run_generate_requests`; a generate call's pieces run over all its
+  requests laid end to end, so small requests share batches). The plan
   (`plan_shards`) only groups pieces into contiguous runs and gives each run
   to the least-loaded actor: it decides where work runs, never what it
   returns. So pseudo samples and answers (top-k ones too) are the same with 1,
@@ -55,7 +57,7 @@ from dmea_dist.kernels import (
     GenerateRequest,
     chunks,
     run_answer_request,
-    run_generate_request,
+    run_generate_requests,
 )
 from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples, merge_reasons
 from dmea_dist.modeling.io import modules_state, put_modules_state
@@ -200,11 +202,11 @@ class GenerationWorker:
     def sync(self, state: dict[str, Any]) -> None:
         apply_model_state(self.model, state)
 
-    def pseudo_samples(self, request: GenerateRequest, parts: range) -> dict[str, Any]:
-        out = run_generate_request(self.model, self.formatter, request, self.decoding, parts=parts)
-        table = pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA)
-        return {"table": table, "malformed": out.malformed, "generated": out.generated, "truncated": out.truncated,
-                "reasons": out.reasons}
+    def pseudo_samples(self, requests: list[GenerateRequest], parts: range) -> list[dict[str, Any]]:
+        """Pieces `parts` of one generate call (`run_generate_requests`): per request, what they made."""
+        outs = run_generate_requests(self.model, self.formatter, requests, self.decoding, parts=parts)
+        return [{"table": pa.Table.from_pylist(out.rows, schema=PSEUDO_SCHEMA), "malformed": out.malformed,
+                 "generated": out.generated, "truncated": out.truncated, "reasons": out.reasons} for out in outs]
 
     def answers(self, request: AnswerRequest, parts: range) -> list[str]:
         return run_answer_request(self.model, self.formatter, request, self.decoding, parts=parts)
@@ -268,13 +270,20 @@ class GenerationPool:
 
     def generate(self, model, requests: Sequence[GenerateRequest], *,
                  progress: Progress | None = None) -> list[PseudoSamples]:
-        """One PseudoSamples per request: rows of its ranges in order, counts summed."""
-        shards = plan_shards([r.n for r in requests], n_actors=self.num_actors, chunk=self.decoding.batch_size)
+        """One PseudoSamples per request: rows of its pieces in order, counts summed.
+
+        The call's samples, laid end to end, are one run of pieces
+        (`run_generate_requests`): a piece may mix the tail of one task and the
+        head of the next, so many small requests share batches.
+        """
+        requests = list(requests)
+        shards = plan_shards([sum(r.n for r in requests)], n_actors=self.num_actors,
+                             chunk=self.decoding.batch_size)
         outs = self._run(model, shards, lambda s: self.actors[s.actor].pseudo_samples.remote(
-            requests[s.request], range(s.first, s.last)), label="generate", progress=progress)
+            requests, range(s.first, s.last)), label="generate", progress=progress)
         results = []
         for index, req in enumerate(requests):
-            mine = [outs[s] for s in shards if s.request == index and s in outs]
+            mine = [outs[s][index] for s in shards if s in outs]
             rows = pa.concat_tables([o["table"] for o in mine], promote_options="none").to_pylist() if mine else []
             results.append(PseudoSamples(task_id=req.task_id, rows=rows,
                                          malformed=sum(o["malformed"] for o in mine),

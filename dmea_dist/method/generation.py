@@ -129,6 +129,16 @@ class GreedyAfter(LogitsProcessor):
         return torch.where(after, greedy, scores)
 
 
+@dataclass(frozen=True)
+class SampleWant:
+    """`n` pseudo samples of one task: its generation token starts them, its path runs them."""
+
+    task_id: str
+    task_index: int
+    path: list[int] | None
+    n: int
+
+
 @torch.no_grad()
 def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_index: int,
                             path: Sequence[int] | None, n: int, top_k: int = 20, batch_size: int = 32,
@@ -139,41 +149,67 @@ def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_i
     answer: "greedy" samples the input (top-k) and decodes the answer greedily;
     "sampled" samples both (LAMOL/ACM).
     """
+    want = SampleWant(task_id, task_index, None if path is None else list(path), n)
+    (out,) = generate_pseudo_samples_of(model, formatter, [want], top_k=top_k, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, seed=seed, answer=answer,
+                                        max_rounds=max_rounds)
+    return out
+
+
+@torch.no_grad()
+def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[SampleWant], *, top_k: int = 20,
+                               batch_size: int = 32, max_new_tokens: int | None = None, seed: int = 0,
+                               answer: str = "greedy", max_rounds: int | None = None) -> list[PseudoSamples]:
+    """Pseudo samples of several tasks in shared batches: one PseudoSamples per want, in order.
+
+    Every round asks each task still short of its `n` for what it lacks (a
+    little more, as some come out malformed); each row starts from its own
+    task's generation token and runs along its task's path
+    (`DMEAModel.route_batch`), so a row is a sample of its task whatever shares
+    its batch; only the random draws depend on the batch. Many small requests
+    (ACM replays every task sharing a module, one or two samples each late in
+    a long sequence) thus cost a few `generate` calls, not one each. With one
+    want this is `generate_pseudo_samples`, draw for draw.
+    """
     if answer not in ("greedy", "sampled"):
         raise ValueError(f"pseudo-sample answer decoding {answer!r} unknown; choose greedy or sampled")
     special = formatter.special
     max_new_tokens = max_new_tokens or formatter.max_length - 1
-    max_rounds = max_rounds or 3 * max(1, -(-n // batch_size)) + 2
+    total = sum(w.n for w in wants)
+    max_rounds = max_rounds or 3 * max(1, -(-total // batch_size)) + 2
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
     processors = LogitsProcessorList([GreedyAfter(special.ans)] if answer == "greedy" else [])
-    rows: list[dict] = []
-    malformed = generated = truncated = 0
-    reasons: dict[str, int] = {}
+    outs = [PseudoSamples(task_id=w.task_id, rows=[], malformed=0, generated=0, requested=w.n) for w in wants]
     for _ in range(max_rounds):
-        if len(rows) >= n:
+        needs = [w.n - len(o.rows) for w, o in zip(wants, outs, strict=True)]
+        if all(k <= 0 for k in needs):
             break
-        size = min(batch_size, n - len(rows) + max(1, (n - len(rows)) // 8))  # over-ask a little
-        prompt = torch.full((size, 1), special.tasks[task_index], dtype=torch.long)
-        out = model.generate(prompt, path=path, attention_mask=torch.ones_like(prompt), do_sample=True,
+        asks = [min(batch_size, k + max(1, k // 8)) if k > 0 else 0 for k in needs]  # over-ask a little
+        owners = [i for i, ask in enumerate(asks) for _ in range(ask)]
+        prompt = torch.tensor([[special.tasks[wants[i].task_index]] for i in owners], dtype=torch.long)
+        paths = [wants[i].path for i in owners]
+        routing = {"path": paths[0]} if all(p == paths[0] for p in paths) else {"paths": paths}
+        out = model.generate(prompt, **routing, attention_mask=torch.ones_like(prompt), do_sample=True,
                              top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=special.eos,
                              pad_token_id=special.pad, use_cache=True, suppress_tokens=list(special.tasks),
                              logits_processor=processors)
-        for seq in out[:, 1:].tolist():
-            if len(rows) >= n:
-                break  # count only what is used: over-asked extras are neither kept nor judged
-            generated += 1
+        for i, seq in zip(owners, out[:, 1:].tolist(), strict=True):
+            mine = outs[i]
+            if len(mine.rows) >= wants[i].n:
+                continue  # count only what is used: over-asked extras are neither kept nor judged
+            mine.generated += 1
             parsed = formatter.split_generated(seq)
             if isinstance(parsed, str):
-                malformed += 1
-                reasons[parsed] = reasons.get(parsed, 0) + 1
+                mine.malformed += 1
+                mine.reasons[parsed] = mine.reasons.get(parsed, 0) + 1
                 continue
-            truncated += special.eos not in seq
-            rows.append({"task_id": task_id, "context": parsed[0], "question": "", "answer": [parsed[1]]})
+            mine.truncated += special.eos not in seq
+            mine.rows.append({"task_id": wants[i].task_id, "context": parsed[0], "question": "",
+                              "answer": [parsed[1]]})
     model.train(was_training)
-    return PseudoSamples(task_id=task_id, rows=rows, malformed=malformed, generated=generated, requested=n,
-                         truncated=truncated, reasons=reasons)
+    return outs
 
 
 @torch.no_grad()

@@ -200,7 +200,7 @@ def test_one_actor_equals_in_process(ray_local, env):
     kernels = ray_kernels(run, run.run_dir / "_ray_train", num_generation_actors=1)
     requests = pseudo_requests(run)
     got = kernels.generate(run.model, requests)
-    want = [in_process_pseudo(env, run.model, req) for req in requests]
+    want = env.reference.generate(run.model, requests)
     assert got == want
     assert want[0].rows, "the check needs some well-formed samples"
     assert kernels.answer(run.model, answer_requests(run.model, run)) == \
@@ -222,7 +222,7 @@ def test_warm_up_starts_the_workers_before_their_first_call(ray_local, env):
         actors = list(kernels.pool.actors)
         assert ray.get(kernels._warming, timeout=120)  # the search worker's process is up, imports done
         requests = pseudo_requests(run)
-        assert kernels.generate(run.model, requests) == [in_process_pseudo(env, run.model, r) for r in requests]
+        assert kernels.generate(run.model, requests) == env.reference.generate(run.model, requests)
         assert kernels.pool.actors == actors  # the warmed actors did the work
         (got,) = kernels.search(env.model, env.jobs[:1], env.data)
         want = run_search_job(copy.deepcopy(env.model), env.jobs[0], env.data)
@@ -232,12 +232,13 @@ def test_warm_up_starts_the_workers_before_their_first_call(ray_local, env):
 
 
 def test_pool_size_does_not_change_pseudo_samples(kernels2, env):
-    """Pieces are seeded by what they are (request, piece), not by which actor runs them."""
+    """Pieces are seeded by what they are (call, piece), not by which actor runs them."""
     run = env.run
-    requests = pseudo_requests(run, n=10)  # pieces of eval.batch_size=4: 3 and 2 of them
+    requests = pseudo_requests(run, n=10)  # 10 + 7 samples end to end, pieces of eval.batch_size=4
     got = kernels2.generate(run.model, requests)
-    shards = plan_shards([r.n for r in requests], n_actors=2, chunk=4)
-    assert {s.actor for s in shards if s.request == 0} == {0, 1}  # task 0 is split over both actors
+    shards = plan_shards([sum(r.n for r in requests)], n_actors=2, chunk=4)
+    assert {s.actor for s in shards if s.start < requests[0].n} == {0, 1}  # task 0 is split over both actors
+    assert any(s.start < requests[0].n < s.stop for s in shards)  # and one run mixes both tasks
     want = env.reference.generate(run.model, requests)  # in process: every piece in one process
     assert got == want
     assert got[0].rows and all(len(g.rows) <= r.n for g, r in zip(got, requests, strict=True))

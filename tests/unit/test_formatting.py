@@ -186,3 +186,54 @@ def test_generation_counts_every_dropped_sample_by_why(tokenizer):
                                   n=16, seed=0, max_rounds=2)
     assert out.malformed > 0 and sum(out.reasons.values()) == out.malformed
     assert set(out.reasons) <= set(MALFORMED)
+
+
+class _TaskEcho:
+    """A fake generator: row b writes "<context of its task and path> <|ans|> <answer> <eos>", or, for the
+    tasks in `broken`, a sequence without separator; it records every call's rows and routing."""
+
+    def __init__(self, tokenizer, fmt, broken=()):
+        self.fmt, self.special, self.broken = fmt, fmt.special, set(broken)
+        self.ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.calls, self.training = [], False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def generate(self, prompt, *, path=None, paths=None, **kwargs):
+        tasks = [self.special.tasks.index(int(t)) for t in prompt[:, 0]]
+        routes = paths if paths is not None else [path] * len(tasks)
+        self.calls.append((tasks, routes, paths is not None))
+        rows = []
+        for task, route in zip(tasks, routes, strict=True):
+            if task in self.broken:
+                body = self.ids("red lion")  # no separator: malformed
+            else:
+                body = self.ids(f"red lion {task} north {route[0]}") + [self.special.ans] + self.ids("thai")
+            rows.append([self.special.tasks[task], *body, self.special.eos])
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [self.special.pad] * (width - len(r)) for r in rows])
+
+
+def test_pseudo_samples_of_many_tasks_share_batches_and_keep_their_own_task(tokenizer):
+    from dmea_dist.method.generation import SampleWant, generate_pseudo_samples_of
+
+    fmt = Formatter(tokenizer, max_length=40)
+    model = _TaskEcho(tokenizer, fmt, broken={3})
+    wants = [SampleWant(f"t{k}", k, [k % 5, 0], 1 + k % 2) for k in range(12)]  # 18 samples of 12 tasks
+    outs = generate_pseudo_samples_of(model, fmt, wants, batch_size=32, seed=0, max_rounds=3)
+    assert [o.task_id for o in outs] == [w.task_id for w in wants]
+    for want, out in zip(wants, outs, strict=True):
+        if want.task_index == 3:
+            assert not out.rows and out.malformed == out.generated > 0  # counted where it failed
+            continue
+        assert len(out.rows) == want.n == out.generated and out.malformed == 0
+        assert all(row["context"] == f"red lion {want.task_index} north {want.path[0]}" for row in out.rows)
+    first_tasks, first_routes, mixed = model.calls[0]
+    assert mixed and len(set(first_tasks)) == 12  # one generate call for every task
+    assert all(route == wants[task].path for task, route in zip(first_tasks, first_routes, strict=True))
+    assert all(set(tasks) == {3} for tasks, _, _ in model.calls[1:])  # later rounds re-ask only what is short
+    assert len(model.calls) == 3
