@@ -31,6 +31,7 @@ def run(config: str, method: str, out: Path, *, in_process: bool) -> Path:
     run_dir = out / method
     if (run_dir / "metrics.json").is_file():
         return run_dir
+    out.mkdir(parents=True, exist_ok=True)  # the sqlite tracking store lives there
     cmd = [sys.executable, "-m", "dmea_dist.cli", "run", config, "--quiet", "--run-dir", str(run_dir),
            "--set", f"method.name={method}", "--set", f"output_dir={out}", "--set",
            f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]
