@@ -16,9 +16,8 @@ the entry point: no worker ever receives a RunConfig.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -196,19 +195,13 @@ def run_generate_requests(model, formatter: Formatter, requests: Sequence[Genera
         start, stop = pieces[part]
         mine = [(i, min(stop, offsets[i + 1]) - max(start, offsets[i])) for i in range(len(requests))
                 if offsets[i] < stop and offsets[i + 1] > start]
-        wants = [dataclasses.replace(requests[i], n=n) for i, n in mine]
+        wants = [replace(requests[i], n=n) for i, n in mine]
         outs = generate_pseudo_samples_of(model, formatter, wants, top_k=decoding.pseudo_top_k,
                                           batch_size=decoding.batch_size, seed=derive_seed(seed, part),
                                           answer=decoding.pseudo_answer)
         for (i, _), out in zip(mine, outs, strict=True):
             made[i].append(out)
     return [merge_pseudo_samples(request, out) for request, out in zip(requests, made, strict=True)]
-
-
-def run_generate_request(model, formatter: Formatter, request: GenerateRequest, decoding: DecodingSettings,
-                         parts: range | None = None) -> PseudoSamples:
-    """`run_generate_requests` of one request."""
-    return run_generate_requests(model, formatter, [request], decoding, parts=parts)[0]
 
 
 def merge_pseudo_samples(request: GenerateRequest, parts: Sequence[PseudoSamples]) -> PseudoSamples:
