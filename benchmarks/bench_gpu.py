@@ -105,7 +105,7 @@ def _cell(size: str, mode: str, stage: int, args, device: torch.device) -> dict:
     steps = args.warmup + args.steps
     model, old, new = _model(size, device, args.seq)
     job, settings, n_sources = _job(mode, args, old, new, steps, stage)
-    groups_per_step = n_sources if mode == "lamol" else 3  # alternate mixing: new + one transfer + one replay
+    groups_per_step = n_sources  # one stream of each kind: alternate mixing takes every stream every step
     trainable = sum(p.numel() for p in model.trainable_parameters(new)) if mode == "dmea" else \
         sum(p.numel() for p in model.backbone.parameters())
     total = sum(p.numel() for p in model.parameters())
