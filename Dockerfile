@@ -11,7 +11,7 @@ ARG TORCH_VERSION=
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-# g++ and ninja: DeepSpeed JIT-compiles a small op at first use. python3 for CUDA bases.
+# g++ and ninja: for DeepSpeed ops a GPU config may JIT-compile (CPU runs compile nothing). python3 for CUDA bases.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ make python3 python3-pip python3-venv git \
  && rm -rf /var/lib/apt/lists/* \

@@ -668,7 +668,23 @@ def _init_distributed(deepspeed, dist_backend: str) -> None:
         # the driver) inherits MASTER_PORT, which that first process still listens on.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        _no_shared_memory_op(deepspeed)
     deepspeed.init_distributed(dist_backend=dist_backend)
+
+
+def _no_shared_memory_op(deepspeed) -> None:
+    """Keep DeepSpeed's CPU comm backend from loading its shared-memory all-reduce op.
+
+    To decide whether to load it, DeepSpeed probes every op it ships (compiler subprocesses: ~3 s in every
+    process that builds an engine) and then JIT-compiles the op with g++ and ninja (~30 s, the first time on
+    a machine). The op serves only `inference_all_reduce` (tensor-parallel inference); training reduces
+    through torch.distributed. So the probe's one answer that matters is given here, once per process: no
+    shared-memory op. A probe that already ran (someone asked DeepSpeed first) is left as it is.
+    """
+    ops = deepspeed.ops
+    if "__compatible_ops__" not in vars(ops):  # DeepSpeed fills it on first access and keeps it there
+        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
 def free_port() -> int:
