@@ -1,8 +1,9 @@
 """The gradient-scaled DeepSpeed step against an independent plain-PyTorch reference.
 
-Every case runs the real DeepSpeed engine (CPU, gloo) in freshly spawned
-processes, one per rank, each with its own data shard, for ZeRO 1, 2 and 3 at
-world size 1 and 2. As in adaptation, only the new path's modules train: the
+Every case runs the real DeepSpeed engine (CPU, gloo) in spawned processes,
+one per rank, each with its own data shard, for ZeRO 1, 2 and 3 at world size
+1 and 2 (the stages one after another in the same processes, as a training
+worker runs job after job; a spawn is shared by the stage-parametrized tests). As in adaptation, only the new path's modules train: the
 replayed groups run along paths that share 1 or 2 of its 3 layers, and a
 transfer group runs along the new path, unscaled. The reference, in this
 process and in float64, computes each group's gradient with
@@ -163,23 +164,33 @@ def _failed_steps(eng, shard_step):
     return errors
 
 
-def _worker(rank, world_size, port, stage, state, data, out_dir):
+def _worker(rank, world_size, port, stages, state, data, out_dir):
     from dataclasses import asdict
 
     _setup_rank(rank, world_size, port)
     results = {}
-    for scale in (True, False):
-        eng = _build(stage, state)
-        stats, errors = [], None
-        for step, progress in enumerate(PROGRESS):
-            if step == 1:  # after a real step, so stale ZeRO state would show in the result
-                errors = _failed_steps(eng, data[rank][step])
-            sub_batches = _sub_batches(eng, data[rank][step])
-            stats.append(asdict(eng.step(sub_batches, progress=progress, scale=scale, unscaled=UNSCALED)))
-        results[scale] = {"params": eng.trainable_state_dict(), "stats": stats,
-                          "stage": eng.zero_stage, "errors": errors}
+    for stage in stages:
+        results[stage] = {}
+        for scale in (True, False):
+            eng = _build(stage, state)
+            stats, errors = [], None
+            for step, progress in enumerate(PROGRESS):
+                if step == 1:  # after a real step, so stale ZeRO state would show in the result
+                    errors = _failed_steps(eng, data[rank][step])
+                sub_batches = _sub_batches(eng, data[rank][step])
+                stats.append(asdict(eng.step(sub_batches, progress=progress, scale=scale, unscaled=UNSCALED)))
+            results[stage][scale] = {"params": eng.trainable_state_dict(), "stats": stats,
+                                     "stage": eng.zero_stage, "errors": errors, "shm_op": _shm_op_loaded()}
+            eng.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     _leave_group()
+
+
+def _shm_op_loaded() -> bool:
+    """Whether DeepSpeed loaded (and on a fresh machine JIT-compiled) its shared-memory all-reduce op."""
+    from deepspeed.comm import comm
+
+    return comm.cdb.shm_comm_op is not None
 
 
 def _leave_group():
@@ -263,20 +274,42 @@ def _reference(state, data, *, scale):
     return dict(zip(names, [p.detach() for p in params], strict=True)), history
 
 
-def _run_engine(worker, stage, world_size, state, data, tmp_path):
+STAGES = (1, 2, 3)
+
+
+def _run_engine(worker, stages, world_size, state, data, tmp_path):
+    """Spawn `world_size` ranks that run `worker` for every ZeRO stage in `stages`, one after another in the
+    same processes (as a training worker runs job after job); per rank, what the worker saved."""
     from dmea_dist.engine import free_port
 
-    mp.spawn(worker, args=(world_size, free_port(), stage, state, data, str(tmp_path)),
+    mp.spawn(worker, args=(world_size, free_port(), tuple(stages), state, data, str(tmp_path)),
              nprocs=world_size, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
 
 
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """`_run_engine`, run once per (worker, stages, world size) and shared by the stage-parametrized tests:
+    starting the processes (torch, DeepSpeed, a process group) costs more than any case here."""
+    runs = {}
+
+    def run(worker, world_size, state=None, data=None, stages=STAGES):
+        key = (worker.__name__, tuple(stages), world_size)
+        if key not in runs:
+            out = tmp_path_factory.mktemp(f"{worker.__name__}-{world_size}")
+            runs[key] = (_run_engine(worker, stages, world_size, state, data, out), out)
+        return runs[key]
+
+    return run
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_scaled_step_matches_plain_pytorch(stage, world_size, tmp_path):
+@pytest.mark.parametrize("stage", STAGES)
+def test_scaled_step_matches_plain_pytorch(stage, world_size, spawned):
     state, data = _make_case(world_size)
-    ranks = _run_engine(_worker, stage, world_size, state, data, tmp_path)
+    ranks = [rank[stage] for rank in spawned(_worker, world_size, state, data)[0]]
     assert ranks[0][True]["stage"] == stage
+    assert not ranks[0][True]["shm_op"]  # training compiles and loads no DeepSpeed op on CPU (engine.py)
     # Bad steps raise a named error; the reference comparison below shows they left no trace.
     errors = ranks[0][True]["errors"]
     assert "RuntimeError: sub-batch 'replay:a': the closure did not run a forward" in errors["bypass"]
@@ -342,35 +375,43 @@ def _assert_case_exercises_the_rule(state, data):
     assert any(h["clipped"] for h in history), history
 
 
-def _checkpoint_worker(rank, world_size, port, stage, state, data, out_dir):
+def _checkpoint_worker(rank, world_size, port, stages, state, data, out_dir):
     _setup_rank(rank, world_size, port)
-    ckpt = os.path.join(out_dir, "ckpt")
-    eng = _build(stage, state)
-    eng.step(_sub_batches(eng, data[rank][0]), progress=PROGRESS[0], unscaled=UNSCALED)
-    eng.save_checkpoint(ckpt, tag="after-step-0")
-    saved = eng.trainable_state_dict()
-    eng.step(_sub_batches(eng, data[rank][1]), progress=PROGRESS[1], unscaled=UNSCALED)
+    results = {}
+    for stage in stages:
+        ckpt = os.path.join(out_dir, f"ckpt{stage}")
+        eng = _build(stage, state)
+        eng.step(_sub_batches(eng, data[rank][0]), progress=PROGRESS[0], unscaled=UNSCALED)
+        eng.save_checkpoint(ckpt, tag="after-step-0")
+        saved = eng.trainable_state_dict()
+        eng.step(_sub_batches(eng, data[rank][1]), progress=PROGRESS[1], unscaled=UNSCALED)
 
-    # A fresh engine whose trainable weights differ: loading must restore weights and AdamW state.
-    frozen = _frozen_names()
-    other = {k: v + 0.5 if k not in frozen else v for k, v in state.items()}
-    resumed = _build(stage, other)
-    resumed.load_checkpoint(ckpt, tag="after-step-0")
-    loaded = resumed.trainable_state_dict()
-    resumed.step(_sub_batches(resumed, data[rank][1]), progress=PROGRESS[1], unscaled=UNSCALED)
-    torch.save({"saved": saved, "loaded": loaded, "continued": eng.trainable_state_dict(),
-                "resumed": resumed.trainable_state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # A fresh engine whose trainable weights differ: loading must restore weights and AdamW state.
+        frozen = _frozen_names()
+        other = {k: v + 0.5 if k not in frozen else v for k, v in state.items()}
+        resumed = _build(stage, other)
+        resumed.load_checkpoint(ckpt, tag="after-step-0")
+        loaded = resumed.trainable_state_dict()
+        resumed.step(_sub_batches(resumed, data[rank][1]), progress=PROGRESS[1], unscaled=UNSCALED)
+        results[stage] = {"saved": saved, "loaded": loaded, "continued": eng.trainable_state_dict(),
+                          "resumed": resumed.trainable_state_dict()}
+        eng.close()
+        resumed.close()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     _leave_group()
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_checkpoint_holds_adapters_only_and_resumes(stage, tmp_path):
+def test_checkpoint_holds_adapters_only_and_resumes(stage, spawned):
     state, data = _make_case(1)
-    (result,) = _run_engine(_checkpoint_worker, stage, 1, state, data, tmp_path)
+    (results,), out = spawned(_checkpoint_worker, 1, state, data, stages=(1, 3))
+    result = results[stage]
     for name, tensor in result["saved"].items():
         torch.testing.assert_close(result["loaded"][name], tensor, rtol=0, atol=0)
         torch.testing.assert_close(result["resumed"][name], result["continued"][name], rtol=0, atol=0)
-    for path in (tmp_path / "ckpt" / "after-step-0").glob("*model_states.pt"):
+    paths = list((out / f"ckpt{stage}" / "after-step-0").glob("*model_states.pt"))
+    assert paths, sorted(p.name for p in (out / f"ckpt{stage}").rglob("*"))
+    for path in paths:
         states = torch.load(path, weights_only=False)
         assert not _frozen_names() & set(states["module"]), list(states["module"])
         assert set(states["module"]) == set(result["saved"])
@@ -421,48 +462,50 @@ def _piece_batches(eng, data, step, pieces):
             for key, route in ROUTES.items()]
 
 
-def _sharded_worker(rank, world_size, port, stage, state, data, out_dir):
+def _sharded_worker(rank, world_size, port, stages, state, data, out_dir):
     from dataclasses import asdict
 
     from dmea_dist.engine import build_engine
 
     _setup_rank(rank, world_size, port)
     results = {}
-    for scale in (True, False):
-        model = TinyRouted()
-        model.load_state_dict(state)
-        eng = build_engine(model, _trainable(model), ds_config=_ds_config(stage), clamp=HP["clamp"],
-                           virtual_shards=PIECES)
-        mine = list(range(rank, PIECES, world_size))
-        errors = {}
-        for name, pieces in {"others": [(mine[0] + 1) % PIECES], "plain": None}.items():
-            try:
-                bad = _piece_batches(eng, data, 0, mine)
-                if pieces is None:  # a plain closure where pieces are expected
-                    bad = [(bad[0][0], next(iter(bad[0][1].values())))] + bad[1:]
-                else:
-                    bad = [(bad[0][0], {p: bad[0][1][mine[0]] for p in pieces})] + bad[1:]
-                eng.step(bad, progress=0.0, unscaled=UNSCALED)
-                errors[name] = "no error"
-            except (TypeError, ValueError) as err:
-                errors[name] = f"{type(err).__name__}: {err}"
-        stats = [asdict(eng.step(_piece_batches(eng, data, step, mine), progress=progress, scale=scale,
-                                 unscaled=UNSCALED))
-                 for step, progress in enumerate(PROGRESS)]
-        results[scale] = {"params": eng.trainable_state_dict(), "stats": stats, "errors": errors}
+    for stage in stages:
+        results[stage] = {}
+        for scale in (True, False):
+            model = TinyRouted()
+            model.load_state_dict(state)
+            eng = build_engine(model, _trainable(model), ds_config=_ds_config(stage), clamp=HP["clamp"],
+                               virtual_shards=PIECES)
+            mine = list(range(rank, PIECES, world_size))
+            errors = {}
+            for name, pieces in {"others": [(mine[0] + 1) % PIECES], "plain": None}.items():
+                try:
+                    bad = _piece_batches(eng, data, 0, mine)
+                    if pieces is None:  # a plain closure where pieces are expected
+                        bad = [(bad[0][0], next(iter(bad[0][1].values())))] + bad[1:]
+                    else:
+                        bad = [(bad[0][0], {p: bad[0][1][mine[0]] for p in pieces})] + bad[1:]
+                    eng.step(bad, progress=0.0, unscaled=UNSCALED)
+                    errors[name] = "no error"
+                except (TypeError, ValueError) as err:
+                    errors[name] = f"{type(err).__name__}: {err}"
+            stats = [asdict(eng.step(_piece_batches(eng, data, step, mine), progress=progress, scale=scale,
+                                     unscaled=UNSCALED))
+                     for step, progress in enumerate(PROGRESS)]
+            results[stage][scale] = {"params": eng.trainable_state_dict(), "stats": stats, "errors": errors}
+            eng.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     _leave_group()
 
 
 @pytest.mark.parametrize("stage, worlds", [(1, (1, 2)), (2, (1, 2, 4)), (3, (1, 2))])
-def test_virtual_shards_train_the_same_bits_on_any_rank_count(stage, worlds, tmp_path):
+def test_virtual_shards_train_the_same_bits_on_any_rank_count(stage, worlds, spawned):
     """With fixed pieces the trained weights and every reported figure are bit for bit the same on 1, 2
     and 4 ranks (not merely close), and still the float64 reference's step to 1e-6."""
     state, data = _make_case(PIECES)
-    runs = {}
-    for world in worlds:
-        (tmp_path / str(world)).mkdir()
-        runs[world] = _run_engine(_sharded_worker, stage, world, state, data, tmp_path / str(world))
+    stages_of = {1: STAGES, 2: STAGES, 4: (2,)}  # each world size's processes run these stages in turn
+    runs = {world: [rank[stage] for rank in spawned(_sharded_worker, world, state, data, stages=stages_of[world])[0]]
+            for world in worlds}
     one = runs[1][0]
     assert one[True]["errors"]["plain"].startswith("TypeError: with virtual shards each sub-batch is (group_key, "
                                                    "{piece: closure})"), one[True]["errors"]
@@ -513,7 +556,7 @@ def _hooks(model):
                for m in model.modules())
 
 
-def _release_worker(rank, world_size, port, stage, state, data, out_dir):
+def _release_worker(rank, world_size, port, stages, state, data, out_dir):
     import gc
     import weakref
 
@@ -521,30 +564,33 @@ def _release_worker(rank, world_size, port, stage, state, data, out_dir):
     from tests.integration.adapt_case import tiny_case
 
     _setup_rank(rank, world_size, port)
-    model, job, settings = tiny_case(stage, "cpu")
-    build, engines = settings.factory(), []
+    results = {}
+    for stage in stages:
+        model, job, settings = tiny_case(stage, "cpu")
+        build, engines = settings.factory(), []
 
-    def factory(model, params):
-        eng = build(model, params)
-        engines.append(weakref.ref(eng.engine))
-        return eng
+        def factory(model, params, build=build, engines=engines):
+            eng = build(model, params)
+            engines.append(weakref.ref(eng.engine))
+            return eng
 
-    factory.partitions_model = build.partitions_model
-    hooks_before = _hooks(model)
-    losses = []
-    for _ in range(3):  # one worker, one model, task after task
-        losses.append(run_adapt_job(model, job, engine_factory=factory).losses["new"])
-    gc.collect()
-    torch.save({"alive": sum(ref() is not None for ref in engines), "built": len(engines),
-                "hooks": (hooks_before, _hooks(model)), "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
+        factory.partitions_model = build.partitions_model
+        hooks_before = _hooks(model)
+        losses = []
+        for _ in range(3):  # one worker, one model, task after task
+            losses.append(run_adapt_job(model, job, engine_factory=factory).losses["new"])
+        gc.collect()
+        results[stage] = {"alive": sum(ref() is not None for ref in engines), "built": len(engines),
+                          "hooks": (hooks_before, _hooks(model)), "losses": losses}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     _leave_group()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_adaptations_on_one_model_leave_no_engine_behind(stage, tmp_path):
+@pytest.mark.parametrize("stage", STAGES)
+def test_adaptations_on_one_model_leave_no_engine_behind(stage, spawned):
     """DeepSpeed hooks its engine onto the model it wraps; a worker that adapts one model task after task
     must not keep every task's engine (optimizer state, buffers) alive, nor run their hooks."""
-    (out,) = _run_engine(_release_worker, stage, 1, None, None, tmp_path)
+    out = spawned(_release_worker, 1)[0][0][stage]
     assert out["built"] == 3
     assert out["alive"] == 0
     assert out["hooks"][1] == out["hooks"][0]
