@@ -21,6 +21,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,10 +205,25 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
         run_only = {i for seq in tokenizer(run_text, add_special_tokens=False)["input_ids"] for i in seq} - seen
         special = SpecialTokenIds.from_tokenizer(tokenizer)
         reserve_rows(backbone, sorted(run_only | set(special.tasks) | ({special.ans} - seen)), seed=config.train.seed)
-    cache.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(cache)
-    backbone.save_pretrained(cache)
+    _publish(cache, lambda folder: (tokenizer.save_pretrained(folder), backbone.save_pretrained(folder)))
     return tokenizer, backbone
+
+
+def _publish(folder: Path, write: Callable[[Path], Any]) -> None:
+    """Write a cache folder whole or not at all: `write` fills a private folder beside it, which is then
+    renamed into place. A run killed mid-write leaves no half cache, and of two runs that fill the same
+    cache at once (same key, same content) the first rename wins and the other's copy is dropped."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        write(private)
+        try:
+            os.rename(private, folder)
+        except OSError:
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def model_positions(config: RunConfig) -> int:

@@ -486,3 +486,24 @@ def test_generate_inputs_keep_a_line_separator_inside_a_json_string(tmp_path):
     path = tmp_path / "inputs.jsonl"
     path.write_text('{"context": "name[a]\u2028food[b]", "task": "t"}\n"plain context"\n', encoding="utf-8")
     assert read_inputs(path) == [{"context": "name[a]\u2028food[b]", "task": "t"}, {"context": "plain context"}]
+
+
+def test_backbone_cache_is_published_whole_or_not_at_all(tmp_path):
+    """A run killed (here: failing) while it writes the backbone cache leaves no half cache that a later
+    run would load; of two runs filling the same cache, the first one's stays and nothing is left over."""
+    from dmea_dist.run import _publish
+
+    cache = tmp_path / "_cache" / "backbone-0123"
+
+    def dies_half_way(folder):
+        (folder / "model.safetensors").write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _publish(cache, dies_half_way)
+    assert list((tmp_path / "_cache").iterdir()) == []
+
+    _publish(cache, lambda folder: (folder / "model.safetensors").write_text("first"))
+    _publish(cache, lambda folder: (folder / "model.safetensors").write_text("second"))  # lost the race
+    assert (cache / "model.safetensors").read_text() == "first"
+    assert [p.name for p in (tmp_path / "_cache").iterdir()] == ["backbone-0123"]
