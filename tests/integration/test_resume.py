@@ -46,22 +46,31 @@ def runs(tmp_path_factory):
     config = tiny_config(tmp, method={"adaptation": {"epochs": 3}})  # a checkpoint after each epoch
     config_file = tmp / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
-    _finish(_dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(tmp / "reference"), cwd=tmp))
+    # The uninterrupted reference runs beside the run to be killed (one thread each on the 2 cores); it
+    # records nothing in MLflow, which then holds the killed run's records only.
+    reference = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(tmp / "reference"),
+                      "--set", "tracking.enabled=false", cwd=tmp)
 
-    killed = tmp / "killed"
-    proc = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(killed), cwd=tmp)
-    deadline = time.time() + 600
-    progress = None
-    while time.time() < deadline and proc.poll() is None:
-        progress = next(killed.glob("tasks/001-*/adapt_checkpoint/adapt_progress.json"), None)
-        if progress is not None:
-            break
-        time.sleep(0.05)
-    assert progress is not None, "the second task's adaptation never wrote a checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state_at_kill = json.loads((killed / "state.json").read_text())
-    out = _finish(_dmea("resume", str(killed), "--in-process", "--quiet", cwd=tmp))
+    try:
+        killed = tmp / "killed"
+        proc = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(killed), cwd=tmp)
+        deadline = time.time() + 600
+        progress = None
+        while time.time() < deadline and proc.poll() is None:
+            progress = next(killed.glob("tasks/001-*/adapt_checkpoint/adapt_progress.json"), None)
+            if progress is not None:
+                break
+            time.sleep(0.05)
+        assert progress is not None, "the second task's adaptation never wrote a checkpoint"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state_at_kill = json.loads((killed / "state.json").read_text())
+        out = _finish(_dmea("resume", str(killed), "--in-process", "--quiet", cwd=tmp))
+        _finish(reference)
+    finally:
+        if reference.poll() is None:  # a failure above: leave no run behind
+            reference.kill()
+            reference.wait()
     return config, tmp / "reference", killed, state_at_kill, out
 
 
