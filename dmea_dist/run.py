@@ -24,7 +24,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,26 @@ def pretraining_ids(tokenizer, pairs: list[tuple[str, str]], *, fmt: str) -> lis
     return [encode(x) + [special.ans] + encode(" " + y) for x, y in pairs]
 
 
+# Pretraining's floating-point sums depend on torch's thread count, so the backbone is pretrained at a fixed
+# one, whatever the process that fills the cache runs at (a driver at its cores' count, a `dmea run
+# --in-process` under OMP_NUM_THREADS=1, a coordinator actor at 1). Before, a run's result depended on which
+# process had filled the cache: quick start seed 0 in process at one thread ended at 68.34 / -1.75 from a
+# cache made at one thread and at 65.21 / -2.01 from one made at two (same code, 2026-12-04). Two, not one:
+# the quick start's pretraining takes 45 s at two threads and 72 s at one on a 2-core machine.
+PRETRAIN_THREADS = 2
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
                   check_tokenizer: Callable[[Any], None] | None = None):
     """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk.
@@ -174,7 +195,7 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
                "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
-               "max_tasks": config.model.max_tasks, "version": 4}
+               "max_tasks": config.model.max_tasks, "version": 5}  # 5: pretrained at PRETRAIN_THREADS
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"backbone-{key}"
     check = check_tokenizer or (lambda tokenizer: None)
@@ -192,19 +213,20 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
                       eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(config.train.seed)
     backbone = GPT2LMHeadModel(gpt2)
-    if pairs:
-        ids = pretraining_ids(tokenizer, pairs, fmt=pre.format)
-        losses = pretrain_lm(backbone, ids, steps=pre.steps, lr=pre.lr, batch_size=pre.batch_size,
-                             seq_len=min(pre.seq_len, tiny.n_positions), eos_id=tokenizer.eos_token_id,
-                             seed=config.train.seed, dropout=pre.dropout)
-        if not all(math.isfinite(x) for x in losses):
-            raise ConfigError(f"tiny backbone pretraining diverged (loss {losses[-1]}) at "
-                              f"model.tiny.pretrain.lr={pre.lr}; lower model.tiny.pretrain.lr")
-        backbone.config.dmea_pretrain_loss = [losses[0], losses[-1]]
-        seen = {i for seq in ids for i in seq}
-        run_only = {i for seq in tokenizer(run_text, add_special_tokens=False)["input_ids"] for i in seq} - seen
-        special = SpecialTokenIds.from_tokenizer(tokenizer)
-        reserve_rows(backbone, sorted(run_only | set(special.tasks) | ({special.ans} - seen)), seed=config.train.seed)
+    with torch_threads(PRETRAIN_THREADS):  # the weights, not only the steps: reserve_rows reduces too
+        if pairs:
+            ids = pretraining_ids(tokenizer, pairs, fmt=pre.format)
+            losses = pretrain_lm(backbone, ids, steps=pre.steps, lr=pre.lr, batch_size=pre.batch_size,
+                                 seq_len=min(pre.seq_len, tiny.n_positions), eos_id=tokenizer.eos_token_id,
+                                 seed=config.train.seed, dropout=pre.dropout)
+            if not all(math.isfinite(x) for x in losses):
+                raise ConfigError(f"tiny backbone pretraining diverged (loss {losses[-1]}) at "
+                                  f"model.tiny.pretrain.lr={pre.lr}; lower model.tiny.pretrain.lr")
+            backbone.config.dmea_pretrain_loss = [losses[0], losses[-1]]
+            seen = {i for seq in ids for i in seq}
+            run_only = {i for seq in tokenizer(run_text, add_special_tokens=False)["input_ids"] for i in seq} - seen
+            special = SpecialTokenIds.from_tokenizer(tokenizer)
+            reserve_rows(backbone, sorted(run_only | set(special.tasks) | ({special.ans} - seen)), seed=config.train.seed)
     _publish(cache, lambda folder: (tokenizer.save_pretrained(folder), backbone.save_pretrained(folder)))
     return tokenizer, backbone
 

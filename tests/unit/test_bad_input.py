@@ -507,3 +507,25 @@ def test_backbone_cache_is_published_whole_or_not_at_all(tmp_path):
     _publish(cache, lambda folder: (folder / "model.safetensors").write_text("second"))  # lost the race
     assert (cache / "model.safetensors").read_text() == "first"
     assert [p.name for p in (tmp_path / "_cache").iterdir()] == ["backbone-0123"]
+
+
+def test_backbone_does_not_depend_on_the_thread_count_of_the_process_that_pretrains_it(tmp_path):
+    """Pretraining runs at a fixed thread count: a driver at two threads and a `--in-process` run at one make
+    the same backbone (before, a run's result depended on which of them had filled the cache)."""
+    import torch
+
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.run import load_tasks, tiny_backbone, torch_threads
+
+    config = config_from_dict({
+        "name": "threads", "data": {"tasks": ["synth.restaurant.00"], "synth_sizes": [32, 8, 8]},
+        "model": {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 64, "vocab_size": 400,
+                           "pretrain": {"steps": 12, "batch_size": 32, "seq_len": 64}}, "max_length": 64},
+        "tracking": {"enabled": False}})
+    tasks = load_tasks(config)
+    backbones = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            backbones.append(tiny_backbone(config, tasks, cache_root=tmp_path / str(threads))[1].state_dict())
+    for name, tensor in backbones[0].items():
+        assert torch.equal(backbones[1][name], tensor), name
