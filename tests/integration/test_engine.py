@@ -3,9 +3,10 @@
 Every case runs the real DeepSpeed engine (CPU, gloo) in spawned processes,
 one per rank, each with its own data shard, for ZeRO 1, 2 and 3 at world size
 1 and 2 (the stages one after another in the same processes, as a training
-worker runs job after job; a spawn is shared by the stage-parametrized tests). As in adaptation, only the new path's modules train: the
-replayed groups run along paths that share 1 or 2 of its 3 layers, and a
-transfer group runs along the new path, unscaled. The reference, in this
+worker runs job after job; a spawn is shared by the stage-parametrized
+tests). As in adaptation, only the new path's modules train: the replayed
+groups run along paths that share 1 or 2 of its 3 layers, and a transfer
+group runs along the new path, unscaled. The reference, in this
 process and in float64, computes each group's gradient with
 torch.autograd.grad as the mean over the ranks' shards, the parameters each
 group reaches (those autograd returns a gradient for), the new task's squared
