@@ -7,9 +7,6 @@ the same pseudo samples, the same trained weights, hence the same R matrix.
 
 from __future__ import annotations
 
-import dataclasses
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import torch
@@ -36,6 +33,12 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
 
     one_each = {"num_search_workers": 1, "num_generation_actors": 1, "num_train_workers": 1}
     config = tiny_config(tmp_path, ray=one_each)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Ray workers compute with one thread each: same float reduction order
+    try:
+        local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
     handles, events = [], []
 
     def factory(cfg, run_dir, *, resume, progress=None):
@@ -46,7 +49,8 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
         handles[-1].close = lambda: (handles.append(placement()), close())  # where work ran, before it goes
         return handles[0]
 
-    local, distributed = _in_process_and_on_ray(config, tmp_path, factory)
+    distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
+                               coordinator_factory=factory)
 
     def stages(result, stage):
         return [h for h in result.history if h["stage"] == stage]
@@ -63,27 +67,19 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
     assert placement["search"] and placement["generation"] and placement["train"], placement
 
 
-def _in_process_and_on_ray(config, tmp_path, coordinator_factory=None):
-    """The same config run in process at one thread (as every Ray worker computes: the same float reduction
-    order) and on the embedded Ray, side by side: the in-process run in a thread of this process, without
-    MLflow (what is compared does not depend on it), while this thread drives the Ray run, whose work
-    happens in its actors."""
+def _in_process_and_on_ray(config, tmp_path):
+    """The same config run in process at one thread (as every Ray worker computes) and on the embedded Ray."""
     from dmea_dist.distributed.coordinator import ray_coordinator_factory
 
-    def in_process():
-        torch.set_num_threads(1)  # this thread's torch (also sets the process default, restored below)
-        return run_sequence(dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, enabled=False)),
-                            run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
-
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            local = pool.submit(in_process)
-            distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
-                                       coordinator_factory=coordinator_factory or ray_coordinator_factory)
-            return local.result(), distributed
+        local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
     finally:
         torch.set_num_threads(threads)
+    distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
+                               coordinator_factory=ray_coordinator_factory)
+    return local, distributed
 
 
 def _decisions(result, stage, key):
