@@ -131,14 +131,22 @@ def summarise(data: dict) -> dict:
     ms = [r["metrics"] for r in data["records"]]
     yields = [v for m in ms for k, v in m.items() if k.startswith("pseudo.yield.")]
     fids = [v for m in ms for k, v in m.items() if k.startswith("pseudo.fidelity.")]
+    # the generating models' fidelity on real inputs, over the same batches (runs before 2026-12-05 lack it)
+    real = [m.get(k.replace("pseudo.fidelity.", "pseudo.real_fidelity.")) for m in ms for k in m
+            if k.startswith("pseudo.fidelity.")]
     clamps = [m["eta_clamp_rate"] for m in ms if "eta_clamp_rate" in m]
     met = data["metrics"]
     return {"A": met.get("final_average"), "bwt": met.get("bwt"), "fgt": met.get("forgetting"),
             "fwt": met.get("fwt"),
             "new": "/".join(str(int(m["new_modules"])) if "new_modules" in m else "-" for m in ms),
             "ymin": min(yields) if yields else None, "ymean": mean(yields) if yields else None,
-            "fid": mean(fids) if fids else None, "clamp": mean(clamps) if clamps else None,
+            "fid": mean(fids) if fids else None,
+            "real_fid": mean(real) if real and None not in real else None, "clamp": mean(clamps) if clamps else None,
             "wall": sum(h.get("seconds", 0.0) for h in data["history"]), "proc": data["proc"]}
+
+
+def _real(s: dict) -> str:
+    return "" if s["real_fid"] is None else f" ({s['real_fid']:.2f})"
 
 
 def precision_at_k(data: dict, k: int) -> tuple[float | None, list[tuple]]:
@@ -158,7 +166,7 @@ def precision_at_k(data: dict, k: int) -> tuple[float | None, list[tuple]]:
 
 def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
     print("\n| run | method | order | seed | A_T (ROUGE-L) | BWT | forgetting | FWT | new modules/task "
-          "| yield min | yield mean | fidelity | eta clamp | wall s | process s |\n" + "|---" * 15 + "|")
+          "| yield min | yield mean | fidelity (on real inputs) | eta clamp | wall s | process s |\n" + "|---" * 15 + "|")
     done, per_method = [], {}
     for run in runs:
         data = load_run(out / "runs" / run[0])
@@ -169,7 +177,7 @@ def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
         done.append((run, data))
         per_method.setdefault((run[3] if run[3] in ("qs", "synth10") else "rnnlg", run[1]), []).append(s)
         print(f"| {run[0]} | {run[1]} | {run[3]} | {run[4]} | {fmt(s['A'])} | {fmt(s['bwt'])} | {fmt(s['fgt'])} "
-              f"| {fmt(s['fwt'])} | {s['new']} | {fmt(s['ymin'])} | {fmt(s['ymean'])} | {fmt(s['fid'])} "
+              f"| {fmt(s['fwt'])} | {s['new']} | {fmt(s['ymin'])} | {fmt(s['ymean'])} | {fmt(s['fid'])}{_real(s)} "
               f"| {fmt(s['clamp'])} | {s['wall']:.0f} | {fmt(s['proc'], '.0f')} |")
     print("\nCommands (run from the code directory, env PYTHONPATH=<code> DS_ACCELERATOR=cpu "
           "TOKENIZERS_PARALLELISM=false):\n")

@@ -124,6 +124,9 @@ def task_summary(record: dict[str, Any], history: list[dict[str, Any]], *, n_tas
         fids = [v for k, v in m.items() if k.startswith("pseudo.fidelity.")]
         if fids:
             line += f", fidelity {sum(fids) / len(fids):.0%}"
+            real = [v for k, v in m.items() if k.startswith("pseudo.real_fidelity.")]
+            if len(real) == len(fids):  # the same tasks' answers to real inputs: what the model can do
+                line += f" (on real inputs {sum(real) / len(real):.0%})"
         parts.append(line)
     if "eta_clamp_rate" in m:
         parts.append(f"eta at clamp {m['eta_clamp_rate']:.0%}")

@@ -239,6 +239,9 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
         summary["pseudo_samples"][out.task_id] = counts
         summary["yield"][out.task_id] = out.yield_rate
         summary["fidelity"][out.task_id] = faithful
+        real = _real_fidelity(ctx, task, out.task_id)
+        if real is not None:
+            rec["metrics"][f"pseudo.real_fidelity.{out.task_id}"] = real
         summary["warnings"] += yield_warnings(out, min_yield=ad.min_yield, new_task=task.task_id)
         rec["metrics"].update({f"pseudo.{k}.{out.task_id}": float(v) for k, v in counts.items()})
         rec["metrics"][f"pseudo.yield.{out.task_id}"] = out.yield_rate
@@ -262,6 +265,15 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
         rec["params"]["warnings"] = rec["params"].get("warnings", []) + summary["warnings"]
     ctx.save_record(task)
     return summary
+
+
+def _real_fidelity(ctx: RunContext, task: Task, old: str) -> float | None:
+    """Fidelity on real inputs of the model that wrote `task`'s pseudo samples of `old`: the previous task's
+    evaluation of `old` (None where it was not evaluated, or `old` has no generator to check answers)."""
+    if task.index == 0:
+        return None
+    value = ctx.record(ctx.run.tasks[task.index - 1])["metrics"].get(f"fidelity.{old}")
+    return None if value is None else float(value)
 
 
 # ------------------------------------------------------------------- ADAPT
@@ -341,7 +353,14 @@ def evaluate(ctx: RunContext, task: Task) -> dict[str, Any]:
     (answers,) = ctx.kernels.answer(ctx.run.model, [request])
     row, start = {}, 0
     for target, part in zip(targets, rows, strict=True):
-        scores = score_task(ev.metric, answers[start:start + len(part)], [r["answer"] for r in part])
+        said = answers[start:start + len(part)]
+        scores = score_task(ev.metric, said, [r["answer"] for r in part])
+        # synthetic tasks: the share of real test inputs the model's answers realise, the ceiling that the
+        # fidelity of pseudo samples this model writes next is read against
+        realised = fidelity(target.task_id, [{"context": r["context"], "answer": [a]}
+                                             for r, a in zip(part, said, strict=True)])
+        if realised is not None:
+            scores["fidelity"] = realised
         start += len(part)
         ctx.state.R[task.index][target.index] = scores["primary"]
         row[target.task_id] = scores

@@ -129,7 +129,9 @@ def run_sections(runs: list[RunData]) -> list[Section]:
         ("loss", "Adaptation losses", "Loss of each stream during adaptation (new task, replay, transfer), "
          "moving average over 5 steps.", loss_panel),
         ("pseudo", "Pseudo samples", "For each new task, the samples generated of earlier tasks: share well "
-         "formed (yield) and share whose answer realises its own input (fidelity).", pseudo_panel),
+         "formed (yield) and share whose answer realises its own input (fidelity); black marks: the share of real "
+         "test inputs the model that wrote them realised, the most its pseudo samples can be expected to reach.",
+         pseudo_panel),
         ("time", "Time per stage", "Seconds each task spent in each stage (from the run's state).", time_panel),
     ]
     return [Section(key, title, caption, [make(r) for r in runs]) for key, title, caption, make in makers]

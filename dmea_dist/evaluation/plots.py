@@ -168,6 +168,10 @@ def pseudo_figure(rows: Sequence[dict]) -> Figure:
     ax.bar(x - 0.2, [r["yield"] for r in rows], width=0.4, label="yield: well formed / generated", color="#4e79a7")
     ax.bar(x + 0.2, [r["fidelity"] if r["fidelity"] is not None else 0.0 for r in rows], width=0.4,
            label="fidelity: answer realises its own input", color="#59a14f")
+    real = [(i, r["real_fidelity"]) for i, r in enumerate(rows) if r.get("real_fidelity") is not None]
+    if real:  # what the model that wrote them answers on real inputs: the ceiling of the green bar
+        ax.scatter([x[i] + 0.2 for i, _ in real], [v for _, v in real], marker="_", s=300, color="black", zorder=3,
+                   label="fidelity of its answers to real inputs")
     for i, r in enumerate(rows):
         if r["kept"] is not None and r["requested"] is not None:
             ax.text(i, 1.03, f"{int(r['kept'])}/{int(r['requested'])} kept", ha="center", fontsize=7)

@@ -171,6 +171,7 @@ def pseudo_samples(records: dict[str, dict[str, Any]], tasks: list[str]) -> list
                      if old in (names or [])]
             rows.append({"task": task, "of": old, "yield": float(value),
                          "fidelity": _finite(metrics.get(f"pseudo.fidelity.{old}")),
+                         "real_fidelity": _finite(metrics.get(f"pseudo.real_fidelity.{old}")),
                          "kept": _finite(metrics.get(f"pseudo.kept.{old}")),
                          "requested": _finite(metrics.get(f"pseudo.requested.{old}")), "role": "+".join(roles)})
     return rows

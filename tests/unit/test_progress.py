@@ -92,3 +92,14 @@ def test_task_summary_line():
     assert task_summary(record, history, n_tasks=2) == (
         "[2/2] synth.listops.00 done: 12.3s; 4 new modules; selected synth.restaurant.00; "
         "pseudo samples 32/32, yield 100%, fidelity 50%; score 36.4")
+
+
+def test_task_summary_line_reads_pseudo_fidelity_against_real_inputs():
+    record = {"task_id": "synth.hotel.01", "task_index": 2, "params": {},
+              "metrics": {f"pseudo.{k}.{t}": v for t in ("synth.hotel.00", "synth.listops.00")
+                          for k, v in (("yield", 1.0), ("kept", 8.0), ("requested", 8.0))}}
+    record["metrics"].update({"pseudo.fidelity.synth.hotel.00": 0.5, "pseudo.fidelity.synth.listops.00": 0.0,
+                              "pseudo.real_fidelity.synth.hotel.00": 0.75, "pseudo.real_fidelity.synth.listops.00": 0.05})
+    assert "fidelity 25% (on real inputs 40%)" in task_summary(record, [], n_tasks=3)
+    del record["metrics"]["pseudo.real_fidelity.synth.listops.00"]  # not all evaluated: no mean of a part
+    assert task_summary(record, [], n_tasks=3).endswith("fidelity 25%")

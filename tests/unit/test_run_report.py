@@ -69,6 +69,7 @@ def make_run(root: Path, *, method: str = "dmea", finished: bool = True, R=R) ->
                                    f"pseudo.kept.{TASKS[0]}": 32.0, f"pseudo.requested.{TASKS[0]}": 32.0})
         if i == 2:
             rec["series"][f"eta.replay:{TASKS[0]}"] = [10.0, 3.0, 1.5, 1.2, 1.0, 1.0]
+            rec["metrics"][f"pseudo.real_fidelity.{TASKS[0]}"] = 0.8
         (folder / "record.json").write_text(json.dumps(rec))
     if finished:
         (run / "metrics.json").write_text(json.dumps({"final_average": 65.7, "bwt": -2.7, "forgetting": 3.2}))
@@ -111,6 +112,7 @@ def test_load_run_reads_everything_the_report_shows(tmp_path):
     rows = pseudo_samples(run.records, TASKS)
     assert [(r["task"], r["of"], r["role"], r["fidelity"]) for r in rows] == [
         (TASKS[1], TASKS[0], "transfer", 0.6), (TASKS[2], TASKS[0], "transfer+replay", 0.7)]
+    assert [r["real_fidelity"] for r in rows] == [None, 0.8]  # the generating model's, on real inputs
 
 
 def test_a_stopped_run_gets_metrics_over_the_tasks_it_finished(tmp_path):

@@ -225,3 +225,30 @@ def test_gated_transfer_leaves_out_a_selected_task_whose_pseudo_samples_mostly_f
         assert any("not transferred" in w for w in record["params"]["warnings"])
     else:
         assert f"transfer:{TASKS[0]}" in keys and ts.transfer == [TASKS[0]]
+
+
+class PartlyRightKernels(FakeKernels):
+    """Answers that realise the first k test inputs of every task at the k-th evaluation, and nothing else."""
+
+    def answer(self, model, requests):
+        self.calls.append("answer")
+        k = self.calls.count("answer")
+        firsts = {row["context"] for t in self.run.tasks for row in t.rows["test"][:k]}
+        return [[row["answer"][0] if row["context"] in firsts else "" for row in r.rows] for r in requests]
+
+
+def test_pseudo_fidelity_is_read_against_the_generating_models_fidelity_on_real_inputs(tmp_path):
+    config = _config(tmp_path, "dmea")  # eval.max_samples 3: evaluation k realises k of 3 inputs per task
+    run_dir = tmp_path / "real"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: PartlyRightKernels(run),
+                              run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    records = [json.loads((run_dir / ts.record).read_text())["metrics"] for ts in coordinator.state.tasks]
+    assert [records[j][f"fidelity.{TASKS[0]}"] for j in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert records[2][f"fidelity.{TASKS[1]}"] == pytest.approx(1.0)
+    # task j's pseudo samples were written by the model evaluated after task j-1
+    assert records[1][f"pseudo.real_fidelity.{TASKS[0]}"] == pytest.approx(1 / 3)
+    assert records[2][f"pseudo.real_fidelity.{TASKS[0]}"] == pytest.approx(2 / 3)
+    assert records[2][f"pseudo.real_fidelity.{TASKS[1]}"] == pytest.approx(2 / 3)
+    assert f"pseudo.real_fidelity.{TASKS[0]}" not in records[0]
