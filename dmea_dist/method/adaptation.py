@@ -198,10 +198,11 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
                                    "lower train.lr (or train.full_finetune_lr) or check the data")
         for key, loss in getattr(stats, "losses", {}).items():
             result.losses.setdefault(key, []).append(float(loss))
-        for key, eta in getattr(stats, "etas", {}).items():
+        # an unscaled step (acm, lamol, the no-scaling ablation) reports eta 1 for every replayed task: that is
+        # no measurement, and recording it would print "eta at clamp 0%" for methods that never scale
+        for key, eta in (getattr(stats, "etas", {}) if getattr(stats, "scaled", True) else {}).items():
             result.etas.setdefault(key, []).append(float(eta))
-        for key, hit in getattr(stats, "clamped", {}).items():
-            result.clamp_hits[key] = result.clamp_hits.get(key, 0) + bool(hit)
+            result.clamp_hits[key] = result.clamp_hits.get(key, 0) + bool(getattr(stats, "clamped", {}).get(key))
         if on_step is not None:
             on_step(step + 1, total, loss=float(getattr(stats, "losses", {}).get(keys[0], float("nan"))))
         if on_checkpoint is not None and (step + 1) % every == 0 and step + 1 < total:

@@ -110,3 +110,34 @@ def test_rank_losses_average_to_the_global_batch_loss():
                               token_weights=weights).batch(0)[0] for r in range(world)]
         mean = sum(loss(b) for b in shares) / world  # what data-parallel averaging computes
         assert float(mean) == pytest.approx(float(loss(whole)), rel=1e-6)
+
+
+class _RecordingEngine:
+    """Engine fake: reports what DMEAEngine.step reports, eta 1 and nothing clamped when not scaling."""
+
+    virtual_shards = 0
+    module = torch.nn.Linear(1, 1)
+
+    def step(self, sub_batches, *, progress, scale, unscaled):
+        from dmea_dist.engine import StepStats
+
+        replay = [k for k, _ in sub_batches[1:] if k not in unscaled]
+        etas = {k: 10.0 if scale else 1.0 for k in replay}  # scaled: at the upper clamp bound
+        return StepStats(losses={k: 1.0 for k, _ in sub_batches}, etas=etas,
+                         clamped=dict.fromkeys(replay, scale), sq_norms={}, matched_sq_norms={}, scaled=scale)
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_eta_and_clamp_rate_are_recorded_only_for_scaled_steps(scale):
+    """Unscaled runs (acm, lamol, the ablation) printed 'eta at clamp 0%' from the engine's placeholder eta 1."""
+    from dmea_dist.method.adaptation import Source, adapt
+
+    qa = _examples(8)
+    sources = [Source(key, BatchStream(qa, qa, batch_size=4, pad_id=0, seed=key), path=None)
+               for key in ("new", "replay:a")]
+    result = adapt(_RecordingEngine(), sources=sources, epochs=2, lm_lambda=1.0, scale=scale)
+    assert result.steps == 4 and len(result.losses["replay:a"]) == 4
+    if scale:
+        assert result.etas == {"replay:a": [10.0] * 4} and result.clamp_rate() == 1.0
+    else:
+        assert result.etas == {} and result.clamp_hits == {} and result.clamp_rate() is None
