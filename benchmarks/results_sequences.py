@@ -131,7 +131,7 @@ def summarise(data: dict) -> dict:
     ms = [r["metrics"] for r in data["records"]]
     yields = [v for m in ms for k, v in m.items() if k.startswith("pseudo.yield.")]
     fids = [v for m in ms for k, v in m.items() if k.startswith("pseudo.fidelity.")]
-    # the generating models' fidelity on real inputs, over the same batches (runs before 2026-12-05 lack it)
+    # the generating models' fidelity on real inputs, over the same batches (runs before 584ac1f lack it)
     real = [m.get(k.replace("pseudo.fidelity.", "pseudo.real_fidelity.")) for m in ms for k in m
             if k.startswith("pseudo.fidelity.")]
     clamps = [m["eta_clamp_rate"] for m in ms if "eta_clamp_rate" in m]
