@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from dmea_dist.driver import run_sequence
+from dmea_dist.run import torch_threads
 from tests.integration.tiny_run import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -33,12 +33,8 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
 
     one_each = {"num_search_workers": 1, "num_generation_actors": 1, "num_train_workers": 1}
     config = tiny_config(tmp_path, ray=one_each)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # Ray workers compute with one thread each: same float reduction order
-    try:
+    with torch_threads(1):  # Ray workers compute with one thread each: same float reduction order
         local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
     handles, events = [], []
 
     def factory(cfg, run_dir, *, resume, progress=None):
@@ -71,12 +67,8 @@ def _in_process_and_on_ray(config, tmp_path):
     """The same config run in process at one thread (as every Ray worker computes) and on the embedded Ray."""
     from dmea_dist.distributed.coordinator import ray_coordinator_factory
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
-    finally:
-        torch.set_num_threads(threads)
     distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
                                coordinator_factory=ray_coordinator_factory)
     return local, distributed

@@ -16,9 +16,9 @@ import shutil
 import threading
 
 import pytest
-import torch
 
 from dmea_dist.kernels import run_search_job
+from dmea_dist.run import torch_threads
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -41,11 +41,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("ray_cluster")
-    yield prepare(root, pretrain_steps=20, train_steps=20)
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # the reference runs on one core, as each Ray worker does
+        yield prepare(tmp_path_factory.mktemp("ray_cluster"), pretrain_steps=20, train_steps=20)
 
 
 def tmp_path_factory_dir(env):

@@ -41,7 +41,7 @@ from dmea_dist.kernels import AnswerRequest, GenerateRequest, run_search_job
 from dmea_dist.method import expansion
 from dmea_dist.method.generation import generate_answers
 from dmea_dist.method.training import make_optimizer, task_loss
-from dmea_dist.run import build_run
+from dmea_dist.run import build_run, torch_threads
 from dmea_dist.state import RunState
 
 ray = pytest.importorskip("ray")
@@ -124,10 +124,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference runs on one core, as each Ray worker does
-    yield prepare(tmp_path_factory.mktemp("ray_workers"))
-    torch.set_num_threads(threads)
+    with torch_threads(1):  # the reference runs on one core, as each Ray worker does
+        yield prepare(tmp_path_factory.mktemp("ray_workers"))
 
 
 @pytest.fixture(scope="module")
