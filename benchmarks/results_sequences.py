@@ -166,7 +166,8 @@ def precision_at_k(data: dict, k: int) -> tuple[float | None, list[tuple]]:
 
 def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
     print("\n| run | method | order | seed | A_T (ROUGE-L) | BWT | forgetting | FWT | new modules/task "
-          "| yield min | yield mean | fidelity (on real inputs) | eta clamp | wall s | process s |\n" + "|---" * 15 + "|")
+          "| yield min | yield mean | fidelity (on real inputs) | eta clamp | wall s | process s |\n"
+          + "|---" * 15 + "|")
     done, per_method = [], {}
     for run in runs:
         data = load_run(out / "runs" / run[0])

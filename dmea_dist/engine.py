@@ -550,8 +550,9 @@ def owner_share(update: Tensor, *, rank: int, world: int) -> Tensor:
 
     Every rank writing `update` itself is not exact in general: 8 identical float32 values summed one after
     another and scaled by 1/8 differ from the value in about 4 of 10 elements (rounding of the partial sums;
-    2 and 4 copies came back exact on 100,000 random values, which the rounding argument does not promise). `update x world` on rank 0 and zeros elsewhere sums exactly in any order, and scaling by a power
-    of two is exact. In place.
+    2 and 4 copies came back exact on 100,000 random values, which the rounding argument does not promise).
+    `update x world` on rank 0 and zeros elsewhere sums exactly in any order, and scaling by a power of two
+    is exact. In place.
     """
     if world == 1:
         return update
@@ -678,8 +679,8 @@ def _no_shared_memory_op(deepspeed) -> None:
 
     To decide whether to load it, DeepSpeed probes every op it ships (compiler subprocesses, in every process
     that builds an engine: ~0.6 s measured here) and then JIT-compiles the op with g++ and ninja (33 s, the
-    first time on a machine, which then needs a compiler). The op serves only `inference_all_reduce` (tensor-parallel inference); training reduces
-    through torch.distributed. So the probe's one answer that matters is given here, once per process: no
+    first time on a machine, which then needs a compiler). The op serves only `inference_all_reduce`
+    (tensor-parallel inference); training reduces through torch.distributed. So the probe's one answer that matters is given here, once per process: no
     shared-memory op. A probe that already ran (someone asked DeepSpeed first) is left as it is.
     """
     ops = deepspeed.ops

@@ -226,7 +226,8 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
             seen = {i for seq in ids for i in seq}
             run_only = {i for seq in tokenizer(run_text, add_special_tokens=False)["input_ids"] for i in seq} - seen
             special = SpecialTokenIds.from_tokenizer(tokenizer)
-            reserve_rows(backbone, sorted(run_only | set(special.tasks) | ({special.ans} - seen)), seed=config.train.seed)
+            reserve = run_only | set(special.tasks) | ({special.ans} - seen)
+            reserve_rows(backbone, sorted(reserve), seed=config.train.seed)
     _publish(cache, lambda folder: (tokenizer.save_pretrained(folder), backbone.save_pretrained(folder)))
     return tokenizer, backbone
 
