@@ -135,7 +135,8 @@ def check_input(config: RunConfig) -> None:
     if config.model.pretrained:
         check_and_say(load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks))
     else:
-        tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say)
+        tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say,
+                      load_model=False)
 
 
 def without_credentials(config: RunConfig) -> RunConfig:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -46,8 +46,10 @@ from dmea_dist.data.tokenizer import (
 )
 from dmea_dist.errors import ConfigError, DataError
 from dmea_dist.method.policy import MethodPolicy, method_policy
-from dmea_dist.modeling.model import DMEAModel
-from dmea_dist.modeling.pretrain import pretrain_lm, reserve_rows
+
+if TYPE_CHECKING:  # the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is built,
+    # so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
+    from dmea_dist.modeling.model import DMEAModel
 
 HELDOUT_INDEX = 1000  # synthetic tasks at this index and above pretrain tiny backbones
 
@@ -173,7 +175,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
-                  check_tokenizer: Callable[[Any], None] | None = None):
+                  check_tokenizer: Callable[[Any], None] | None = None, load_model: bool = True):
     """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk.
 
     The BPE covers the pretraining text and the run's text, as GPT-2's BPE
@@ -189,9 +191,9 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
 
     `check_tokenizer(tokenizer)` runs as soon as the tokenizer exists, before
     pretraining: inputs too long for the model fail in seconds, not minutes.
+    `load_model=False`: (tokenizer, None) when the backbone is cached (a check
+    that needs only the tokenizer); a backbone not yet cached is still made.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
                "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
@@ -202,7 +204,15 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
     if (cache / "model.safetensors").is_file():
         tokenizer = load_tokenizer(cache)
         check(tokenizer)
+        if not load_model:
+            return tokenizer, None
+        from transformers import GPT2LMHeadModel
+
         return tokenizer, GPT2LMHeadModel.from_pretrained(cache)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dmea_dist.modeling.pretrain import pretrain_lm, reserve_rows
+
     run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
     pairs = pretraining_samples(config, tasks) if pre.corpus != "none" else []
     tokenizer = train_bpe_tokenizer(run_text + [f"{x} {y}" for x, y in pairs], vocab_size=tiny.vocab_size,
@@ -279,6 +289,8 @@ def length_check(config: RunConfig, tasks: list[Task], *, positions: int) -> Cal
 
 def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
     """Resolve the config into tasks, tokenizer, model and formatter (no DMEA training yet)."""
+    from dmea_dist.modeling.model import DMEAModel
+
     tasks = load_tasks(config)
     m = config.model
     check = length_check(config, tasks, positions=check_max_length(config))
@@ -307,6 +319,7 @@ def reopen_run(config: RunConfig, run_dir: str | Path, *, backbone: str | None =
     from transformers import GPT2LMHeadModel
 
     from dmea_dist.modeling.io import load_modules
+    from dmea_dist.modeling.model import DMEAModel
 
     m, run_dir = config.model, Path(run_dir)
     tasks = load_tasks(config)

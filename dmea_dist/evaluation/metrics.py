@@ -36,7 +36,6 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 METRICS = ("rouge", "bleu", "em")
@@ -87,6 +86,9 @@ def rouge_scores(
     best reference (highest F-measure) counts: rouge-score's `score_multi`.
     Returns `rouge1`, `rouge2`, `rougeL` and `rouge_avg` (mean of the three).
     """
+    # imported here, not with this module: it imports nltk (~1.4 s), which only scoring needs
+    from rouge_score import rouge_scorer
+
     refs = _check_inputs(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
