@@ -14,7 +14,13 @@ settings: search tasks, generation actors and training workers receive
 values (`SearchJob`, `DecodingSettings`, `EngineSettings`), never a config.
 With `ray.warm_up`, `ray_kernels` also starts every worker at once
 (`RayKernels.warm_up`), without waiting for them, so that their start-up
-overlaps the run's set-up.
+overlaps the run's set-up. Without it (the roles take turns on the same
+cores, e.g. an embedded Ray on a laptop) the workers start in turn: the
+training ranks at the first adaptation, and once they are up the generation
+actors, then the search workers once the actors are (`_start_the_rest`):
+adaptation runs one thread, so their imports use the core it leaves idle
+instead of the later stages' time (the quick start: ~3 s sooner, see
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -98,6 +104,15 @@ class RayKernels:
             self.group.launch(model)
         self._warming = warm_search_workers(self.sizes.num_search_workers, cpus=self.sizes.search_cpus)
 
+    def _start_the_rest(self, model) -> None:
+        """Start the training ranks and wait for them; then, without waiting, the generation actors and,
+        once those are up, the search workers' processes (module docstring: in turn)."""
+        self.group.start(model)
+        if not self.pool.started:
+            self.pool.start(model)
+        ready = [actor.node_id.remote() for actor in self.pool.actors]  # resolved once the actors are up
+        self._warming = warm_search_workers(self.sizes.num_search_workers, cpus=self.sizes.search_cpus, after=ready)
+
     def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
         require_ray()
         pairs = search_candidates(model, list(jobs), data, num_workers=self.sizes.num_search_workers,
@@ -121,6 +136,8 @@ class RayKernels:
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
         if self.group is not None:
             require_ray()
+            if not self.group.started and not self.sizes.warm_up:
+                self._start_the_rest(model)
             result = self.group(model, job, checkpoint_dir=checkpoint_dir)
             self.placement.train.update(self.group.nodes)
             return result

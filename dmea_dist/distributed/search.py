@@ -50,19 +50,21 @@ def run_candidate(snapshot: dict[str, Any], job: SearchJob, data: SearchData, *,
     return result, ray.get_runtime_context().get_node_id()
 
 
-def _ready() -> str:
-    """A search worker's first task: its process is up and this module (torch, transformers) imported."""
+def _ready(*after: Any) -> str:
+    """A search worker's first task: its process is up and this module (torch, transformers) imported.
+    `after`: values of the refs it waited for (Ray runs it only once they are ready), unused."""
     return ray.get_runtime_context().get_node_id()
 
 
-def warm_search_workers(num_workers: int, *, cpus: float) -> list:
-    """Start `num_workers` search worker processes now, without waiting (refs of their first, empty task).
+def warm_search_workers(num_workers: int, *, cpus: float, after: Sequence = ()) -> list:
+    """Start `num_workers` search worker processes, without waiting (refs of their first, empty task);
+    with `after` (object refs), once those are ready.
 
     Ray keeps a task's worker process for later tasks with the same runtime environment, so the first
     search (at the second task) finds processes with their imports done instead of starting them.
     """
     task = ray.remote(_ready)
-    return [task.options(num_cpus=cpus, num_gpus=0, runtime_env={"env_vars": worker_env(cpus)}).remote()
+    return [task.options(num_cpus=cpus, num_gpus=0, runtime_env={"env_vars": worker_env(cpus)}).remote(*after)
             for _ in range(num_workers)]
 
 

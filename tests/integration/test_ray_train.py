@@ -336,6 +336,37 @@ def test_a_group_launched_ahead_trains_the_model_as_it_is_at_its_first_job(ray_s
                     trained_state(reference, first.trainable)["modules"]) <= 1e-5
 
 
+def test_without_warm_up_the_workers_start_in_turn_behind_the_first_adaptation(ray_session, tiny, in_process_first,
+                                                                               tmp_path):
+    """ray.warm_up off (the roles take turns on the same cores): the first adaptation starts the training ranks
+    and, once they are up, the generation actors and then the search workers' processes, without waiting for
+    them (their imports use the core the one-thread adaptation leaves idle); it trains what one process trains."""
+    from dmea_dist.config import RayConfig
+    from dmea_dist.coordinator import decoding_settings
+    from dmea_dist.data.tokenizer import load_tokenizer
+    from dmea_dist.distributed.kernels import RayKernels
+
+    cfg, model, job, _ = tiny
+    want_model, want = in_process_first
+    sizes = RayConfig(warm_up=False, num_train_workers=1, train_cpus=1, num_generation_actors=1,
+                      generation_cpus=0.5, num_search_workers=1, search_cpus=0.5)  # all of them fit in 2 CPUs
+    kernels = RayKernels(tokenizer=load_tokenizer(cfg.output_dir + "/run/tokenizer"), max_length=96,
+                         engine=engine_settings(cfg), decoding=decoding_settings(cfg), sizes=sizes,
+                         storage_path=tmp_path)
+    try:
+        assert not kernels.group.started and not kernels.pool.started and not kernels._warming
+        driver_model = copy.deepcopy(model)
+        got = kernels.adapt(driver_model, job, checkpoint_dir=tmp_path / "a")
+        assert kernels.pool.started and len(kernels._warming) == 1  # started behind the ranks, not at first use
+        assert ray.get(kernels._warming, timeout=120)  # the search worker's process is up, its imports done
+        assert ray.get([a.node_id.remote() for a in kernels.pool.actors], timeout=120)
+    finally:
+        kernels.close()
+    assert_results_close(got, want, tol=1e-5)
+    assert max_diff(trained_state(driver_model, job.trainable)["modules"],
+                    trained_state(want_model, job.trainable)["modules"]) <= 1e-5
+
+
 def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray_session, tiny, tmp_path):
     """SIGKILL a rank after its first epoch checkpoint: the group restarts and continues from that checkpoint;
     the result is the uninterrupted in-process one."""
