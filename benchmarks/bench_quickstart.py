@@ -9,6 +9,11 @@ machine hits both alike.
     python benchmarks/bench_quickstart.py                 # the default against one search worker
     python benchmarks/bench_quickstart.py --repeats 3 --cold
     python benchmarks/bench_quickstart.py --variants "default,virtual shards 4"
+    python benchmarks/bench_quickstart.py --code ../before,.      # two checkouts (e.g. git worktrees)
+
+A checkout runs with it as working directory and PYTHONPATH: Ray workers put the driver's working
+directory first on sys.path, so PYTHONPATH alone would run the checkout's driver with the workers of
+whichever checkout the shell is in.
 
 Prints one row per run (wall s and the stage seconds the run reported) and the mean per variant.
 """
@@ -35,8 +40,10 @@ VARIANTS = {
 STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
 
 
-def run_once(config: str, sets: list[str], work: Path, output_dir: Path) -> tuple[float, dict[str, float], str]:
-    """(wall s, stage s summed by stage, the final metrics line) of one `dmea run` in a fresh process."""
+def run_once(config: str, sets: list[str], work: Path, output_dir: Path,
+             code: Path = REPO) -> tuple[float, dict[str, float], str]:
+    """(wall s, stage s summed by stage, the final metrics line) of one `dmea run` in a fresh process, on the
+    checkout `code` (working directory and PYTHONPATH)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -44,9 +51,9 @@ def run_once(config: str, sets: list[str], work: Path, output_dir: Path) -> tupl
            "--set", f"output_dir={output_dir}", "--set", f"tracking.uri=sqlite:///{work}/mlflow.db"]
     for item in sets:
         cmd += ["--set", item]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -64,21 +71,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant")
     ap.add_argument("--cold", action="store_true", help="also time one run that pretrains the backbone")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    ap.add_argument("--code", default=None,
+                    help="comma-separated checkouts to compare, each on the default settings (instead of --variants)")
     ap.add_argument("--output-dir", type=Path, default=REPO / "runs",
                     help="output_dir of the runs, whose _cache holds the backbone (default: the quick start's)")
     args = ap.parse_args()
     names = args.variants.split(",")
+    codes = {name: REPO for name in names}
+    if args.code:
+        codes = {str(Path(c)): Path(c).resolve() for c in args.code.split(",")}
+        names = list(codes)
+        for name in names:
+            VARIANTS[name] = []
     root = Path(tempfile.mkdtemp(prefix="bench-quickstart-"))
     cache_dir = root / "out" if args.cold else args.output_dir
     rows = []
     if args.cold:  # an empty cache: this run pretrains the backbone
-        wall, stages, final = run_once(args.config, VARIANTS[names[0]], root / "cold", cache_dir)
+        wall, stages, final = run_once(args.config, VARIANTS[names[0]], root / "cold", cache_dir, codes[names[0]])
         rows.append((f"{names[0]} (cold: pretrains)", wall, stages, final))
     elif not (cache_dir / "_cache").is_dir():
-        run_once(args.config, VARIANTS[names[0]], root / "warm-cache", cache_dir)  # fills the cache, not counted
+        run_once(args.config, VARIANTS[names[0]], root / "warm-cache", cache_dir,
+                 codes[names[0]])  # fills the cache, not counted
     for _ in range(args.repeats):
         for name in names:
-            wall, stages, final = run_once(args.config, VARIANTS[name], root / "run", cache_dir)
+            wall, stages, final = run_once(args.config, VARIANTS[name], root / "run", cache_dir, codes[name])
             rows.append((name, wall, stages, final))
             print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(root, ignore_errors=True)
