@@ -19,8 +19,8 @@ cores, e.g. an embedded Ray on a laptop) the workers start in turn: the
 training ranks at the first adaptation, and once they are up the generation
 actors, then the search workers once the actors are (`_start_the_rest`):
 adaptation runs one thread, so their imports use the core it leaves idle
-instead of the later stages' time (the quick start: ~3 s sooner, see
-docs/BENCHMARKS.md).
+instead of the later stages' time (on the quick start the first evaluation
+and the second task's search no longer start processes: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
