@@ -76,25 +76,26 @@ def main() -> None:
     ap.add_argument("--output-dir", type=Path, default=REPO / "runs",
                     help="output_dir of the runs, whose _cache holds the backbone (default: the quick start's)")
     args = ap.parse_args()
-    names = args.variants.split(",")
-    codes = {name: REPO for name in names}
+    # what each compared run is: (its --set overrides, the checkout it runs)
     if args.code:
-        codes = {str(Path(c)): Path(c).resolve() for c in args.code.split(",")}
-        names = list(codes)
-        for name in names:
-            VARIANTS[name] = []
+        runs = {c: ([], Path(c).resolve()) for c in args.code.split(",")}
+    else:
+        runs = {name: (VARIANTS[name], REPO) for name in args.variants.split(",")}
+    names = list(runs)
     root = Path(tempfile.mkdtemp(prefix="bench-quickstart-"))
     cache_dir = root / "out" if args.cold else args.output_dir
     rows = []
     if args.cold:  # an empty cache: this run pretrains the backbone
-        wall, stages, final = run_once(args.config, VARIANTS[names[0]], root / "cold", cache_dir, codes[names[0]])
+        sets, code = runs[names[0]]
+        wall, stages, final = run_once(args.config, sets, root / "cold", cache_dir, code)
         rows.append((f"{names[0]} (cold: pretrains)", wall, stages, final))
     elif not (cache_dir / "_cache").is_dir():
-        run_once(args.config, VARIANTS[names[0]], root / "warm-cache", cache_dir,
-                 codes[names[0]])  # fills the cache, not counted
+        sets, code = runs[names[0]]
+        run_once(args.config, sets, root / "warm-cache", cache_dir, code)  # fills the cache, not counted
     for _ in range(args.repeats):
         for name in names:
-            wall, stages, final = run_once(args.config, VARIANTS[name], root / "run", cache_dir, codes[name])
+            sets, code = runs[name]
+            wall, stages, final = run_once(args.config, sets, root / "run", cache_dir, code)
             rows.append((name, wall, stages, final))
             print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(root, ignore_errors=True)
