@@ -339,8 +339,9 @@ class RayConfig:
     # (train_group), a Ray Train TorchTrainer per task (ray_train: start-up every task), or the coordinator itself
     adapt_on: Literal["train_group", "ray_train", "coordinator"] = "train_group"
     max_failures: int = 2  # restarts of the training ranks after one dies, each from the last epoch checkpoint
-    # start every worker when the run starts (RayKernels.warm_up); false: in turn, behind the first adaptation
-    # (the training ranks, then the generation actors, then the search workers: distributed/kernels.py).
+    # start every worker when the run starts (RayKernels.warm_up); false: in turn (the training ranks, which
+    # `dmea run` launches from the driver either way, then behind the first adaptation the generation actors,
+    # then the search workers: distributed/kernels.py).
     # None: at once where the roles have cores of their own (a cluster; an embedded Ray with cores to spare),
     # in turn where they take turns on the same cores
     warm_up: bool | None = None

@@ -2,7 +2,8 @@
 
     driver (dmea run / dmea resume / ray_jobs/run_sequence.py)
       connect(): embedded local Ray, or join a cluster (address / $RAY_ADDRESS)
-      ray_coordinator_factory(): the Coordinator as an actor on the driver's node
+      ray_coordinator_factory(): the training ranks, launched without a model
+        (`launch_ranks`), then the Coordinator as an actor on the driver's node
     Coordinator actor
       owns the run's state on disk and steps its stages; heavy work goes to
       RayKernels: search tasks, generation actors, Ray Train workers
@@ -12,6 +13,12 @@ the driver's, which logs it to MLflow: the driver stays the only process that
 talks to MLflow. It takes no CPU reservation: it only orchestrates and runs
 the light stages (selection, recording). The driver holds a `RemoteCoordinator`,
 which has the Coordinator's methods and waits for each call.
+
+The training ranks (`ray.adapt_on: train_group`) are launched first, before
+any model exists: their processes, imports (DeepSpeed, ~4 s) and process
+group come up while the actor imports and builds the run, instead of after
+it, at the first adaptation. The actor's kernels adopt them and give them
+the model at that first adaptation (distributed/train_group.py).
 
 Live progress: the kernels report steps (search candidates, generation
 requests, adaptation steps with the loss, evaluation) inside the actor. There
@@ -23,6 +30,7 @@ plain lines as in process.
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,9 +38,10 @@ from typing import Any
 import ray
 
 from dmea_dist.config import RunConfig
-from dmea_dist.coordinator import Coordinator
+from dmea_dist.coordinator import Coordinator, engine_settings
 from dmea_dist.distributed.cluster import connect  # noqa: F401 - the entry points' one import for Ray
 from dmea_dist.distributed.kernels import ray_kernels
+from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
 
 
 class ProgressRelay:
@@ -71,8 +80,8 @@ class RemoteCoordinator:
 
     POLL_S = 0.5
 
-    def __init__(self, actor, progress=None):
-        self.actor, self.progress = actor, progress
+    def __init__(self, actor, progress=None, ranks: LaunchedRanks | None = None):
+        self.actor, self.progress, self.ranks = actor, progress, ranks
 
     def __getattr__(self, name: str):
         method = getattr(self.actor, name)
@@ -95,6 +104,20 @@ class RemoteCoordinator:
             ray.get(self.actor.close.remote(), timeout=60)
         finally:
             ray.kill(self.actor)
+            if self.ranks is not None:  # the actor's kernels released them, unless it failed before it had any
+                self.ranks.release()
+
+
+def launch_ranks(config: RunConfig) -> LaunchedRanks | None:
+    """The run's training ranks, launched now without a model, for its coordinator to adopt (module
+    docstring); None where adaptation does not run on a training group."""
+    sizes = config.ray
+    if sizes.adapt_on != "train_group":
+        return None
+    group = TrainGroup(engine_settings(config), num_workers=sizes.num_train_workers, cpus_per_worker=sizes.train_cpus,
+                       use_gpu=sizes.use_gpu, placement_strategy=sizes.placement_strategy)
+    group.launch()
+    return group.launched()
 
 
 def ray_coordinator_factory(config: RunConfig, run_dir: str | Path, *, resume: bool = False,
@@ -102,9 +125,11 @@ def ray_coordinator_factory(config: RunConfig, run_dir: str | Path, *, resume: b
     """For `driver.run_sequence(coordinator_factory=...)`: Ray must be connected first (`connect`)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    ranks = launch_ranks(config)
     here = ray.get_runtime_context().get_node_id()
     # two calls at once: a step, and the driver's polls of its progress (only those run beside a step)
     actor = ray.remote(num_cpus=0, max_concurrency=2)(RelayingCoordinator).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(config, str(Path(run_dir).resolve()), resume=resume, kernels_factory=ray_kernels)
-    return RemoteCoordinator(actor, progress=progress)
+    ).remote(config, str(Path(run_dir).resolve()), resume=resume,
+             kernels_factory=functools.partial(ray_kernels, ranks=ranks))
+    return RemoteCoordinator(actor, progress=progress, ranks=ranks)

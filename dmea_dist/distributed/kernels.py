@@ -16,8 +16,10 @@ With `ray.warm_up`, `ray_kernels` also starts every worker at once
 (`RayKernels.warm_up`), without waiting for them, so that their start-up
 overlaps the run's set-up. Without it (the roles take turns on the same
 cores, e.g. an embedded Ray on a laptop) the workers start in turn: the
-training ranks at the first adaptation, and once they are up the generation
-actors, then the search workers once the actors are (`_start_the_rest`):
+training ranks first (`dmea run` launches them from the driver while this
+coordinator starts, `ranks`; else at the first adaptation), and at the first
+adaptation, once they are up, the generation actors, then the search workers
+once the actors are (`_start_the_rest`):
 adaptation runs one thread, so their imports use the core it leaves idle
 instead of the later stages' time (on the quick start the first evaluation
 and the second task's search no longer start processes: docs/BENCHMARKS.md).
@@ -36,7 +38,7 @@ from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import Progress, require_ray
 from dmea_dist.distributed.generation_pool import GenerationPool
 from dmea_dist.distributed.search import check_resources, search_candidates, warm_search_workers
-from dmea_dist.distributed.train_group import TrainGroup
+from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
 from dmea_dist.distributed.train_workers import RayTrainAdapter
 from dmea_dist.kernels import (
     AnswerRequest,
@@ -68,7 +70,8 @@ class RayKernels:
 
     def __init__(self, *, tokenizer, max_length: int, engine: EngineSettings, decoding: DecodingSettings,
                  sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False,
-                 ready_timeout_s: float = 120.0, progress: Progress | None = None):
+                 ready_timeout_s: float = 120.0, progress: Progress | None = None,
+                 ranks: LaunchedRanks | None = None):
         sizes = sizes.sized(local_cores=None)  # unset: 1 search worker (the CLI sizes it for where it runs)
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
                         strategy=sizes.placement_strategy)
@@ -89,8 +92,14 @@ class RayKernels:
                                     use_gpu=sizes.use_gpu, placement_strategy=sizes.placement_strategy,
                                     max_failures=sizes.max_failures, ready_timeout_s=ready_timeout_s,
                                     progress=progress)
+        if ranks is not None:  # launched by the driver before the model existed (distributed/train_group.py)
+            if self.group is not None and self.group.fits(ranks):
+                self.group.adopt(ranks)
+            else:
+                ranks.release()
         self.placement = Placement()
         self._warming: list = []  # refs of the search workers' first tasks (warm_up)
+        self._in_turn = not sizes.warm_up  # the first adaptation starts the other workers (`_start_the_rest`)
 
     def warm_up(self, model) -> None:
         """Start the run's workers now, without waiting for them: the generation actors, the training ranks
@@ -136,7 +145,8 @@ class RayKernels:
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
         if self.group is not None:
             require_ray()
-            if not self.group.started and not self.sizes.warm_up:
+            if self._in_turn:
+                self._in_turn = False
                 self._start_the_rest(model)
             result = self.group(model, job, checkpoint_dir=checkpoint_dir)
             self.placement.train.update(self.group.nodes)
@@ -160,8 +170,9 @@ class RayKernels:
             self.trainer.close()
 
 
-def ray_kernels(run, progress: Progress | None = None) -> RayKernels:
-    """The kernels of `run` on the Ray this process is connected to (sizes from its `ray:` section)."""
+def ray_kernels(run, progress: Progress | None = None, ranks: LaunchedRanks | None = None) -> RayKernels:
+    """The kernels of `run` on the Ray this process is connected to (sizes from its `ray:` section); `ranks`:
+    training ranks the driver launched ahead (`launch_ranks`)."""
     from dmea_dist.coordinator import decoding_settings, engine_settings
 
     config = run.config
@@ -172,7 +183,7 @@ def ray_kernels(run, progress: Progress | None = None) -> RayKernels:
     kernels = RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length,
                          engine=engine_settings(config), decoding=decoding_settings(config),
                          sizes=config.ray, storage_path=Path(run.run_dir).resolve() / "_ray_train",
-                         full_finetune=run.policy.full_finetune, progress=progress)
+                         full_finetune=run.policy.full_finetune, progress=progress, ranks=ranks)
     if config.ray.warm_up:  # None (not sized for a place, e.g. in a notebook): at first use
         kernels.warm_up(run.model)
     return kernels

@@ -4,11 +4,16 @@ Ray Train builds a trainer, a placement group, worker processes, a process
 group and a DeepSpeed build for every `fit`: ~13-33 s per task on a laptop,
 for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
 
-* `launch` (when the run starts, `RayKernels.warm_up`; else the first call):
-  N `TrainWorker` actors in a placement group (PACK by
-  default), each with a model replica; they join one gloo (CPU) or nccl (GPU)
-  process group over a TCP rendezvous that rank 0 offers. DeepSpeed finds
-  the group initialised and joins it (`engine.build_engine`).
+* `launch`: N `TrainWorker` actors in a placement group (PACK by default),
+  each with a model replica; they join one gloo (CPU) or nccl (GPU) process
+  group over a TCP rendezvous that rank 0 offers. DeepSpeed finds the group
+  initialised and joins it (`engine.build_engine`). `dmea run` launches the
+  ranks from the driver right after Ray is up, before any model exists
+  (`launch_ranks`): their processes, imports and process group then come up
+  while the coordinator actor imports and builds the run, and the
+  coordinator's group adopts them (`adopt`) and gives them the model at its
+  first job. Otherwise the group is launched when the run starts
+  (`RayKernels.warm_up`) or at the first job.
 * every call: the coordinator's model reaches the replicas as its module
   pools, paths and next_ids (adapter-sized; the backbone only when its
   checksum changed, e.g. full fine-tuning), then every rank runs
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +58,19 @@ from dmea_dist.method.adaptation import AdaptJob, AdaptResult, load_trained_stat
 class TrainWorker:
     """One rank of the group (a Ray actor; a plain class, so it also runs in-process)."""
 
-    def __init__(self, snapshot: dict[str, Any], *, engine: EngineSettings, cpus: float):
+    def __init__(self, snapshot: dict[str, Any] | None, *, engine: EngineSettings, cpus: float):
         configure_threads(cpus)
         import deepspeed  # noqa: F401 - imported now, while the run starts, not in the first job
 
         from dmea_dist.distributed import train_workers  # noqa: F401 - likewise (the ZeRO-3 gathering)
 
-        self.model = build_model(snapshot)
+        self.model = build_model(snapshot) if snapshot is not None else None  # None: `load` gives it
         self.engine = engine
         self.rank = self.world = None
+
+    def load(self, snapshot: dict[str, Any]) -> None:
+        """The replica, for a rank launched before the model existed (`launch_ranks`)."""
+        self.model = build_model(snapshot)
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 offers the rendezvous: this node's IP and a free port."""
@@ -98,6 +108,29 @@ class TrainWorker:
             dist.destroy_process_group()
 
 
+@dataclass
+class LaunchedRanks:
+    """Ranks launched without a model (`TrainGroup.launch()`), handed to the group that will use them
+    (`TrainGroup.adopt`), e.g. from the driver to the coordinator actor: plain Ray handles, picklable."""
+
+    workers: list
+    placement_group: Any
+    joining: list  # the ranks' `join` calls
+    launched_at: float  # time.time() at launch (the driver and the coordinator share a node's clock)
+    engine: EngineSettings
+    cpus: float
+    use_gpu: bool
+
+    def release(self) -> None:
+        """Stop the ranks and free their CPUs (idempotent: the group that adopted them may have already)."""
+        for worker in self.workers:
+            ray.kill(worker)
+        try:
+            remove_placement_group(self.placement_group)
+        except Exception:  # noqa: BLE001 - removed already (the adopting group's shutdown)
+            pass
+
+
 class TrainGroup:
     """`adapt(model, job, checkpoint_dir)` on N long-lived ranks (module docstring)."""
 
@@ -114,6 +147,7 @@ class TrainGroup:
         self.start_seconds = 0.0  # what starting the group cost, paid once (and at a restart)
         self._pg = None
         self._joining: list | None = None  # the ranks' join calls, from `launch` until `start` has waited
+        self._empty = False  # ranks launched without a model: `start` loads it
         self._launched = 0.0
         self._checksum: tuple[float, ...] | None = None
         self._relay = ProgressRelay(progress) if progress is not None else None  # rank 0's steps, to `progress`
@@ -122,16 +156,17 @@ class TrainGroup:
     def started(self) -> bool:
         return bool(self.workers)
 
-    def launch(self, model) -> None:
+    def launch(self, model=None) -> None:
         """Create the ranks, replicas of `model` as it is now, and have them join their process group,
         without waiting: the first job waits (`start`). With `ray.warm_up` the group is launched when the
-        run starts (`RayKernels.warm_up`), so its start-up overlaps the run's own set-up."""
-        self._launched = time.perf_counter()
+        run starts (`RayKernels.warm_up`), so its start-up overlaps the run's own set-up. Without `model`
+        the ranks hold none until `start` gives them one (`launched`, `adopt`)."""
+        self._launched = time.time()
         bundle = {"CPU": float(self.cpus), **({"GPU": 1.0} if self.use_gpu else {})}
         self._pg = reserve(self.num_workers, cpus=self.cpus, strategy=self.strategy, timeout_s=self.ready_timeout_s,
                            what="the training group", bundle=bundle)
         env = worker_env(self.cpus) if not self.use_gpu else {"OMP_NUM_THREADS": str(max(1, int(self.cpus)))}
-        snapshot = ray.put(model_snapshot(model))
+        snapshot = ray.put(model_snapshot(model)) if model is not None else None
         cls = ray.remote(TrainWorker)
         self.workers = [
             cls.options(num_cpus=self.cpus, num_gpus=1 if self.use_gpu else 0, runtime_env={"env_vars": env},
@@ -142,16 +177,47 @@ class TrainGroup:
         master = self.workers[0].address.remote()  # resolved by Ray before each join runs
         backend = "nccl" if self.use_gpu else "gloo"
         self._joining = [w.join.remote(rank, self.num_workers, master, backend) for rank, w in enumerate(self.workers)]
-        self._checksum = backbone_checksum(model)
+        self._empty = model is None
+        self._checksum = backbone_checksum(model) if model is not None else None
+
+    def launched(self) -> LaunchedRanks:
+        """The ranks of `launch()` (no model), to be adopted by the group that uses them; this group lets
+        go of them."""
+        if not self._empty or self._joining is None:
+            raise RuntimeError("launched(): only ranks just launched without a model can be handed over")
+        ranks = LaunchedRanks(workers=self.workers, placement_group=self._pg, joining=self._joining,
+                              launched_at=self._launched, engine=self.engine, cpus=self.cpus, use_gpu=self.use_gpu)
+        self.workers, self._pg, self._joining, self._empty = [], None, None, False
+        return ranks
+
+    def fits(self, ranks: LaunchedRanks) -> bool:
+        """Whether `ranks` are what this group would launch (their number, CPUs, device and DeepSpeed settings)."""
+        return ((len(ranks.workers), ranks.cpus, ranks.use_gpu, ranks.engine)
+                == (self.num_workers, self.cpus, self.use_gpu, self.engine))
+
+    def adopt(self, ranks: LaunchedRanks) -> None:
+        """Use ranks launched elsewhere without a model (`launch()`, `launched`) as this group's; the first job
+        gives them the model (`start`)."""
+        if self.started or not self.fits(ranks):
+            raise RuntimeError("adopt(): the group is started already, or the ranks are not the group's size")
+        self.workers, self._pg, self._joining = list(ranks.workers), ranks.placement_group, list(ranks.joining)
+        self._launched, self._empty, self._checksum = ranks.launched_at, True, None
 
     def start(self, model) -> None:
-        """Launch the group unless it was, and wait until every rank has joined."""
+        """Launch the group unless it was, wait until every rank has joined, and give ranks launched without
+        a model `model` as it is now."""
         if not self.started:
             self.launch(model)
+        waited = self._joining is not None or self._empty
         if self._joining is not None:
             self.nodes = ray.get(self._joining)
             self._joining = None
-            self.start_seconds += time.perf_counter() - self._launched
+        if self._empty:
+            snapshot = ray.put(model_snapshot(model))
+            ray.get([w.load.remote(snapshot) for w in self.workers])
+            self._checksum, self._empty = backbone_checksum(model), False
+        if waited:
+            self.start_seconds += time.time() - self._launched
 
     def __call__(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
         for attempt in range(self.max_failures + 1):
@@ -184,7 +250,7 @@ class TrainGroup:
 
     def _sync(self, model) -> None:
         """Start the group, or bring its replicas to `model` (modules always, backbone if it changed)."""
-        if not self.started:
+        if not self.started or self._empty:
             self.start(model)
             return  # the replicas are `model` as of now
         self.start(model)  # launched ahead (warm_up): wait for its ranks, then sync
@@ -196,7 +262,7 @@ class TrainGroup:
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
-        self.workers, self.nodes, self._joining = [], [], None
+        self.workers, self.nodes, self._joining, self._empty = [], [], None, False
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

@@ -367,6 +367,52 @@ def test_without_warm_up_the_workers_start_in_turn_behind_the_first_adaptation(r
                     trained_state(want_model, job.trainable)["modules"]) <= 1e-5
 
 
+def test_ranks_launched_before_the_model_exists_are_adopted_and_train_it(ray_session, tiny, in_process_first,
+                                                                       tmp_path):
+    """`dmea run` launches the training ranks from the driver before any model exists (`launch_ranks`), so
+    their start-up overlaps the coordinator's; the coordinator's kernels adopt them, give them the model at
+    the first adaptation, which trains what one process trains on those very ranks, and (warm_up off)
+    start the other workers behind it. Ranks that do not fit the kernels' sizes are released, not kept."""
+    from dmea_dist.config import RayConfig
+    from dmea_dist.coordinator import decoding_settings
+    from dmea_dist.data.tokenizer import load_tokenizer
+    from dmea_dist.distributed.coordinator import launch_ranks
+    from dmea_dist.distributed.kernels import RayKernels
+
+    cfg, model, job, _ = tiny
+    want_model, want = in_process_first
+    sizes = RayConfig(warm_up=False, num_train_workers=1, train_cpus=1, num_generation_actors=1,
+                      generation_cpus=0.5, num_search_workers=1, search_cpus=0.5)  # all of them fit in 2 CPUs
+    config = dataclasses.replace(cfg, ray=sizes)
+    assert launch_ranks(dataclasses.replace(config, ray=dataclasses.replace(sizes, adapt_on="coordinator"))) is None
+    ranks = launch_ranks(config)
+    assert ray.get(ranks.joining, timeout=120)  # up, imported and joined, with no model anywhere yet
+    settings = dict(tokenizer=load_tokenizer(cfg.output_dir + "/run/tokenizer"), max_length=96,
+                    engine=engine_settings(config), decoding=decoding_settings(config), storage_path=tmp_path)
+    kernels = RayKernels(sizes=sizes, ranks=ranks, **settings)
+    try:
+        assert kernels.group.started and kernels.group.workers == ranks.workers
+        driver_model = copy.deepcopy(model)
+        got = kernels.adapt(driver_model, job, checkpoint_dir=tmp_path / "a")
+        assert kernels.group.workers == ranks.workers and kernels.group.restarts == 0  # the adopted ranks did it
+        assert kernels.pool.started and len(kernels._warming) == 1  # the rest started behind them, as before
+    finally:
+        kernels.close()
+        ranks.release()  # what the driver does at the end: the kernels released them already; harmless
+    assert_results_close(got, want, tol=1e-5)
+    assert max_diff(trained_state(driver_model, job.trainable)["modules"],
+                    trained_state(want_model, job.trainable)["modules"]) <= 1e-5
+
+    two = launch_ranks(config)
+    kernels = RayKernels(sizes=dataclasses.replace(sizes, num_train_workers=2), ranks=two, **settings)
+    try:
+        assert not kernels.group.started  # not the group's size: not adopted ...
+        with pytest.raises(ray.exceptions.RayActorError):  # ... and stopped, their CPU freed
+            ray.get(two.workers[0].address.remote(), timeout=60)
+    finally:
+        kernels.close()
+
+
 def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray_session, tiny, tmp_path):
     """SIGKILL a rank after its first epoch checkpoint: the group restarts and continues from that checkpoint;
     the result is the uninterrupted in-process one."""
