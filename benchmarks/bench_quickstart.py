@@ -3,8 +3,9 @@
 Each run is the whole CLI command in a fresh process: imports, input checks, embedded Ray, the coordinator,
 every stage, MLflow (a fresh SQLite store per run) and the reports. The backbone cache under
 `output_dir/_cache` (default: the quick start's, runs/_cache) is filled first if empty (one run, not
-counted), so every timed run is a warm start; `--cold` also times one run with an empty cache. Variants alternate (A B A B ...) so that drift of a shared
-machine hits both alike.
+counted), so every timed run is a warm start; `--cold` also times one run with an empty cache first (one per
+checkout). Compared checkouts each get a cache of their own, filled by an untimed (or the cold) run. Variants
+alternate (A B A B ...) so that drift of a shared machine hits both alike.
 
     python benchmarks/bench_quickstart.py                 # the default against one search worker
     python benchmarks/bench_quickstart.py --repeats 3 --cold
@@ -83,19 +84,28 @@ def main() -> None:
         runs = {name: (VARIANTS[name], REPO) for name in args.variants.split(",")}
     names = list(runs)
     root = Path(tempfile.mkdtemp(prefix="bench-quickstart-"))
-    cache_dir = root / "out" if args.cold else args.output_dir
+    # the backbone cache of each run: one per checkout where checkouts are compared (their code may key or
+    # make the backbone differently) or cold runs are timed, else --output-dir's
+    separate = bool(args.code) or args.cold
+    caches = {code: (root / f"out-{i}" if separate else args.output_dir)
+              for i, code in enumerate(dict.fromkeys(code for _, code in runs.values()))}
     rows = []
-    if args.cold:  # an empty cache: this run pretrains the backbone
-        sets, code = runs[names[0]]
-        wall, stages, final = run_once(args.config, sets, root / "cold", cache_dir, code)
-        rows.append((f"{names[0]} (cold: pretrains)", wall, stages, final))
-    elif not (cache_dir / "_cache").is_dir():
-        sets, code = runs[names[0]]
-        run_once(args.config, sets, root / "warm-cache", cache_dir, code)  # fills the cache, not counted
+    filled: set[Path] = set()
+    for name in names:
+        sets, code = runs[name]
+        if code in filled:
+            continue
+        filled.add(code)
+        if args.cold:  # an empty cache: this run pretrains the backbone
+            wall, stages, final = run_once(args.config, sets, root / "cold", caches[code], code)
+            rows.append((f"{name} (cold: pretrains)", wall, stages, final))
+            print(f"  {name} (cold): {wall:.1f} s", file=sys.stderr, flush=True)
+        elif separate or not (caches[code] / "_cache").is_dir():
+            run_once(args.config, sets, root / "warm-cache", caches[code], code)  # fills the cache, not counted
     for _ in range(args.repeats):
         for name in names:
             sets, code = runs[name]
-            wall, stages, final = run_once(args.config, sets, root / "run", cache_dir, code)
+            wall, stages, final = run_once(args.config, sets, root / "run", caches[code], code)
             rows.append((name, wall, stages, final))
             print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(root, ignore_errors=True)
@@ -109,7 +119,7 @@ def main() -> None:
               + f" | {total:.1f} | {wall - total:.1f} | {final} |")
     print()
     for name in names:
-        walls = [w for n, w, _, _ in rows if n == name]
+        walls = [w for n, w, _, _ in rows if n == name]  # warm runs only: cold rows are named apart
         print(f"{name}: mean {statistics.mean(walls):.1f} s over {len(walls)} warm runs "
               f"(min {min(walls):.1f}, max {max(walls):.1f})")
     if len(names) == 2:

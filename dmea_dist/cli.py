@@ -335,6 +335,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130 if isinstance(err, RunStopped) else 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if argv is None:  # the `dmea` command, whose process exits next (not a caller passing its own argv)
+            _skip_final_collection()
+
+
+def _skip_final_collection() -> None:
+    """Keep every object the command made out of the interpreter's garbage collections at exit (`gc.freeze`):
+    they would walk torch's, transformers' and Ray's objects once more, ~1.5 s after the quick start's last
+    line on 2 cores (docs/BENCHMARKS.md). Exit still runs the atexit handlers (Ray's shutdown, logging) and
+    flushes stdout and stderr; the command has closed its files, state and MLflow records already."""
+    import gc
+
+    gc.freeze()
 
 
 if __name__ == "__main__":
