@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import Progress, require_ray
@@ -116,7 +117,10 @@ class RayKernels:
     def _start_the_rest(self, model) -> None:
         """Start the training ranks and wait for them; then, without waiting, the generation actors and,
         once those are up, the search workers' processes (module docstring: in turn)."""
-        self.group.start(model)
+        try:
+            self.group.start(model)
+        except RayActorError:  # a rank died before its first job: the job launches a fresh group
+            self.group.shutdown()
         if not self.pool.started:
             self.pool.start(model)
         ready = [actor.node_id.remote() for actor in self.pool.actors]  # resolved once the actors are up

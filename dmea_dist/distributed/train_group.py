@@ -127,7 +127,7 @@ class LaunchedRanks:
             ray.kill(worker)
         try:
             remove_placement_group(self.placement_group)
-        except Exception:  # noqa: BLE001 - removed already (the adopting group's shutdown)
+        except Exception:  # noqa: BLE001 - Ray is down already (removing a removed group is a no-op)
             pass
 
 

@@ -412,6 +412,17 @@ def test_ranks_launched_before_the_model_exists_are_adopted_and_train_it(ray_ses
     finally:
         kernels.close()
 
+    dead = launch_ranks(config)  # a rank that dies before its first job: that job runs on a fresh group
+    ray.kill(dead.workers[0])
+    kernels = RayKernels(sizes=sizes, ranks=dead, **settings)
+    try:
+        driver_model = copy.deepcopy(model)
+        got = kernels.adapt(driver_model, job, checkpoint_dir=tmp_path / "b")
+        assert kernels.group.workers and kernels.group.workers != dead.workers
+    finally:
+        kernels.close()
+    assert_results_close(got, want, tol=1e-5)
+
 
 def test_a_training_rank_killed_mid_adaptation_continues_from_its_checkpoint(ray_session, tiny, tmp_path):
     """SIGKILL a rank after its first epoch checkpoint: the group restarts and continues from that checkpoint;
