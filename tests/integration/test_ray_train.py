@@ -336,23 +336,30 @@ def test_a_group_launched_ahead_trains_the_model_as_it_is_at_its_first_job(ray_s
                     trained_state(reference, first.trainable)["modules"]) <= 1e-5
 
 
+def in_turn_kernels(cfg, tmp_path):
+    """(sizes, the other RayKernels arguments) for `tiny` with ray.warm_up off, every role fitting in 2 CPUs."""
+    from dmea_dist.config import RayConfig
+    from dmea_dist.coordinator import decoding_settings
+    from dmea_dist.data.tokenizer import load_tokenizer
+
+    sizes = RayConfig(warm_up=False, num_train_workers=1, train_cpus=1, num_generation_actors=1,
+                      generation_cpus=0.5, num_search_workers=1, search_cpus=0.5)
+    config = dataclasses.replace(cfg, ray=sizes)
+    return sizes, dict(tokenizer=load_tokenizer(cfg.output_dir + "/run/tokenizer"), max_length=96,
+                       engine=engine_settings(config), decoding=decoding_settings(config), storage_path=tmp_path)
+
+
 def test_without_warm_up_the_workers_start_in_turn_behind_the_first_adaptation(ray_session, tiny, in_process_first,
                                                                                tmp_path):
     """ray.warm_up off (the roles take turns on the same cores): the first adaptation starts the training ranks
     and, once they are up, the generation actors and then the search workers' processes, without waiting for
     them (their imports use the core the one-thread adaptation leaves idle); it trains what one process trains."""
-    from dmea_dist.config import RayConfig
-    from dmea_dist.coordinator import decoding_settings
-    from dmea_dist.data.tokenizer import load_tokenizer
     from dmea_dist.distributed.kernels import RayKernels
 
     cfg, model, job, _ = tiny
     want_model, want = in_process_first
-    sizes = RayConfig(warm_up=False, num_train_workers=1, train_cpus=1, num_generation_actors=1,
-                      generation_cpus=0.5, num_search_workers=1, search_cpus=0.5)  # all of them fit in 2 CPUs
-    kernels = RayKernels(tokenizer=load_tokenizer(cfg.output_dir + "/run/tokenizer"), max_length=96,
-                         engine=engine_settings(cfg), decoding=decoding_settings(cfg), sizes=sizes,
-                         storage_path=tmp_path)
+    sizes, settings = in_turn_kernels(cfg, tmp_path)
+    kernels = RayKernels(sizes=sizes, **settings)
     try:
         assert not kernels.group.started and not kernels.pool.started and not kernels._warming
         driver_model = copy.deepcopy(model)
@@ -373,22 +380,16 @@ def test_ranks_launched_before_the_model_exists_are_adopted_and_train_it(ray_ses
     their start-up overlaps the coordinator's; the coordinator's kernels adopt them, give them the model at
     the first adaptation, which trains what one process trains on those very ranks, and (warm_up off)
     start the other workers behind it. Ranks that do not fit the kernels' sizes are released, not kept."""
-    from dmea_dist.config import RayConfig
-    from dmea_dist.coordinator import decoding_settings
-    from dmea_dist.data.tokenizer import load_tokenizer
     from dmea_dist.distributed.coordinator import launch_ranks
     from dmea_dist.distributed.kernels import RayKernels
 
     cfg, model, job, _ = tiny
     want_model, want = in_process_first
-    sizes = RayConfig(warm_up=False, num_train_workers=1, train_cpus=1, num_generation_actors=1,
-                      generation_cpus=0.5, num_search_workers=1, search_cpus=0.5)  # all of them fit in 2 CPUs
+    sizes, settings = in_turn_kernels(cfg, tmp_path)
     config = dataclasses.replace(cfg, ray=sizes)
     assert launch_ranks(dataclasses.replace(config, ray=dataclasses.replace(sizes, adapt_on="coordinator"))) is None
     ranks = launch_ranks(config)
     assert ray.get(ranks.joining, timeout=120)  # up, imported and joined, with no model anywhere yet
-    settings = dict(tokenizer=load_tokenizer(cfg.output_dir + "/run/tokenizer"), max_length=96,
-                    engine=engine_settings(config), decoding=decoding_settings(config), storage_path=tmp_path)
     kernels = RayKernels(sizes=sizes, ranks=ranks, **settings)
     try:
         assert kernels.group.started and kernels.group.workers == ranks.workers
