@@ -213,7 +213,9 @@ class ExpansionConfig:
     # None: the adapters' learning rate, in the same AdamW (ACM). The coefficients must move on the
     # adapters' scale: a rate large enough to forget the initialisation makes every init the same.
     coefficient_lr: float | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # overrides: beta, entropy_weight, seed
+    # overrides: beta, entropy_weight, seed (default: the candidate's position; mixed with train.seed and the
+    # task, so every task's and candidate's new modules start from their own draw)
+    candidates: list[dict[str, Any]] = field(default_factory=lambda: [{}])
 
     def __post_init__(self):
         _check_range("method.expansion.epochs", self.epochs, 0.01, 1000.0)
@@ -271,6 +273,9 @@ class AdaptationConfig:
     transfer: Literal["gated", "new_path", "off"] = "gated"
     replay: Literal["shared", "all", "none"] = "shared"  # which earlier tasks replay through their own paths
     top_k_sampling: int = 20  # generation of pseudo samples
+    # a pseudo sample's answer: greedy after the separator (its input is sampled; the answer is the model's
+    # best answer to it, as when evaluated), or sampled like its input (LAMOL/ACM)
+    pseudo_answer: Literal["greedy", "sampled"] = "greedy"
 
     def __post_init__(self):
         _check_range("method.adaptation.epochs", self.epochs, 0.0, 1000.0)
@@ -287,6 +292,14 @@ class MethodConfig:
     expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+
+    def __post_init__(self):
+        if self.name == "dmea" and self.adaptation.replay == "all":
+            raise ConfigError(
+                "method.adaptation.replay='all' with method.name=dmea: only the new path trains, so an earlier "
+                "task that shares no module with it has nothing to replay into (its loss trains no parameter); "
+                "use 'shared' (every earlier task the new task can change) or 'none'. Replay of every earlier "
+                "task through the whole model is method.name=lamol")
 
 
 @dataclass(frozen=True)

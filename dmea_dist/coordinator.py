@@ -58,9 +58,10 @@ def engine_settings(config: RunConfig) -> EngineSettings:
 
 def decoding_settings(config: RunConfig) -> DecodingSettings:
     ev = config.eval
-    return DecodingSettings(pseudo_top_k=config.method.adaptation.top_k_sampling, batch_size=ev.batch_size,
-                            max_new_tokens=ev.max_new_tokens, decoding=ev.decoding, top_k=ev.top_k,
-                            seed=config.train.seed)
+    ad = config.method.adaptation
+    return DecodingSettings(pseudo_top_k=ad.top_k_sampling, pseudo_answer=ad.pseudo_answer,
+                            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, decoding=ev.decoding,
+                            top_k=ev.top_k, seed=config.train.seed)
 
 
 def in_process_kernels(run: Run, progress: Progress | None = None) -> Kernels:
@@ -106,7 +107,7 @@ class Coordinator:
         summary = {**summary, **_footprint(ctx.run.model, stage)}
         state.advance(summary, seconds=time.perf_counter() - started)
         save_state(state, ctx.run_dir)
-        for path in garbage:  # superseded snapshots, only once the state no longer names them
+        for path in garbage:  # superseded snapshots and checkpoints, only once the state no longer needs them
             shutil.rmtree(ctx.run_dir / path, ignore_errors=True)
         finished = state.history[-1]
         record = ctx.record(task) if stage is Stage.RECORD else None
@@ -125,9 +126,10 @@ class Coordinator:
             if stage not in (Stage.EXPAND, Stage.ADAPT):
                 return []
             old, state.modules = state.modules, ctx.rel(save_modules(ctx.run.model, ctx.run_dir / f"state/modules-{k}"))
-        if stage is Stage.ADAPT:  # its checkpoint is superseded by the snapshot
-            shutil.rmtree(ctx.task_dir(ctx.run.tasks[state.task_index]) / "adapt_checkpoint", ignore_errors=True)
-        return [old] if old else []
+        garbage = [old] if old else []
+        if stage is Stage.ADAPT:  # its checkpoint is superseded by the snapshot, once the state names that
+            garbage.append(ctx.rel(ctx.task_dir(ctx.run.tasks[state.task_index]) / "adapt_checkpoint"))
+        return garbage
 
     # ----------------------------------------------------------- what the driver asks
 

@@ -159,20 +159,23 @@ def chunks(size: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(size, start + chunk)) for start in range(0, size, chunk)]
 
 
+def mixed_seed(*parts: int) -> int:
+    """A seed fixed by `parts` alone (say run seed, task, candidate): a hashed stream, so that neighbouring
+    parts (seed 1 of task 0 and seed 0 of task 1) do not collide as sums would."""
+    state = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) % 2**63
+
+
 def derive_seed(seed: int, part: int) -> int:
     """The seed of piece `part` of a request: the request's own for part 0, else a hashed stream."""
-    if part == 0:
-        return int(seed)
-    state = np.random.SeedSequence([int(seed) % 2**63, part]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) % 2**63
+    return int(seed) if part == 0 else mixed_seed(seed, part)
 
 
 def generate_seed(requests: Sequence[GenerateRequest]) -> int:
     """The seed of one generate call: its request's own for a single request, else a hash of all of them."""
     if len(requests) == 1:
         return int(requests[0].seed)
-    seeds = [int(r.seed) % 2**63 for r in requests]
-    return int(np.random.SeedSequence(seeds).generate_state(1, dtype=np.uint64)[0]) % 2**63
+    return mixed_seed(*(r.seed for r in requests))
 
 
 def run_generate_requests(model, formatter: Formatter, requests: Sequence[GenerateRequest],
@@ -235,7 +238,7 @@ class InProcessKernels:
         self.formatter = formatter
         self.engine = engine
         self.decoding = decoding
-        self.progress = progress or (lambda label, done, total: None)
+        self.progress = progress or (lambda label, done, total, **info: None)
 
     def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
         results = []

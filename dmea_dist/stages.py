@@ -37,7 +37,14 @@ from dmea_dist.config import (
 from dmea_dist.data.formatting import BatchStream, collate, encode_task
 from dmea_dist.data.synthetic import fidelity
 from dmea_dist.evaluation.metrics import score_task
-from dmea_dist.kernels import AnswerRequest, GenerateRequest, Kernels, SearchData, SearchJob
+from dmea_dist.kernels import (
+    AnswerRequest,
+    GenerateRequest,
+    Kernels,
+    SearchData,
+    SearchJob,
+    mixed_seed,
+)
 from dmea_dist.method import expansion, selection
 from dmea_dist.method.adaptation import AdaptJob
 from dmea_dist.method.generation import (
@@ -163,7 +170,9 @@ def _search(ctx: RunContext, task: Task, sims: dict[str, float]) -> tuple[list[i
         beta = float(overrides.get("beta", exp.beta))
         init = expansion.initial_logits(old_modules=old, paths=model.paths, similarities=sims, beta=beta,
                                         init=ctx.run.policy.init, mix_ini=exp.mix_ini)
-        jobs.append(SearchJob(candidate=i, seed=int(overrides.get("seed", tr.seed + i)),
+        # seeded by what the candidate is (run seed, task, its own seed): the new modules of every task and
+        # candidate start apart, and a candidate's {seed: 1} cannot meet candidate 0's seed under train.seed=1
+        jobs.append(SearchJob(candidate=i, seed=mixed_seed(tr.seed, task.index, int(overrides.get("seed", i))),
                               entropy_weight=float(overrides.get("entropy_weight", exp.entropy_weight)),
                               init=[x.tolist() for x in init], params={"beta": beta, **overrides}))
     seed = f"{tr.seed}:{task.index}"
@@ -312,8 +321,10 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
 
 def _sources(ctx: RunContext, task: Task) -> list:
     """(key, (qa, lm) examples, path) of every sub-batch stream of the new task's adaptation."""
-    if ctx.run.policy.joint:  # multitask: every task's real data through the shared path
-        return [(t.task_id, t.train, ctx.path(t.task_id)) for t in ctx.run.tasks]
+    if ctx.run.policy.joint:  # multitask: every task's real data through the shared path; the epochs count
+        # passes over the largest task (the first stream, the anchor), so every example is seen that often
+        tasks = sorted(ctx.run.tasks, key=lambda t: -len(t.train[0]))
+        return [(t.task_id, t.train, ctx.path(t.task_id)) for t in tasks]
     ts, new_path = ctx.task_state(task), ctx.path(task.task_id)
     sources = [("new", task.train, new_path)]
     earlier = {t.task_id: t for t in ctx.earlier(task)}

@@ -71,6 +71,24 @@ def test_wrong_type_and_range_and_choice(tmp_path):
         load_config(path, ["train.lr"])
 
 
+def test_replay_of_every_earlier_task_is_refused_where_only_the_new_path_trains(tmp_path):
+    """dmea with replay 'all' would replay tasks that share no module with the new path: their loss trains
+    nothing and the engine refuses the step mid-run; the config says so before anything runs."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError, match=r"method.adaptation.replay='all' with method.name=dmea.*use 'shared'"):
+        load_config(path, ["method.adaptation.replay=all"])
+    assert load_config(path, ["method.adaptation.replay=none"]).method.adaptation.replay == "none"
+
+
+def test_the_answer_decoding_of_pseudo_samples_reaches_the_kernels(tmp_path):
+    from dmea_dist.coordinator import decoding_settings
+
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    assert decoding_settings(load_config(path)).pseudo_answer == "greedy"
+    sampled = load_config(path, ["method.adaptation.pseudo_answer=sampled"])  # LAMOL/ACM's
+    assert decoding_settings(sampled).pseudo_answer == "sampled"
+
+
 def test_every_shipped_config_loads():
     files = sorted(CONFIGS.glob("*.yaml"))
     assert files, "configs/ has no YAML files"

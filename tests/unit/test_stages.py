@@ -42,9 +42,11 @@ class FakeKernels:
         self.run = run
         self.calls: list[str] = []
         self.adapt_jobs = []
+        self.search_jobs = []
 
     def search(self, model, jobs, data):
         self.calls.append("search")
+        self.search_jobs.append(list(jobs))
         earlier = next(iter(model.paths.values()))
         out = []
         for job in jobs:
@@ -69,6 +71,9 @@ class FakeKernels:
     def adapt(self, model, job, *, checkpoint_dir=None):
         self.calls.append("adapt")
         self.adapt_jobs.append(job)
+        if checkpoint_dir is not None:  # what a real adaptation leaves behind: its mid-task checkpoint
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (checkpoint_dir / "adapt_progress.json").write_text("{}")
         replay = [key for key, _, _ in job.sources if key.startswith("replay:")]
         return AdaptResult(steps=2, losses={key: [2.0, 1.0] for key, _, _ in job.sources},
                            etas={key: [1.5, 1.0] for key in replay} if job.scale else {},
@@ -78,9 +83,9 @@ class FakeKernels:
         self.calls.append("close")
 
 
-def _config(tmp_path, method, adaptation=None):
+def _config(tmp_path, method, adaptation=None, seed=0):
     return config_from_dict({
-        "name": "fake", "output_dir": str(tmp_path / "runs"),
+        "name": "fake", "output_dir": str(tmp_path / "runs"), "train": {"seed": seed},
         "data": {"tasks": TASKS, "synth_sizes": [12, 4, 4]},
         "model": {"tiny": {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 96, "vocab_size": 300},
                   "bottleneck": 4, "max_length": 80},
@@ -110,8 +115,8 @@ def _run(config, run_dir) -> Run:
                formatter=formatter, policy=build_policy(config), run_dir=run_dir)
 
 
-def _coordinator(tmp_path, method, *, resume=False, run=None):
-    config = _config(tmp_path, method)
+def _coordinator(tmp_path, method, *, resume=False, run=None, seed=0):
+    config = _config(tmp_path, method, seed=seed)
     run_dir = tmp_path / method
     made = []
 
@@ -154,6 +159,64 @@ def test_every_method_steps_through_every_stage(tmp_path, method):
     again = load_state(tmp_path / method)
     assert again.to_dict() == state.to_dict() and again.done
     assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_search_candidates_are_seeded_by_task_and_candidate(tmp_path, seed):
+    """Candidates {} and {seed: 1}: every (task, candidate) starts its new modules from its own draw, none
+    from the first task's (train.seed + 0), also under train.seed=1 where the override meets seed + 0."""
+    coordinator, kernels = _coordinator(tmp_path, "dmea", seed=seed)
+    while not coordinator.state.done:
+        coordinator.step()
+    seeds = [job.seed for jobs in kernels.search_jobs for job in jobs]
+    assert len(kernels.search_jobs) == 2 and len(seeds) == 4
+    assert len(set(seeds)) == 4 and seed not in seeds
+
+
+def test_multitask_counts_its_epochs_over_the_largest_task(tmp_path):
+    """Joint training steps `epochs` passes of its anchor stream (one batch of every task a step): the
+    anchor must be the largest task, or the larger tasks are seen for a fraction of the epochs."""
+    run = _run(_config(tmp_path, "multitask"), tmp_path / "multitask")
+    first = run.tasks[0]
+    first.train = tuple(examples[:4] for examples in first.train)  # 4 examples: the other two have 12
+    coordinator, kernels = _coordinator(tmp_path, "multitask", run=run)
+    while not coordinator.state.done:
+        coordinator.step()
+    (job,) = kernels.adapt_jobs
+    sizes = {key: len(qa) for key, (qa, _), _ in job.sources}
+    assert job.sources[0][0] == TASKS[1] and sizes[TASKS[1]] == max(sizes.values()) > sizes[TASKS[0]]
+
+
+def test_an_adaptation_checkpoint_outlives_a_kill_before_the_state_moves_on(tmp_path, monkeypatch):
+    """The ADAPT stage's checkpoint goes only once the saved state names the snapshot that supersedes it:
+    killed in between, a resume redoes the stage from the checkpoint, not from step 0."""
+    import dmea_dist.coordinator as coordinator_module
+
+    coordinator, _ = _coordinator(tmp_path, "dmea")
+    checkpoint = coordinator.ctx.task_dir(coordinator.ctx.run.tasks[0]) / "adapt_checkpoint"
+    while coordinator.state.stage is not Stage.ADAPT:
+        coordinator.step()
+
+    def killed(state, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator_module, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.step()
+    assert (checkpoint / "adapt_progress.json").is_file()
+    monkeypatch.undo()
+    coordinator.close()
+    resumed, kernels = _coordinator(tmp_path, "dmea", resume=True)  # the state on disk: task 0's ADAPT
+    assert resumed.state.stage is Stage.ADAPT
+    resumed.step()  # saved this time: now the checkpoint goes
+    assert kernels.calls == ["adapt"] and not checkpoint.exists()
+
+
+def test_in_process_kernels_without_a_progress_callback_take_what_adapt_reports():
+    from dmea_dist.kernels import DecodingSettings, InProcessKernels
+
+    kernels = InProcessKernels(None, engine=None, decoding=DecodingSettings())  # Coordinator(config, run_dir)'s
+    kernels.progress("adapt", 1, 2, loss=0.5)  # what adapt's on_step passes on, loss included
 
 
 @pytest.mark.parametrize("method", ["dmea", "lamol"])
