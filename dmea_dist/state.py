@@ -131,9 +131,14 @@ class RunState:
             raise StateError(f"{source}: not a {FORMAT} version {VERSION} file "
                              f"(format {data.get('format')!r}, version {data.get('version')!r})")
         body = {k: v for k, v in data.items() if k not in ("format", "version")}
-        body["tasks"] = [TaskState(**t) for t in body["tasks"]]
-        body["stage"] = Stage(body["stage"])
-        return cls(**body)
+        try:
+            body["tasks"] = [TaskState(**t) for t in body["tasks"]]
+            body["stage"] = Stage(body["stage"])
+            return cls(**body)
+        except (KeyError, TypeError, ValueError) as err:  # a damaged file, or one a newer checkout wrote
+            raise StateError(f"{source}: not a run state this dmea-dist can read ({type(err).__name__}: {err}); "
+                             f"written by another version, or damaged: resume it with the version that wrote "
+                             f"it, or start the run again") from None
 
 
 def save_state(state: RunState, run_dir: str | Path) -> Path:

@@ -76,6 +76,22 @@ def test_empty_sequence_missing_and_foreign_state(tmp_path):
         load_state(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["task_key", "stage", "missing"])
+def test_a_state_of_another_version_names_the_file_and_the_key(tmp_path, damage):
+    save_state(RunState.new(["a"]), tmp_path)
+    data = json.loads((tmp_path / "state.json").read_text())
+    if damage == "task_key":
+        data["tasks"][0]["adapter_rank"] = 8  # a field a newer version added
+    elif damage == "stage":
+        data["stage"] = "distill"
+    else:
+        del data["tasks"]
+    write_text(tmp_path / "state.json", json.dumps(data))
+    key = {"task_key": "adapter_rank", "stage": "distill", "missing": "tasks"}[damage]
+    with pytest.raises(StateError, match=rf"state.json: not a run state this dmea-dist can read.*{key}"):
+        load_state(tmp_path)
+
+
 def test_atomic_write_leaves_the_old_file_when_the_new_one_fails(tmp_path):
     target = tmp_path / "x.json"
     write_text(target, "old")
