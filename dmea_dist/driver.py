@@ -41,8 +41,9 @@ from dmea_dist.evaluation import continual, report
 from dmea_dist.method.lifecycle import Stage
 from dmea_dist.progress import StageProgress, task_summary
 
-# Keys a resumed run may change: where and how big the work runs, not what it computes.
-SAFE_TO_CHANGE = ("ray.",)
+# Keys a resumed run may change: where and how big the work runs, and where its files and records are
+# (a moved corpus or tracking store), not what it computes.
+SAFE_TO_CHANGE = ("ray.", "data.root", "output_dir", "tracking.uri")
 
 
 @dataclass
@@ -76,7 +77,7 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
 
     if check:
         check_input(config)
-    config = without_credentials(config)
+    config = with_absolute_paths(without_credentials(config))
 
     run_dir = Path(run_dir) if run_dir else new_run_dir(config)
     if (run_dir / STATE_FILE).exists():
@@ -137,6 +138,34 @@ def check_input(config: RunConfig) -> None:
     else:
         tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say,
                       load_model=False)
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """`config` with its relative paths made absolute from this directory: data.root, output_dir, a sqlite
+    tracking.uri, user task files and a local model.pretrained folder.
+
+    The run saves its config (config.yaml) and `dmea resume` reads it back from whatever directory it is
+    started in: relative paths would then name other files (another corpus, a new empty MLflow store).
+    Resolved here, in the driver, they also mean the same in the coordinator actor, whatever its directory.
+    """
+    import dataclasses
+
+    from dmea_dist.tracking.common import resolve_uri
+
+    def absolute(path):
+        return path if path is None else os.path.abspath(os.path.expanduser(str(path)))
+
+    d, m = config.data, config.model
+    user_tasks = {name: {k: absolute(v) if k in ("path", "train", "validation", "test") else v
+                         for k, v in spec.items()} for name, spec in d.user_tasks.items()}
+    pretrained = m.pretrained
+    if pretrained and os.path.isdir(os.path.expanduser(pretrained)):  # a local checkpoint, not a hub name
+        pretrained = absolute(pretrained)
+    return dataclasses.replace(
+        config, output_dir=absolute(config.output_dir),
+        data=dataclasses.replace(d, root=absolute(d.root), user_tasks=user_tasks),
+        model=dataclasses.replace(m, pretrained=pretrained),
+        tracking=dataclasses.replace(config.tracking, uri=resolve_uri(config.tracking.uri)))
 
 
 def without_credentials(config: RunConfig) -> RunConfig:
@@ -340,10 +369,24 @@ def _servable(tracker, config: RunConfig, rec: dict[str, Any]) -> Iterator[Any]:
     run_dir = Path(rec["model_dir"]).parents[2]  # <run_dir>/tasks/NNN-<task>/modules
     name = registered_model_name(config.name, config.method.name, run_dir.name)
     with tempfile.TemporaryDirectory(prefix="dmea-servable-") as tmp:
-        yield ServableTask(folder=stage_task(run_dir, rec["task_id"], Path(tmp) / "run"),
-                           alias=task_aliases(config.data.tasks)[rec["task_id"]], path=rec["params"].get("path"),
+        try:
+            folder = stage_task(run_dir, rec["task_id"], Path(tmp) / "run")
+        except Exception as err:  # tracking never stops the run (a full /tmp, a lamol backbone too big)
+            _tracking_warning(f"staging {rec['task_id']}'s model for the registry", err,
+                              "the task is recorded without a registered model")
+            yield None
+            return
+        yield ServableTask(folder=folder, alias=task_aliases(config.data.tasks)[rec["task_id"]],
+                           path=rec["params"].get("path"),
                            model_tags={"dmea.registered_model": name, "dmea.config": config.name,
                                        "dmea.method": config.method.name, "dmea.run_dir": str(run_dir)})
+
+
+def _tracking_warning(what: str, err: Exception, consequence: str) -> None:
+    from dmea_dist.tracking import TrackingWarning, redact_uri
+
+    warnings.warn(f"MLflow tracking: {what} failed ({redact_uri(f'{type(err).__name__}: {err}')[:600]}); "
+                  f"{consequence}; the run goes on", TrackingWarning, stacklevel=3)
 
 
 def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
@@ -356,8 +399,13 @@ def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
         return
     from dmea_dist.tracking import find_task_runs
 
-    existing = {r["task_id"]: r["run_id"] for r in find_task_runs(
-        uri=config.tracking.uri, experiment=config.tracking.experiment, parent_run_id=tracker.parent_run_id)}
+    try:
+        existing = {r["task_id"]: r["run_id"] for r in find_task_runs(
+            uri=config.tracking.uri, experiment=config.tracking.experiment, parent_run_id=tracker.parent_run_id)}
+    except Exception as err:  # unknown what MLflow holds: record nothing twice, try again at the next resume
+        _tracking_warning(f"looking up the records of {[rec['task_id'] for rec in missing]}", err,
+                          "they stay unrecorded until a later `dmea resume` finds the store")
+        return
     for rec in missing:
         if rec["task_id"] in existing:  # recorded just before the driver died: keep that one
             coordinator.set_tracking(task_id=rec["task_id"], run_id=existing[rec["task_id"]])

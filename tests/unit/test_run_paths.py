@@ -1,0 +1,107 @@
+"""A run's paths are absolute in what it saves, so `dmea resume` finds the same files from any directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmea_dist.config import config_from_dict
+from dmea_dist.driver import resume_config, run_sequence, with_absolute_paths
+from dmea_dist.errors import DmeaError
+
+
+def _relative_config():
+    return config_from_dict({
+        "data": {"tasks": ["synth.hotel.00"], "root": "data",
+                 "user_tasks": {"mine": {"path": "mine.jsonl"}}},
+        "output_dir": "runs", "tracking": {"uri": "sqlite:///mlflow.db?timeout=5"},
+        "model": {"pretrained": "ckpt"},
+    })
+
+
+def test_relative_paths_become_absolute_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()  # a local checkpoint folder; a hub name would stay a name
+    config = with_absolute_paths(_relative_config())
+    assert config.data.root == str(tmp_path / "data") and config.output_dir == str(tmp_path / "runs")
+    assert config.data.user_tasks["mine"]["path"] == str(tmp_path / "mine.jsonl")
+    assert config.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=5"
+    assert config.model.pretrained == str(tmp_path / "ckpt")
+    assert with_absolute_paths(config) == config  # absolute ones stay as they are
+    hub = config_from_dict({"data": {"tasks": ["a"]}, "model": {"pretrained": "gpt2"},
+                            "tracking": {"uri": "http://mlflow:5000"}})
+    resolved = with_absolute_paths(hub)
+    assert resolved.model.pretrained == "gpt2" and resolved.tracking.uri == "http://mlflow:5000"
+
+
+def test_a_run_is_driven_with_absolute_paths(tmp_path, monkeypatch):
+    """What run_sequence hands the coordinator (and so what config.yaml holds) has no relative path."""
+    monkeypatch.chdir(tmp_path)
+    given = []
+
+    class Given(Exception):
+        pass
+
+    def factory(config, run_dir, **kwargs):
+        given.append(config)
+        raise Given
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+    with pytest.raises(Given):
+        run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=factory, progress=False, check=False)
+    (seen,) = given
+    assert Path(seen.data.root).is_absolute() and Path(seen.output_dir).is_absolute()
+    assert seen.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_resume_may_move_the_corpus_and_the_store_but_not_what_the_run_computes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(_relative_config().to_dict()))
+    moved = resume_config(run_dir, ["data.root=/data/corpora", "tracking.uri=sqlite:////srv/mlflow.db",
+                                    "output_dir=/srv/runs", "ray.num_generation_actors=2"])
+    assert moved.data.root == "/data/corpora" and moved.tracking.uri == "sqlite:////srv/mlflow.db"
+    with pytest.raises(DmeaError, match=r"refused for \['train.lr'\]"):
+        resume_config(run_dir, ["train.lr=0.5"])
+
+
+class _Tracker:
+    active, parent_run_id = True, "parent"
+
+
+def test_a_task_model_that_cannot_be_staged_is_recorded_without_it(tmp_path):
+    """Staging a task's model for the registry (a copy in /tmp) may fail: a warning, never a failed run."""
+    from dmea_dist.driver import _servable
+    from dmea_dist.tracking import TrackingWarning
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}})
+    rec = {"task_id": "synth.hotel.00", "params": {}, "model_dir": str(tmp_path / "gone/tasks/000-x/modules")}
+    with pytest.warns(TrackingWarning, match=r"staging synth.hotel.00's model .* without a registered model"):
+        with _servable(_Tracker(), config, rec) as servable:
+            assert servable is None
+
+
+def test_a_store_that_cannot_be_read_at_resume_leaves_tasks_unrecorded_not_the_run_failed(monkeypatch):
+    import dmea_dist.tracking
+    from dmea_dist.driver import _record_unrecorded
+    from dmea_dist.tracking import TrackingWarning
+
+    class Coordinator:
+        def tracking(self):
+            return {"tasks": {}}
+
+        def records(self):
+            return [{"task_id": "synth.hotel.00"}]
+
+        def set_tracking(self, **kwargs):
+            raise AssertionError("nothing is recorded while MLflow's records are unknown")
+
+    def unreadable(**kwargs):
+        raise OSError("database is locked")
+
+    monkeypatch.setattr(dmea_dist.tracking, "find_task_runs", unreadable)
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}})
+    with pytest.warns(TrackingWarning, match=r"records of \['synth.hotel.00'\] failed .*database is locked"):
+        _record_unrecorded(_Tracker(), Coordinator(), config)
