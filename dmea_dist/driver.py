@@ -273,9 +273,10 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
                 _step_until_done(coordinator, tracker, config, bar, stop, echo)
             results = coordinator.results()
         except BaseException as err:
-            stopped = isinstance(err, RunStopped | KeyboardInterrupt)
+            # SystemExit: SIGTERM (`ray job stop`, a scheduler), which Ray's driver handler turns into sys.exit
+            stopped = isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
             bar.close(ended="stopped" if stopped else "failed")
-            message = str(err) or type(err).__name__
+            message = "stopped by SIGTERM" if isinstance(err, SystemExit) else str(err) or type(err).__name__
             _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
             tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
             echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "

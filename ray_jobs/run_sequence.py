@@ -22,7 +22,7 @@ from pathlib import Path
 from dmea_dist.config import load_config
 from dmea_dist.distributed.cluster import logical_cpus, size_overrides, sized_for
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
-from dmea_dist.driver import check_input, resume_config, resume_sequence, run_sequence
+from dmea_dist.driver import RunStopped, check_input, resume_config, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
 
 
@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         config = resume_config(Path(args.resume), args.set) if args.resume else load_config(args.config, args.set)
         if not args.resume:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
+        elif config.tracking.enabled:  # as `dmea resume`: a store that cannot be used fails now, not silently
+            from dmea_dist.tracking import check_store
+
+            check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
         # inside `ray job submit` (RAY_ADDRESS set): the job's cluster, unset sizes 1 each; run by hand without
         # an address: an embedded Ray sized as `dmea run` sizes it
         sized = sized_for(config.ray, config.ray.address)
@@ -52,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
                                   check=False)
     except DmeaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        # raised in the coordinator actor, it comes back as RayTaskError(<its class>), whose str is a
+        # traceback; the error itself is its `cause` (as `dmea` prints it)
+        err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
+        print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
+        return 130 if isinstance(err, RunStopped) else 2
     print(f"final_average={result.metrics['final_average']:.2f} parent_run_id={result.parent_run_id}", flush=True)
     return 0
 

@@ -105,3 +105,56 @@ def test_a_store_that_cannot_be_read_at_resume_leaves_tasks_unrecorded_not_the_r
     config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}})
     with pytest.warns(TrackingWarning, match=r"records of \['synth.hotel.00'\] failed .*database is locked"):
         _record_unrecorded(_Tracker(), Coordinator(), config)
+
+
+def test_sigterm_stops_the_run_as_stopped_not_failed(tmp_path, capsys):
+    """In a Ray driver SIGTERM (`ray job stop`, a scheduler) arrives as SystemExit from Ray's handler: the
+    run is marked stopped (resumable, MLflow KILLED), like Ctrl-C, not failed."""
+    marks = []
+
+    class Terminated:
+        def tracking(self):
+            return {"parent": None, "tasks": {}}
+
+        def set_tracking(self, **kwargs):
+            pass
+
+        def records(self):
+            return []
+
+        def state_position(self):
+            return {"done": False, "next": (0, "expand")}
+
+        def step(self):
+            raise SystemExit(15)  # what ray's sigterm_handler raises
+
+        def mark(self, status, message):
+            marks.append((status, message))
+
+        def close(self):
+            pass
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+    with pytest.raises(SystemExit):
+        run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=lambda *a, **k: Terminated(),
+                     progress=False, check=False)
+    assert marks == [("stopped", "stopped by SIGTERM")]
+    assert "stopped: the state of" in capsys.readouterr().out
+
+
+def test_the_job_entry_point_refuses_an_unusable_store_on_resume_before_ray(tmp_path, capsys):
+    """`ray_jobs/run_sequence.py --resume` checks the store as `dmea resume` does: at once, in one line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_sequence_job", Path(__file__).parents[2] / "ray_jobs" /
+                                                  "run_sequence.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]},
+                               "tracking": {"uri": f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}"}})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    assert job.main(["--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking.uri") and "does not exist" in err and len(err.splitlines()) == 1
