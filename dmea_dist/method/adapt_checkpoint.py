@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -68,10 +69,30 @@ def save(engine, directory: Path, *, digest: str, steps: int, result: AdaptResul
             shutil.rmtree(old, ignore_errors=True)
 
 
-def restore(engine, directory: Path, *, digest: str, rank: int) -> tuple[int, AdaptResult | None]:
-    """(steps done, result so far) of this job's checkpoint in `directory`, loaded into `engine`; (0, None)."""
+def restore(engine, directory: Path, *, digest: str, rank: int, world: int = 1) -> tuple[int, AdaptResult | None]:
+    """(steps done, result so far) of this job's checkpoint in `directory`, loaded into `engine`; (0, None).
+
+    With several ranks (a process group up) every rank continues from the same checkpoint or none does:
+    each says which complete checkpoint of this job it sees, and unless all name the same one, all start
+    from step 0. Only rank 0 writes the progress file, so ranks on other nodes see it only where the run
+    directory is shared storage; a rank deciding alone would leave the ranks' collectives out of step.
+    """
     progress = read_progress(directory)
-    if progress is None or progress.get("digest") != digest:
+    seen = None
+    if progress is not None and progress.get("digest") == digest and \
+            (Path(directory) / progress["tag"] / f"rng-rank{rank}.safetensors").is_file():
+        seen = progress["tag"]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        views: list[str | None] = [None] * world
+        torch.distributed.all_gather_object(views, seen)
+        if len(set(views)) > 1:
+            if rank == 0:
+                warnings.warn(f"adaptation checkpoint {seen} in {directory} is not seen alike by every rank "
+                              f"({views}: a run directory on node-local disks?); the adaptation starts again "
+                              f"from step 0. Put output_dir on storage every node shares to continue from it",
+                              stacklevel=2)
+            return 0, None
+    if seen is None:
         return 0, None
     engine.load_checkpoint(directory, tag=progress["tag"])
     rng = directory / progress["tag"] / f"rng-rank{rank}.safetensors"

@@ -311,7 +311,8 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
         start, partial, on_checkpoint = 0, None, None
         if checkpoint_dir is not None:
             digest = adapt_checkpoint.job_digest(job, world_size=shard[1])
-            start, partial = adapt_checkpoint.restore(engine, checkpoint_dir, digest=digest, rank=shard[0])
+            start, partial = adapt_checkpoint.restore(engine, checkpoint_dir, digest=digest, rank=shard[0],
+                                                      world=shard[1])
             if partial is not None:
                 partial.resumed_from = start
 
