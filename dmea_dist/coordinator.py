@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,8 @@ class Coordinator:
             save_state(state, run_dir)
         kernels = (kernels_factory or in_process_kernels)(run, progress)
         self.ctx = RunContext(run=run, state=state, kernels=kernels, settings=StageSettings.from_config(config))
+        # state.json is written by step, set_tracking and mark; on Ray `mark` may come while a step runs
+        self._saving = threading.Lock()
 
     @property
     def state(self) -> RunState:
@@ -105,8 +108,9 @@ class Coordinator:
         summary = STAGES[stage](ctx, task)
         garbage = self._snapshot(stage)
         summary = {**summary, **_footprint(ctx.run.model, stage)}
-        state.advance(summary, seconds=time.perf_counter() - started)
-        save_state(state, ctx.run_dir)
+        with self._saving:
+            state.advance(summary, seconds=time.perf_counter() - started)  # keeps a stop `mark` made meanwhile
+            save_state(state, ctx.run_dir)
         for path in garbage:  # superseded snapshots and checkpoints, only once the state no longer needs them
             shutil.rmtree(ctx.run_dir / path, ignore_errors=True)
         finished = state.history[-1]
@@ -163,14 +167,26 @@ class Coordinator:
             state.mlflow_parent_run_id = parent
         if task_id is not None:
             state.task(task_id).mlflow_run_id = run_id
-        save_state(state, self.ctx.run_dir)
+        with self._saving:
+            save_state(state, self.ctx.run_dir)
 
     def mark(self, status: str, message: str = "") -> None:
-        """Record why the run stopped (stopped, failed); the position stays at the last finished stage."""
-        state = self.ctx.state
-        if not state.done:
+        """Record why the run stopped (stopped, failed); the position stays at the last finished stage.
+
+        Written onto the last *saved* state, not the one in memory: a stop mid-stage (a second Ctrl-C, or
+        on Ray a mark while the step still runs) may find the state half way through the stage (a new
+        snapshot named, the stage not yet advanced), which a resume must never see.
+        """
+        with self._saving:
+            state = self.ctx.state
+            if state.done:
+                return
+            saved = load_state(self.ctx.run_dir)
+            if saved.done:
+                return
+            saved.status, saved.message = status, message
+            save_state(saved, self.ctx.run_dir)
             state.status, state.message = status, message
-            save_state(state, self.ctx.run_dir)
 
     def close(self) -> None:
         self.ctx.kernels.close()

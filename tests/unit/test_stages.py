@@ -212,6 +212,48 @@ def test_an_adaptation_checkpoint_outlives_a_kill_before_the_state_moves_on(tmp_
     assert kernels.calls == ["adapt"] and not checkpoint.exists()
 
 
+def test_a_stop_mid_stage_marks_the_last_saved_state_not_the_half_done_one(tmp_path, monkeypatch):
+    """A second Ctrl-C between the EXPAND snapshot and the state's advance: the state in memory names the
+    new snapshot at the old position. mark() must leave state.json at the last finished stage (a resume
+    would otherwise expand the expanded pools once more)."""
+    coordinator, _ = _coordinator(tmp_path, "dmea")
+    while (coordinator.state.task_index, coordinator.state.stage) != (1, Stage.EXPAND):
+        coordinator.step()
+    before = json.loads((tmp_path / "dmea" / "state.json").read_text())
+
+    def interrupted(summary, *, seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator.state, "advance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.step()
+    assert coordinator.state.modules != before["modules"]  # half way: a new snapshot, the old position
+    coordinator.mark("stopped", "stopped by Ctrl-C")
+    after = json.loads((tmp_path / "dmea" / "state.json").read_text())
+    assert (after["status"], after["message"]) == ("stopped", "stopped by Ctrl-C")
+    assert {k: v for k, v in after.items() if k not in ("status", "message")} == \
+        {k: v for k, v in before.items() if k not in ("status", "message")}
+
+
+def test_a_stop_that_comes_while_a_step_runs_is_kept_by_that_steps_save(tmp_path):
+    """On Ray `mark` runs beside `step` (the actor takes two calls): the step's own save, after the mark,
+    keeps the stop and its reason instead of writing "running" over them."""
+    coordinator, kernels = _coordinator(tmp_path, "dmea")
+    search = kernels.search
+
+    def search_then_stopped(model, jobs, data):
+        coordinator.mark("stopped", "stopped by Ctrl-C")  # arrives while the EXPAND stage runs
+        return search(model, jobs, data)
+
+    kernels.search = search_then_stopped
+    while coordinator.state.stage is not Stage.EXPAND or coordinator.state.task_index == 0:
+        coordinator.step()
+    coordinator.step()
+    saved = json.loads((tmp_path / "dmea" / "state.json").read_text())
+    assert (saved["task_index"], saved["stage"]) != (1, "expand")  # the stage finished and was saved
+    assert (saved["status"], saved["message"]) == ("stopped", "stopped by Ctrl-C")
+
+
 def test_in_process_kernels_without_a_progress_callback_take_what_adapt_reports():
     from dmea_dist.kernels import DecodingSettings, InProcessKernels
 
