@@ -208,7 +208,9 @@ def select(ctx: RunContext, task: Task) -> dict[str, Any]:
     chosen = selection.select_tasks(sims, top_k=policy.top_k, mode=policy.selection,
                                     seed=ctx.settings.train.seed + task.index)
     ts.selected = chosen
-    ctx.record(task)["params"].update(subspace_similarity=sims, selected=chosen)
+    if policy.selection == "subspace":  # random selection has no similarities to record
+        ctx.record(task)["params"]["subspace_similarity"] = sims
+    ctx.record(task)["params"]["selected"] = chosen
     ctx.save_record(task)
     return {"selected": chosen, "similarity": sims}
 

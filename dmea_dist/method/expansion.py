@@ -157,10 +157,16 @@ def search_candidate(model, *, candidate: int, train: BatchStream, val_batches: 
 
 
 def pick_best(results: Sequence[CandidateResult]) -> CandidateResult:
-    """Lowest validation loss; ties (within 1e-9) go to fewer new modules, then lower index."""
+    """Lowest validation loss; ties (within 1e-9, relative) go to fewer new modules, then lower index.
+
+    A tolerance, not rounding: two losses 2e-10 apart can round to different 9th decimals, and losses
+    of one path computed in different processes differ in their last bits.
+    """
     if not results:
         raise ValueError("no expansion candidates to choose from")
-    return min(results, key=lambda r: (round(r.val_loss, 9), r.n_new, r.candidate))
+    best = min(r.val_loss for r in results)
+    tied = [r for r in results if r.val_loss <= best + 1e-9 * max(1.0, abs(best))]
+    return min(tied, key=lambda r: (r.n_new, r.candidate))
 
 
 def install_candidate(model, result: CandidateResult) -> list[int]:

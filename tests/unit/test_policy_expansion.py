@@ -73,5 +73,8 @@ def test_pick_best_prefers_low_loss_then_fewer_new_modules():
         return CandidateResult(candidate=i, path=[0], new_layers=list(range(new)), val_loss=loss, logits=[], params={})
     assert pick_best([result(0, 1.0, 0), result(1, 0.5, 3)]).candidate == 1
     assert pick_best([result(0, 0.5, 3), result(1, 0.5, 1), result(2, 0.5, 2)]).candidate == 1
+    # 2e-10 apart, on either side of a 9th-decimal rounding boundary: a tie, so the fewer new modules win
+    assert pick_best([result(0, 1.0000000004, 3), result(1, 1.0000000006, 1)]).candidate == 1
+    assert pick_best([result(0, 1.0, 3), result(1, 1.000001, 1)]).candidate == 0  # not a tie
     with pytest.raises(ValueError):
         pick_best([])
