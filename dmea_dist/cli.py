@@ -326,13 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except DmeaError as err:
-        from dmea_dist.driver import RunStopped
+        from dmea_dist.driver import report_error
 
-        # An error raised in a Ray task comes back as RayTaskError(<its class>), whose str is a traceback;
-        # the error itself is its `cause`.
-        err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
-        print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
-        return 130 if isinstance(err, RunStopped) else 2
+        return report_error(err)
     except KeyboardInterrupt:
         return 130
     finally:

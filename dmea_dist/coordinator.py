@@ -181,9 +181,7 @@ class Coordinator:
             state = self.ctx.state
             if state.done:
                 return
-            saved = load_state(self.ctx.run_dir)
-            if saved.done:
-                return
+            saved = load_state(self.ctx.run_dir)  # behind the state in memory, never ahead: not done either
             saved.status, saved.message = status, message
             save_state(saved, self.ctx.run_dir)
             state.status, state.message = status, message

@@ -63,6 +63,15 @@ class RunStopped(DmeaError):
     """The run was stopped (Ctrl-C) at a stage boundary; its state is saved and it can be resumed."""
 
 
+def report_error(err: DmeaError) -> int:
+    """Print `err` in one line on stderr, as `dmea` and the Ray job entry point do; returns the exit code
+    (130 for a stopped run, 2 for the rest). An error raised in a Ray task comes back as
+    RayTaskError(<its class>), whose str is a traceback; the error itself is its `cause`."""
+    err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
+    print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
+    return 130 if isinstance(err, RunStopped) else 2
+
+
 def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
                  coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
                  echo: Callable[[str], None] = print, check: bool = True) -> SequenceResult:
@@ -364,7 +373,7 @@ def _servable(tracker, config: RunConfig, rec: dict[str, Any]) -> Iterator[Any]:
     import tempfile
 
     from dmea_dist.serving import stage_task
-    from dmea_dist.tracking import registered_model_name, task_aliases
+    from dmea_dist.tracking import registered_model_name, task_aliases, warn_failure
     from dmea_dist.tracking.registry import ServableTask
 
     run_dir = Path(rec["model_dir"]).parents[2]  # <run_dir>/tasks/NNN-<task>/modules
@@ -373,21 +382,14 @@ def _servable(tracker, config: RunConfig, rec: dict[str, Any]) -> Iterator[Any]:
         try:
             folder = stage_task(run_dir, rec["task_id"], Path(tmp) / "run")
         except Exception as err:  # tracking never stops the run (a full /tmp, a lamol backbone too big)
-            _tracking_warning(f"staging {rec['task_id']}'s model for the registry", err,
-                              "the task is recorded without a registered model")
+            warn_failure(f"staging {rec['task_id']}'s model for the registry", err,
+                         "the task is recorded without a registered model; the run goes on", stacklevel=3)
             yield None
             return
         yield ServableTask(folder=folder, alias=task_aliases(config.data.tasks)[rec["task_id"]],
                            path=rec["params"].get("path"),
                            model_tags={"dmea.registered_model": name, "dmea.config": config.name,
                                        "dmea.method": config.method.name, "dmea.run_dir": str(run_dir)})
-
-
-def _tracking_warning(what: str, err: Exception, consequence: str) -> None:
-    from dmea_dist.tracking import TrackingWarning, redact_uri
-
-    warnings.warn(f"MLflow tracking: {what} failed ({redact_uri(f'{type(err).__name__}: {err}')[:600]}); "
-                  f"{consequence}; the run goes on", TrackingWarning, stacklevel=3)
 
 
 def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
@@ -398,14 +400,15 @@ def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
     missing = [rec for rec in coordinator.records() if known.get(rec["task_id"]) is None]
     if not missing:
         return
-    from dmea_dist.tracking import find_task_runs
+    from dmea_dist.tracking import find_task_runs, warn_failure
 
     try:
         existing = {r["task_id"]: r["run_id"] for r in find_task_runs(
             uri=config.tracking.uri, experiment=config.tracking.experiment, parent_run_id=tracker.parent_run_id)}
     except Exception as err:  # unknown what MLflow holds: record nothing twice, try again at the next resume
-        _tracking_warning(f"looking up the records of {[rec['task_id'] for rec in missing]}", err,
-                          "they stay unrecorded until a later `dmea resume` finds the store")
+        warn_failure(f"looking up the records of {[rec['task_id'] for rec in missing]}", err,
+                     "they stay unrecorded until a later `dmea resume` finds the store; the run goes on",
+                     stacklevel=3)
         return
     for rec in missing:
         if rec["task_id"] in existing:  # recorded just before the driver died: keep that one

@@ -22,7 +22,7 @@ from pathlib import Path
 from dmea_dist.config import load_config
 from dmea_dist.distributed.cluster import logical_cpus, size_overrides, sized_for
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
-from dmea_dist.driver import RunStopped, check_input, resume_config, resume_sequence, run_sequence
+from dmea_dist.driver import check_input, report_error, resume_config, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
 
 
@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
                                   check=False)
     except DmeaError as err:
-        # raised in the coordinator actor, it comes back as RayTaskError(<its class>), whose str is a
-        # traceback; the error itself is its `cause` (as `dmea` prints it)
-        err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
-        print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
-        return 130 if isinstance(err, RunStopped) else 2
+        return report_error(err)  # an error of the coordinator actor as its cause, in one line, as `dmea` does
     print(f"final_average={result.metrics['final_average']:.2f} parent_run_id={result.parent_run_id}", flush=True)
     return 0
 

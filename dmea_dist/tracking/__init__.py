@@ -71,7 +71,7 @@ from dmea_dist.tracking.readers import (
     find_task_runs,
 )
 from dmea_dist.tracking.store import check_store, count_failures, failures_summary
-from dmea_dist.tracking.writer import Tracker
+from dmea_dist.tracking.writer import Tracker, warn_failure
 
 __all__ = [
     "DEFAULT_URI", "MAX_KEY_LENGTH", "MAX_PARAM_LENGTH", "MAX_TAG_LENGTH", "MODEL_VERSION_TAG", "MODULES_ARTIFACT",
@@ -79,5 +79,5 @@ __all__ = [
     "count_failures", "credentials_from_uri", "default_artifact_location", "download_registered_model",
     "download_run", "download_task_modules", "failures_summary", "find_task_runs", "flatten", "mlflow_key",
     "param_value", "redact_config", "redact_uri", "registered_model_name", "resolve_uri", "sqlite_path",
-    "task_alias", "task_aliases",
+    "task_alias", "task_aliases", "warn_failure",
 ]

@@ -348,7 +348,7 @@ class Tracker:
         try:
             return call()
         except Exception as exc:  # tracking must never stop training
-            _warn(what, exc)
+            warn_failure(what, exc, stacklevel=4)
             return None
 
     def _attempt(self, what: str, call: Callable[[], Any]) -> bool:
@@ -356,12 +356,14 @@ class Tracker:
         return self._fetch(what, lambda: (call(), True)[1]) is not None
 
 
-def _warn(what: str, exc: Exception) -> None:
+def warn_failure(what: str, exc: Exception, consequence: str = "training continues", *,
+                 stacklevel: int = 2) -> None:
+    """A TrackingWarning: `what` failed (the error, redacted and truncated), and what that means for the run."""
     detail = _truncate(redact_uri(f"{type(exc).__name__}: {exc}"), 600)
     warnings.warn(
-        f"MLflow tracking: {what} failed ({detail}); training continues",
+        f"MLflow tracking: {what} failed ({detail}); {consequence}",
         TrackingWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 
