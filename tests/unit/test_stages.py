@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -357,3 +358,104 @@ def test_pseudo_fidelity_is_read_against_the_generating_models_fidelity_on_real_
     assert records[2][f"pseudo.real_fidelity.{TASKS[0]}"] == pytest.approx(2 / 3)
     assert records[2][f"pseudo.real_fidelity.{TASKS[1]}"] == pytest.approx(2 / 3)
     assert f"pseudo.real_fidelity.{TASKS[0]}" not in records[0]
+
+
+def _token_vector(examples, special, vocab: int) -> np.ndarray:
+    """Reference for the stage's token similarity: a dense count vector of the examples' ids, specials out."""
+    ids = np.array([i for ex in examples for i in ex.input_ids if i not in special], dtype=np.int64)
+    return np.bincount(ids, minlength=vocab).astype(np.float64)
+
+
+@pytest.mark.parametrize("method", ["dmea", "acm"])
+def test_the_search_starts_from_each_old_modules_token_similarity(tmp_path, method):
+    """The search job's initial logits, computed independently: per layer, beta times the highest token
+    cosine (special tokens left out) of the earlier tasks that use each module, the new module at -beta
+    times the best; ACM starts every old module at +mix_ini and the new one at -mix_ini."""
+    coordinator, kernels = _coordinator(tmp_path, method)
+    while not coordinator.state.done:
+        coordinator.step()
+    run, state = coordinator.ctx.run, coordinator.state
+    special = {run.formatter.special.ans, run.formatter.special.eos, run.formatter.special.pad,
+               *run.formatter.special.tasks}
+    vectors = [_token_vector(t.train[0], special, len(run.tokenizer)) for t in run.tasks]
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    exp = run.config.method.expansion
+    new, earlier = 2, [0, 1]  # the last task's search: hotel.01 after hotel.00 and listops.00
+    sims = {j: cos(vectors[new], vectors[j]) for j in earlier}
+    assert sims[0] > sims[1] + 0.1  # hotel.01 reads like hotel.00, not like listops.00
+    for job in kernels.search_jobs[-1]:
+        for layer, logits in enumerate(job.init):
+            ids = sorted({state.tasks[j].path[layer] for j in earlier})
+            if method == "acm":
+                assert logits == pytest.approx([exp.mix_ini] * len(ids) + [-exp.mix_ini])
+                continue
+            score = {m: max(sims[j] for j in earlier if state.tasks[j].path[layer] == m) for m in ids}
+            beta = job.params["beta"]
+            assert logits == pytest.approx([beta * score[m] for m in ids] + [-beta * max(score.values())], rel=1e-6)
+    if method == "dmea":  # layer 0 holds both tasks' modules: hotel.00's starts ahead of listops.00's
+        layer0 = dict(zip(sorted({state.tasks[j].path[0] for j in earlier}), kernels.search_jobs[-1][0].init[0][:-1],
+                          strict=True))
+        assert layer0[state.tasks[0].path[0]] > layer0[state.tasks[1].path[0]]
+
+
+@pytest.mark.parametrize("method", ["dmea", "acm", "lamol"])
+def test_every_stream_of_an_adaptation_runs_along_the_path_it_should(tmp_path, method):
+    """The new task and what transfers into it along the new path, each replayed task along its own path,
+    its LM examples led by its own generation token; only DMEA scales the replay streams."""
+    coordinator, kernels = _coordinator(tmp_path, method)
+    while not coordinator.state.done:
+        coordinator.step()
+    run, state = coordinator.ctx.run, coordinator.state
+    index = {t.task_id: t.index for t in run.tasks}
+    for job in kernels.adapt_jobs:
+        assert job.scale == (method == "dmea")
+    last = kernels.adapt_jobs[-1]
+    new_path = None if method == "lamol" else state.tasks[2].path
+    kinds = {key.split(":")[0] for key, _, _ in last.sources}
+    assert "replay" in kinds and ("transfer" in kinds) == (method == "dmea")
+    for key, (_qa, lm), path in last.sources:
+        kind, _, old = key.partition(":")
+        if kind in ("new", "transfer"):
+            assert path == new_path, key
+        else:
+            assert path == (None if method == "lamol" else state.tasks[index[old]].path), key
+            assert path != new_path or method == "lamol"  # FakeKernels' new paths differ from the old ones
+        task_index = 2 if kind == "new" else index[old]
+        assert {ex.input_ids[0] for ex in lm} == {run.formatter.special.tasks[task_index]}, key  # LM examples
+
+
+class SecondCandidateWinsKernels(FakeKernels):
+    """Search where candidate 1 wins with a path and module weights of its own (layer 1 new, weights 0.5)."""
+
+    def search(self, model, jobs, data):
+        self.calls.append("search")
+        self.search_jobs.append(list(jobs))
+        earlier = next(iter(model.paths.values()))
+        out = []
+        for job in jobs:
+            layer = 0 if job.candidate == 0 else 1
+            new_id = model.next_ids[layer]
+            state = {k: torch.full_like(v, 0.5 if job.candidate else -0.5)
+                     for k, v in LayerModule(model.d_model, model.bottleneck).state_dict().items()}
+            path = list(earlier)
+            path[layer] = new_id
+            out.append(CandidateResult(candidate=job.candidate, path=path, new_layers=[layer],
+                                       val_loss=2.0 - job.candidate, logits=job.init, params=job.params,
+                                       new_modules={module_key(layer, new_id, k): v for k, v in state.items()}))
+        return out
+
+
+def test_the_search_installs_the_lowest_loss_candidate_with_its_own_modules(tmp_path):
+    config = _config(tmp_path, "dmea")
+    run_dir = tmp_path / "winner"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: SecondCandidateWinsKernels(run),
+                              run=_run(config, run_dir))
+    while not coordinator.state.tasks[1].path:  # up to task 1's EXPAND
+        coordinator.step()
+    model, first = coordinator.ctx.run.model, coordinator.state.tasks[0].path
+    path = model.path_of(TASKS[1])
+    assert path[0] == first[0] and path[1] != first[1] and path[2:] == first[2:]  # candidate 1's: layer 1 new
+    for value in model.get_module(1, path[1]).state_dict().values():
+        assert torch.equal(value, torch.full_like(value, 0.5))  # its own weights, not fresh or candidate 0's
+    record = json.loads((run_dir / coordinator.state.tasks[1].record).read_text())
+    assert [c["winner"] for c in record["params"]["candidates"]] == [False, True]
