@@ -68,3 +68,30 @@ def test_a_similar_task_keeps_its_modules(setting):
     model, old, common = setting
     related = _search(model, old, common, init="similarity", coefficient_lr=5e-3, similarity=0.9)
     assert related.n_new == 0, related.logits  # old 0.27, new -0.27: the budget cannot close it
+
+
+def test_the_coefficients_stay_where_they_start_during_the_warm_up(setting):
+    """ACM's schedule: the first warmup_epochs train the new modules only. A search that ends with the
+    warm-up returns its initial logits unchanged; one that goes on moves them."""
+    model, old, common = setting
+    init = [x.tolist() for x in expansion.initial_logits(old_modules=old, paths=model.paths,
+                                                          similarities={"a": 0.5}, beta=0.3)]
+    frozen = _search(model, old, {**common, "epochs": 4}, init="similarity", coefficient_lr=5e-2, similarity=0.5)
+    assert frozen.logits == init
+    moved = _search(model, old, common, init="similarity", coefficient_lr=5e-2, similarity=0.5)
+    assert max(abs(a - b) for x, y in zip(moved.logits, init, strict=True) for a, b in zip(x, y, strict=True)) > 1e-3
+
+
+def test_the_entropy_penalty_sharpens_the_mixture(setting):
+    """entropy_weight adds the mixtures' entropy to the loss: from the same level start, the penalised
+    search ends with sharper mixtures (lower entropy) than the unpenalised one."""
+    model, old, common = setting
+
+    def entropy(result):
+        return float(expansion.mixing_entropy([torch.tensor(x) for x in result.logits]))
+
+    plain = _search(model, old, common, init="similarity", coefficient_lr=5e-2, similarity=0.0)
+    penalised = _search(model, old, {**common, "entropy_weight": 1.0}, init="similarity", coefficient_lr=5e-2,
+                        similarity=0.0)
+    level = model.n_layers * float(torch.log(torch.tensor(2.0)))  # two choices per layer, level start
+    assert entropy(penalised) < entropy(plain) - 0.05 * level, (entropy(penalised), entropy(plain), level)
