@@ -186,6 +186,25 @@ def test_generation_counts_every_dropped_sample_by_why(tokenizer):
                                   n=16, seed=0, max_rounds=2)
     assert out.malformed > 0 and sum(out.reasons.values()) == out.malformed
     assert set(out.reasons) <= set(MALFORMED)
+    assert "task_token" not in out.reasons  # generation tokens are suppressed while sampling
+
+
+def test_greedy_after_the_separator_keeps_only_the_best_token_in_rows_past_it():
+    """Pseudo answers are greedy once the separator is out (the input is sampled): in a row that contains
+    it, every score but the argmax becomes -inf; rows before it keep their scores for top-k sampling."""
+    from dmea_dist.method.generation import GreedyAfter
+
+    sep = 7
+    input_ids = torch.tensor([[3, 5, sep, 2], [3, 5, 6, 2], [sep, 1, 1, 1]])
+    scores = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    out = GreedyAfter(sep)(input_ids, scores.clone())
+    for row in range(3):
+        if sep in input_ids[row].tolist():
+            best = int(scores[row].argmax())
+            assert out[row, best] == scores[row, best]
+            assert torch.isinf(out[row]).sum() == scores.shape[1] - 1 and (out[row][torch.isinf(out[row])] < 0).all()
+        else:
+            assert torch.equal(out[row], scores[row])
 
 
 class _TaskEcho:
