@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray  # a hard dependency: a broken install fails here, it does not skip
+from ray.cluster_utils import Cluster
 
 from dmea_dist.driver import run_sequence
 from tests.integration.tiny_run import tiny_config
-
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -16,14 +16,12 @@ import shutil
 import threading
 
 import pytest
+import ray  # a hard dependency: a broken install fails here, it does not skip
+from ray.cluster_utils import Cluster
 
 from dmea_dist.kernels import run_search_job
 from dmea_dist.run import torch_threads
-
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from tests.integration.test_ray_workers import answer_requests, prepare, ray_kernels  # noqa: E402
+from tests.integration.test_ray_workers import answer_requests, prepare, ray_kernels
 
 pytestmark = pytest.mark.integration
 

@@ -24,23 +24,22 @@ import dataclasses
 import os
 
 import pytest
+import ray  # a hard dependency: a broken install fails here, it does not skip
 import torch
 from safetensors.torch import load_file
 
 from dmea_dist.config import config_from_dict
 from dmea_dist.coordinator import engine_settings
 from dmea_dist.data.formatting import encode_task
-from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job, trained_state
-from dmea_dist.run import build_run
-
-ray = pytest.importorskip("ray")
-from dmea_dist.distributed.train_workers import (  # noqa: E402  (after the importorskip)
+from dmea_dist.distributed.train_workers import (
     RESULT_FILE,
     WEIGHT_FILES,
     RayTrainAdapter,
     read_adapt_checkpoint,
     write_adapt_checkpoint,
 )
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job, trained_state
+from dmea_dist.run import build_run
 
 pytestmark = pytest.mark.integration
 

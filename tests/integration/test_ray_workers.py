@@ -32,21 +32,20 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import ray  # a hard dependency: a broken install fails here, it does not skip
 import torch
 
 from dmea_dist import stages
 from dmea_dist.config import config_from_dict
 from dmea_dist.coordinator import decoding_settings, engine_settings, in_process_kernels
+from dmea_dist.distributed.generation_pool import plan_shards
+from dmea_dist.distributed.kernels import RayKernels
 from dmea_dist.kernels import AnswerRequest, GenerateRequest, run_search_job
 from dmea_dist.method import expansion
 from dmea_dist.method.generation import generate_answers
 from dmea_dist.method.training import make_optimizer, task_loss
 from dmea_dist.run import build_run, torch_threads
 from dmea_dist.state import RunState
-
-ray = pytest.importorskip("ray")
-from dmea_dist.distributed.generation_pool import plan_shards  # noqa: E402
-from dmea_dist.distributed.kernels import RayKernels  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -15,6 +15,7 @@ import pytest
 from dmea_dist.config import load_config
 from dmea_dist.data.synthetic import task_relatedness
 from dmea_dist.driver import run_sequence
+from dmea_dist.state import read_json
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +99,16 @@ def test_replay_is_scaled_inside_the_clamp(quickstart):
     assert max(rates) <= 0.25, rates
     assert all(0.1 < v < 10 for a in adapts for v in a["mean_eta"].values())
     assert "eta at clamp" in printed
+    # the factor acts and decays with training progress, (ratio - 1) * exp(-t) + 1: every replayed stream's
+    # eta leaves 1, and is further from 1 in the first third of its steps than in the last
+    # (quick start seed 0: mean |eta - 1| 6.3 -> 0.68, 0.38 -> 0.06, 0.19 -> 0.04)
+    series = {(r["task_id"], k): v for r in map(read_json, result.run_dir.glob("tasks/*/record.json"))
+              for k, v in r["series"].items() if k.startswith("eta.")}
+    assert len(series) == sum(len(a["mean_eta"]) for a in adapts)
+    for key, etas in series.items():
+        third = len(etas) // 3
+        assert max(abs(e - 1) for e in etas) > 0.05, key
+        assert np.mean(np.abs(np.array(etas[:third]) - 1)) > np.mean(np.abs(np.array(etas[-third:]) - 1)), key
 
 
 def test_mlflow_holds_parent_nested_runs_and_artifacts(quickstart, tmp_path):

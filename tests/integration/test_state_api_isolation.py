@@ -18,8 +18,7 @@ import sys
 import time
 
 import pytest
-
-ray = pytest.importorskip("ray")
+import ray  # a hard dependency: a broken install fails here, it does not skip
 
 pytestmark = pytest.mark.integration
 
