@@ -70,5 +70,8 @@ def test_select_modes():
     rand = select_tasks(sims, top_k=2, mode="random", seed=3)
     assert len(rand) == 2 and set(rand) <= set(sims)
     assert rand == select_tasks(sims, top_k=2, mode="random", seed=3)
+    # random ignores the similarities: over seeds every task is picked, the least similar one as often as any
+    picks = [select_tasks(sims, top_k=1, mode="random", seed=s)[0] for s in range(200)]
+    assert {name: picks.count(name) for name in sims} == pytest.approx(dict.fromkeys(sims, 50), abs=20)
     with pytest.raises(ValueError, match="unknown"):
         select_tasks(sims, top_k=1, mode="best")
