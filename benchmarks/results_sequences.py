@@ -9,8 +9,8 @@ already holds metrics.json is skipped, so an interrupted matrix resumes where it
     python benchmarks/results_sequences.py --only main,ablations,synth10 --dry-run   # commands only
     python benchmarks/results_sequences.py --code ../exp --out /tmp/results --report-only
 
-Groups: main (RNNLG+E2E tiny, orders ABCDE/EDCBA x dmea/acm/lamol x seeds 0,1,2; main-s0, main-s1 and main-s2
-are its thirds, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in that order), ablations (ABCDE,
+Groups: main (RNNLG+E2E tiny, orders ABCDE/EDCBA x dmea/acm/lamol x seeds 0-3; main-s0 ... main-s3 are its
+parts by seed, e.g. --only quickstart,main-s0,ablations,synth10,main-s1 runs in that order), ablations (ABCDE,
 seed 0: adapter, finetune, multitask, dmea static init, random selection, no gradient scaling; run on a checkout
 whose default transfer is gated, these are the gated ablations), ablations-s12 (DMEA's three ablations, ABCDE,
 seeds 1 and 2), transfer (dmea with
@@ -46,7 +46,7 @@ Run = tuple[str, str, str, str, int, list[str]]
 def matrix(synth_config: str) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = {"main": [], "ablations": [], "transfer": [], "synth10": [], "quickstart": [],
                                     "quickstart-transfer": []}
-    for seed in (0, 1, 2):  # seed 0 of both orders first: the matrix runs in this order
+    for seed in (0, 1, 2, 3):  # seed 0 of both orders first: the matrix runs in this order
         for order, cfg in ORDERS.items():
             for m in ("dmea", "acm", "lamol"):
                 groups["main"].append((f"main-{order}-{m}-s{seed}", m, cfg, order, seed, [f"method.name={m}"]))
@@ -55,7 +55,7 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
            ("dmea-static-init", ["method.name=dmea", "method.expansion.init=static"]),
            ("dmea-random-sel", ["method.name=dmea", "method.selection.mode=random"]),
            ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])]
-    for seed in (0, 1, 2):
+    for seed in (0, 1, 2, 3):
         groups[f"main-s{seed}"] = [r for r in groups["main"] if r[4] == seed]
     groups["ablations"] = [(f"abl-ABCDE-{m}-s0", m, ORDERS["ABCDE"], "ABCDE", 0, o) for m, o in abl]
     # DMEA's own ablations again where one seed cannot tell them from full DMEA (issue 7: "more where a
