@@ -141,8 +141,9 @@ class Coordinator:
         state = self.ctx.state
         return {"done": state.done, "next": None if state.done else (state.task_index, state.stage.value)}
 
-    def placement(self) -> dict[str, list[str]]:
-        """Where kernels ran (node ids by kind), for kernels that know it (Ray); else empty."""
+    def placement(self) -> dict[str, Any]:
+        """Where kernels ran (node ids by kind) and how many generation actors and training ranks served,
+        for kernels that know it (Ray); else empty."""
         placement = getattr(self.ctx.kernels, "placement", None)
         return placement.as_dict() if placement is not None else {}
 

@@ -31,6 +31,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -61,9 +62,20 @@ class Placement:
     search: set[str] = field(default_factory=set)
     generation: set[str] = field(default_factory=set)
     train: set[str] = field(default_factory=set)
+    generation_actors: int = 0  # the most generation actors and training ranks that served one call
+    train_ranks: int = 0
 
-    def as_dict(self) -> dict[str, list[str]]:
-        return {"search": sorted(self.search), "generation": sorted(self.generation), "train": sorted(self.train)}
+    def as_dict(self) -> dict[str, Any]:
+        return {"search": sorted(self.search), "generation": sorted(self.generation), "train": sorted(self.train),
+                "generation_actors": self.generation_actors, "train_ranks": self.train_ranks}
+
+    def saw_generation(self, nodes: list[str]) -> None:
+        self.generation.update(nodes)
+        self.generation_actors = max(self.generation_actors, len(nodes))
+
+    def saw_train(self, nodes: list[str]) -> None:
+        self.train.update(nodes)
+        self.train_ranks = max(self.train_ranks, len(nodes))
 
 
 class RayKernels:
@@ -137,13 +149,13 @@ class RayKernels:
     def generate(self, model, requests: Sequence[GenerateRequest]) -> list[PseudoSamples]:
         require_ray()
         out = self.pool.generate(model, requests, progress=self.progress)
-        self.placement.generation.update(self.pool.node_ids())
+        self.placement.saw_generation(self.pool.node_ids())
         return out
 
     def answer(self, model, requests: Sequence[AnswerRequest]) -> list[list[str]]:
         require_ray()
         out = self.pool.answer(model, requests, progress=self.progress)
-        self.placement.generation.update(self.pool.node_ids())
+        self.placement.saw_generation(self.pool.node_ids())
         return out
 
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
@@ -153,12 +165,12 @@ class RayKernels:
                 self._in_turn = False
                 self._start_the_rest(model)
             result = self.group(model, job, checkpoint_dir=checkpoint_dir)
-            self.placement.train.update(self.group.nodes)
+            self.placement.saw_train(self.group.nodes)
             return result
         if self.trainer is not None:
             require_ray()
             result = self.trainer(model, job)
-            self.placement.train.update(self.trainer.last_nodes)
+            self.placement.saw_train(self.trainer.last_nodes)
             return result
         progress = self.progress
         on_step = (lambda done, total, **info: progress("adapt", done, total, **info)) if progress else None

@@ -64,14 +64,23 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
 
 
 def _in_process_and_on_ray(config, tmp_path):
-    """The same config run in process at one thread (as every Ray worker computes) and on the embedded Ray."""
+    """The same config run in process at one thread (as every Ray worker computes) and on the embedded Ray;
+    also where and on how many workers the Ray run's kernels ran (taken before the coordinator closes)."""
     from dmea_dist.distributed.coordinator import ray_coordinator_factory
 
     with torch_threads(1):
         local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
+    handles, placements = [], []
+
+    def factory(cfg, run_dir, *, resume, progress=None):
+        handles.append(ray_coordinator_factory(cfg, run_dir, resume=resume, progress=progress))
+        placement, close = handles[-1].placement, handles[-1].close
+        handles[-1].close = lambda: (placements.append(placement()), close())
+        return handles[-1]
+
     distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
-                               coordinator_factory=ray_coordinator_factory)
-    return local, distributed
+                               coordinator_factory=factory)
+    return local, distributed, placements[-1]
 
 
 def _decisions(result, stage, key):
@@ -83,9 +92,15 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
     is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece."""
     two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
                 "num_train_workers": 2, "train_cpus": 0.5}
-    local, distributed = _in_process_and_on_ray(tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0}), tmp_path)
+    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0})
+    local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
+    assert (placement["train_ranks"], placement["generation_actors"]) == (2, 2), placement  # two of each served
     for stage, key in (("expand", "path"), ("select", "selected"), ("generate", "pseudo_samples"), ("adapt", "steps")):
         assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
+    # the same training, not only the same counts: every stream's last loss of every adaptation
+    for two, one in zip(_decisions(distributed, "adapt", "final_losses"), _decisions(local, "adapt", "final_losses"),
+                        strict=True):
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
 
 
@@ -94,7 +109,8 @@ def test_virtual_shards_train_two_ranks_bit_for_bit_like_one_with_dropout(tmp_pa
     each fixed piece of a batch draws its own masks and the pieces are summed in one order (dmea_dist.engine)."""
     config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5}, train={"virtual_shards": 4},
                          model={"dropout": 0.1})
-    local, distributed = _in_process_and_on_ray(config, tmp_path)
+    local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
+    assert placement["train_ranks"] == 2, placement
     # not close: equal, down to the losses of every adaptation and the whole R matrix
     for stage, key in (("expand", "path"), ("generate", "pseudo_samples"), ("adapt", "final_losses")):
         assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage

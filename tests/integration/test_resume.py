@@ -91,6 +91,19 @@ def test_killed_then_resumed_equals_uninterrupted(runs):
     adapt = next(h for h in got["history"] if (h["task_index"], h["stage"]) == (1, "adapt"))
     assert adapt["resumed_from"] > 0  # from the epoch checkpoint, not from the start
     assert not list(killed.glob("tasks/*/adapt_checkpoint"))  # superseded by the snapshot, removed
+    # the same training, not only the same scores: every adaptation's last losses and every task's modules
+    losses = [[h["final_losses"] for h in s["history"] if h["stage"] == "adapt"] for s in (got, ref)]
+    for resumed, uninterrupted in zip(*losses, strict=True):
+        assert resumed == pytest.approx(uninterrupted, rel=1e-5, abs=1e-6)
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(reference) for p in reference.glob("tasks/*/modules/modules.safetensors"))
+    assert len(files) == len(config.data.tasks)
+    for file in files:
+        a, b = load_file(str(killed / file)), load_file(str(reference / file))
+        assert a.keys() == b.keys(), file
+        for key in a:
+            np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{file}:{key}")
 
 
 def test_mlflow_holds_one_parent_with_each_task_once(runs):
