@@ -59,3 +59,28 @@ def test_a_failure_of_then_does_not_wait_for_the_background():
     with pytest.raises(ConnectionError):
         _beside(background, lambda: (_ for _ in ()).throw(ConnectionError("no Ray at that address")))
     assert time.perf_counter() - started < 5
+
+
+def test_a_backbone_pretrained_in_a_thread_is_the_one_pretrained_in_the_main_thread():
+    """The cache key does not say which thread pretrained: a thread must make the same weights, bit for bit
+    (torch's thread count is per thread for OpenMP; `torch_threads` sets it in the thread that trains)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dmea_dist.modeling.pretrain import pretrain_lm
+    from dmea_dist.run import PRETRAIN_THREADS, torch_threads
+
+    def pretrained() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+        g = torch.Generator().manual_seed(1)
+        ids = [torch.randint(1, 97, (20,), generator=g).tolist() for _ in range(64)]
+        with torch_threads(PRETRAIN_THREADS):
+            pretrain_lm(model, ids, steps=10, lr=3e-3, batch_size=16, seq_len=32, eos_id=0, seed=0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    here, there = pretrained(), []
+    worker = threading.Thread(target=lambda: there.append(pretrained()))
+    worker.start()
+    worker.join()
+    assert all(torch.equal(a, b) for a, b in zip(here, there[0], strict=True))
