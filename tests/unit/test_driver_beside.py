@@ -76,7 +76,7 @@ def test_a_backbone_pretrained_in_a_thread_is_the_one_pretrained_in_the_main_thr
         g = torch.Generator().manual_seed(1)
         ids = [torch.randint(1, 97, (20,), generator=g).tolist() for _ in range(64)]
         with torch_threads(PRETRAIN_THREADS):
-            pretrain_lm(model, ids, steps=10, lr=3e-3, batch_size=16, seq_len=32, eos_id=0, seed=0)
+            pretrain_lm(model, ids, steps=30, lr=3e-3, batch_size=16, seq_len=32, eos_id=0, seed=0)
         return [p.detach().clone() for p in model.parameters()]
 
     here, there = pretrained(), []
