@@ -62,6 +62,10 @@ def test_the_run_survives_losing_the_node_of_its_workers(cluster, tmp_path):
                 lost["node"] = generation_node
             return out
 
+        def close(self):
+            lost["placement"] = self.inner.placement()  # where work ran, before the workers go
+            return self.inner.close()
+
     def factory(cfg, run_dir, *, resume, progress=None):
         return LoseANode(ray_coordinator_factory(cfg, run_dir, resume=resume))
 
@@ -71,3 +75,8 @@ def test_the_run_survives_losing_the_node_of_its_workers(cluster, tmp_path):
     assert np.isfinite(result.R[np.tril_indices(2)]).all()
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert lost["node"] not in alive
+    # the second task's generation and training ran again, on the surviving node: the pool and the group
+    # were rebuilt there, not left pointing at the lost one
+    survivor = {n.node_id for n in nodes} - {lost["node"]}
+    assert survivor <= set(lost["placement"]["generation"]), lost["placement"]
+    assert survivor <= set(lost["placement"]["train"]), lost["placement"]
