@@ -147,12 +147,13 @@ def check_input(config: RunConfig, *, then: Callable[[], Any] | None = None) -> 
                 warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
     cache_root = Path(config.output_dir) / "_cache"
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if config.model.pretrained:
         check_and_say(load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks))
     elif then is None:
-        tiny_backbone(config, tasks, cache_root=cache_root, check_tokenizer=check_and_say, load_model=False)
+        tiny_backbone(config, tasks, cache_root=cache_root, check_tokenizer=check_and_say, load_model=False, say=say)
     else:
-        return _beside(lambda checked: tiny_backbone(config, tasks, cache_root=cache_root, load_model=False,
+        return _beside(lambda checked: tiny_backbone(config, tasks, cache_root=cache_root, load_model=False, say=say,
                                                      check_tokenizer=lambda tok: (check_and_say(tok), checked())),
                        then)
     return then() if then is not None else None

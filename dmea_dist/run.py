@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -175,7 +176,8 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
-                  check_tokenizer: Callable[[Any], None] | None = None, load_model: bool = True):
+                  check_tokenizer: Callable[[Any], None] | None = None, load_model: bool = True,
+                  say: Callable[[str], None] | None = None):
     """(tokenizer, pretrained GPT2LMHeadModel) for the tiny default, cached on disk.
 
     The BPE covers the pretraining text and the run's text, as GPT-2's BPE
@@ -193,6 +195,7 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
     pretraining: inputs too long for the model fail in seconds, not minutes.
     `load_model=False`: (tokenizer, None) when the backbone is cached (a check
     that needs only the tokenizer); a backbone not yet cached is still made.
+    `say(line)`: told when pretraining starts and ends (a first run's user waits for it).
     """
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
@@ -225,6 +228,9 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
                       eos_token_id=tokenizer.eos_token_id, activation_function="gelu_pytorch_tanh")
     torch.manual_seed(config.train.seed)
     backbone = GPT2LMHeadModel(gpt2)
+    started = time.perf_counter()
+    if say is not None and pairs:
+        say(f"pretraining the tiny backbone ({pre.steps} steps, first run only; cached in {cache})")
     with torch_threads(PRETRAIN_THREADS):  # the weights, not only the steps: reserve_rows reduces too
         if pairs:
             ids = pretraining_ids(tokenizer, pairs, fmt=pre.format)
@@ -240,7 +246,18 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
             special = SpecialTokenIds.from_tokenizer(tokenizer)
             reserve = run_only | set(special.tasks) | ({special.ans} - seen)
             reserve_rows(backbone, sorted(reserve), seed=config.train.seed)
-    _publish(cache, lambda folder: (tokenizer.save_pretrained(folder), backbone.save_pretrained(folder)))
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a bar for writing one small file: noise in a first run's output
+    try:
+        _publish(cache, lambda folder: (tokenizer.save_pretrained(folder), backbone.save_pretrained(folder)))
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+    if say is not None and pairs:
+        first, last = backbone.config.dmea_pretrain_loss
+        say(f"backbone pretrained in {time.perf_counter() - started:.0f} s (LM loss {first:.2f} -> {last:.2f})")
     return tokenizer, backbone
 
 

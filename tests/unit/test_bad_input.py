@@ -336,6 +336,23 @@ def test_dmea_run_on_ray_starts_nothing_for_input_that_fails_its_checks(workspac
     assert check_input(load_config(config), then=lambda: "ray") == "ray"
 
 
+def test_a_first_run_says_that_it_pretrains_the_backbone_and_a_second_does_not(workspace, capsys):
+    root, _ = workspace
+    write_rows(root, "mine.jsonl", GOOD_ROWS)
+    tiny = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64, "vocab_size": 300,
+            "pretrain": {"steps": 20, "batch_size": 4, "seq_len": 32, "heldout_tasks": 1}}
+    config = load_config(write_config(root, ["mine"], data=user_task(root, "mine", "data/mine.jsonl"),
+                                      tracking={"enabled": False}, model={"tiny": tiny, "max_length": 64}))
+    from dmea_dist.driver import check_input
+
+    check_input(config)
+    err = capsys.readouterr().err
+    assert "pretraining the tiny backbone" in err and "backbone pretrained in" in err, err
+    assert "Writing model shards" not in err  # no progress bar for writing one small file
+    check_input(config)  # cached now
+    assert "pretrain" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ module files and `dmea generate`
 
 
