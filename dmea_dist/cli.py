@@ -125,13 +125,10 @@ def cmd_run(args) -> int:
     from dmea_dist.driver import check_input, run_sequence
 
     config = load_config(args.config, args.set)
-    # before Ray starts: on Ray, build_run's errors would come back as Ray tracebacks. Ray then starts while
-    # a first run's backbone pretrains
+    check_input(config)  # before Ray starts: on Ray, build_run's errors would come back as Ray tracebacks
     factory = None
-    if args.in_process:
-        check_input(config)
-    else:
-        config, factory = check_input(config, then=lambda: _ray(args.address or config.ray.address, config))
+    if not args.in_process:
+        config, factory = _ray(args.address or config.ray.address, config)
     with _tracking_reported(config):
         run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=factory,
                      check=False)

@@ -111,7 +111,7 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
                   echo=echo)
 
 
-def check_input(config: RunConfig, *, then: Callable[[], Any] | None = None) -> Any:
+def check_input(config: RunConfig) -> None:
     """Refuse bad input here, before Ray starts or anything is written (DESIGN section 6).
 
     `build_run` checks the same, but on Ray it runs in the coordinator actor,
@@ -121,10 +121,6 @@ def check_input(config: RunConfig, *, then: Callable[[], Any] | None = None) -> 
     backbone that is `tiny_backbone`, which pretrains and caches it only once
     the lengths pass; the coordinator then loads it from the cache.
     Warnings about truncated inputs are printed here, once.
-
-    `then` (e.g. starting Ray) runs in this thread once every check has passed, while a first run's
-    backbone pretraining goes on beside it in a thread of its own; the result of `then` is returned when
-    both are done. (Not the other way round: Ray's processes die with the thread that started them.)
     """
     from dmea_dist.data.tokenizer import load_pretrained_tokenizer
     from dmea_dist.errors import DataWarning
@@ -146,45 +142,12 @@ def check_input(config: RunConfig, *, then: Callable[[], Any] | None = None) -> 
             else:  # not ours to reword
                 warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
-    cache_root = Path(config.output_dir) / "_cache"
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (a first run pretrains: say so)
     if config.model.pretrained:
         check_and_say(load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks))
-    elif then is None:
-        tiny_backbone(config, tasks, cache_root=cache_root, check_tokenizer=check_and_say, load_model=False, say=say)
     else:
-        return _beside(lambda checked: tiny_backbone(config, tasks, cache_root=cache_root, load_model=False, say=say,
-                                                     check_tokenizer=lambda tok: (check_and_say(tok), checked())),
-                       then)
-    return then() if then is not None else None
-
-
-def _beside(background: Callable[[Callable[[], None]], Any], then: Callable[[], Any]) -> Any:
-    """Run `background(checked)` in a thread; once it calls `checked()` (or ends), run `then()` here; return
-    `then`'s result after both are done. An error in the background, before or after `checked`, is raised
-    here; the thread is a daemon, so a failure of `then` ends the process without waiting for it."""
-    import threading
-
-    ready, failure = threading.Event(), []
-
-    def run() -> None:
-        try:
-            background(ready.set)
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the calling thread)
-            failure.append(exc)
-        finally:
-            ready.set()
-
-    worker = threading.Thread(target=run, name="dmea-pretrain", daemon=True)
-    worker.start()
-    ready.wait()
-    if failure:
-        raise failure[0]
-    result = then()
-    worker.join()
-    if failure:
-        raise failure[0]
-    return result
+        tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say,
+                      load_model=False, say=say)
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:

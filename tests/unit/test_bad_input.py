@@ -319,23 +319,6 @@ def test_truncate_is_said_by_dmea_run_before_any_work(workspace, capsys):
     assert err.count("warning: task 'mine': 1 of ") == 1 and "truncated" in err
 
 
-def test_dmea_run_on_ray_starts_nothing_for_input_that_fails_its_checks(workspace):
-    """On Ray the checks run beside the pretraining (`check_input(then=...)`): what starts Ray must not run
-    when an input is too long, and runs, with its result returned, when the input is fine."""
-    root, _ = workspace
-    long_row = {"context": " ".join(f"word{i}" for i in range(80)), "answer": "short"}
-    write_rows(root, "mine.jsonl", [*GOOD_ROWS, long_row])
-    config = write_config(root, ["mine"], data=user_task(root, "mine", "data/mine.jsonl"), tracking={"enabled": False})
-    from dmea_dist.driver import check_input
-
-    started = []
-    with pytest.raises(DataError, match="longer than model.max_length"):
-        check_input(load_config(config), then=lambda: started.append("ray"))
-    assert started == []
-    write_rows(root, "mine.jsonl", GOOD_ROWS)
-    assert check_input(load_config(config), then=lambda: "ray") == "ray"
-
-
 def test_a_first_run_says_that_it_pretrains_the_backbone_and_a_second_does_not(workspace, capsys):
     root, _ = workspace
     write_rows(root, "mine.jsonl", GOOD_ROWS)
