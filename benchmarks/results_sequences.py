@@ -17,8 +17,8 @@ seeds 1 and 2), transfer (dmea with
 method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with
 transfer gated explicitly, ABCDE seeds 0 and 1, for checkouts from before gated was the default),
 quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), synth10 (10
-synthetic tasks, dmea; also selection precision@K against the generator's ground truth), quickstart
-({dmea, acm, dmea without gradient scaling} x seeds 0,1,2). Run dirs: OUT/runs/<label>; logs:
+synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
+({dmea, acm, dmea without gradient scaling} x seeds 0-4). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
 whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt).
@@ -73,10 +73,11 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                             ("no-gs", "method.adaptation.gradient_scaling=false")):
             groups["transfer"].append((f"abl-ABCDE-dmea-gated-{name}-s{seed}", f"dmea-gated-{name}", ORDERS["ABCDE"],
                                        "ABCDE", seed, ["method.name=dmea", "method.adaptation.transfer=gated", extra]))
-    groups["synth10"] = [("synth10-dmea-s0", "dmea", synth_config, "synth10", 0, ["method.name=dmea"])]
+    groups["synth10"] = [(f"synth10-dmea-s{seed}", "dmea", synth_config, "synth10", seed, ["method.name=dmea"])
+                         for seed in (0, 1, 2)]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
-        for seed in (0, 1, 2):
+        for seed in (0, 1, 2, 3, 4):
             groups["quickstart"].append((f"quickstart-{m}-s{seed}", m, "configs/quickstart.yaml", "qs", seed, o))
     for mode, name in (("off", "no-transfer"), ("gated", "gated-transfer")):  # transfer on the quick start
         for seed in (0, 1, 2):
