@@ -49,14 +49,14 @@ class FakeKernels:
         self.calls.append("search")
         self.search_jobs.append(list(jobs))
         earlier = next(iter(model.paths.values()))
-        out = []
-        for job in jobs:
-            new_id = model.next_ids[0]  # what search_candidate would add to layer 0
-            state = LayerModule(model.d_model, model.bottleneck).state_dict()
-            out.append(CandidateResult(candidate=job.candidate, path=[new_id, *earlier[1:]], new_layers=[0],
-                                       val_loss=1.0 + job.candidate, logits=job.init, params=job.params,
-                                       new_modules={module_key(0, new_id, k): v for k, v in state.items()}))
-        return out
+        return [self.candidate(model, job, earlier) for job in jobs]
+
+    def candidate(self, model, job, earlier: list[int]) -> CandidateResult:
+        new_id = model.next_ids[0]  # what search_candidate would add to layer 0
+        state = LayerModule(model.d_model, model.bottleneck).state_dict()
+        return CandidateResult(candidate=job.candidate, path=[new_id, *earlier[1:]], new_layers=[0],
+                               val_loss=1.0 + job.candidate, logits=job.init, params=job.params,
+                               new_modules={module_key(0, new_id, k): v for k, v in state.items()})
 
     def generate(self, model, requests):
         self.calls.append("generate")
@@ -427,22 +427,16 @@ def test_every_stream_of_an_adaptation_runs_along_the_path_it_should(tmp_path, m
 class SecondCandidateWinsKernels(FakeKernels):
     """Search where candidate 1 wins with a path and module weights of its own (layer 1 new, weights 0.5)."""
 
-    def search(self, model, jobs, data):
-        self.calls.append("search")
-        self.search_jobs.append(list(jobs))
-        earlier = next(iter(model.paths.values()))
-        out = []
-        for job in jobs:
-            layer = 0 if job.candidate == 0 else 1
-            new_id = model.next_ids[layer]
-            state = {k: torch.full_like(v, 0.5 if job.candidate else -0.5)
-                     for k, v in LayerModule(model.d_model, model.bottleneck).state_dict().items()}
-            path = list(earlier)
-            path[layer] = new_id
-            out.append(CandidateResult(candidate=job.candidate, path=path, new_layers=[layer],
-                                       val_loss=2.0 - job.candidate, logits=job.init, params=job.params,
-                                       new_modules={module_key(layer, new_id, k): v for k, v in state.items()}))
-        return out
+    def candidate(self, model, job, earlier: list[int]) -> CandidateResult:
+        layer = 0 if job.candidate == 0 else 1
+        new_id = model.next_ids[layer]
+        state = {k: torch.full_like(v, 0.5 if job.candidate else -0.5)
+                 for k, v in LayerModule(model.d_model, model.bottleneck).state_dict().items()}
+        path = list(earlier)
+        path[layer] = new_id
+        return CandidateResult(candidate=job.candidate, path=path, new_layers=[layer], val_loss=2.0 - job.candidate,
+                               logits=job.init, params=job.params,
+                               new_modules={module_key(layer, new_id, k): v for k, v in state.items()})
 
 
 def test_the_search_installs_the_lowest_loss_candidate_with_its_own_modules(tmp_path):
