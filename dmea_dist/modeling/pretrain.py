@@ -54,6 +54,10 @@ def pretrain_lm(backbone, token_lists: Sequence[Sequence[int]], *, steps: int, l
     windows = torch.tensor(stream[: n_windows * seq_len]).view(n_windows, seq_len)  # (windows, seq)
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    if getattr(backbone, "loss_type", None) is None:
+        # transformers cannot tell GPT2LMHeadModel's loss from its class name, warns in a first run's output,
+        # and falls back to this one: name it (the same function, the same weights)
+        backbone.loss_type = "ForCausalLM"
     params = [p for p in backbone.parameters()]
     for p in params:
         p.requires_grad_(True)

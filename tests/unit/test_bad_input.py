@@ -319,21 +319,34 @@ def test_truncate_is_said_by_dmea_run_before_any_work(workspace, capsys):
     assert err.count("warning: task 'mine': 1 of ") == 1 and "truncated" in err
 
 
-def test_a_first_run_says_that_it_pretrains_the_backbone_and_a_second_does_not(workspace, capsys):
+def test_a_first_run_says_that_it_pretrains_the_backbone_and_a_second_does_not(workspace, capfd):
     root, _ = workspace
     write_rows(root, "mine.jsonl", GOOD_ROWS)
     tiny = {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64, "vocab_size": 300,
             "pretrain": {"steps": 20, "batch_size": 4, "seq_len": 32, "heldout_tasks": 1}}
     config = load_config(write_config(root, ["mine"], data=user_task(root, "mine", "data/mine.jsonl"),
                                       tracking={"enabled": False}, model={"tiny": tiny, "max_length": 64}))
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
     from dmea_dist.driver import check_input
 
-    check_input(config)
-    err = capsys.readouterr().err
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    transformers_logging.get_logger("transformers").addHandler(handler)
+    transformers_logging.warning_once.cache_clear()  # said once per process: say it again if it would
+    try:
+        check_input(config)
+    finally:
+        transformers_logging.get_logger("transformers").removeHandler(handler)
+    err = capfd.readouterr().err
     assert "pretraining the tiny backbone" in err and "backbone pretrained in" in err, err
     assert "Writing model shards" not in err  # no progress bar for writing one small file
+    assert not [m for m in said if "loss_type" in m], said  # transformers' warning about GPT2LMHeadModel's loss
     check_input(config)  # cached now
-    assert "pretrain" not in capsys.readouterr().err
+    assert "pretrain" not in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------ module files and `dmea generate`
