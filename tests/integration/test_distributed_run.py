@@ -29,54 +29,34 @@ def ray_local():
 
 
 def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
-    from dmea_dist.distributed.coordinator import ray_coordinator_factory
-
     one_each = {"num_search_workers": 1, "num_generation_actors": 1, "num_train_workers": 1}
-    config = tiny_config(tmp_path, ray=one_each)
-    with torch_threads(1):  # Ray workers compute with one thread each: same float reduction order
-        local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
-    handles, events = [], []
-
-    def factory(cfg, run_dir, *, resume, progress=None):
-        # the driver's bars get the kernels' progress from inside the actor (the relay)
-        handles.append(ray_coordinator_factory(cfg, run_dir, resume=resume,
-                                               progress=lambda what, done, total, **info: events.append(what)))
-        placement, close = handles[-1].placement, handles[-1].close
-        handles[-1].close = lambda: (handles.append(placement()), close())  # where work ran, before it goes
-        return handles[0]
-
-    distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
-                               coordinator_factory=factory)
-
-    def stages(result, stage):
-        return [h for h in result.history if h["stage"] == stage]
-
-    assert [h["path"] for h in stages(distributed, "expand")] == [h["path"] for h in stages(local, "expand")]
-    assert [h["selected"] for h in stages(distributed, "select")] == [h["selected"] for h in stages(local, "select")]
-    assert [h["pseudo_samples"] for h in stages(distributed, "generate")] == \
-        [h["pseudo_samples"] for h in stages(local, "generate")]
+    events = []  # the driver's bars get the kernels' progress from inside the actor (the relay)
+    local, distributed, placement = _in_process_and_on_ray(
+        tiny_config(tmp_path, ray=one_each), tmp_path, relay=lambda what, done, total, **info: events.append(what))
+    for stage, key in (("expand", "path"), ("select", "selected"), ("generate", "pseudo_samples")):
+        assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
     np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
     assert np.isfinite(distributed.R[np.tril_indices(3)]).all()
     assert {"search", "generate", "adapt", "evaluate"} <= set(events), sorted(set(events))
     # the work really ran on Ray: search tasks, the generation pool and the training group
-    placement = handles[-1]
     assert placement["search"] and placement["generation"] and placement["train"], placement
 
 
-def _in_process_and_on_ray(config, tmp_path):
-    """The same config run in process at one thread (as every Ray worker computes) and on the embedded Ray;
-    also where and on how many workers the Ray run's kernels ran (taken before the coordinator closes)."""
+def _in_process_and_on_ray(config, tmp_path, *, relay=None):
+    """The same config run in process at one thread (as every Ray worker computes: same float reduction
+    order) and on the embedded Ray; also where and on how many workers the Ray run's kernels ran (taken
+    before the coordinator closes). `relay`: the kernels' progress callback instead of the driver's."""
     from dmea_dist.distributed.coordinator import ray_coordinator_factory
 
     with torch_threads(1):
         local = run_sequence(config, run_dir=tmp_path / "local", progress=False, echo=lambda s: None)
-    handles, placements = [], []
+    placements = []
 
     def factory(cfg, run_dir, *, resume, progress=None):
-        handles.append(ray_coordinator_factory(cfg, run_dir, resume=resume, progress=progress))
-        placement, close = handles[-1].placement, handles[-1].close
-        handles[-1].close = lambda: (placements.append(placement()), close())
-        return handles[-1]
+        handle = ray_coordinator_factory(cfg, run_dir, resume=resume, progress=relay or progress)
+        placement, close = handle.placement, handle.close
+        handle.close = lambda: (placements.append(placement()), close())
+        return handle
 
     distributed = run_sequence(config, run_dir=tmp_path / "ray", progress=False, echo=lambda s: None,
                                coordinator_factory=factory)
