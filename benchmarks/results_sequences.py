@@ -16,7 +16,8 @@ whose default transfer is gated, these are the gated ablations), ablations-s12 (
 seeds 1 and 2), transfer (dmea with
 method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with
 transfer gated explicitly, ABCDE seeds 0 and 1, for checkouts from before gated was the default),
-quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), synth10 (10
+quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), rows (dmea and acm with
+model.token_rows=trained, both orders, seeds 0-3; rows-s0 ... rows-s3 by seed), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
@@ -58,6 +59,12 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
     for seed in (0, 1, 2, 3):
         groups[f"main-s{seed}"] = [r for r in groups["main"] if r[4] == seed]
     groups["ablations"] = [(f"abl-ABCDE-{m}-s0", m, ORDERS["ABCDE"], "ABCDE", 0, o) for m, o in abl]
+    groups["rows"] = []
+    for seed in (0, 1, 2, 3):  # the module methods with the backbone's untrained token rows trained by their task
+        groups[f"rows-s{seed}"] = [(f"rows-{order}-{m}-s{seed}", f"{m}, token rows", cfg, order, seed,
+                                    [f"method.name={m}", "model.token_rows=trained"])
+                                   for order, cfg in ORDERS.items() for m in ("dmea", "acm")]
+        groups["rows"] += groups[f"rows-s{seed}"]
     # DMEA's own ablations again where one seed cannot tell them from full DMEA (issue 7: "more where a
     # difference is within noise"); compare with main-ABCDE-dmea-s1/-s2
     groups["ablations-s12"] = [(f"abl-ABCDE-{m}-s{seed}", m, ORDERS["ABCDE"], "ABCDE", seed, o)

@@ -121,6 +121,11 @@ class ModelConfig:
     # dropout of the frozen backbone while modules train (None: the backbone's own, GPT-2's 0.1). With dropout each
     # data-parallel rank draws its own masks, so only dropout 0 trains bit-for-bit alike on 1, 2 or 4 workers.
     dropout: float | None = None
+    # Embedding rows of tokens the backbone never trained (words only the run's text uses, added special tokens):
+    # "frozen" keeps them as drawn (like the rest of the backbone); "trained": the first task whose training data
+    # uses a token trains its row with its modules, frozen after (DMEAModel.claim_token_rows). Module methods only:
+    # lamol/finetune train the whole backbone anyway.
+    token_rows: Literal["frozen", "trained"] = "frozen"
 
     def __post_init__(self):
         if self.dropout is not None:

@@ -200,7 +200,7 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
                "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
-               "max_tasks": config.model.max_tasks, "version": 6}  # 6: fused tanh-GELU
+               "max_tasks": config.model.max_tasks, "version": 7}  # 6: fused tanh-GELU; 7: untrained tokens recorded
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"backbone-{key}"
     check = check_tokenizer or (lambda tokenizer: None)
@@ -246,6 +246,7 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
             special = SpecialTokenIds.from_tokenizer(tokenizer)
             reserve = run_only | set(special.tasks) | ({special.ans} - seen)
             reserve_rows(backbone, sorted(reserve), seed=config.train.seed)
+            backbone.config.dmea_untrained_tokens = sorted(reserve)  # the rows model.token_rows may train
     from transformers.utils import logging as transformers_logging
 
     shown = transformers_logging.is_progress_bar_enabled()

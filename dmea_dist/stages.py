@@ -296,11 +296,13 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
         return {"skipped": "multitask trains once, on every task, at the last task"}
     # a fresh module set (first task, or multitask's joint training) trains longer
     epochs = tr.first_task_epochs if task.index == 0 or policy.joint else ctx.settings.adaptation.epochs
+    rows = _claim_token_rows(ctx, task)
     job = AdaptJob(sources=_sources(ctx, task), trainable=ctx.path(task.task_id), epochs=epochs,
                    lm_lambda=tr.lm_lambda, scale=policy.scaling, progress=ctx.settings.adaptation.progress,
                    batch_size=tr.batch_size, pad_id=ctx.special.pad, seed=tr.seed + task.index,
                    autocast=tr.autocast, mixing="all" if policy.joint else ctx.settings.adaptation.mixing,
-                   token_weights=ctx.token_weights, virtual_shards=tr.virtual_shards)
+                   token_weights=ctx.token_weights, virtual_shards=tr.virtual_shards,
+                   rows=task.task_id if rows else None)
     result = ctx.kernels.adapt(ctx.run.model, job, checkpoint_dir=ctx.task_dir(task) / "adapt_checkpoint")
     if policy.selection == "subspace":  # only subspace selection reads the bases
         bases = [selection.subspace_basis(r, epsilon=ctx.settings.selection.epsilon)
@@ -312,6 +314,8 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
     rec["series"].update({f"loss.{k}": v for k, v in result.losses.items()})
     rec["series"].update({f"eta.{k}": v for k, v in result.etas.items()})
     rec["metrics"]["adapt_steps"] = float(result.steps)
+    if ctx.run.config.model.token_rows == "trained":
+        rec["metrics"]["token_rows"] = float(len(rows))
     clamp_rate = result.clamp_rate()
     if clamp_rate is not None:
         rec["metrics"]["eta_clamp_rate"] = clamp_rate
@@ -319,6 +323,16 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
     final = {k: v[-1] for k, v in result.losses.items() if v}
     return {"steps": result.steps, "final_losses": final, "resumed_from": result.resumed_from,
             "mean_eta": {k: float(np.mean(v)) for k, v in result.etas.items()}, "clamp_rate": clamp_rate}
+
+
+def _claim_token_rows(ctx: RunContext, task: Task) -> list[int]:
+    """With model.token_rows "trained": the untrained tokens of the real data this adaptation trains on that
+    no earlier task claimed become the task's rows (every task's for multitask, which trains once)."""
+    if ctx.run.config.model.token_rows != "trained" or ctx.run.policy.full_finetune:
+        return []
+    tasks = ctx.run.tasks if ctx.run.policy.joint else [task]
+    tokens = {t for real in tasks for example in real.train[1] for t in example.input_ids}
+    return ctx.run.model.claim_token_rows(task.task_id, tokens)
 
 
 def _sources(ctx: RunContext, task: Task) -> list:

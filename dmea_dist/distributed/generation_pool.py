@@ -129,9 +129,10 @@ def apply_model_state(model, state: dict[str, Any]) -> None:
         model.backbone.load_state_dict(state["backbone"], strict=True)
     for task_id in model.paths:
         model.remove_path(task_id)  # paths first: drop_modules refuses modules a path uses
-    keep = {(int(key.split(".")[1]), int(key.split(".")[3])) for key in state["modules"]}
+    keep = {(int(key.split(".")[1]), int(key.split(".")[3])) for key in state["modules"] if key.startswith("layers.")}
     for layer in range(model.n_layers):
         model.drop_modules(layer, [m for m in model.module_ids(layer) if (layer, m) not in keep])
+    model.clear_token_rows()  # token rows travel whole (modules_state of every module holds every task's)
     put_modules_state(model, state["modules"])
     model.next_ids[:] = list(state["next_ids"])
     for task_id, path in state["paths"].items():

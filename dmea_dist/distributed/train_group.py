@@ -100,7 +100,7 @@ class TrainWorker:
         result = run_adapt_job(self.model, job, engine_factory=self.engine.factory(), shard=(self.rank, self.world),
                                checkpoint_dir=checkpoint_dir, on_step=throttled(progress),
                                barrier=dist.barrier if self.world > 1 else None)
-        state = _trained_weights(self.model, job.trainable)
+        state = _trained_weights(self.model, job)
         return result, state if self.rank == 0 else None
 
     def close(self) -> None:

@@ -184,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                on_step=throttled(config.get("progress")) if rank == 0 else None,
                                barrier=torch.distributed.barrier if world_size > 1 else None)
     metrics = adapt_metrics(result, wall_s=time.perf_counter() - start)
-    state = _trained_weights(model, job.trainable)
+    state = _trained_weights(model, job)
     nodes = [ray.get_runtime_context().get_node_id()] * world_size
     if world_size > 1:  # where each rank ran, for the record (a collective)
         torch.distributed.all_gather_object(nodes, nodes[0])
@@ -209,10 +209,10 @@ def _check_trainable(trainable: list[int] | None, settings: EngineSettings) -> N
                           "set deepspeed.zero_optimization.stage to 1 or 2")
 
 
-def _trained_weights(model, trainable: list[int] | None) -> dict[str, Any]:
+def _trained_weights(model, job: AdaptJob) -> dict[str, Any]:
     """`trained_state` of the job. At ZeRO-3 `run_adapt_job` trained a copy and loaded its gathered weights
     into `model` on every rank, so the model holds them; the engine itself is closed by then."""
-    return trained_state(model, trainable)
+    return trained_state(model, job.trainable, job.rows)
 
 
 def adapt_metrics(result: AdaptResult, *, wall_s: float) -> dict[str, float]:

@@ -236,23 +236,29 @@ class AdaptJob:
     mixing: str = "alternate"  # how streams share the steps (module docstring)
     token_weights: dict[int, float] | None = None  # loss weight per target token (the answer separator)
     virtual_shards: int = 0  # > 0: fixed pieces per batch, results independent of the rank count
+    rows: str | None = None  # the task whose token rows train with the path (DMEAModel.claim_token_rows)
 
 
-def set_trainable(model, trainable: list[int] | None) -> list[torch.nn.Parameter]:
-    """Unfreeze exactly what a job trains and return it (modules of a path, or the whole backbone)."""
+def set_trainable(model, trainable: list[int] | None, rows: str | None = None) -> list[torch.nn.Parameter]:
+    """Unfreeze exactly what a job trains and return it (modules of a path and the token rows of the task
+    `rows`, or the whole backbone)."""
     model.set_trainable(trainable)
     if trainable is None:
         model.backbone.requires_grad_(True)
         return [p for p in model.backbone.parameters()]
-    return model.trainable_parameters(trainable)
+    extra = model.token_rows_parameters(rows)
+    for param in extra:
+        param.requires_grad_(True)
+    return model.trainable_parameters(trainable) + extra
 
 
-def trained_state(model, trainable: list[int] | None) -> dict[str, Any]:
-    """The weights a job changed (CPU tensors): {"modules": the path's modules in modeling.io's key scheme},
-    or {"backbone": its state dict} for full fine-tuning."""
+def trained_state(model, trainable: list[int] | None, rows: str | None = None) -> dict[str, Any]:
+    """The weights a job changed (CPU tensors): {"modules": the path's modules (and the task's token rows) in
+    modeling.io's key scheme}, or {"backbone": its state dict} for full fine-tuning."""
     if trainable is None:
         return {"backbone": {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}}
-    return {"modules": modules_state(model, {layer: [m] for layer, m in enumerate(trainable)})}
+    return {"modules": modules_state(model, {layer: [m] for layer, m in enumerate(trainable)},
+                                     rows=[rows] if rows else [])}
 
 
 def load_trained_state(model, trainable: list[int] | None, state: dict[str, Any]) -> None:
@@ -288,7 +294,7 @@ def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tupl
     """
     isolate = getattr(engine_factory, "partitions_model", False)
     target = copy.deepcopy(model) if isolate else model
-    params = set_trainable(target, job.trainable)
+    params = set_trainable(target, job.trainable, job.rows)
     # dropout draws from a generator seeded by the job and rank, not by whatever ran before
     with torch.random.fork_rng():
         torch.manual_seed(job.seed + shard[0])

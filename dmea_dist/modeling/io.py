@@ -10,7 +10,11 @@ Two artifact kinds share one layout, a directory holding `manifest.json` and
 Tensor keys are `layers.{layer}.modules.{module_id}.{site}.{down|up}.{weight|bias}`,
 the one key scheme of module weights wherever they travel: these files, the
 model snapshots generation actors receive, adaptation checkpoints, search
-results (`modules_state` / `put_modules_state`).
+results (`modules_state` / `put_modules_state`). A task's token rows
+(`DMEAModel.claim_token_rows`) travel beside them as `rows.{task_id}.ids`
+and `rows.{task_id}.weight`; both artifact kinds hold every task's rows (a
+task's answers use rows of tokens an earlier task claimed), listed in the
+manifest's `rows` (absent in files written before rows existed: none).
 The backbone is not in these files: it is the checkpoint the model was built
 from, or the one `save_backbone` writes (with the plain GPT-2 key names).
 
@@ -76,10 +80,12 @@ def load_modules(model: DMEAModel, directory: str | Path) -> None:
     """Replace all of `model`'s modules and paths by a "pools" artifact."""
     directory = Path(directory)
     manifest = _read_manifest(directory, kind="pools", model=model)
-    state = _read_weights(directory, manifest, model)
+    state, rows = _read_weights(directory, manifest, model)
     for task_id in model.paths:
         model.remove_path(task_id)
     model.drop_unused()  # no paths left: every module goes
+    model.clear_token_rows()
+    _put_rows(model, rows)
     for layer in range(model.n_layers):
         for module_id, module_state in state[layer].items():
             model.put_module(layer, module_id, module_state)
@@ -97,10 +103,11 @@ def load_path_modules(model: DMEAModel, directory: str | Path) -> str:
     """
     directory = Path(directory)
     manifest = _read_manifest(directory, kind="path", model=model)
-    state = _read_weights(directory, manifest, model)
+    state, rows = _read_weights(directory, manifest, model)
     for layer in range(model.n_layers):
         for module_id, module_state in state[layer].items():
             model.put_module(layer, module_id, module_state)
+    _put_rows(model, rows)
     _set_path(model, directory, manifest["task_id"], manifest["path"])
     return manifest["task_id"]
 
@@ -110,24 +117,51 @@ def module_key(layer: int, module_id: int, name: str) -> str:
     return f"layers.{layer}.modules.{module_id}.{name}"
 
 
-def modules_state(model: DMEAModel, modules: dict[int, list[int]] | None = None) -> dict[str, torch.Tensor]:
-    """{key: detached CPU tensor} of `modules` ({layer: [module ids]}; default: every module)."""
+def modules_state(model: DMEAModel, modules: dict[int, list[int]] | None = None, *,
+                  rows: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """{key: detached CPU tensor} of `modules` ({layer: [module ids]}) and of the token rows of the tasks
+    `rows`; default: every module and every task's rows."""
     if modules is None:
         modules = {layer: model.module_ids(layer) for layer in range(model.n_layers)}
-    return {module_key(layer, module_id, name): tensor.detach().to("cpu").contiguous()
-            for layer, ids in modules.items() for module_id in ids
-            for name, tensor in model.get_module(layer, module_id).state_dict().items()}
+        rows = list(model.token_rows.owners) if rows is None else rows
+    state = {module_key(layer, module_id, name): tensor.detach().to("cpu").contiguous()
+             for layer, ids in modules.items() for module_id in ids
+             for name, tensor in model.get_module(layer, module_id).state_dict().items()}
+    for task_id in rows or []:
+        for param in model.token_rows_parameters(task_id):
+            state[f"rows.{task_id}.ids"] = torch.tensor(model.token_rows.ids_of(task_id), dtype=torch.long)
+            state[f"rows.{task_id}.weight"] = param.detach().to("cpu").contiguous()
+    return state
+
+
+def split_rows(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(module tensors, {task_id: {"ids": ..., "weight": ...}}) of a `modules_state` dict."""
+    modules, rows = {}, {}
+    for key, tensor in tensors.items():
+        if key.startswith("rows."):
+            task_id, name = key[len("rows."):].rsplit(".", 1)
+            rows.setdefault(task_id, {})[name] = tensor
+        else:
+            modules[key] = tensor
+    return modules, rows
 
 
 def put_modules_state(model: DMEAModel, tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-    """Create or overwrite every module `tensors` holds (keys of `module_key`); returns their (layer, id)."""
+    """Create or overwrite every module and token-row table `tensors` holds; returns the modules' (layer, id)."""
+    tensors, rows = split_rows(tensors)
     grouped: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         _, layer, _, module_id, name = key.split(".", 4)
         grouped.setdefault((int(layer), int(module_id)), {})[name] = tensor
     for (layer, module_id), state in grouped.items():
         model.put_module(layer, module_id, state)
+    _put_rows(model, rows)
     return sorted(grouped)
+
+
+def _put_rows(model: DMEAModel, rows: dict[str, dict]) -> None:
+    for task_id, table in rows.items():
+        model.put_token_rows(task_id, table["ids"], table["weight"])
 
 
 def save_backbone(model: DMEAModel, directory: str | Path) -> Path:
@@ -171,13 +205,14 @@ def _manifest(model: DMEAModel, *, kind: str, modules: dict[int, list[int]]) -> 
         "d_model": model.d_model,
         "bottleneck": model.bottleneck,
         "modules": [modules[layer] for layer in range(model.n_layers)],
+        "rows": sorted(model.token_rows.owners),
     }
 
 
 def _write(model: DMEAModel, directory, manifest: dict, modules: dict[int, list[int]]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = modules_state(model, modules)
+    tensors = modules_state(model, modules, rows=manifest["rows"])
     weights = directory / WEIGHTS
     partial = weights.with_name(f".{WEIGHTS}.{os.getpid()}.tmp")
     save_file(tensors, str(partial), metadata={"format": "pt"})
@@ -237,8 +272,8 @@ def _read_manifest(directory: Path, *, kind: str, model: DMEAModel) -> dict:
     return manifest
 
 
-def _read_weights(directory: Path, manifest: dict, model: DMEAModel) -> list[dict]:
-    """Per layer, {module_id: state_dict} checked against the manifest and the model."""
+def _read_weights(directory: Path, manifest: dict, model: DMEAModel) -> tuple[list[dict], dict[str, dict]]:
+    """(per layer {module_id: state_dict}, {task_id: token rows}) checked against the manifest and the model."""
     file = directory / WEIGHTS
     if not file.is_file():
         raise ModuleFileError(f"{file}: not found (the manifest lists modules stored there); {_RESTORE}")
@@ -270,6 +305,16 @@ def _read_weights(directory: Path, manifest: dict, model: DMEAModel) -> list[dic
                     )
                 module_state[name] = tensor
             state[layer][int(module_id)] = module_state
+    rows = {}
+    for task_id in manifest.get("rows", []):
+        ids, weight = tensors.pop(f"rows.{task_id}.ids", None), tensors.pop(f"rows.{task_id}.weight", None)
+        if ids is None or weight is None:
+            raise ModuleFileError(f"{file}: missing the token rows of task {task_id!r} its {MANIFEST} lists; "
+                                  f"{_RESTORE}")
+        if ids.dim() != 1 or weight.shape != (len(ids), model.d_model):
+            raise ModuleFileError(f"{file}: the token rows of task {task_id!r} have shapes {tuple(ids.shape)} "
+                                  f"and {tuple(weight.shape)}, the model expects (n,) and (n, {model.d_model})")
+        rows[task_id] = {"ids": ids, "weight": weight}
     if tensors:
         raise ModuleFileError(f"{file}: tensors not listed in {MANIFEST}: {sorted(tensors)[:5]}")
-    return state
+    return state, rows

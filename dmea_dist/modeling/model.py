@@ -13,6 +13,13 @@ Key decisions:
   `route` costs.
 - Module ids are per layer and never reused within a model (`next_ids` is
   saved with the modules), so a path stays unambiguous across the whole run.
+- Token rows (`claim_token_rows`): the backbone's embedding rows of tokens it
+  never saw (`backbone.config.dmea_untrained_tokens`: words only the run's
+  text uses, added special tokens) can be given to the first task whose data
+  uses them, as a small trainable table beside the frozen embedding. The
+  table overrides those rows in the input embedding and in the tied LM head,
+  whatever the route, and a task's rows train only in its own adaptation,
+  so a later task never moves them (as a module that nobody reuses).
 - Reserved special tokens: `from_pretrained(vocab_size=...)` grows the
   embeddings once, before freezing, with *distinct* seeded rows.
   transformers' default "mean resizing" samples new rows with covariance
@@ -59,6 +66,12 @@ class DMEAModel(nn.Module):
         self.next_ids = [0] * self.n_layers
         self._paths: dict[str, list[int]] = {}
         self._routers = [LayerRouter(pool) for pool in self.pools]
+        self.token_rows = TokenTable()
+        self._row_lookup: torch.Tensor | None = None  # (vocab,) index into the table's rows, -1: none
+        backbone.get_input_embeddings().register_forward_hook(self._embed_with_rows)
+        head = backbone.get_output_embeddings()
+        if head is not None:
+            head.register_forward_hook(self._head_with_rows)
         for block, router in zip(self.blocks, self._routers, strict=True):
             if isinstance(block.attn, RoutedSublayer):
                 raise ValueError("this backbone is already wrapped by another DMEAModel")
@@ -213,6 +226,84 @@ class DMEAModel(nn.Module):
             self._check_module(layer, module_id)
         return path
 
+    # --------------------------------------------------------------- token rows
+
+    @property
+    def untrained_tokens(self) -> list[int]:
+        """Tokens whose embedding rows the backbone never trained (recorded where it was built)."""
+        return [int(t) for t in getattr(self.backbone.config, "dmea_untrained_tokens", None) or []]
+
+    def claim_token_rows(self, task_id: str, tokens) -> list[int]:
+        """Give `task_id` trainable rows for those of `tokens` that are untrained and that no task owns yet.
+
+        Idempotent: a task that holds rows keeps them (a re-run stage). The
+        rows start as the backbone's. Returns the task's token ids.
+        """
+        if task_id in self.token_rows.owners:
+            return self.token_rows.ids_of(task_id)
+        owned = {t for ids in self.token_rows.owners.values() for t in ids}
+        ids = sorted(set(self.untrained_tokens) & {int(t) for t in tokens} - owned)
+        if ids:
+            weight = self.backbone.get_input_embeddings().weight[torch.tensor(ids)].detach().clone()
+            self.put_token_rows(task_id, torch.tensor(ids), weight)
+        return ids
+
+    def put_token_rows(self, task_id: str, ids: torch.Tensor, weight: torch.Tensor) -> None:
+        """Create (or overwrite) the rows of `task_id`: token `ids[i]` embeds as `weight[i]`."""
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        vocab, width = self.backbone.get_input_embeddings().weight.shape
+        if weight.shape != (len(ids), width):
+            raise ValueError(f"token rows of {task_id!r}: weight has shape {tuple(weight.shape)}, "
+                             f"expected ({len(ids)}, {width})")
+        if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+            raise ValueError(f"token rows of {task_id!r}: token ids must lie in [0, {vocab})")
+        others = {t for owner, own in self.token_rows.owners.items() if owner != task_id for t in own}
+        clash = sorted(others & set(ids.tolist()))
+        if clash:
+            raise ValueError(f"token rows of {task_id!r}: tokens {clash[:5]} belong to another task already")
+        reference = self.backbone.get_input_embeddings().weight
+        self.token_rows.put(task_id, ids.to(reference.device),
+                            weight.detach().to(device=reference.device, dtype=reference.dtype))
+        self._row_lookup = None
+
+    def clear_token_rows(self) -> None:
+        self.token_rows.clear()
+        self._row_lookup = None
+
+    def token_rows_parameters(self, task_id: str | None) -> list[nn.Parameter]:
+        """The trainable rows of `task_id` (none when it holds none)."""
+        return [] if task_id is None else self.token_rows.parameters_of(task_id)
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(token ids, their rows, lookup) of every task's rows; None without rows."""
+        if not self.token_rows.owners:
+            return None
+        ids, rows = self.token_rows()
+        if self._row_lookup is None or self._row_lookup.device != ids.device:
+            vocab = self.backbone.get_input_embeddings().weight.shape[0]
+            lookup = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
+            lookup[ids] = torch.arange(len(ids), device=ids.device)
+            self._row_lookup = lookup
+        return ids, rows, self._row_lookup
+
+    def _embed_with_rows(self, module, args, output):
+        table = self._rows()
+        if table is None:
+            return None
+        _, rows, lookup = table
+        where = lookup[args[0]]  # (batch, seq): the row of each token, -1 for the backbone's own
+        taken = rows[where.clamp(min=0)].to(output.dtype)
+        return torch.where((where >= 0).unsqueeze(-1), taken, output)
+
+    def _head_with_rows(self, module, args, output):
+        table = self._rows()
+        if table is None:
+            return None
+        ids, rows, _ = table
+        hidden = args[0]
+        logits = hidden @ rows.to(hidden.dtype).T  # the tied head: a token's logit is hidden . its row
+        return output.index_copy(-1, ids, logits.to(output.dtype))
+
     # ------------------------------------------------------------------ routing
 
     @contextlib.contextmanager
@@ -363,6 +454,56 @@ class DMEAModel(nn.Module):
                 handle.remove()
 
 
+class TaskRows(nn.Module):
+    """One task's embedding rows: token `ids[i]` embeds (and is scored by the tied head) as `weight[i]`."""
+
+    def __init__(self, task_id: str, ids: torch.Tensor, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.register_buffer("ids", ids)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight  # a call, so ZeRO-3 gathers the weight first
+
+
+class TokenTable(nn.Module):
+    """Every task's `TaskRows`. Entries are keyed by insertion ("0", "1", ...): task ids hold dots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks = nn.ModuleDict()
+
+    @property
+    def owners(self) -> dict[str, list[int]]:
+        return {rows.task_id: rows.ids.tolist() for rows in self.tasks.values()}
+
+    def _find(self, task_id: str) -> str | None:
+        return next((key for key, rows in self.tasks.items() if rows.task_id == task_id), None)
+
+    def ids_of(self, task_id: str) -> list[int]:
+        key = self._find(task_id)
+        return [] if key is None else self.tasks[key].ids.tolist()
+
+    def parameters_of(self, task_id: str) -> list[nn.Parameter]:
+        key = self._find(task_id)
+        return [] if key is None else [self.tasks[key].weight]
+
+    def put(self, task_id: str, ids: torch.Tensor, weight: torch.Tensor) -> None:
+        key = self._find(task_id)
+        if key is None:
+            key = str(max((int(k) for k in self.tasks.keys()), default=-1) + 1)
+        self.tasks[key] = TaskRows(task_id, ids, weight.clone())
+
+    def clear(self) -> None:
+        self.tasks = nn.ModuleDict()
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, rows) of every task, concatenated."""
+        entries = list(self.tasks.values())
+        return torch.cat([rows.ids for rows in entries]), torch.cat([rows() for rows in entries])
+
+
 def _activation_checkpointing(backbone: GPT2LMHeadModel) -> bool:
     # transformers 5 renamed is_gradient_checkpointing (which now warns); 4.x has only the old name
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
@@ -388,6 +529,7 @@ def grow_vocabulary(backbone: GPT2LMHeadModel, *, vocab_size: int, seed: int = 0
     if vocab_size == old:
         return
     backbone.resize_token_embeddings(vocab_size, mean_resizing=False)
+    backbone.config.dmea_untrained_tokens = list(range(old, vocab_size))
     generator = torch.Generator().manual_seed(seed)
     weights = [backbone.get_input_embeddings().weight]
     output = backbone.get_output_embeddings()

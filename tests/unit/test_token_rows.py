@@ -1,0 +1,161 @@
+"""Token rows (`model.token_rows: trained`): rows of tokens the backbone never trained, owned by a task.
+
+The reference for what the rows compute is independent of the hooks that
+apply them: a copy of the backbone with the rows written into its tied
+embedding matrix, run by transformers alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from dmea_dist.distributed.generation_pool import apply_model_state, model_state
+from dmea_dist.method.adaptation import set_trainable, trained_state
+from dmea_dist.modeling.io import (
+    ModuleFileError,
+    load_modules,
+    load_path_modules,
+    modules_state,
+    put_modules_state,
+    save_modules,
+    save_path_modules,
+)
+from dmea_dist.modeling.model import DMEAModel
+
+UNTRAINED = list(range(80, 95))  # the tokens "pretraining never saw" in these tests
+
+
+@pytest.fixture
+def config(tiny_gpt2_config):
+    tiny_gpt2_config.bos_token_id = tiny_gpt2_config.eos_token_id = 95
+    tiny_gpt2_config.dmea_untrained_tokens = UNTRAINED
+    return tiny_gpt2_config
+
+
+def build(config, seed=0) -> DMEAModel:
+    return DMEAModel.from_config(config, seed=seed).double().eval()
+
+
+def two_tasks(config) -> tuple[DMEAModel, list[int], list[int]]:
+    """Tasks a and b, a path each, rows claimed and moved away from the backbone's."""
+    model = build(config)
+    path_a, path_b = model.add_modules(), model.add_modules()
+    model.set_path("a", path_a)
+    model.set_path("b", path_b)
+    model.claim_token_rows("a", [3, 81, 82, 90])
+    model.claim_token_rows("b", [82, 84, 91])
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for task in ("a", "b"):
+            (rows,) = model.token_rows_parameters(task)
+            rows.add_(torch.randn(rows.shape, generator=generator, dtype=rows.dtype))
+        for layer, module_id in enumerate(path_a + path_b):
+            for param in model.module_parameters(layer % model.n_layers, module_id):
+                param.add_(0.3 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model, path_a, path_b
+
+
+def written_into_backbone(model: DMEAModel) -> DMEAModel:
+    """The reference: the same modules on a backbone whose embedding matrix holds the rows, without rows."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = reference.backbone.get_input_embeddings().weight
+        for task in list(reference.token_rows.owners):
+            (rows,) = reference.token_rows_parameters(task)
+            weight[torch.tensor(reference.token_rows.ids_of(task))] = rows
+    reference.clear_token_rows()
+    assert reference.backbone.get_output_embeddings().weight is weight  # tied: the head scores with the rows
+    return reference
+
+
+IDS = torch.tensor([[81, 5, 82, 84, 90, 7, 91], [3, 84, 84, 2, 81, 11, 40]])
+
+
+def test_rows_embed_and_score_as_if_written_into_the_backbone(config):
+    model, path_a, path_b = two_tasks(config)
+    reference = written_into_backbone(model)
+    for path in (path_a, path_b):
+        got = model(IDS, path=path).logits
+        torch.testing.assert_close(got, reference(IDS, path=path).logits, rtol=0, atol=1e-10)
+    mixed = model(IDS, paths=[path_a, path_b]).logits
+    torch.testing.assert_close(mixed, reference(IDS, paths=[path_a, path_b]).logits, rtol=0, atol=1e-10)
+    prompt = IDS[:, :3]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 95}
+    assert torch.equal(model.generate(prompt, path=path_a, **kwargs), reference.generate(prompt, path=path_a, **kwargs))
+    # and the rows act: without them the same model computes something else
+    model.clear_token_rows()
+    assert (model(IDS, path=path_a).logits - reference(IDS, path=path_a).logits).abs().max() > 1e-3
+
+
+def test_each_untrained_token_goes_to_the_first_task_that_uses_it(config):
+    model = build(config)
+    model.set_path("a", model.add_modules())
+    assert model.claim_token_rows("a", [3, 81, 82, 90]) == [81, 82, 90]  # 3 was trained: never claimed
+    assert model.claim_token_rows("b", [82, 84, 91]) == [84, 91]  # 82 is a's already
+    assert model.claim_token_rows("a", [83]) == [81, 82, 90]  # a re-run stage keeps what the task holds
+    assert model.claim_token_rows("c", [1, 2, 82]) == []
+    assert model.token_rows.owners == {"a": [81, 82, 90], "b": [84, 91]}
+    start = model.backbone.get_input_embeddings().weight[torch.tensor([84, 91])]
+    assert torch.equal(model.token_rows_parameters("b")[0], start)  # the rows start as the backbone's
+    with pytest.raises(ValueError, match="belong to another task"):
+        model.put_token_rows("c", torch.tensor([90]), torch.zeros(1, model.d_model, dtype=torch.float64))
+
+
+def test_an_adaptation_trains_its_own_tasks_rows_only(config):
+    model, path_a, path_b = two_tasks(config)
+    params = set_trainable(model, path_b, "b")
+    (rows_a,), (rows_b,) = model.token_rows_parameters("a"), model.token_rows_parameters("b")
+    assert any(p is rows_b for p in params) and not any(p is rows_a for p in params)
+    assert rows_b.requires_grad and not rows_a.requires_grad
+    loss = model(IDS, path=path_b, labels=IDS).loss
+    loss.backward()
+    assert rows_b.grad.abs().sum() > 0 and rows_a.grad is None
+    state = trained_state(model, path_b, "b")["modules"]
+    assert {k for k in state if k.startswith("rows.")} == {"rows.b.ids", "rows.b.weight"}
+    set_trainable(model, None)
+    assert not rows_b.requires_grad
+
+
+def _same_outputs(model, other, paths):
+    for path in paths:
+        torch.testing.assert_close(other(IDS, path=path).logits, model(IDS, path=path).logits, rtol=0, atol=1e-10)
+
+
+def test_rows_travel_with_the_modules_everywhere_modules_go(config, tmp_path):
+    model, path_a, path_b = two_tasks(config)
+    # a snapshot's state (search and generation actors, training ranks), into a replica with other rows
+    replica = build(config)
+    replica.claim_token_rows("z", [93])
+    apply_model_state(replica, model_state(model, with_backbone=False))
+    assert replica.token_rows.owners == model.token_rows.owners
+    _same_outputs(model, replica, [path_a, path_b])
+    # modules_state / put_modules_state (adaptation results)
+    fresh = build(config)
+    put_modules_state(fresh, modules_state(model))
+    for task, path in (("a", path_a), ("b", path_b)):
+        fresh.set_path(task, path)
+    _same_outputs(model, fresh, [path_a, path_b])
+    # the "pools" and "path" files (resume, MLflow, serving): a task's file holds every task's rows
+    save_modules(model, tmp_path / "pools")
+    loaded = build(config)
+    load_modules(loaded, tmp_path / "pools")
+    _same_outputs(model, loaded, [path_a, path_b])
+    save_path_modules(model, "a", tmp_path / "path_a")
+    served = build(config)
+    assert load_path_modules(served, tmp_path / "path_a") == "a"
+    assert served.token_rows.owners == model.token_rows.owners
+    _same_outputs(model, served, [path_a])
+
+
+def test_a_module_file_that_lost_a_tasks_rows_is_refused_by_name(config, tmp_path):
+    model, _, _ = two_tasks(config)
+    save_modules(model, tmp_path / "pools")
+    manifest = json.loads((tmp_path / "pools" / "manifest.json").read_text())
+    manifest["rows"] = [*manifest["rows"], "c"]
+    (tmp_path / "pools" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModuleFileError, match="token rows of task 'c'"):
+        load_modules(build(config), tmp_path / "pools")
