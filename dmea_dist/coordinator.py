@@ -44,6 +44,7 @@ def _footprint(model, stage: Stage) -> dict[str, Any]:
     if stage is Stage.RECORD:
         out["pool_sizes"] = model.pool_sizes()
         out["module_parameters"] = sum(p.numel() for pool in model.pools for p in pool.parameters())
+        out["token_row_parameters"] = sum(p.numel() for p in model.token_rows.parameters())
     return out
 
 

@@ -45,7 +45,8 @@ from dmea_dist.modeling.adapters import LayerModule, RoutedSublayer
 from dmea_dist.modeling.model import DMEAModel
 
 FORMAT = "dmea-modules"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token rows (`rows`); files without rows are still written as version 1
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "modules.safetensors"
 
@@ -199,13 +200,13 @@ def _set_path(model: DMEAModel, directory: Path, task_id: str, path: list[int]) 
 def _manifest(model: DMEAModel, *, kind: str, modules: dict[int, list[int]]) -> dict:
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if model.token_rows.owners else 1,
         "kind": kind,
         "n_layer": model.n_layers,
         "d_model": model.d_model,
         "bottleneck": model.bottleneck,
         "modules": [modules[layer] for layer in range(model.n_layers)],
-        "rows": sorted(model.token_rows.owners),
+        "rows": list(model.token_rows.owners),
     }
 
 
@@ -248,7 +249,7 @@ def _read_manifest(directory: Path, *, kind: str, model: DMEAModel) -> dict:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ModuleFileError(f"{file}: not a dmea module manifest (format {found!r}, expected {FORMAT!r}); "
                               f"point at a task's modules/ folder (run_dir/tasks/NNN-<task>/modules)")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ModuleFileError(f"{file}: {FORMAT} version {manifest.get('format_version')!r}, this dmea-dist "
                               f"reads version {FORMAT_VERSION}; load it with the dmea-dist that wrote it")
     if manifest.get("kind") != kind:

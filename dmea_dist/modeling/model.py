@@ -31,6 +31,7 @@ Key decisions:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -460,7 +461,8 @@ class TaskRows(nn.Module):
     def __init__(self, task_id: str, ids: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__()
         self.task_id = task_id
-        self.register_buffer("ids", ids)
+        # not in state dicts: an engine checkpoint holds the trainable weight; the ids travel as modeling.io's keys
+        self.register_buffer("ids", ids, persistent=False)
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self) -> torch.Tensor:
@@ -468,7 +470,8 @@ class TaskRows(nn.Module):
 
 
 class TokenTable(nn.Module):
-    """Every task's `TaskRows`. Entries are keyed by insertion ("0", "1", ...): task ids hold dots."""
+    """Every task's `TaskRows`, keyed by a digest of the task id (task ids hold dots, which keys cannot), so a
+    task's weight has the same name in every replica and checkpoint, in whatever order the tasks were put."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -490,9 +493,7 @@ class TokenTable(nn.Module):
         return [] if key is None else [self.tasks[key].weight]
 
     def put(self, task_id: str, ids: torch.Tensor, weight: torch.Tensor) -> None:
-        key = self._find(task_id)
-        if key is None:
-            key = str(max((int(k) for k in self.tasks.keys()), default=-1) + 1)
+        key = "t" + hashlib.sha256(task_id.encode()).hexdigest()[:16]
         self.tasks[key] = TaskRows(task_id, ids, weight.clone())
 
     def clear(self) -> None:

@@ -17,9 +17,10 @@ import random
 import torch
 
 
-def tiny_case(stage: int, device: str):
+def tiny_case(stage: int, device: str, *, rows: bool = False):
     """(model, job, engine settings): a new path (bottom layers new, top reused from a trained old task)
-    with one knowledge-transfer and one replayed stream, scaled."""
+    with one knowledge-transfer and one replayed stream, scaled. `rows`: tokens 80-94 count as untrained
+    and the new task trains the rows of those its data uses (model.token_rows "trained")."""
     from transformers import GPT2Config
 
     from dmea_dist.config import deepspeed_config
@@ -51,9 +52,15 @@ def tiny_case(stage: int, device: str):
         return qa, lm
 
     sources = [("new", examples(16, 6), new), ("transfer:a", examples(8, 4), new), ("replay:a", examples(8, 4), old)]
+    if rows:
+        model.backbone.config.dmea_untrained_tokens = list(range(80, 95))
+        model.claim_token_rows("b", {t for example in sources[0][1][1] for t in example.input_ids})
     job = AdaptJob(sources=sources, trainable=new, epochs=1.0, lm_lambda=0.25, scale=True, progress="epochs",
-                   batch_size=4, pad_id=95, seed=0)
-    ds = deepspeed_config({"zero_optimization": {"stage": stage}}, lr=1e-2, weight_decay=0.0, eps=1e-6,
+                   batch_size=4, pad_id=95, seed=0, rows="b" if rows else None)
+    zero = {"stage": stage}
+    if rows and stage == 3:  # every parameter really partitioned: the rows must be gathered where they are used
+        zero["stage3_param_persistence_threshold"] = 0
+    ds = deepspeed_config({"zero_optimization": zero}, lr=1e-2, weight_decay=0.0, eps=1e-6,
                           grad_clip=1.0, micro_batch=4)
     return model, job, EngineSettings(ds_config=ds, clamp=(0.1, 10.0))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dmea_dist.driver import run_sequence
 from dmea_dist.run import torch_threads
@@ -96,3 +98,34 @@ def test_virtual_shards_train_two_ranks_bit_for_bit_like_one_with_dropout(tmp_pa
         assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
     np.testing.assert_array_equal(distributed.R, local.R)
     assert np.isfinite(local.R[np.tril_indices(3)]).all()
+
+
+def test_token_rows_train_on_ray_as_in_process_and_no_later_task_moves_them(tmp_path, ray_local):
+    """model.token_rows "trained": each task trains the rows of the untrained tokens it is first to use (at least
+    its generation token's), on two Ray Train ranks as in process, and no later task moves them."""
+    config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5},
+                         model={"dropout": 0.0, "token_rows": "trained"})
+    local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
+    assert placement["train_ranks"] == 2, placement
+    for two, one in zip(_decisions(distributed, "adapt", "final_losses"), _decisions(local, "adapt", "final_losses"),
+                        strict=True):
+        assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
+    tasks = config.data.tasks
+    rows = {}
+    for run in ("local", "ray"):
+        # each task's own artifact (written right after it) and the last one (every task's rows, at the end)
+        files = [next((tmp_path / run / "tasks").glob(f"{i:03d}-*/modules/modules.safetensors")) for i in range(3)]
+        after_own, at_end = [load_file(str(f)) for f in files], load_file(str(files[-1]))
+        backbone = load_file(str(tmp_path / run / "backbone" / "model.safetensors"))["transformer.wte.weight"]
+        owned = []
+        for i, task in enumerate(tasks):
+            ids, trained = after_own[i][f"rows.{task}.ids"], after_own[i][f"rows.{task}.weight"]
+            assert len(ids) > 0, task
+            assert (trained - backbone[ids]).abs().max() > 1e-4, f"{task}'s rows did not train"
+            assert torch.equal(at_end[f"rows.{task}.weight"], trained), f"a later task moved {task}'s rows"
+            owned.append(set(ids.tolist()))
+        assert not (owned[0] & owned[1] or owned[0] & owned[2] or owned[1] & owned[2]), owned
+        rows[run] = at_end
+    for key, tensor in rows["local"].items():
+        torch.testing.assert_close(rows["ray"][key], tensor, rtol=1e-5, atol=1e-6)

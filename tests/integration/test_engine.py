@@ -597,3 +597,34 @@ def test_adaptations_on_one_model_leave_no_engine_behind(stage, spawned):
     assert out["hooks"][1] == out["hooks"][0]
     first, *later = out["losses"]
     assert all(loss[0] < first[0] for loss in later)  # each job kept training the same modules
+
+
+# ------------------------------------------------------------------ token rows
+
+
+def _rows_worker(rank, world_size, port, stages, state, data, out_dir):
+    from dmea_dist.method.adaptation import run_adapt_job, trained_state
+    from tests.integration.adapt_case import tiny_case
+
+    _setup_rank(rank, world_size, port)
+    results = {}
+    for stage in stages:
+        model, job, settings = tiny_case(stage, "cpu", rows=True)
+        start = {k: v.clone() for k, v in trained_state(model, job.trainable, job.rows)["modules"].items()}
+        run_adapt_job(model, job, engine_factory=settings.factory())
+        results[stage] = {"start": start, "trained": trained_state(model, job.trainable, job.rows)["modules"]}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    _leave_group()
+
+
+def test_a_tasks_token_rows_train_alike_at_every_zero_stage(spawned):
+    """The rows of model.token_rows "trained" live outside the modules (DMEAModel.token_rows): ZeRO-3, which
+    partitions the model, must gather them where the embedding uses them, and train them as stage 1 does."""
+    (results,), _ = spawned(_rows_worker, 1)
+    first = results[STAGES[0]]
+    assert {"rows.b.ids", "rows.b.weight"} <= set(first["trained"])
+    assert (first["trained"]["rows.b.weight"] - first["start"]["rows.b.weight"]).abs().max() > 1e-3
+    for stage in STAGES[1:]:
+        for key, tensor in first["trained"].items():
+            torch.testing.assert_close(results[stage]["trained"][key], tensor, rtol=0, atol=1e-6,
+                                       msg=lambda m, key=key, stage=stage: f"ZeRO-{stage} {key}: {m}")

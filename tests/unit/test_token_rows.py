@@ -159,3 +159,24 @@ def test_a_module_file_that_lost_a_tasks_rows_is_refused_by_name(config, tmp_pat
     (tmp_path / "pools" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModuleFileError, match="token rows of task 'c'"):
         load_modules(build(config), tmp_path / "pools")
+
+
+def test_a_tasks_rows_have_one_name_whatever_order_the_tasks_came_in(config, tmp_path):
+    """Engine checkpoints hold the rows by parameter name: a model rebuilt from files (resume) or a replica
+    must name each task's rows as the model that wrote them did, and keep its ids out of state dicts."""
+    model, _, _ = two_tasks(config)
+    other = build(config)
+    for task in reversed(list(model.token_rows.owners)):
+        (rows,) = model.token_rows_parameters(task)
+        other.put_token_rows(task, torch.tensor(model.token_rows.ids_of(task)), rows)
+    names = {n: p for n, p in model.named_parameters() if n.startswith("token_rows.")}
+    other_names = {n: p for n, p in other.named_parameters() if n.startswith("token_rows.")}
+    assert set(names) == set(other_names) and len(names) == 2
+    for name, param in names.items():
+        assert torch.equal(other_names[name], param)
+    assert not [k for k in model.state_dict() if k.endswith(".ids")]
+    save_modules(model, tmp_path / "with_rows")
+    save_modules(build(config), tmp_path / "without")
+    versions = [json.loads((tmp_path / d / "manifest.json").read_text())["format_version"]
+                for d in ("with_rows", "without")]
+    assert versions == [2, 1]  # a reader from before rows refuses them by version, and reads the rest
