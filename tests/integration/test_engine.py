@@ -618,8 +618,9 @@ def _rows_worker(rank, world_size, port, stages, state, data, out_dir):
 
 
 def test_a_tasks_token_rows_train_alike_at_every_zero_stage(spawned):
-    """The rows of model.token_rows "trained" live outside the modules (DMEAModel.token_rows): ZeRO-3, which
-    partitions the model, must gather them where the embedding uses them, and train them as stage 1 does."""
+    """The rows of model.token_rows "trained" live outside the modules (DMEAModel.token_rows), used by hooks on
+    the embedding and the head: ZeRO-3, which partitions them here (persistence threshold 0), must train them
+    as stage 1 does."""
     (results,), _ = spawned(_rows_worker, 1)
     first = results[STAGES[0]]
     assert {"rows.b.ids", "rows.b.weight"} <= set(first["trained"])
