@@ -71,10 +71,12 @@ def _decisions(result, stage, key):
 
 def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
     """2 search workers, 2 generation actors and 2 Ray Train ranks give the in-process run: the global batch
-    is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece."""
+    is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece.
+    With model.token_rows "trained" (rows-off runs on 2 ranks: the virtual-shards test below), so that the
+    rows travel through every Ray kernel: see `_assert_token_rows`."""
     two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
                 "num_train_workers": 2, "train_cpus": 0.5}
-    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0})
+    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0, "token_rows": "trained"})
     local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
     assert (placement["train_ranks"], placement["generation_actors"]) == (2, 2), placement  # two of each served
     for stage, key in (("expand", "path"), ("select", "selected"), ("generate", "pseudo_samples"), ("adapt", "steps")):
@@ -84,33 +86,12 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
                         strict=True):
         assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
+    _assert_token_rows(config, tmp_path)
 
 
-def test_virtual_shards_train_two_ranks_bit_for_bit_like_one_with_dropout(tmp_path, ray_local):
-    """With `train.virtual_shards` two training ranks give the in-process run's numbers exactly, dropout on:
-    each fixed piece of a batch draws its own masks and the pieces are summed in one order (dmea_dist.engine)."""
-    config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5}, train={"virtual_shards": 4},
-                         model={"dropout": 0.1})
-    local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
-    assert placement["train_ranks"] == 2, placement
-    # not close: equal, down to the losses of every adaptation and the whole R matrix
-    for stage, key in (("expand", "path"), ("generate", "pseudo_samples"), ("adapt", "final_losses")):
-        assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
-    np.testing.assert_array_equal(distributed.R, local.R)
-    assert np.isfinite(local.R[np.tril_indices(3)]).all()
-
-
-def test_token_rows_train_on_ray_as_in_process_and_no_later_task_moves_them(tmp_path, ray_local):
-    """model.token_rows "trained": each task trains the rows of the untrained tokens it is first to use (at least
-    its generation token's), on two Ray Train ranks as in process, and no later task moves them."""
-    config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5},
-                         model={"dropout": 0.0, "token_rows": "trained"})
-    local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
-    assert placement["train_ranks"] == 2, placement
-    for two, one in zip(_decisions(distributed, "adapt", "final_losses"), _decisions(local, "adapt", "final_losses"),
-                        strict=True):
-        assert two == pytest.approx(one, rel=1e-5, abs=1e-6)
-    np.testing.assert_allclose(distributed.R, local.R, atol=1e-6, equal_nan=True)
+def _assert_token_rows(config, tmp_path):
+    """Each task trained the rows of the untrained tokens it was first to use (at least its generation token's),
+    on Ray as in process, and no later task moved them."""
     tasks = config.data.tasks
     rows = {}
     for run in ("local", "ray"):
@@ -129,3 +110,18 @@ def test_token_rows_train_on_ray_as_in_process_and_no_later_task_moves_them(tmp_
         rows[run] = at_end
     for key, tensor in rows["local"].items():
         torch.testing.assert_close(rows["ray"][key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_virtual_shards_train_two_ranks_bit_for_bit_like_one_with_dropout(tmp_path, ray_local):
+    """With `train.virtual_shards` two training ranks give the in-process run's numbers exactly, dropout on:
+    each fixed piece of a batch draws its own masks and the pieces are summed in one order (dmea_dist.engine)."""
+    config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5}, train={"virtual_shards": 4},
+                         model={"dropout": 0.1})
+    local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
+    assert placement["train_ranks"] == 2, placement
+    # not close: equal, down to the losses of every adaptation and the whole R matrix
+    for stage, key in (("expand", "path"), ("generate", "pseudo_samples"), ("adapt", "final_losses")):
+        assert _decisions(distributed, stage, key) == _decisions(local, stage, key), stage
+    np.testing.assert_array_equal(distributed.R, local.R)
+    assert np.isfinite(local.R[np.tril_indices(3)]).all()
+
