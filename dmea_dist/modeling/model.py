@@ -277,7 +277,7 @@ class DMEAModel(nn.Module):
 
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(token ids, their rows, lookup) of every task's rows; None without rows."""
-        if not self.token_rows.owners:
+        if not len(self.token_rows.tasks):  # asked on every forward: no owners' id lists built here
             return None
         ids, rows = self.token_rows()
         if self._row_lookup is None or self._row_lookup.device != ids.device:
@@ -481,20 +481,20 @@ class TokenTable(nn.Module):
     def owners(self) -> dict[str, list[int]]:
         return {rows.task_id: rows.ids.tolist() for rows in self.tasks.values()}
 
-    def _find(self, task_id: str) -> str | None:
-        return next((key for key, rows in self.tasks.items() if rows.task_id == task_id), None)
+    @staticmethod
+    def _key(task_id: str) -> str:
+        return "t" + hashlib.sha256(task_id.encode()).hexdigest()[:16]
 
     def ids_of(self, task_id: str) -> list[int]:
-        key = self._find(task_id)
-        return [] if key is None else self.tasks[key].ids.tolist()
+        key = self._key(task_id)
+        return self.tasks[key].ids.tolist() if key in self.tasks else []
 
     def parameters_of(self, task_id: str) -> list[nn.Parameter]:
-        key = self._find(task_id)
-        return [] if key is None else [self.tasks[key].weight]
+        key = self._key(task_id)
+        return [self.tasks[key].weight] if key in self.tasks else []
 
     def put(self, task_id: str, ids: torch.Tensor, weight: torch.Tensor) -> None:
-        key = "t" + hashlib.sha256(task_id.encode()).hexdigest()[:16]
-        self.tasks[key] = TaskRows(task_id, ids, weight.clone())
+        self.tasks[self._key(task_id)] = TaskRows(task_id, ids, weight.clone())
 
     def clear(self) -> None:
         self.tasks = nn.ModuleDict()
