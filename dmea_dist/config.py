@@ -124,7 +124,7 @@ class ModelConfig:
     # Embedding rows of tokens the backbone never trained (words only the run's text uses, added special tokens):
     # "frozen" keeps them as drawn (like the rest of the backbone); "trained": the first task whose training data
     # uses a token trains its row with its modules, frozen after (DMEAModel.claim_token_rows). Module methods only:
-    # lamol/finetune train the whole backbone anyway.
+    # lamol/finetune train the whole backbone anyway, so "trained" with them is refused (RunConfig).
     token_rows: Literal["frozen", "trained"] = "frozen"
 
     def __post_init__(self):
@@ -410,6 +410,11 @@ class RunConfig:
 
     def __post_init__(self):
         _refuse_quoted_numbers(self.deepspeed, "deepspeed")
+        if self.model.token_rows == "trained" and self.method.name in ("lamol", "finetune"):
+            raise ConfigError(
+                f"model.token_rows='trained' with method.name={self.method.name}: this method trains the whole "
+                "backbone, every embedding row included, so there are no frozen rows to give its tasks; "
+                "drop model.token_rows (or set it to 'frozen')")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

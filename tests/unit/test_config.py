@@ -80,6 +80,17 @@ def test_replay_of_every_earlier_task_is_refused_where_only_the_new_path_trains(
     assert load_config(path, ["method.adaptation.replay=none"]).method.adaptation.replay == "none"
 
 
+def test_trained_token_rows_are_refused_for_methods_that_train_the_whole_backbone(tmp_path):
+    """lamol and finetune train every embedding row anyway: model.token_rows 'trained' would do nothing, silently."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    for method in ("lamol", "finetune"):
+        with pytest.raises(ConfigError, match=rf"model.token_rows='trained' with method.name={method}.*'frozen'"):
+            load_config(path, ["model.token_rows=trained", f"method.name={method}"])
+        assert load_config(path, [f"method.name={method}"]).model.token_rows == "frozen"
+    for method in ("dmea", "acm", "adapter", "multitask"):
+        assert load_config(path, ["model.token_rows=trained", f"method.name={method}"]).model.token_rows == "trained"
+
+
 def test_the_answer_decoding_of_pseudo_samples_reaches_the_kernels(tmp_path):
     from dmea_dist.coordinator import decoding_settings
 
