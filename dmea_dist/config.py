@@ -281,6 +281,10 @@ class AdaptationConfig:
     # a pseudo sample's answer: greedy after the separator (its input is sampled; the answer is the model's
     # best answer to it, as when evaluated), or sampled like its input (LAMOL/ACM)
     pseudo_answer: Literal["greedy", "sampled"] = "greedy"
+    # the separator of a pseudo sample: "free" (the model's own draws; a sample without exactly one separator
+    # is dropped as malformed) or "one" (until the separator the end token's probability goes to it, after it
+    # a second separator's goes to the end token: `generation.OneSeparator`)
+    pseudo_separator: Literal["free", "one"] = "free"
 
     def __post_init__(self):
         _check_range("method.adaptation.epochs", self.epochs, 0.0, 1000.0)

@@ -62,6 +62,7 @@ def decoding_settings(config: RunConfig) -> DecodingSettings:
     ev = config.eval
     ad = config.method.adaptation
     return DecodingSettings(pseudo_top_k=ad.top_k_sampling, pseudo_answer=ad.pseudo_answer,
+                            pseudo_separator=ad.pseudo_separator,
                             batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, decoding=ev.decoding,
                             top_k=ev.top_k, seed=config.train.seed)
 

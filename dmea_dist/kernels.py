@@ -94,6 +94,7 @@ class DecodingSettings:
 
     pseudo_top_k: int = 20
     pseudo_answer: str = "greedy"  # answers of pseudo samples: greedy after the separator, or sampled
+    pseudo_separator: str = "free"  # "one": a pseudo sample keeps exactly one separator (OneSeparator)
     batch_size: int = 32
     max_new_tokens: int = 64
     decoding: str = "greedy"  # evaluation answers: greedy or top_k
@@ -201,7 +202,7 @@ def run_generate_requests(model, formatter: Formatter, requests: Sequence[Genera
         wants = [replace(requests[i], n=n) for i, n in mine]
         outs = generate_pseudo_samples_of(model, formatter, wants, top_k=decoding.pseudo_top_k,
                                           batch_size=decoding.batch_size, seed=derive_seed(seed, part),
-                                          answer=decoding.pseudo_answer)
+                                          answer=decoding.pseudo_answer, separator=decoding.pseudo_separator)
         for (i, _), out in zip(mine, outs, strict=True):
             made[i].append(out)
     return [merge_pseudo_samples(request, out) for request, out in zip(requests, made, strict=True)]

@@ -129,6 +129,34 @@ class GreedyAfter(LogitsProcessor):
         return torch.where(after, greedy, scores)
 
 
+class OneSeparator(LogitsProcessor):
+    """Keep a pseudo sample to the format input `sep` answer `end`: exactly one separator.
+
+    Before a row's separator, the end token's probability moves onto the
+    separator (the model means to end the input, and in this format an input
+    ends with the separator); after it, the separator's moves onto the end token
+    (a second separator would start a second answer). So a sample that ends has
+    one separator; only one cut at the length limit can still lack it. The
+    moves add probabilities (logaddexp of the two logits), so every other
+    token's probability, and the order of draws, stay as they were.
+    """
+
+    PSEUDO_SEPARATOR = ("free", "one")
+
+    def __init__(self, separator: int, end: int):
+        self.separator, self.end = separator, end
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids (batch, seq), scores (batch, vocab) logits
+        after = (input_ids == self.separator).any(dim=1)  # (batch,)
+        sep, end = scores[:, self.separator], scores[:, self.end]
+        merged = torch.logaddexp(sep, end)
+        out = scores.clone()
+        out[:, self.separator] = torch.where(after, float("-inf"), merged)
+        out[:, self.end] = torch.where(after, merged, float("-inf"))
+        return out
+
+
 @dataclass(frozen=True)
 class SampleWant:
     """`n` pseudo samples of one task: its generation token starts them, its path runs them."""
@@ -143,23 +171,25 @@ class SampleWant:
 def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_index: int,
                             path: Sequence[int] | None, n: int, top_k: int = 20, batch_size: int = 32,
                             max_new_tokens: int | None = None, seed: int = 0, answer: str = "greedy",
-                            max_rounds: int | None = None) -> PseudoSamples:
+                            separator: str = "free", max_rounds: int | None = None) -> PseudoSamples:
     """Generate `n` well-formed pseudo samples of one task (fewer if sampling keeps failing).
 
     answer: "greedy" samples the input (top-k) and decodes the answer greedily;
-    "sampled" samples both (LAMOL/ACM).
+    "sampled" samples both (LAMOL/ACM). separator: "free" (the model's own
+    draws) or "one" (`OneSeparator`).
     """
     want = SampleWant(task_id, task_index, None if path is None else list(path), n)
     (out,) = generate_pseudo_samples_of(model, formatter, [want], top_k=top_k, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, seed=seed, answer=answer,
-                                        max_rounds=max_rounds)
+                                        separator=separator, max_rounds=max_rounds)
     return out
 
 
 @torch.no_grad()
 def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[SampleWant], *, top_k: int = 20,
                                batch_size: int = 32, max_new_tokens: int | None = None, seed: int = 0,
-                               answer: str = "greedy", max_rounds: int | None = None) -> list[PseudoSamples]:
+                               answer: str = "greedy", separator: str = "free",
+                               max_rounds: int | None = None) -> list[PseudoSamples]:
     """Pseudo samples of several tasks in shared batches: one PseudoSamples per want, in order.
 
     Every round asks each task still short of its `n` for what it lacks (a
@@ -173,6 +203,8 @@ def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[Samp
     """
     if answer not in ("greedy", "sampled"):
         raise ValueError(f"pseudo-sample answer decoding {answer!r} unknown; choose greedy or sampled")
+    if separator not in OneSeparator.PSEUDO_SEPARATOR:
+        raise ValueError(f"pseudo-sample separator {separator!r} unknown; choose one of {OneSeparator.PSEUDO_SEPARATOR}")
     special = formatter.special
     max_new_tokens = max_new_tokens or formatter.max_length - 1
     total = sum(w.n for w in wants)
@@ -180,7 +212,9 @@ def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[Samp
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    processors = LogitsProcessorList([GreedyAfter(special.ans)] if answer == "greedy" else [])
+    # the format first, so the greedy answer and top-k sampling see the moved probabilities
+    processors = LogitsProcessorList(([OneSeparator(special.ans, special.eos)] if separator == "one" else [])
+                                     + ([GreedyAfter(special.ans)] if answer == "greedy" else []))
     outs = [PseudoSamples(task_id=w.task_id, rows=[], malformed=0, generated=0, requested=w.n) for w in wants]
     for _ in range(max_rounds):
         needs = [w.n - len(o.rows) for w, o in zip(wants, outs, strict=True)]

@@ -98,6 +98,8 @@ def test_the_answer_decoding_of_pseudo_samples_reaches_the_kernels(tmp_path):
     assert decoding_settings(load_config(path)).pseudo_answer == "greedy"
     sampled = load_config(path, ["method.adaptation.pseudo_answer=sampled"])  # LAMOL/ACM's
     assert decoding_settings(sampled).pseudo_answer == "sampled"
+    assert decoding_settings(load_config(path)).pseudo_separator == "free"
+    assert decoding_settings(load_config(path, ["method.adaptation.pseudo_separator=one"])).pseudo_separator == "one"
 
 
 def test_every_shipped_config_loads():

@@ -207,6 +207,51 @@ def test_greedy_after_the_separator_keeps_only_the_best_token_in_rows_past_it():
             assert torch.equal(out[row], scores[row])
 
 
+def test_one_separator_moves_the_end_tokens_probability_onto_the_separator_until_it_is_out():
+    """Checked on probabilities computed apart from the processor: before a row's separator p(sep) becomes
+    p(sep) + p(end) and p(end) 0; after it the reverse; every other token keeps its probability."""
+    from dmea_dist.method.generation import OneSeparator
+
+    sep, end = 7, 9
+    input_ids = torch.tensor([[3, 5, 6, 2], [3, sep, 6, 2], [sep, 1, 1, 1]])
+    scores = torch.randn(3, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scores[2, 4] = float("-inf")  # a suppressed token stays suppressed
+    before = torch.softmax(scores, dim=-1)
+    after = torch.softmax(OneSeparator(sep, end)(input_ids, scores.clone()), dim=-1)
+    for row in range(3):
+        expected = before[row].clone()
+        into, out_of = (end, sep) if sep in input_ids[row].tolist() else (sep, end)
+        expected[into] += expected[out_of]
+        expected[out_of] = 0.0
+        torch.testing.assert_close(after[row], expected, rtol=0, atol=1e-12)
+
+
+def test_pseudo_samples_that_end_keep_exactly_one_separator_with_pseudo_separator_one(tokenizer):
+    """A model that often ends before writing the separator: free sampling keeps none of its samples (they
+    end without one); with "one" no sample ends without a separator or holds two, so some are kept."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dmea_dist.method.generation import generate_pseudo_samples
+    from dmea_dist.modeling.model import DMEAModel
+
+    fmt = Formatter(tokenizer, max_length=24)
+    torch.manual_seed(0)
+    backbone = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=16, n_layer=2, n_head=2,
+                                          bos_token_id=fmt.special.eos, eos_token_id=fmt.special.eos))
+    with torch.no_grad():  # every position leans towards the end token
+        row = backbone.transformer.wte.weight[fmt.special.eos]
+        backbone.transformer.ln_f.bias += 0.3 * row / row.norm() ** 2
+    model = DMEAModel(backbone, bottleneck=4)
+    outs = {separator: generate_pseudo_samples(model, fmt, task_id="t", task_index=0, path=None, n=16, seed=0,
+                                               max_rounds=2, answer="sampled", separator=separator)
+            for separator in ("free", "one")}
+    assert not outs["free"].rows and outs["free"].reasons.get("no_separator_ended", 0) > outs["free"].generated // 2
+    assert outs["one"].rows and not {"no_separator_ended", "several_separators"} & set(outs["one"].reasons)
+    assert all(row["context"] and row["answer"][0] for row in outs["one"].rows)
+    with pytest.raises(ValueError, match="pseudo-sample separator 'both' unknown"):
+        generate_pseudo_samples(model, fmt, task_id="t", task_index=0, path=None, n=1, separator="both")
+
+
 class _TaskEcho:
     """A fake generator: row b writes "<context of its task and path> <|ans|> <answer> <eos>", or, for the
     tasks in `broken`, a sequence without separator; it records every call's rows and routing."""
