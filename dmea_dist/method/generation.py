@@ -130,30 +130,36 @@ class GreedyAfter(LogitsProcessor):
 
 
 class OneSeparator(LogitsProcessor):
-    """Keep a pseudo sample to the format input `sep` answer `end`: exactly one separator.
+    """Keep a pseudo sample to its format: a non-empty input, one separator, a non-empty answer, the end.
 
     Before a row's separator, the end token's probability moves onto the
     separator (the model means to end the input, and in this format an input
     ends with the separator); after it, the separator's moves onto the end token
-    (a second separator would start a second answer). So a sample that ends has
-    one separator; only one cut at the length limit can still lack it. The
-    moves add probabilities (logaddexp of the two logits), so every other
-    token's probability, and the order of draws, stay as they were.
+    (a second separator would start a second answer). Where either would leave
+    a part empty (no input token yet; the separator just written) both are
+    barred there instead. So a sample that ends is well formed; only one cut at
+    the length limit can still lack its separator. The moves add probabilities
+    (logaddexp of the two logits), so every other token's probability stays as
+    it was, up to the renormalisation where the two are barred.
+    `prompt_length`: the tokens before the generated ones (the generation token).
     """
 
     PSEUDO_SEPARATOR = ("free", "one")
 
-    def __init__(self, separator: int, end: int):
-        self.separator, self.end = separator, end
+    def __init__(self, separator: int, end: int, *, prompt_length: int = 1):
+        self.separator, self.end, self.prompt_length = separator, end, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # input_ids (batch, seq), scores (batch, vocab) logits
-        after = (input_ids == self.separator).any(dim=1)  # (batch,)
+        after = (input_ids[:, self.prompt_length:] == self.separator).any(dim=1)  # (batch,)
         sep, end = scores[:, self.separator], scores[:, self.end]
         merged = torch.logaddexp(sep, end)
+        barred = input_ids[:, -1] == self.separator  # the answer would be empty
+        if input_ids.shape[1] <= self.prompt_length:  # the input would be empty
+            barred = torch.ones_like(barred)
         out = scores.clone()
-        out[:, self.separator] = torch.where(after, float("-inf"), merged)
-        out[:, self.end] = torch.where(after, merged, float("-inf"))
+        out[:, self.separator] = torch.where(after | barred, float("-inf"), merged)
+        out[:, self.end] = torch.where(after & ~barred, merged, float("-inf"))
         return out
 
 
@@ -213,8 +219,8 @@ def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[Samp
     was_training = model.training
     model.eval()
     # the format first, so the greedy answer and top-k sampling see the moved probabilities
-    processors = LogitsProcessorList(([OneSeparator(special.ans, special.eos)] if separator == "one" else [])
-                                     + ([GreedyAfter(special.ans)] if answer == "greedy" else []))
+    fmt = [OneSeparator(special.ans, special.eos, prompt_length=1)] if separator == "one" else []  # prompt: gen token
+    processors = LogitsProcessorList(fmt + ([GreedyAfter(special.ans)] if answer == "greedy" else []))
     outs = [PseudoSamples(task_id=w.task_id, rows=[], malformed=0, generated=0, requested=w.n) for w in wants]
     for _ in range(max_rounds):
         needs = [w.n - len(o.rows) for w, o in zip(wants, outs, strict=True)]
