@@ -2,7 +2,7 @@
 
 Loads a run directory (or anything `dmea generate` loads: an MLflow run id, a models:/ URI), generates `--n`
 pseudo samples of every recorded task along its own path exactly as the GENERATE stage does
-(`generate_pseudo_samples`: top-k input, greedy answer, seeded), and prints per task the yield, the dropped
+(`generate_pseudo_samples` with the run's top-k, answer decoding and separator settings, seeded), and prints per task the yield, the dropped
 samples by reason (formatting.MALFORMED) and, for synthetic tasks, the fidelity; `--show K` prints K kept
 samples per task, so what "well formed" means for that model can be read, not only counted.
 
@@ -27,15 +27,16 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=0, help="kept samples to print per task")
     args = ap.parse_args()
     served = load_task_model(args.source)
-    top_k = served.config.method.adaptation.top_k_sampling
+    ad = served.config.method.adaptation
     reasons = list(MALFORMED)
     print(f"| task | yield | fidelity | {' | '.join(r.replace('_', ' ') for r in reasons)} |")
     print("|" + " --- |" * (3 + len(reasons)))
     shown = []
     for index, task in enumerate(served.tasks):
         out = generate_pseudo_samples(served.models[task], served.formatter, task_id=task, task_index=index,
-                                      path=served.paths[task], n=args.n, top_k=top_k, seed=args.seed,
-                                      batch_size=args.n, max_rounds=1)
+                                      path=served.paths[task], n=args.n, top_k=ad.top_k_sampling, seed=args.seed,
+                                      answer=ad.pseudo_answer, separator=ad.pseudo_separator, batch_size=args.n,
+                                      max_rounds=1)
         faithful = fidelity(task, out.rows)
         print(f"| {task} | {out.well_formed}/{out.generated} | {'-' if faithful is None else f'{faithful:.2f}'} | "
               + " | ".join(str(out.reasons.get(r, 0)) for r in reasons) + " |")

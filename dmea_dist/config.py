@@ -283,7 +283,9 @@ class AdaptationConfig:
     pseudo_answer: Literal["greedy", "sampled"] = "greedy"
     # the separator of a pseudo sample: "free" (the model's own draws; a sample without exactly one separator
     # is dropped as malformed) or "one" (until the separator the end token's probability goes to it, after it
-    # a second separator's goes to the end token: `generation.OneSeparator`)
+    # a second separator's goes to the end token, and both are barred where the input or the answer would be
+    # empty: `generation.OneSeparator`). With "one" the yield no longer counts samples that lost the format, so
+    # it says less about their content, and more tasks pass the transfer gate (min_yield). docs/RESULTS.md 2f
     pseudo_separator: Literal["free", "one"] = "free"
 
     def __post_init__(self):

@@ -137,8 +137,9 @@ class OneSeparator(LogitsProcessor):
     ends with the separator); after it, the separator's moves onto the end token
     (a second separator would start a second answer). Where either would leave
     a part empty (no input token yet; the separator just written) both are
-    barred there instead. So a sample that ends is well formed; only one cut at
-    the length limit can still lack its separator. The moves add probabilities
+    barred there instead. So a sample that ends has one separator and tokens on
+    both sides of it; it can still be dropped when a side decodes to whitespace
+    only, or when it is cut at the length limit. The moves add probabilities
     (logaddexp of the two logits), so every other token's probability stays as
     it was, up to the renormalisation where the two are barred.
     `prompt_length`: the tokens before the generated ones (the generation token).

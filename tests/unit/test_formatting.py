@@ -259,7 +259,13 @@ def test_pseudo_samples_that_end_keep_exactly_one_separator_with_pseudo_separato
     assert outs["one"].rows
     # what ends has one separator (an input or answer can still be only whitespace, which strips to empty)
     assert not {"no_separator_ended", "several_separators"} & set(outs["one"].reasons)
-    assert all(row["context"] and row["answer"][0] for row in outs["one"].rows)
+    # and through the kernel every stage and the Ray generation pool call, from its DecodingSettings
+    from dmea_dist.kernels import DecodingSettings, GenerateRequest, run_generate_requests
+
+    request = GenerateRequest(task_id="t", task_index=0, path=None, n=16, seed=0)
+    kept = {separator: run_generate_requests(model, fmt, [request], DecodingSettings(
+        pseudo_answer="sampled", pseudo_separator=separator, batch_size=16))[0].rows for separator in ("free", "one")}
+    assert not kept["free"] and kept["one"]
     with pytest.raises(ValueError, match="pseudo-sample separator 'both' unknown"):
         generate_pseudo_samples(model, fmt, task_id="t", task_index=0, path=None, n=1, separator="both")
 
