@@ -17,8 +17,8 @@ seeds 1 and 2), transfer (dmea with
 method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with
 transfer gated explicitly, ABCDE seeds 0 and 1, for checkouts from before gated was the default),
 quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), rows (dmea and acm with
-model.token_rows=trained, both orders, seeds 0-3; rows-s0 ... rows-s3 by seed), separator (dmea and acm with
-method.adaptation.pseudo_separator=one, both orders, seeds 0-1; separator-s0, separator-s1), synth10 (10
+model.token_rows=trained, both orders, seeds 0-3; rows-s0 ... rows-s3 by seed), separator (dmea, seed 0, both orders:
+method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
@@ -66,12 +66,12 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                                     [f"method.name={m}", "model.token_rows=trained"])
                                    for order, cfg in ORDERS.items() for m in ("dmea", "acm")]
         groups["rows"] += groups[f"rows-s{seed}"]
-    groups["separator"] = []
-    for seed in (0, 1):  # pseudo samples kept to exactly one separator (method.adaptation.pseudo_separator=one)
-        groups[f"separator-s{seed}"] = [(f"sep-{order}-{m}-s{seed}", f"{m}, one separator", cfg, order, seed,
-                                         [f"method.name={m}", "method.adaptation.pseudo_separator=one"])
-                                        for order, cfg in ORDERS.items() for m in ("dmea", "acm")]
-        groups["separator"] += groups[f"separator-s{seed}"]
+    # RESULTS section 2f: pseudo samples kept to one separator, with the transfer gate and with transfer off,
+    # and transfer off alone (free and gated: main-*-dmea-s0), dmea, seed 0, both orders
+    sep = [("one", ["method.adaptation.pseudo_separator=one"]), ("off", ["method.adaptation.transfer=off"]),
+           ("one-off", ["method.adaptation.pseudo_separator=one", "method.adaptation.transfer=off"])]
+    groups["separator"] = [(f"sep-{order}-dmea-{name}-s0", f"dmea, {name}", cfg, order, 0, ["method.name=dmea", *o])
+                           for name, o in sep for order, cfg in ORDERS.items()]
     # DMEA's own ablations again where one seed cannot tell them from full DMEA (issue 7: "more where a
     # difference is within noise"); compare with main-ABCDE-dmea-s1/-s2
     groups["ablations-s12"] = [(f"abl-ABCDE-{m}-s{seed}", m, ORDERS["ABCDE"], "ABCDE", seed, o)

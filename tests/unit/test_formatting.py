@@ -241,6 +241,7 @@ def test_pseudo_samples_that_end_keep_exactly_one_separator_with_pseudo_separato
     end without one); with "one" no sample ends without a separator or holds two, so some are kept."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from dmea_dist.kernels import DecodingSettings, GenerateRequest, run_generate_requests
     from dmea_dist.method.generation import generate_pseudo_samples
     from dmea_dist.modeling.model import DMEAModel
 
@@ -260,8 +261,6 @@ def test_pseudo_samples_that_end_keep_exactly_one_separator_with_pseudo_separato
     # what ends has one separator (an input or answer can still be only whitespace, which strips to empty)
     assert not {"no_separator_ended", "several_separators"} & set(outs["one"].reasons)
     # and through the kernel every stage and the Ray generation pool call, from its DecodingSettings
-    from dmea_dist.kernels import DecodingSettings, GenerateRequest, run_generate_requests
-
     request = GenerateRequest(task_id="t", task_index=0, path=None, n=16, seed=0)
     kept = {separator: run_generate_requests(model, fmt, [request], DecodingSettings(
         pseudo_answer="sampled", pseudo_separator=separator, batch_size=16))[0].rows for separator in ("free", "one")}
