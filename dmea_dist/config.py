@@ -37,6 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from dmea_dist.errors import ConfigError
+from dmea_dist.method.policy import method_policy
 
 METHODS = ("dmea", "acm", "lamol", "finetune", "adapter", "multitask")
 
@@ -124,8 +125,11 @@ class ModelConfig:
     # Embedding rows of tokens the backbone never trained (words only the run's text uses, added special tokens):
     # "frozen" keeps them as drawn (like the rest of the backbone); "trained": the first task whose training data
     # uses a token trains its row with its modules, frozen after (DMEAModel.claim_token_rows). Module methods only:
-    # lamol/finetune train the whole backbone anyway, so "trained" with them is refused (RunConfig).
-    token_rows: Literal["frozen", "trained"] = "frozen"
+    # lamol/finetune train the whole backbone anyway, so "trained" with them is refused (RunConfig). "auto" (the
+    # default): "trained" for the module methods, nothing for lamol/finetune. Why trained: on RNNLG+E2E it lifted
+    # DMEA's final average in each of six runs (seeds 0-2, both orders, one machine) at no cost in BWT
+    # (docs/RESULTS.md section 2b).
+    token_rows: Literal["auto", "frozen", "trained"] = "auto"
 
     def __post_init__(self):
         if self.dropout is not None:
@@ -416,14 +420,25 @@ class RunConfig:
 
     def __post_init__(self):
         _refuse_quoted_numbers(self.deepspeed, "deepspeed")
-        if self.model.token_rows == "trained" and self.method.name in ("lamol", "finetune"):
+        if self.model.token_rows == "trained" and _trains_whole_backbone(self.method.name):
             raise ConfigError(
                 f"model.token_rows='trained' with method.name={self.method.name}: this method trains the whole "
                 "backbone, every embedding row included, so there are no frozen rows to give its tasks; "
                 "drop model.token_rows (or set it to 'frozen')")
 
+    @property
+    def trains_token_rows(self) -> bool:
+        """Whether tasks train the backbone's untrained token rows (model.token_rows, "auto" resolved)."""
+        if self.model.token_rows == "auto":
+            return not _trains_whole_backbone(self.method.name)
+        return self.model.token_rows == "trained"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _trains_whole_backbone(method: str) -> bool:
+    return method_policy(method).full_finetune
 
 
 # --------------------------------------------------------------------------- loading

@@ -314,7 +314,7 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
     rec["series"].update({f"loss.{k}": v for k, v in result.losses.items()})
     rec["series"].update({f"eta.{k}": v for k, v in result.etas.items()})
     rec["metrics"]["adapt_steps"] = float(result.steps)
-    if ctx.run.config.model.token_rows == "trained":
+    if ctx.run.config.trains_token_rows:
         rec["metrics"]["token_rows"] = float(len(rows))
     clamp_rate = result.clamp_rate()
     if clamp_rate is not None:
@@ -326,9 +326,10 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
 
 
 def _claim_token_rows(ctx: RunContext, task: Task) -> list[int]:
-    """With model.token_rows "trained": the untrained tokens of the real data this adaptation trains on that
-    no earlier task claimed become the task's rows (every task's for multitask, which trains once)."""
-    if ctx.run.config.model.token_rows != "trained" or ctx.run.policy.full_finetune:
+    """With model.token_rows "trained" (or "auto", a module method's default): the untrained tokens of the real data
+    this adaptation trains on that no earlier task claimed become the task's rows (every task's for multitask,
+    which trains once)."""
+    if not ctx.run.config.trains_token_rows:
         return []
     tasks = ctx.run.tasks if ctx.run.policy.joint else [task]
     tokens = {t for real in tasks for example in real.train[1] for t in example.input_ids}

@@ -72,11 +72,12 @@ def _decisions(result, stage, key):
 def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
     """2 search workers, 2 generation actors and 2 Ray Train ranks give the in-process run: the global batch
     is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece.
-    With model.token_rows "trained" (rows-off runs on 2 ranks: the virtual-shards test below), so that the
-    rows travel through every Ray kernel: see `_assert_token_rows`."""
+    With the token rows trained (model.token_rows "auto", the default; rows frozen on 2 ranks: the
+    virtual-shards test below), so that the rows travel through every Ray kernel: see `_assert_token_rows`."""
     two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
                 "num_train_workers": 2, "train_cpus": 0.5}
-    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0, "token_rows": "trained"})
+    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0})
+    assert config.trains_token_rows
     local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
     assert (placement["train_ranks"], placement["generation_actors"]) == (2, 2), placement  # two of each served
     for stage, key in (("expand", "path"), ("select", "selected"), ("generate", "pseudo_samples"), ("adapt", "steps")):
@@ -116,7 +117,7 @@ def test_virtual_shards_train_two_ranks_bit_for_bit_like_one_with_dropout(tmp_pa
     """With `train.virtual_shards` two training ranks give the in-process run's numbers exactly, dropout on:
     each fixed piece of a batch draws its own masks and the pieces are summed in one order (dmea_dist.engine)."""
     config = tiny_config(tmp_path, ray={"num_train_workers": 2, "train_cpus": 0.5}, train={"virtual_shards": 4},
-                         model={"dropout": 0.1})
+                         model={"dropout": 0.1, "token_rows": "frozen"})
     local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
     assert placement["train_ranks"] == 2, placement
     # not close: equal, down to the losses of every adaptation and the whole R matrix

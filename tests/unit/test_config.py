@@ -81,14 +81,18 @@ def test_replay_of_every_earlier_task_is_refused_where_only_the_new_path_trains(
 
 
 def test_trained_token_rows_are_refused_for_methods_that_train_the_whole_backbone(tmp_path):
-    """lamol and finetune train every embedding row anyway: model.token_rows 'trained' would do nothing, silently."""
+    """lamol and finetune train every embedding row anyway: model.token_rows 'trained' would do nothing, silently.
+    The default, 'auto', trains the rows with the module methods and leaves the whole-backbone ones alone."""
     path = write(tmp_path, "data:\n  tasks: [a]\n")
     for method in ("lamol", "finetune"):
         with pytest.raises(ConfigError, match=rf"model.token_rows='trained' with method.name={method}.*'frozen'"):
             load_config(path, ["model.token_rows=trained", f"method.name={method}"])
-        assert load_config(path, [f"method.name={method}"]).model.token_rows == "frozen"
+        config = load_config(path, [f"method.name={method}"])
+        assert (config.model.token_rows, config.trains_token_rows) == ("auto", False)
     for method in ("dmea", "acm", "adapter", "multitask"):
-        assert load_config(path, ["model.token_rows=trained", f"method.name={method}"]).model.token_rows == "trained"
+        assert load_config(path, ["model.token_rows=trained", f"method.name={method}"]).trains_token_rows
+        assert load_config(path, [f"method.name={method}"]).trains_token_rows  # auto
+        assert not load_config(path, ["model.token_rows=frozen", f"method.name={method}"]).trains_token_rows
 
 
 def test_the_answer_decoding_of_pseudo_samples_reaches_the_kernels(tmp_path):
