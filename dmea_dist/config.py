@@ -129,7 +129,8 @@ class ModelConfig:
     # default): "trained" for the module methods, nothing for lamol/finetune. Why trained: on RNNLG+E2E it lifted
     # DMEA's final average in each of six runs (seeds 0-2, both orders, one machine) at no cost in BWT
     # (docs/RESULTS.md section 2b).
-    token_rows: Literal["auto", "frozen", "trained"] = "auto"
+    # "words": "trained" for the text's own tokens only, not the added special tokens (separator, generation tokens).
+    token_rows: Literal["auto", "frozen", "trained", "words"] = "auto"
 
     def __post_init__(self):
         if self.dropout is not None:
@@ -420,18 +421,23 @@ class RunConfig:
 
     def __post_init__(self):
         _refuse_quoted_numbers(self.deepspeed, "deepspeed")
-        if self.model.token_rows == "trained" and _trains_whole_backbone(self.method.name):
+        if self.model.token_rows in ("trained", "words") and _trains_whole_backbone(self.method.name):
             raise ConfigError(
-                f"model.token_rows='trained' with method.name={self.method.name}: this method trains the whole "
+                f"model.token_rows={self.model.token_rows!r} with method.name={self.method.name}: this method trains the whole "
                 "backbone, every embedding row included, so there are no frozen rows to give its tasks; "
                 "drop model.token_rows (or set it to 'frozen')")
 
     @property
-    def trains_token_rows(self) -> bool:
-        """Whether tasks train the backbone's untrained token rows (model.token_rows, "auto" resolved)."""
+    def token_rows_mode(self) -> str:
+        """model.token_rows with "auto" resolved: "frozen", "trained" or "words"."""
         if self.model.token_rows == "auto":
-            return not _trains_whole_backbone(self.method.name)
-        return self.model.token_rows == "trained"
+            return "frozen" if _trains_whole_backbone(self.method.name) else "trained"
+        return self.model.token_rows
+
+    @property
+    def trains_token_rows(self) -> bool:
+        """Whether tasks train any of the backbone's untrained token rows."""
+        return self.token_rows_mode != "frozen"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -329,10 +329,13 @@ def _claim_token_rows(ctx: RunContext, task: Task) -> list[int]:
     """With model.token_rows "trained" (or "auto", a module method's default): the untrained tokens of the real data
     this adaptation trains on that no earlier task claimed become the task's rows (every task's for multitask,
     which trains once)."""
-    if not ctx.run.config.trains_token_rows:
+    mode = ctx.run.config.token_rows_mode
+    if mode == "frozen":
         return []
     tasks = ctx.run.tasks if ctx.run.policy.joint else [task]
     tokens = {t for real in tasks for example in real.train[1] for t in example.input_ids}
+    if mode == "words":  # the text's own tokens, not the separator, end or generation tokens
+        tokens -= {ctx.special.ans, ctx.special.eos, ctx.special.pad, *ctx.special.tasks}
     return ctx.run.model.claim_token_rows(task.task_id, tokens)
 
 
