@@ -17,7 +17,9 @@ seeds 1 and 2), transfer (dmea with
 method.adaptation.transfer off and gated, both orders, seeds 0 and 1, and DMEA's three ablations with
 transfer gated explicitly, ABCDE seeds 0 and 1, for checkouts from before gated was the default),
 quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), rows (dmea and acm with
-model.token_rows=trained, both orders, seeds 0-3; rows-s0 ... rows-s3 by seed), separator (dmea, seed 0, both orders:
+model.token_rows=trained, both orders, seeds 0-3; rows-s0 ... rows-s3 by seed), words-s0 ... words-s3 (the same
+with model.token_rows=words), quickstart-frozen and quickstart-words (dmea and acm, seeds 0-4, with that
+model.token_rows), separator (dmea, seed 0, both orders:
 method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4). Run dirs: OUT/runs/<label>; logs:
@@ -66,6 +68,9 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                                     [f"method.name={m}", "model.token_rows=trained"])
                                    for order, cfg in ORDERS.items() for m in ("dmea", "acm")]
         groups["rows"] += groups[f"rows-s{seed}"]
+        groups[f"words-s{seed}"] = [(f"words-{order}-{m}-s{seed}", f"{m}, word rows", cfg, order, seed,
+                                     [f"method.name={m}", "model.token_rows=words"])
+                                    for order, cfg in ORDERS.items() for m in ("dmea", "acm")]
     # RESULTS section 2f: pseudo samples kept to one separator, with the transfer gate and with transfer off,
     # and transfer off alone (free and gated: main-*-dmea-s0), dmea, seed 0, both orders
     sep = [("one", ["method.adaptation.pseudo_separator=one"]), ("off", ["method.adaptation.transfer=off"]),
@@ -93,6 +98,10 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
         for seed in (0, 1, 2, 3, 4):
             groups["quickstart"].append((f"quickstart-{m}-s{seed}", m, "configs/quickstart.yaml", "qs", seed, o))
+    for rows in ("frozen", "words"):  # the quick start's token rows (the default trains them: section 2b)
+        groups[f"quickstart-{rows}"] = [(f"quickstart-{m}-{rows}-s{seed}", f"{m}, rows {rows}", "configs/quickstart.yaml",
+                                         "qs", seed, [f"method.name={m}", f"model.token_rows={rows}"])
+                                        for seed in (0, 1, 2, 3, 4) for m in ("dmea", "acm")]
     for mode, name in (("off", "no-transfer"), ("gated", "gated-transfer")):  # transfer on the quick start
         for seed in (0, 1, 2):
             groups["quickstart-transfer"].append((f"quickstart-dmea-{name}-s{seed}", f"dmea-{name}",
