@@ -85,8 +85,9 @@ def test_trained_token_rows_are_refused_for_methods_that_train_the_whole_backbon
     The default, 'auto', trains the rows with the module methods and leaves the whole-backbone ones alone."""
     path = write(tmp_path, "data:\n  tasks: [a]\n")
     for method in ("lamol", "finetune"):
-        with pytest.raises(ConfigError, match=rf"model.token_rows='trained' with method.name={method}.*'frozen'"):
-            load_config(path, ["model.token_rows=trained", f"method.name={method}"])
+        for rows in ("trained", "words"):
+            with pytest.raises(ConfigError, match=rf"model.token_rows='{rows}' with method.name={method}.*'frozen'"):
+                load_config(path, [f"model.token_rows={rows}", f"method.name={method}"])
         config = load_config(path, [f"method.name={method}"])
         assert (config.model.token_rows, config.trains_token_rows) == ("auto", False)
     for method in ("dmea", "acm", "adapter", "multitask"):

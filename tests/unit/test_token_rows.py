@@ -180,3 +180,29 @@ def test_a_tasks_rows_have_one_name_whatever_order_the_tasks_came_in(config, tmp
     versions = [json.loads((tmp_path / d / "manifest.json").read_text())["format_version"]
                 for d in ("with_rows", "without")]
     assert versions == [2, 1]  # a reader from before rows refuses them by version, and reads the rest
+
+
+@pytest.mark.parametrize(("setting", "method", "claimed"), [
+    ("auto", "dmea", [81, 82, 90, 91]),  # the default: every untrained token the task's data uses
+    ("trained", "acm", [81, 82, 90, 91]),
+    ("words", "dmea", [81, 82]),  # not the separator (90) nor the task's generation token (91)
+    ("frozen", "dmea", []),
+    ("auto", "lamol", []),  # it trains every row of the backbone anyway
+])
+def test_which_rows_a_task_claims_follows_model_token_rows(config, tmp_path, setting, method, claimed):
+    from types import SimpleNamespace
+
+    from dmea_dist.config import load_config
+    from dmea_dist.run import Task
+    from dmea_dist.stages import _claim_token_rows
+
+    (tmp_path / "run.yaml").write_text("data:\n  tasks: [a]\n")
+    run_config = load_config(tmp_path / "run.yaml", [f"model.token_rows={setting}", f"method.name={method}"])
+    model = build(config)
+    model.set_path("a", model.add_modules())
+    lm = [SimpleNamespace(input_ids=[91, 5, 81, 90, 82, 95])]  # generation token, words, separator, end
+    task = Task(task_id="a", index=0, rows={}, train=([], lm))
+    special = SimpleNamespace(ans=90, eos=95, pad=95, tasks=(91, 92))
+    run = SimpleNamespace(config=run_config, tasks=[task], policy=SimpleNamespace(joint=False), model=model)
+    assert _claim_token_rows(SimpleNamespace(run=run, special=special), task) == claimed
+    assert model.token_rows.owners == ({"a": claimed} if claimed else {})
