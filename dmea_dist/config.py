@@ -124,12 +124,14 @@ class ModelConfig:
     dropout: float | None = None
     # Embedding rows of tokens the backbone never trained (words only the run's text uses, added special tokens):
     # "frozen" keeps them as drawn (like the rest of the backbone); "trained": the first task whose training data
-    # uses a token trains its row with its modules, frozen after (DMEAModel.claim_token_rows). Module methods only:
-    # lamol/finetune train the whole backbone anyway, so "trained" with them is refused (RunConfig). "auto" (the
-    # default): "trained" for the module methods, nothing for lamol/finetune. Why trained: on RNNLG+E2E it lifted
-    # DMEA's final average in each of six runs (seeds 0-2, both orders, one machine) at no cost in BWT
-    # (docs/RESULTS.md section 2b).
-    # "words": "trained" for the text's own tokens only, not the added special tokens (separator, generation tokens).
+    # uses a token trains its row with its modules, frozen after (DMEAModel.claim_token_rows); "words": the same for
+    # the text's own tokens only, not the added special tokens (separator, end, generation tokens). Module methods
+    # only: lamol/finetune train the whole backbone anyway, so "trained"/"words" with them is refused (RunConfig).
+    # "auto" (the default): "words" for the module methods, nothing for lamol/finetune. Why (docs/RESULTS.md
+    # section 2b, one machine): on RNNLG+E2E, where the tiny backbone lacks hundreds of the tasks' words, training
+    # their rows lifts DMEA's final average in every run; on the quick start, where it lacks only the generation
+    # tokens, training those cost DMEA 1.5 BWT on the mean of five seeds, the words' rows nothing measurable. On a
+    # downloaded GPT-2 every word is trained, so "words" leaves the backbone as "frozen" does.
     token_rows: Literal["auto", "frozen", "trained", "words"] = "auto"
 
     def __post_init__(self):
@@ -431,7 +433,7 @@ class RunConfig:
     def token_rows_mode(self) -> str:
         """model.token_rows with "auto" resolved: "frozen", "trained" or "words"."""
         if self.model.token_rows == "auto":
-            return "frozen" if _trains_whole_backbone(self.method.name) else "trained"
+            return "frozen" if _trains_whole_backbone(self.method.name) else "words"
         return self.model.token_rows
 
     @property

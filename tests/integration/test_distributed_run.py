@@ -72,12 +72,11 @@ def _decisions(result, stage, key):
 def test_results_do_not_depend_on_the_number_of_workers(tmp_path, ray_local):
     """2 search workers, 2 generation actors and 2 Ray Train ranks give the in-process run: the global batch
     is split over the ranks (dropout off: masks are drawn per rank), pseudo samples are seeded per piece.
-    With the token rows trained (model.token_rows "auto", the default; rows frozen on 2 ranks: the
-    virtual-shards test below), so that the rows travel through every Ray kernel: see `_assert_token_rows`."""
+    With model.token_rows "trained" (rows frozen on 2 ranks: the virtual-shards test below), so that the rows
+    travel through every Ray kernel: see `_assert_token_rows`."""
     two_each = {"num_search_workers": 2, "search_cpus": 0.5, "num_generation_actors": 2, "generation_cpus": 0.5,
                 "num_train_workers": 2, "train_cpus": 0.5}
-    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0})
-    assert config.trains_token_rows
+    config = tiny_config(tmp_path, ray=two_each, model={"dropout": 0.0, "token_rows": "trained"})
     local, distributed, placement = _in_process_and_on_ray(config, tmp_path)
     assert (placement["train_ranks"], placement["generation_actors"]) == (2, 2), placement  # two of each served
     for stage, key in (("expand", "path"), ("select", "selected"), ("generate", "pseudo_samples"), ("adapt", "steps")):

@@ -82,7 +82,7 @@ def test_replay_of_every_earlier_task_is_refused_where_only_the_new_path_trains(
 
 def test_trained_token_rows_are_refused_for_methods_that_train_the_whole_backbone(tmp_path):
     """lamol and finetune train every embedding row anyway: model.token_rows 'trained' would do nothing, silently.
-    The default, 'auto', trains the rows with the module methods and leaves the whole-backbone ones alone."""
+    The default, 'auto', trains the word rows with the module methods and leaves the whole-backbone ones alone."""
     path = write(tmp_path, "data:\n  tasks: [a]\n")
     for method in ("lamol", "finetune"):
         for rows in ("trained", "words"):
