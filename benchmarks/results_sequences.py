@@ -98,7 +98,7 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
         for seed in (0, 1, 2, 3, 4):
             groups["quickstart"].append((f"quickstart-{m}-s{seed}", m, "configs/quickstart.yaml", "qs", seed, o))
-    for rows in ("frozen", "words"):  # the quick start's token rows (the default trains them: section 2b)
+    for rows in ("frozen", "words"):  # the quick start's token rows (RESULTS section 2b)
         groups[f"quickstart-{rows}"] = [(f"quickstart-{m}-{rows}-s{seed}", f"{m}, rows {rows}", "configs/quickstart.yaml",
                                          "qs", seed, [f"method.name={m}", f"model.token_rows={rows}"])
                                         for seed in (0, 1, 2, 3, 4) for m in ("dmea", "acm")]

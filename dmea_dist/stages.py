@@ -326,9 +326,9 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
 
 
 def _claim_token_rows(ctx: RunContext, task: Task) -> list[int]:
-    """With model.token_rows "trained" (or "auto", a module method's default): the untrained tokens of the real data
-    this adaptation trains on that no earlier task claimed become the task's rows (every task's for multitask,
-    which trains once)."""
+    """The untrained tokens of the real data this adaptation trains on that no earlier task claimed become the
+    task's rows (every task's for multitask, which trains once): all of them with model.token_rows "trained", the
+    words among them with "words" (what "auto", the default, means for a module method), none with "frozen"."""
     mode = ctx.run.config.token_rows_mode
     if mode == "frozen":
         return []
