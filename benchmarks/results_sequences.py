@@ -25,7 +25,10 @@ synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generat
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
-whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt).
+whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt). After the
+per-method means comes a paired table: every other method minus dmea over the (order, seed) pairs both ran
+(mean +- sd of the differences, and in how many pairs dmea is ahead), e.g. `--only main-s0,ablations
+--report-only` pairs each ablation with main-ABCDE-dmea-s0.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 import yaml
 
@@ -193,11 +196,47 @@ def precision_at_k(data: dict, k: int) -> tuple[float | None, list[tuple]]:
     return (mean(precs) if precs else None), rows
 
 
+def _family(order: str) -> str:
+    """The tables' sequence column: the quick start, synth10, or RNNLG+E2E (both orders)."""
+    return order if order in ("qs", "synth10") else "rnnlg"
+
+
+def paired(rows: list[tuple[str, int, str, dict]], reference: str = "dmea") -> dict[tuple[str, str], dict]:
+    """Per (sequence, method), the differences method - `reference` over the (order, seed) pairs both ran.
+
+    rows: (order, seed, method label, summary). Returns {(sequence, method): {"n": pairs, "A": (mean, sd,
+    reference ahead), "bwt": (...)}}; sd is None for one pair. A pair whose figure is missing on either side
+    is left out of that figure.
+    """
+    ref = {(o, seed): s for o, seed, m, s in rows if m == reference}
+    out: dict[tuple[str, str], dict] = {}
+    for order, seed, method, s in rows:
+        other = ref.get((order, seed))
+        if method == reference or other is None:
+            continue
+        entry = out.setdefault((_family(order), method), {"n": 0, "A": [], "bwt": []})
+        entry["n"] += 1
+        for key in ("A", "bwt"):
+            if s[key] is not None and other[key] is not None:
+                entry[key].append((s[key] - other[key], other[key] > s[key]))
+    for entry in out.values():
+        for key in ("A", "bwt"):
+            diffs = [d for d, _ in entry[key]]
+            entry[key] = (mean(diffs) if diffs else None, stdev(diffs) if len(diffs) > 1 else None,
+                          sum(ahead for _, ahead in entry[key]))
+    return out
+
+
+def _pm(stat: tuple) -> str:
+    m, sd, _ = stat
+    return "-" if m is None else f"{m:+.2f}" + ("" if sd is None else f" +- {sd:.2f}")
+
+
 def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
     print("\n| run | method | order | seed | A_T (ROUGE-L) | BWT | forgetting | FWT | new modules/task "
           "| yield min | yield mean | fidelity (on real inputs) | eta clamp | wall s | process s |\n"
           + "|---" * 15 + "|")
-    done, per_method = [], {}
+    done, summaries, per_method = [], [], {}
     for run in runs:
         data = load_run(out / "runs" / run[0])
         if data is None:
@@ -205,7 +244,8 @@ def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
             continue
         s = summarise(data)
         done.append((run, data))
-        per_method.setdefault((run[3] if run[3] in ("qs", "synth10") else "rnnlg", run[1]), []).append(s)
+        summaries.append((run, s))
+        per_method.setdefault((_family(run[3]), run[1]), []).append(s)
         print(f"| {run[0]} | {run[1]} | {run[3]} | {run[4]} | {fmt(s['A'])} | {fmt(s['bwt'])} | {fmt(s['fgt'])} "
               f"| {fmt(s['fwt'])} | {s['new']} | {fmt(s['ymin'])} | {fmt(s['ymean'])} | {fmt(s['fid'])}{_real(s)} "
               f"| {fmt(s['clamp'])} | {s['wall']:.0f} | {fmt(s['proc'], '.0f')} |")
@@ -225,6 +265,14 @@ def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
     for (seq, m), ss in per_method.items():
         print(f"| {seq} | {m} | {len(ss)} | {fmt(col(ss, 'A'))} | {fmt(col(ss, 'bwt'))} | {fmt(col(ss, 'fgt'))} "
               f"| {fmt(col(ss, 'fwt'))} | {fmt(col(ss, 'ymean'))} | {fmt(col(ss, 'clamp'))} | {fmt(col(ss, 'wall'), '.0f')} |")
+    pairs = paired([(run[3], run[4], run[1], s) for run, s in summaries])
+    if pairs:
+        print("\nPaired against dmea (same sequence, order and seed): the other method minus dmea, mean +- standard "
+              "deviation of the differences (standard error = sd / sqrt(pairs)); 'dmea ahead' counts the pairs where "
+              "dmea's figure is higher\n\n| sequence | method | pairs | A_T diff | BWT diff | dmea ahead (A_T, BWT) |\n"
+              + "|---" * 6 + "|")
+        for (seq, m), p in pairs.items():
+            print(f"| {seq} | {m} | {p['n']} | {_pm(p['A'])} | {_pm(p['bwt'])} | {p['A'][2]}, {p['bwt'][2]} |")
     for run, data in done:
         if run[3] != "synth10":
             continue
