@@ -281,8 +281,10 @@ class AdaptationConfig:
     eta_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])
     progress: Literal["epochs", "fraction"] = "epochs"  # meaning of t in exp(-t)
     # selected tasks' pseudo samples through the new path: gated (only from a task whose pseudo samples reach
-    # min_yield in this task's generation; docs/RESULTS.md section 2 for why), new_path (always), off
-    transfer: Literal["gated", "new_path", "off"] = "gated"
+    # min_yield in this task's generation; docs/RESULTS.md section 2 for why), usable (gated, and a selected
+    # task that fails the gate gives its place to the next task in selection's order, whose samples are then
+    # drawn, until top_k pass or none is left), new_path (always), off
+    transfer: Literal["gated", "usable", "new_path", "off"] = "gated"
     replay: Literal["shared", "all", "none"] = "shared"  # which earlier tasks replay through their own paths
     top_k_sampling: int = 20  # generation of pseudo samples
     # a pseudo sample's answer: greedy after the separator (its input is sampled; the answer is the model's

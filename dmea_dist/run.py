@@ -82,7 +82,8 @@ def build_policy(config: RunConfig) -> MethodPolicy:
     return method_policy(m.name, init=m.expansion.init, selection=m.selection.mode, top_k=m.selection.top_k,
                          replay=m.adaptation.replay, transfer=m.adaptation.transfer != "off",
                          scaling=m.adaptation.gradient_scaling,
-                         transfer_min_yield=m.adaptation.min_yield if m.adaptation.transfer == "gated" else 0.0)
+                         transfer_min_yield=m.adaptation.min_yield if m.adaptation.transfer in ("gated", "usable")
+                         else 0.0, transfer_next=m.adaptation.transfer == "usable")
 
 
 def load_tasks(config: RunConfig) -> list[Task]:

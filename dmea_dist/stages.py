@@ -237,39 +237,59 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
     replay = replay_tasks(policy=policy, new_path=ctx.path(task.task_id), paths=ctx.run.model.paths, earlier=earlier)
     wanted = sorted(set(transfer) | set(replay), key=earlier.index)
     n = pseudo_sample_counts(ad.gamma, len(task.rows["train"]), len(wanted), budget=ad.pseudo_budget)
-    requests = [GenerateRequest(task_id=old, task_index=earlier.index(old), path=ctx.path(old), n=n,
-                                seed=ctx.settings.train.seed + task.index) for old in wanted]
     summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "yield": {}, "fidelity": {},
                "warnings": []}
     rec = ctx.record(task)
-    for out in ctx.kernels.generate(ctx.run.model, requests) if requests and n else []:
-        counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
-                  "kept": len(out.rows), "truncated": out.truncated,
-                  **{f"dropped_{why}": k for why, k in out.reasons.items()}}  # why the others were dropped
-        faithful = fidelity(out.task_id, out.rows)
-        summary["pseudo_samples"][out.task_id] = counts
-        summary["yield"][out.task_id] = out.yield_rate
-        summary["fidelity"][out.task_id] = faithful
-        real = _real_fidelity(ctx, task, out.task_id)
-        if real is not None:
-            rec["metrics"][f"pseudo.real_fidelity.{out.task_id}"] = real
-        summary["warnings"] += yield_warnings(out, min_yield=ad.min_yield, new_task=task.task_id)
-        rec["metrics"].update({f"pseudo.{k}.{out.task_id}": float(v) for k, v in counts.items()})
-        rec["metrics"][f"pseudo.yield.{out.task_id}"] = out.yield_rate
-        if faithful is not None:
-            rec["metrics"][f"pseudo.fidelity.{out.task_id}"] = faithful
-        if out.rows:
-            file = write_pseudo_samples(out.rows, ctx.task_dir(task) / "pseudo_samples" / f"{out.task_id}.parquet")
-            ts.pseudo[out.task_id] = ctx.rel(file)
-            rec["artifacts"][f"pseudo_samples/{out.task_id}.parquet"] = str(file)
+
+    def draw(tasks: list[str]) -> None:
+        """Generate n pseudo samples of each of `tasks` along its own path; record and store them."""
+        requests = [GenerateRequest(task_id=old, task_index=earlier.index(old), path=ctx.path(old), n=n,
+                                    seed=ctx.settings.train.seed + task.index) for old in tasks]
+        for out in ctx.kernels.generate(ctx.run.model, requests) if requests and n else []:
+            counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
+                      "kept": len(out.rows), "truncated": out.truncated,
+                      **{f"dropped_{why}": k for why, k in out.reasons.items()}}  # why the others were dropped
+            faithful = fidelity(out.task_id, out.rows)
+            summary["pseudo_samples"][out.task_id] = counts
+            summary["yield"][out.task_id] = out.yield_rate
+            summary["fidelity"][out.task_id] = faithful
+            real = _real_fidelity(ctx, task, out.task_id)
+            if real is not None:
+                rec["metrics"][f"pseudo.real_fidelity.{out.task_id}"] = real
+            summary["warnings"] += yield_warnings(out, min_yield=ad.min_yield, new_task=task.task_id)
+            rec["metrics"].update({f"pseudo.{k}.{out.task_id}": float(v) for k, v in counts.items()})
+            rec["metrics"][f"pseudo.yield.{out.task_id}"] = out.yield_rate
+            if faithful is not None:
+                rec["metrics"][f"pseudo.fidelity.{out.task_id}"] = faithful
+            if out.rows:
+                file = write_pseudo_samples(out.rows, ctx.task_dir(task) / "pseudo_samples" / f"{out.task_id}.parquet")
+                ts.pseudo[out.task_id] = ctx.rel(file)
+                rec["artifacts"][f"pseudo_samples/{out.task_id}.parquet"] = str(file)
+
+    draw(wanted)
     # transfer gate: a selected task whose pseudo samples mostly failed to parse teaches the new path noise
     gate = policy.transfer_min_yield
-    ts.transfer = [t for t in transfer if t in ts.pseudo and summary["yield"].get(t, 0.0) >= gate]
-    for t in transfer:
+
+    def usable(t: str) -> bool:
+        return t in ts.pseudo and summary["yield"].get(t, 0.0) >= gate
+
+    ts.transfer, tried = [t for t in transfer if usable(t)], list(transfer)
+    if policy.transfer_next and transfer:  # transfer=usable: the next tasks in selection's order stand in
+        row = ctx.state.similarity[task.index]  # subspace similarities (NaN where selection computed none)
+        sims = {t.task_id: row[t.index] if row[t.index] == row[t.index] else 0.0 for t in ctx.earlier(task)}
+        waiting = selection.rank_tasks(sims, selected=transfer, mode=policy.selection,
+                                       seed=ctx.settings.train.seed + task.index)[len(transfer):]
+        while len(ts.transfer) < len(transfer) and waiting:
+            short = len(transfer) - len(ts.transfer)
+            batch, waiting = waiting[:short], waiting[short:]
+            draw([t for t in batch if t not in summary["yield"]])  # a replayed task's samples exist already
+            ts.transfer += [t for t in batch if usable(t)]
+            tried += batch
+    for t in tried:
         if t not in ts.transfer and t in ts.pseudo:
             summary["warnings"].append(
                 f"pseudo samples of {t} (learning {task.task_id}): yield {summary['yield'][t]:.1%} is below "
-                f"method.adaptation.min_yield={gate:.0%}: not transferred (method.adaptation.transfer=gated)")
+                f"method.adaptation.min_yield={gate:.0%}: not transferred (method.adaptation.transfer={ad.transfer})")
     summary["transfer"] = ts.transfer
     rec["params"].update(transfer=ts.transfer, replay=replay)
     if summary["warnings"]:

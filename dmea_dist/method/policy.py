@@ -34,15 +34,17 @@ class MethodPolicy:
     full_finetune: bool  # train the whole backbone, no modules
     joint: bool  # multitask: one model trained on every task's real data at the end
     transfer_min_yield: float = 0.0  # transfer only from selected tasks whose pseudo samples yield this much
+    # a selected task below transfer_min_yield gives its place to the next task in selection's order
+    transfer_next: bool = False
 
 
 def method_policy(name: str, *, init: str = "similarity", selection: str = "subspace", top_k: int = 2,
                   replay: str = "shared", transfer: bool = True, scaling: bool = True,
-                  transfer_min_yield: float = 0.0) -> MethodPolicy:
+                  transfer_min_yield: float = 0.0, transfer_next: bool = False) -> MethodPolicy:
     """The policy of `name`; the keyword arguments (DMEA's options) apply to dmea only."""
     if name == "dmea":
         return MethodPolicy(name, True, init, selection, top_k, replay, transfer and selection != "none",
-                            scaling, False, False, transfer_min_yield)
+                            scaling, False, False, transfer_min_yield, transfer_next)
     if name == "acm":
         return MethodPolicy(name, True, "static", "none", 0, "shared", False, False, False, False)
     if name == "adapter":

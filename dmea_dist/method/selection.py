@@ -64,6 +64,21 @@ def select_tasks(similarities: Mapping[str, float], *, top_k: int, mode: str = "
     return sorted(names, key=lambda n: (-similarities[n], n))[:top_k]
 
 
+def rank_tasks(similarities: Mapping[str, float], *, selected: Sequence[str], mode: str = "subspace",
+               seed: int = 0) -> list[str]:
+    """Every earlier task in the order selection would take them: `selected` first (as `select_tasks` chose
+    them), then the others by similarity (ties by name), or, for random selection, in a seeded random order.
+
+    Transfer that skips a selected task (its pseudo samples fail the yield gate) takes the next one from here.
+    """
+    rest = [n for n in sorted(similarities) if n not in selected]
+    if mode == "random":
+        random.Random(seed).shuffle(rest)
+    else:
+        rest.sort(key=lambda n: (-similarities[n], n))
+    return [*selected, *rest]
+
+
 @torch.no_grad()
 def collect_representations(model, batches, *, path: Sequence[int] | None, n_samples: int) -> list[torch.Tensor]:
     """Per layer, the (d_model, N) matrix of mean block-input states of up to `n_samples` samples.

@@ -6,6 +6,7 @@ import torch
 
 from dmea_dist.method.selection import (
     projection_ratio,
+    rank_tasks,
     select_tasks,
     subspace_basis,
     task_similarity,
@@ -75,3 +76,15 @@ def test_select_modes():
     assert {name: picks.count(name) for name in sims} == pytest.approx(dict.fromkeys(sims, 50), abs=20)
     with pytest.raises(ValueError, match="unknown"):
         select_tasks(sims, top_k=1, mode="best")
+
+
+def test_rank_tasks_puts_the_selected_first_then_the_rest_in_selection_order():
+    sims = {"a": 0.2, "b": 0.9, "c": 0.5, "d": 0.5, "e": 0.1}
+    chosen = select_tasks(sims, top_k=2)
+    assert rank_tasks(sims, selected=chosen) == ["b", "c", "d", "a", "e"]  # ties by name, as select_tasks
+    # random selection: the chosen ones keep their places, the rest follow in a seeded order
+    chosen = select_tasks(sims, top_k=2, mode="random", seed=3)
+    order = rank_tasks(sims, selected=chosen, mode="random", seed=3)
+    assert order[:2] == chosen and sorted(order) == sorted(sims)
+    assert order == rank_tasks(sims, selected=chosen, mode="random", seed=3)
+    assert {tuple(rank_tasks(sims, selected=[], mode="random", seed=s)) for s in range(8)} != {tuple(sorted(sims))}

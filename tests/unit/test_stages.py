@@ -333,6 +333,29 @@ def test_gated_transfer_leaves_out_a_selected_task_whose_pseudo_samples_mostly_f
         assert f"transfer:{TASKS[0]}" in keys and ts.transfer == [TASKS[0]]
 
 
+def test_usable_transfer_takes_the_next_task_in_selection_order_when_a_selected_one_fails_the_gate(tmp_path):
+    """transfer=usable: the selected task's samples fail the gate, so the next task in selection's order is
+    drawn and transferred in its place (gated transfers nothing here: the test above)."""
+    config = _config(tmp_path, "dmea", adaptation={"transfer": "usable", "min_yield": 0.9})
+    run_dir, made = tmp_path / "usable", []
+
+    def kernels(run, progress):
+        made.append(HalfParsedKernels(run, poor=TASKS[0]))
+        return made[-1]
+
+    coordinator = Coordinator(config, run_dir, kernels_factory=kernels, run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    ts = coordinator.state.tasks[2]
+    assert ts.selected == [TASKS[0]]  # selection itself is unchanged
+    assert ts.transfer == [TASKS[1]] and TASKS[1] in ts.pseudo  # the stand-in was drawn and passed
+    assert f"transfer:{TASKS[1]}" in [key for key, _, _ in made[0].adapt_jobs[-1].sources]
+    record = json.loads((run_dir / ts.record).read_text())
+    assert record["params"]["transfer"] == [TASKS[1]] and record["params"]["selected"] == [TASKS[0]]
+    assert any(TASKS[0] in w and "not transferred" in w for w in record["params"]["warnings"])
+    assert f"pseudo.yield.{TASKS[1]}" in record["metrics"]  # the stand-in's draw is recorded like any other
+
+
 class PartlyRightKernels(FakeKernels):
     """Answers that realise the first k test inputs of every task at the k-th evaluation, and nothing else."""
 
