@@ -19,7 +19,8 @@ transfer gated explicitly, ABCDE seeds 0 and 1, for checkouts from before gated 
 quickstart-transfer (transfer off and gated on the quick start, seeds 0-2), rows (dmea and acm with
 model.token_rows=trained, both orders, seeds 0-3; rows-s0 ... rows-s3 by seed), words-s0 ... words-s3 (the same
 with model.token_rows=words), quickstart-frozen and quickstart-words (dmea and acm, seeds 0-4, with that
-model.token_rows), separator (dmea, seed 0, both orders:
+model.token_rows), usable-s0 ... usable-s3 (dmea with method.adaptation.transfer=usable, both orders),
+separator (dmea, seed 0, both orders:
 method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4). Run dirs: OUT/runs/<label>; logs:
@@ -74,6 +75,10 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
         groups[f"words-s{seed}"] = [(f"words-{order}-{m}-s{seed}", f"{m}, word rows", cfg, order, seed,
                                      [f"method.name={m}", "model.token_rows=words"])
                                     for order, cfg in ORDERS.items() for m in ("dmea", "acm")]
+    for seed in (0, 1, 2, 3):  # dmea whose transfer takes the next task in selection's order past the gate
+        groups[f"usable-s{seed}"] = [(f"usable-{order}-dmea-s{seed}", "dmea, transfer usable", cfg, order, seed,
+                                      ["method.name=dmea", "method.adaptation.transfer=usable"])
+                                     for order, cfg in ORDERS.items()]
     # RESULTS section 2f: pseudo samples kept to one separator, with the transfer gate and with transfer off,
     # and transfer off alone (free and gated: main-*-dmea-s0), dmea, seed 0, both orders
     sep = [("one", ["method.adaptation.pseudo_separator=one"]), ("off", ["method.adaptation.transfer=off"]),
