@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from statistics import mean, stdev
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,8 +157,10 @@ def load_run(run_dir: Path) -> dict | None:
     history = json.loads(life.read_text()).get("history", []) if life else []
     saved = run_dir / "command.txt"  # written by execute(): the command and the whole process's wall time
     proc = saved.read_text().rsplit("process_wall_s=", 1)[-1].strip() if saved.is_file() else ""
+    saved_r = run_dir / "R.npy"  # R[j][i]: score on task i after task j
     return {"metrics": metrics, "records": records, "history": history,
-            "proc": float(proc) if proc.replace(".", "").isdigit() else None}
+            "proc": float(proc) if proc.replace(".", "").isdigit() else None,
+            "R": np.load(saved_r) if saved_r.is_file() else None}
 
 
 def fmt(x, spec=".2f") -> str:
@@ -175,6 +178,9 @@ def summarise(data: dict) -> dict:
     met = data["metrics"]
     return {"A": met.get("final_average"), "bwt": met.get("bwt"), "fgt": met.get("forgetting"),
             "fwt": met.get("fwt"),
+            # each task's score right after it was learned (None where a task was not evaluated then: multitask)
+            "learned": float(np.diag(data["R"]).mean()) if data["R"] is not None
+            and np.isfinite(np.diag(data["R"])).all() else None,
             "new": "/".join(str(int(m["new_modules"])) if "new_modules" in m else "-" for m in ms),
             "ymin": min(yields) if yields else None, "ymean": mean(yields) if yields else None,
             "fid": mean(fids) if fids else None,
@@ -261,15 +267,15 @@ def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
         cmd = saved.read_text().splitlines()[0] if saved.is_file() else shlex.join(cmds[run[0]])
         print(f"- `{run[0]}`: `{cmd}`")
     print("\nSummary: per method, mean over the orders and seeds it ran on\n\n"
-          "| sequence | method | runs | A_T | BWT | forgetting | FWT | yield mean | eta clamp | wall s |\n"
-          + "|---" * 10 + "|")
+          "| sequence | method | runs | A_T | BWT | forgetting | FWT | learned | yield mean | eta clamp | wall s |\n"
+          + "|---" * 11 + "|")
     def col(ss: list[dict], key: str) -> float | None:
         xs = [s[key] for s in ss if s[key] is not None]
         return mean(xs) if xs else None
 
     for (seq, m), ss in per_method.items():
         print(f"| {seq} | {m} | {len(ss)} | {fmt(col(ss, 'A'))} | {fmt(col(ss, 'bwt'))} | {fmt(col(ss, 'fgt'))} "
-              f"| {fmt(col(ss, 'fwt'))} | {fmt(col(ss, 'ymean'))} | {fmt(col(ss, 'clamp'))} | {fmt(col(ss, 'wall'), '.0f')} |")
+              f"| {fmt(col(ss, 'fwt'))} | {fmt(col(ss, 'learned'))} | {fmt(col(ss, 'ymean'))} | {fmt(col(ss, 'clamp'))} | {fmt(col(ss, 'wall'), '.0f')} |")
     pairs = paired([(run[3], run[4], run[1], s) for run, s in summaries])
     if pairs:
         print("\nPaired against dmea (same sequence, order and seed): the other method minus dmea, mean +- standard "
