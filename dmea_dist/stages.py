@@ -275,8 +275,8 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
 
     ts.transfer, tried = [t for t in transfer if usable(t)], list(transfer)
     if policy.transfer_next and transfer:  # transfer=usable: the next tasks in selection's order stand in
-        row = ctx.state.similarity[task.index]  # subspace similarities (NaN where selection computed none)
-        sims = {t.task_id: row[t.index] if row[t.index] == row[t.index] else 0.0 for t in ctx.earlier(task)}
+        row = ctx.state.similarity[task.index]  # subspace similarities (None where selection computed none)
+        sims = {t.task_id: 0.0 if row[t.index] is None else row[t.index] for t in ctx.earlier(task)}
         waiting = selection.rank_tasks(sims, selected=transfer, mode=policy.selection,
                                        seed=ctx.settings.train.seed + task.index)[len(transfer):]
         while len(ts.transfer) < len(transfer) and waiting:

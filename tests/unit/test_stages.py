@@ -356,6 +356,21 @@ def test_usable_transfer_takes_the_next_task_in_selection_order_when_a_selected_
     assert f"pseudo.yield.{TASKS[1]}" in record["metrics"]  # the stand-in's draw is recorded like any other
 
 
+def test_usable_transfer_under_random_selection_stands_in_from_the_unselected_tasks(tmp_path):
+    """Random selection records no similarities: the stand-in comes from a seeded order of the rest."""
+    config = _config(tmp_path, "dmea", adaptation={"transfer": "usable", "min_yield": 0.9})
+    config = dataclasses.replace(config, method=dataclasses.replace(
+        config.method, selection=dataclasses.replace(config.method.selection, mode="random")))
+    run_dir = tmp_path / "random"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: HalfParsedKernels(run, TASKS[0]),
+                              run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    ts = coordinator.state.tasks[2]
+    assert ts.selected == [TASKS[0]]  # train.seed 0: random selection picks it (and its samples fail the gate)
+    assert ts.transfer == [TASKS[1]]
+
+
 class PartlyRightKernels(FakeKernels):
     """Answers that realise the first k test inputs of every task at the k-th evaluation, and nothing else."""
 
