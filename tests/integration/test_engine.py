@@ -3,8 +3,8 @@
 Every case runs the real DeepSpeed engine (CPU, gloo) in spawned processes,
 one per rank, each with its own data shard, for ZeRO 1, 2 and 3 at world size
 1 and 2 (the stages one after another in the same processes, as a training
-worker runs job after job; a spawn is shared by the stage-parametrized
-tests). As in adaptation, only the new path's modules train: the replayed
+worker runs job after job; one spawn per world size runs the cases of every
+test here, `_plan`). As in adaptation, only the new path's modules train: the replayed
 groups run along paths that share 1 or 2 of its 3 layers, and a transfer
 group runs along the new path, unscaled. The reference, in this
 process and in float64, computes each group's gradient with
@@ -184,7 +184,6 @@ def _worker(rank, world_size, port, stages, state, data, out_dir):
                                      "stage": eng.zero_stage, "errors": errors, "shm_op": _shm_op_loaded()}
             eng.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    _leave_group()
 
 
 def _shm_op_loaded() -> bool:
@@ -278,28 +277,51 @@ def _reference(state, data, *, scale):
 STAGES = (1, 2, 3)
 
 
-def _run_engine(worker, stages, world_size, state, data, tmp_path):
-    """Spawn `world_size` ranks that run `worker` for every ZeRO stage in `stages`, one after another in the
-    same processes (as a training worker runs job after job); per rank, what the worker saved."""
+def _plan():
+    """What the processes of each world size run, one worker after another in the same processes (as a
+    training worker runs job after job): (worker, its ZeRO stages in turn, its case (state, data)). One
+    spawn per world size: starting the processes (torch, DeepSpeed, a process group) costs more than any
+    case here."""
+    none = (None, None)
+    return {
+        1: [(_worker, STAGES, _make_case(1)), (_checkpoint_worker, (1, 3), _make_case(1)),
+            (_sharded_worker, STAGES, _make_case(PIECES)), (_release_worker, STAGES, none),
+            (_rows_worker, STAGES, none)],
+        2: [(_worker, STAGES, _make_case(2)), (_sharded_worker, STAGES, _make_case(PIECES))],
+        4: [(_sharded_worker, (2,), _make_case(PIECES))],
+    }
+
+
+def _jobs_worker(rank, world_size, port, jobs, out_dir):
+    """Rank `rank` of one spawn: every job's worker in turn, each saving into a folder of its own."""
+    for i, (worker, stages, (state, data)) in enumerate(jobs):
+        job_dir = os.path.join(out_dir, str(i))
+        os.makedirs(job_dir, exist_ok=True)
+        worker(rank, world_size, port, stages, state, data, job_dir)
+    _leave_group()
+
+
+def _run_engine(jobs, world_size, tmp_path):
+    """Spawn `world_size` ranks that run `jobs`; per job, per rank, what its worker saved."""
     from dmea_dist.engine import free_port
 
-    mp.spawn(worker, args=(world_size, free_port(), tuple(stages), state, data, str(tmp_path)),
-             nprocs=world_size, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    mp.spawn(_jobs_worker, args=(world_size, free_port(), jobs, str(tmp_path)), nprocs=world_size, join=True)
+    return [[torch.load(tmp_path / str(i) / f"rank{r}.pt") for r in range(world_size)] for i in range(len(jobs))]
 
 
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
-    """`_run_engine`, run once per (worker, stages, world size) and shared by the stage-parametrized tests:
-    starting the processes (torch, DeepSpeed, a process group) costs more than any case here."""
+    """(per rank, what `worker` saved; its folder) from the one spawn of `world_size` ranks (`_plan`), which
+    runs at the first test that needs it and is shared by the others."""
     runs = {}
 
-    def run(worker, world_size, state=None, data=None, stages=STAGES):
-        key = (worker.__name__, tuple(stages), world_size)
-        if key not in runs:
-            out = tmp_path_factory.mktemp(f"{worker.__name__}-{world_size}")
-            runs[key] = (_run_engine(worker, stages, world_size, state, data, out), out)
-        return runs[key]
+    def run(worker, world_size):
+        if world_size not in runs:
+            jobs, out = _plan()[world_size], tmp_path_factory.mktemp(f"world{world_size}")
+            results = _run_engine(jobs, world_size, out)
+            runs[world_size] = {job[0].__name__: (ranks, out / str(i))
+                                for i, (job, ranks) in enumerate(zip(jobs, results, strict=True))}
+        return runs[world_size][worker.__name__]
 
     return run
 
@@ -308,7 +330,7 @@ def spawned(tmp_path_factory):
 @pytest.mark.parametrize("stage", STAGES)
 def test_scaled_step_matches_plain_pytorch(stage, world_size, spawned):
     state, data = _make_case(world_size)
-    ranks = [rank[stage] for rank in spawned(_worker, world_size, state, data)[0]]
+    ranks = [rank[stage] for rank in spawned(_worker, world_size)[0]]
     assert ranks[0][True]["stage"] == stage
     assert not ranks[0][True]["shm_op"]  # training compiles and loads no DeepSpeed op on CPU (engine.py)
     # Bad steps raise a named error; the reference comparison below shows they left no trace.
@@ -399,13 +421,11 @@ def _checkpoint_worker(rank, world_size, port, stages, state, data, out_dir):
         eng.close()
         resumed.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    _leave_group()
 
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_checkpoint_holds_adapters_only_and_resumes(stage, spawned):
-    state, data = _make_case(1)
-    (results,), out = spawned(_checkpoint_worker, 1, state, data, stages=(1, 3))
+    (results,), out = spawned(_checkpoint_worker, 1)
     result = results[stage]
     for name, tensor in result["saved"].items():
         torch.testing.assert_close(result["loaded"][name], tensor, rtol=0, atol=0)
@@ -496,7 +516,6 @@ def _sharded_worker(rank, world_size, port, stages, state, data, out_dir):
             results[stage][scale] = {"params": eng.trainable_state_dict(), "stats": stats, "errors": errors}
             eng.close()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    _leave_group()
 
 
 @pytest.mark.parametrize("stage, worlds", [(1, (1, 2)), (2, (1, 2, 4)), (3, (1, 2))])
@@ -504,9 +523,7 @@ def test_virtual_shards_train_the_same_bits_on_any_rank_count(stage, worlds, spa
     """With fixed pieces the trained weights and every reported figure are bit for bit the same on 1, 2
     and 4 ranks (not merely close), and still the float64 reference's step to 1e-6."""
     state, data = _make_case(PIECES)
-    stages_of = {1: STAGES, 2: STAGES, 4: (2,)}  # each world size's processes run these stages in turn
-    runs = {world: [rank[stage] for rank in spawned(_sharded_worker, world, state, data, stages=stages_of[world])[0]]
-            for world in worlds}
+    runs = {world: [rank[stage] for rank in spawned(_sharded_worker, world)[0]] for world in worlds}
     one = runs[1][0]
     assert one[True]["errors"]["plain"].startswith("TypeError: with virtual shards each sub-batch is (group_key, "
                                                    "{piece: closure})"), one[True]["errors"]
@@ -584,7 +601,6 @@ def _release_worker(rank, world_size, port, stages, state, data, out_dir):
         results[stage] = {"alive": sum(ref() is not None for ref in engines), "built": len(engines),
                           "hooks": (hooks_before, _hooks(model)), "losses": losses}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    _leave_group()
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -614,7 +630,6 @@ def _rows_worker(rank, world_size, port, stages, state, data, out_dir):
         run_adapt_job(model, job, engine_factory=settings.factory())
         results[stage] = {"start": start, "trained": trained_state(model, job.trainable, job.rows)["modules"]}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    _leave_group()
 
 
 def test_a_tasks_token_rows_train_alike_at_every_zero_stage(spawned):
