@@ -47,11 +47,16 @@ def runs(tmp_path_factory):
     config_file = tmp / "config.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
     # The uninterrupted reference runs beside the run to be killed (one thread each on the 2 cores); it
-    # records nothing in MLflow, which then holds the killed run's records only.
+    # records nothing in MLflow, which then holds the killed run's records only. The killed run starts once
+    # the reference has pretrained the backbone both load from the cache: pretraining uses two threads, and
+    # two such processes at once on two cores crawl (docs/BENCHMARKS.md, "The test suite").
     reference = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(tmp / "reference"),
                       "--set", "tracking.enabled=false", cwd=tmp)
 
     try:
+        cache = Path(config.output_dir) / "_cache"
+        while reference.poll() is None and not list(cache.glob("backbone-*/model.safetensors")):
+            time.sleep(0.05)
         killed = tmp / "killed"
         proc = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(killed), cwd=tmp)
         deadline = time.time() + 600
