@@ -54,8 +54,8 @@ def runs(tmp_path_factory):
                       "--set", "tracking.enabled=false", cwd=tmp)
 
     try:
-        cache = Path(config.output_dir) / "_cache"
-        while reference.poll() is None and not list(cache.glob("backbone-*/model.safetensors")):
+        cache, deadline = Path(config.output_dir) / "_cache", time.time() + 600
+        while reference.poll() is None and time.time() < deadline and not list(cache.glob("backbone-*/model.safetensors")):
             time.sleep(0.05)
         killed = tmp / "killed"
         proc = _dmea("run", str(config_file), "--in-process", "--quiet", "--run-dir", str(killed), cwd=tmp)
