@@ -68,7 +68,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     """transformers' attention interface: q, k, v (batch, heads, seq, head_dim) -> (batch, seq, heads, head_dim).
 
     `attention_mask` is what transformers builds for SDPA: a boolean (batch, 1, q, k) mask, True where a query
-    may attend, or None for a plain causal batch.
+    may attend, or None for a plain causal batch (or, where the module is not causal, for no mask).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -77,10 +77,13 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # (batch, heads, q, k)
-    if attention_mask is None:  # causal; with a cache, the queries are the last q of k positions
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is None and causal:  # with a cache, the queries are the last q of k positions
         n_q, n_k = scores.shape[-2:]
         attention_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
-    if attention_mask.dtype == torch.bool:
+    if attention_mask is None:  # not causal (cross-attention), nothing masked
+        attention_mask = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    elif attention_mask.dtype == torch.bool:
         # additive, as eager attention does (a finite minimum: a fully masked padding row stays finite);
         # built once per (batch, 1, q, k), not once per head
         blocked = torch.finfo(scores.dtype).min

@@ -79,6 +79,10 @@ class _Module(nn.Module):
     is_causal = True
 
 
+class _CrossModule(nn.Module):
+    is_causal = False
+
+
 def _reference(q, k, v, mask, keep, scale):
     """softmax(q k^T * scale, masked with -inf) * keep @ v in float64: the textbook formula."""
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
@@ -109,6 +113,16 @@ def test_attention_with_dropout_matches_a_float64_reference_in_values_and_gradie
     (ref * weight.double())[rows].sum().backward()
     for got, want in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_of_a_module_that_is_not_causal_masks_nothing_without_a_mask():
+    q, k, v, _, _ = _qkv_and_mask()
+    torch.manual_seed(8)
+    out, _ = attention(_CrossModule().train(), q, k, v, None, dropout=0.3, scaling=0.5)
+    torch.manual_seed(8)
+    keep = keep_scale(torch.empty(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), 0.3)
+    everything = torch.ones(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.bool)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, everything, keep, 0.5), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_is_unbiased_over_draws():
