@@ -1,4 +1,4 @@
-"""Dropout for a GPT-2 that trains on CPU cores, at a third of torch's cost.
+"""Dropout for a GPT-2 that trains on CPU cores, at 40% of torch's cost.
 
 The tiny backbones train on CPUs (the quick start, the tests, every science run
 here), and there GPT-2's dropout was the largest single cost of a training step
