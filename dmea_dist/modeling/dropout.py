@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "dmea_sdpa"  # the attention implementation name registered with transformers
 
@@ -70,8 +73,6 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     `attention_mask` is what transformers builds for SDPA: a boolean (batch, 1, q, k) mask, True where a query
     may attend, or None for a plain causal batch (or, where the module is not causal, for no mask).
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if dropout in (0.0, 1.0) or query.device.type != "cpu" or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -94,14 +95,6 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # the masks SDPA gets, built the same way
-
-
 def use_cpu_dropout(backbone: nn.Module) -> None:
     """Give a transformers GPT-2 this module's dropout and attention (in place; its weights are untouched).
 
@@ -119,4 +112,6 @@ def use_cpu_dropout(backbone: nn.Module) -> None:
         backbone.set_attn_implementation(IMPLEMENTATION)
 
 
-_register()  # at import: a config that names the implementation can build a model in any process
+# at import: a config that names the implementation can build a model in any process
+AttentionInterface.register(IMPLEMENTATION, attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # the masks SDPA gets, built the same way
