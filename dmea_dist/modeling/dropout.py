@@ -5,8 +5,8 @@ here), and there GPT-2's dropout was the largest single cost of a training step
 after the matrix products: 40% of a tiny model's step (4 layers, d=64, batch
 16 x 96, one thread; benchmarks/bench_dropout.py):
 - torch's CPU dropout draws its mask with `bernoulli_`, ~2x slower than a
-  uniform draw, then multiplies and divides: 7.6 ms for the (16, 4, 96, 96)
-  attention probabilities of one layer, against 1.0 ms here;
+  uniform draw, then multiplies and divides: 7.6 ms in all for the (16, 4, 96, 96)
+  attention probabilities of one layer, whose mask here takes 1.0 ms (one thread);
 - attention dropout keeps `scaled_dot_product_attention` off its fused CPU
   kernel: with `dropout_p > 0` it takes the math path, which adds a masked
   "safe" softmax (a full `all` reduction over the probabilities per layer) and
@@ -45,9 +45,10 @@ def keep_scale(like: torch.Tensor, p: float) -> torch.Tensor:
 
     Each element is kept with probability 1 - round(p * 2^16) / 2^16 (p to within 2^-17): one 64-bit draw
     of torch's default generator gives four elements 16 random bits each, where `rand_like` spends a draw per
-    element (the draw is most of the cost: 1.0 against 2.7 ms for one layer's attention probabilities). An
-    element is kept when its bits, read as an int16 u, reach t = round(p * 2^16) - 2^15:
-    sign(u - t + 1/2) is +1 then, else -1 (never 0), so (sign + 1) / 2 is the keep indicator.
+    element (the draw is most of the cost: for one layer's attention probabilities this mask takes 1.0 ms,
+    one made from `rand_like` 2.7 ms). An element is kept when its bits, read as an int16 u, reach
+    t = round(p * 2^16) - 2^15: sign(u - t + 1/2) is +1 then, else -1 (never 0), so (sign + 1) / 2 is the
+    keep indicator.
     """
     n = like.numel()
     draws = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
