@@ -89,7 +89,7 @@ def main() -> None:
         quiet = {"progress": False, "echo": lambda s: None}
         run_sequence(config, run_dir=f"{tmp}/warm", **quiet)  # builds the cached backbone, warms DeepSpeed's op
         local = run_sequence(config, run_dir=f"{tmp}/local", **quiet)
-        connect(None, num_cpus=logical_cpus(config.ray))
+        connect(None, num_cpus=logical_cpus(config.ray), dashboard=config.ray.sized(local_cores=None).dashboard)
         start = time.perf_counter()
         distributed = run_sequence(config, run_dir=f"{tmp}/ray", coordinator_factory=ray_coordinator_factory,
                                    **quiet)

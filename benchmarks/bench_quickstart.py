@@ -37,6 +37,7 @@ VARIANTS = {
     "default": [],  # on an embedded Ray: one search worker per core
     "one search worker": ["ray.num_search_workers=1"],
     "virtual shards 4": ["train.virtual_shards=4"],  # adaptation over 4 fixed pieces per batch (dmea_dist.engine)
+    "dashboard": ["ray.dashboard=true"],  # Ray's dashboard, off by default where the run does not need it
 }
 STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
 

@@ -176,14 +176,17 @@ def _ray(address: str | None, config):
     factory): on an embedded Ray, one search worker per core unless the config says (`RayConfig.sized`)."""
     import dataclasses
 
-    from dmea_dist.distributed.cluster import logical_cpus, sized_for
+    from dmea_dist.distributed.cluster import logical_cpus, ray_dashboard_url, sized_for
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
     s = sized_for(config.ray, address)
-    where = connect(address, num_cpus=s.num_cpus or logical_cpus(s))
+    where = connect(address, num_cpus=s.num_cpus or logical_cpus(s), dashboard=s.dashboard)
+    dashboard = ""
+    if where == "local":
+        dashboard = f"; dashboard: {ray_dashboard_url() or 'off (--set ray.dashboard=true starts it)'}"
     print(f"ray: {'embedded local cluster' if where == 'local' else where} (search {s.num_search_workers} x "
           f"{s.search_cpus:g} CPU, generation {s.num_generation_actors} x {s.generation_cpus:g}, training "
-          f"{s.num_train_workers} x {s.train_cpus:g})", file=sys.stderr)
+          f"{s.num_train_workers} x {s.train_cpus:g}){dashboard}", file=sys.stderr)
     return dataclasses.replace(config, ray=s), ray_coordinator_factory
 
 

@@ -378,6 +378,10 @@ class RayConfig:
     # None: at once where the roles have cores of their own (a cluster; an embedded Ray with cores to spare),
     # in turn where they take turns on the same cores
     warm_up: bool | None = None
+    # Ray's dashboard on an embedded Ray (127.0.0.1 only); None: only where the run needs its State API
+    # (adapt_on: ray_train, whose placement-group cleaner asks it). It costs ~2 s of CPU at start-up, which a
+    # 2-core machine pays in wall time (docs/BENCHMARKS.md). A cluster keeps its own settings.
+    dashboard: bool | None = None
 
     def __post_init__(self):
         if self.num_cpus is not None:
@@ -392,7 +396,8 @@ class RayConfig:
     def sized(self, *, local_cores: int | None) -> RayConfig:
         """This section with what it leaves at None set for where the run is: `local_cores`, the cores of an
         embedded Ray, or None on a cluster. Search workers: one of `search_cpus` per core, or 1; warm_up:
-        where the roles have cores of their own (a cluster), not where they take turns on the same cores."""
+        where the roles have cores of their own (a cluster), not where they take turns on the same cores;
+        dashboard: where adaptation runs on Ray Train."""
         sized = self
         if self.num_search_workers is None:
             workers = 1 if local_cores is None else max(1, int(local_cores // self.search_cpus))
@@ -400,6 +405,8 @@ class RayConfig:
         if self.warm_up is None:
             spare = local_cores is None or sized.reserved_cpus() <= local_cores
             sized = dataclasses.replace(sized, warm_up=spare)
+        if self.dashboard is None:
+            sized = dataclasses.replace(sized, dashboard=self.adapt_on == "ray_train")
         return sized
 
     def reserved_cpus(self) -> float:

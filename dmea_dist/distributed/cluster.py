@@ -6,7 +6,8 @@
   threads as the CPUs they reserved: more threads than cores makes every worker slower.
 * `gather`: results in submission order, progress as they finish in any order.
 
-Embedded Ray runs with its own dashboard on 127.0.0.1 and tells every worker
+Embedded Ray runs its own dashboard on 127.0.0.1 where the run needs one
+(`ray.dashboard`; by default with `adapt_on: ray_train`) and tells every worker
 where it is (RAY_API_SERVER_ADDRESS). Why: Ray Train's placement-group
 cleaner (a detached actor) asks the State API whether the training controller
 is alive (`ray.util.state.get_actor`). With no address it auto-detects "the"
@@ -33,8 +34,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 Progress = Callable[[str, int, int], None]
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
-    """Start an embedded local Ray, or join the cluster at `address` / $RAY_ADDRESS; returns which."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> str:
+    """Start an embedded local Ray, or join the cluster at `address` / $RAY_ADDRESS; returns which.
+
+    dashboard: whether an embedded Ray starts Ray's dashboard, with its State and Job APIs (Ray Train needs
+    the State API: module docstring). Without it Ray's head runs no dashboard modules (~2 s less CPU at
+    start-up). A cluster keeps its own.
+    """
     if ray.is_initialized():
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
@@ -48,12 +54,24 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> str:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=logs)
         return address
     port = free_port()
-    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API, not another's
+    if dashboard:
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API only
     # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
     # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=logs)
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=logs)
+    global _dashboard_url
+    _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     return "local"
+
+
+_dashboard_url: str | None = None
+
+
+def ray_dashboard_url() -> str | None:
+    """Where the dashboard of the embedded Ray that `connect` started listens (http://127.0.0.1:PORT), if it
+    started one."""
+    return _dashboard_url
 
 
 def free_port() -> int:
@@ -85,7 +103,7 @@ def sized_for(sizes, address: str | None):
 def size_overrides(before, after) -> list[str]:
     """`--set ray.KEY=VALUE` for each size `after` sets that `before` left unset (resuming a run whose saved
     config has none: one started in process)."""
-    keys = ("num_search_workers", "warm_up")
+    keys = ("num_search_workers", "warm_up", "dashboard")
     return [f"ray.{k}={getattr(after, k)}" for k in keys if getattr(before, k) is None]
 
 

@@ -8,6 +8,7 @@ map to valid, distinct MLflow aliases.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_embedded_ray_dashboard_answers_on_loopback_only():
 
     if ray.is_initialized():
         pytest.skip("Ray already runs in this process")
-    assert connect(num_cpus=1) == "local"
+    assert connect(num_cpus=1, dashboard=True) == "local"
     try:
         url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") \
             else ray._private.worker.global_worker.node.address_info["webui_url"]
@@ -161,3 +162,34 @@ def test_embedded_ray_dashboard_answers_on_loopback_only():
         assert listening == {"127.0.0.1"}, listening
     finally:
         ray.shutdown()
+
+
+def test_embedded_ray_without_a_dashboard_starts_none_of_its_modules():
+    """`ray.dashboard` off (the default where no State API is needed): Ray's head runs no dashboard modules,
+    the processes that cost a 2-core machine ~2 s of CPU at start-up; on, it runs them (the test above)."""
+    import psutil
+    import ray
+
+    from dmea_dist.distributed.cluster import connect, ray_dashboard_url
+
+    if ray.is_initialized():
+        pytest.skip("Ray already runs in this process")
+
+    def dashboard_modules() -> int:
+        return sum(1 for p in psutil.Process().children(recursive=True) if p.name().startswith("ray-dashboard"))
+
+    up_after = 0.0
+    for dashboard in (True, False):
+        start = time.time()
+        assert connect(num_cpus=1, dashboard=dashboard) == "local"
+        try:
+            assert (ray_dashboard_url() is not None) == dashboard
+            if dashboard:  # the modules start in the background after ray.init returns
+                while dashboard_modules() == 0 and time.time() < start + 60:
+                    time.sleep(0.2)
+                up_after = time.time() - start
+            else:  # twice as long as they took to appear with the dashboard on
+                time.sleep(max(0.0, start + 2 * up_after - time.time()))
+            assert (dashboard_modules() > 0) == dashboard
+        finally:
+            ray.shutdown()

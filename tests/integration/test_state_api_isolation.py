@@ -48,7 +48,7 @@ def ask_state_api(actor_id: str):
 def test_the_cleaner_s_question_is_answered_by_our_own_cluster():
     from dmea_dist.distributed.cluster import connect
 
-    connect(None, num_cpus=2)
+    connect(None, num_cpus=2, dashboard=True)  # the State API is the dashboard's (`ray.dashboard`)
     other = None
     try:
         actor = Alive.remote()

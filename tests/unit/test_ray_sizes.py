@@ -1,5 +1,6 @@
 """What a config's `ray:` section leaves unset is set by where the run is (RayConfig.sized, cluster.sized_for):
-one search worker per core on an embedded Ray, 1 on a cluster; workers warm up where they have cores of their own."""
+one search worker per core on an embedded Ray, 1 on a cluster; workers warm up where they have cores of their own;
+Ray's dashboard starts where Ray Train needs its State API."""
 
 import pytest
 
@@ -35,7 +36,8 @@ def test_sized_for_follows_the_address_and_ray_num_cpus(monkeypatch):
 def test_logical_cpus_and_resume_overrides_use_the_sizes():
     sized = RayConfig().sized(local_cores=2)  # search 2 x 1, generation 1 x 1, training 1 x 1
     assert sized.reserved_cpus() == 4.0 and cluster.logical_cpus(sized) >= 4
-    assert cluster.size_overrides(RayConfig(), sized) == ["ray.num_search_workers=2", "ray.warm_up=False"]
+    assert cluster.size_overrides(RayConfig(), sized) == ["ray.num_search_workers=2", "ray.warm_up=False",
+                                                          "ray.dashboard=False"]
     assert cluster.size_overrides(sized, sized) == []
 
 
@@ -46,6 +48,13 @@ def test_workers_warm_up_where_they_have_cores_of_their_own():
     assert spare.reserved_cpus() == 4.0 and spare.warm_up
     assert not RayConfig(warm_up=False).sized(local_cores=None).warm_up  # an explicit choice stays
     assert RayConfig(warm_up=True).sized(local_cores=2).warm_up
+
+
+def test_the_dashboard_starts_where_the_run_asks_its_state_api():
+    assert not RayConfig().sized(local_cores=2).dashboard  # the training group needs no State API
+    assert RayConfig(adapt_on="ray_train").sized(local_cores=2).dashboard  # Ray Train's cleaner asks it
+    assert RayConfig(dashboard=True).sized(local_cores=2).dashboard  # an explicit choice stays
+    assert not RayConfig(adapt_on="ray_train", dashboard=False).sized(local_cores=None).dashboard
 
 
 def test_sizes_load_from_yaml_as_null_or_numbers_and_bad_ones_fail_by_key():
