@@ -272,9 +272,15 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
 
     with run_lock(run_dir):
         bar = StageProgress(config.data.tasks, enabled=progress)
-        tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment,
-                          enabled=config.tracking.enabled)
+        # the coordinator first: on Ray its actor imports and builds the run while the driver opens MLflow
+        # (2-4 s: its import, a new database's tables), instead of after
         coordinator = (coordinator_factory or local_coordinator)(config, run_dir, resume=resume, progress=bar)
+        try:
+            tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment,
+                              enabled=config.tracking.enabled)
+        except BaseException:  # Ctrl-C while connecting: leave no coordinator (or Ray actor) behind
+            _try(coordinator.close)
+            raise
         stop = StopRequest()
         try:
             parent = _open_tracking(tracker, coordinator, config, run_dir)

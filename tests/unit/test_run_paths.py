@@ -158,3 +158,31 @@ def test_the_job_entry_point_refuses_an_unusable_store_on_resume_before_ray(tmp_
     assert job.main(["--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: tracking.uri") and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_the_coordinator_starts_before_mlflow_connects_and_is_closed_if_connecting_is_interrupted(tmp_path,
+                                                                                                  monkeypatch):
+    """On Ray the coordinator actor imports and builds the run while the driver opens MLflow (2-4 s), so the
+    factory is called first; a Ctrl-C while MLflow connects leaves no coordinator behind."""
+    import dmea_dist.tracking
+
+    events = []
+
+    class Coordinator:
+        def close(self):
+            events.append("coordinator closed")
+
+    def factory(config, run_dir, **kwargs):
+        events.append("coordinator started")
+        return Coordinator()
+
+    class Tracker:
+        def __init__(self, **kwargs):
+            events.append("mlflow connecting")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmea_dist.tracking, "Tracker", Tracker)
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+    with pytest.raises(KeyboardInterrupt):
+        run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=factory, progress=False, check=False)
+    assert events == ["coordinator started", "mlflow connecting", "coordinator closed"]
