@@ -32,6 +32,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 
 Progress = Callable[[str, int, int], None]
+_dashboard_url: str | None = None  # of the embedded Ray `connect` started, if it has a dashboard
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> str:
@@ -58,14 +59,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API only
     # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
     # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
+    global _dashboard_url
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                        dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=logs)
-    global _dashboard_url
     _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     return "local"
-
-
-_dashboard_url: str | None = None
 
 
 def ray_dashboard_url() -> str | None:
