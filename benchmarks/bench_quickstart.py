@@ -16,7 +16,8 @@ A checkout runs with it as working directory and PYTHONPATH: Ray workers put the
 directory first on sys.path, so PYTHONPATH alone would run the checkout's driver with the workers of
 whichever checkout the shell is in.
 
-Prints one row per run (wall s and the stage seconds the run reported) and the mean per variant.
+Prints one row per run (wall s, when the first stage started, the stage seconds the run reported) and the
+mean per variant.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,12 +42,13 @@ VARIANTS = {
     "dashboard": ["ray.dashboard=true"],  # Ray's dashboard, off by default where the run does not need it
 }
 STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
+FIRST_STAGE = re.compile(r"^\[1/\d+\] \S+ expand$")  # the plain progress line the first stage starts with
 
 
 def run_once(config: str, sets: list[str], work: Path, output_dir: Path,
-             code: Path = REPO) -> tuple[float, dict[str, float], str]:
-    """(wall s, stage s summed by stage, the final metrics line) of one `dmea run` in a fresh process, on the
-    checkout `code` (working directory and PYTHONPATH)."""
+             code: Path = REPO) -> tuple[float, dict[str, float], str, float]:
+    """(wall s, stage s summed by stage, the final metrics line, s until the first stage started) of one
+    `dmea run` in a fresh process, on the checkout `code` (working directory and PYTHONPATH)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -55,16 +58,30 @@ def run_once(config: str, sets: list[str], work: Path, output_dir: Path,
         cmd += ["--set", item]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    marks: dict[str, float] = {}
+
+    def read_stderr() -> None:  # as it comes, to time the start-up: process start to the first stage
+        for line in proc.stderr:
+            if FIRST_STAGE.match(line.strip()):
+                marks.setdefault("first stage", time.perf_counter() - start)
+            err.append(line)
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
     wall = time.perf_counter() - start
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    text = out.stdout + out.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{''.join(err)[-3000:]}")
+    text = stdout + "".join(err)
     stages: dict[str, float] = {}
     for name, seconds in STAGE.findall(text):
         stages[name] = stages.get(name, 0.0) + float(seconds)
     final = next((line.strip() for line in text.splitlines() if line.startswith("final_average=")), "")
-    return wall, stages, final
+    return wall, stages, final, marks.get("first stage", float("nan"))
 
 
 def main() -> None:
@@ -98,33 +115,33 @@ def main() -> None:
             continue
         filled.add(code)
         if args.cold:  # an empty cache: this run pretrains the backbone
-            wall, stages, final = run_once(args.config, sets, root / "cold", caches[code], code)
-            rows.append((f"{name} (cold: pretrains)", wall, stages, final))
+            wall, stages, final, first = run_once(args.config, sets, root / "cold", caches[code], code)
+            rows.append((f"{name} (cold: pretrains)", wall, stages, final, first))
             print(f"  {name} (cold): {wall:.1f} s", file=sys.stderr, flush=True)
         elif separate or not (caches[code] / "_cache").is_dir():
             run_once(args.config, sets, root / "warm-cache", caches[code], code)  # fills the cache, not counted
     for _ in range(args.repeats):
         for name in names:
             sets, code = runs[name]
-            wall, stages, final = run_once(args.config, sets, root / "run", caches[code], code)
-            rows.append((name, wall, stages, final))
+            wall, stages, final, first = run_once(args.config, sets, root / "run", caches[code], code)
+            rows.append((name, wall, stages, final, first))
             print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
     order = ["expand", "generate", "adapt", "evaluate"]
-    print(f"| variant | wall s | {' | '.join(order)} | stages s | outside stages s | result |")
-    print("| --- " * (len(order) + 5) + "|")
-    for name, wall, stages, final in rows:
+    print(f"| variant | wall s | first stage at s | {' | '.join(order)} | stages s | outside stages s | result |")
+    print("| --- " * (len(order) + 6) + "|")
+    for name, wall, stages, final, first in rows:
         total = sum(stages.values())
-        print(f"| {name} | {wall:.1f} | " + " | ".join(f"{stages.get(k, 0.0):.1f}" for k in order)
+        print(f"| {name} | {wall:.1f} | {first:.1f} | " + " | ".join(f"{stages.get(k, 0.0):.1f}" for k in order)
               + f" | {total:.1f} | {wall - total:.1f} | {final} |")
     print()
     for name in names:
-        walls = [w for n, w, _, _ in rows if n == name]  # warm runs only: cold rows are named apart
+        walls = [w for n, w, _, _, _ in rows if n == name]  # warm runs only: cold rows are named apart
         print(f"{name}: mean {statistics.mean(walls):.1f} s over {len(walls)} warm runs "
               f"(min {min(walls):.1f}, max {max(walls):.1f})")
     if len(names) == 2:
-        a, b = ([w for n, w, _, _ in rows if n == x] for x in names)
+        a, b = ([w for n, w, _, _, _ in rows if n == x] for x in names)
         print(f"{names[1]} / {names[0]}: {statistics.mean(b) / statistics.mean(a):.2f}x")
 
 
