@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from dmea_dist.config import RunConfig
@@ -48,8 +47,8 @@ from dmea_dist.data.tokenizer import (
 from dmea_dist.errors import ConfigError, DataError
 from dmea_dist.method.policy import MethodPolicy, method_policy
 
-if TYPE_CHECKING:  # the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is built,
-    # so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
+if TYPE_CHECKING:  # torch and the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is
+    # built, so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
     from dmea_dist.modeling.model import DMEAModel
 
 HELDOUT_INDEX = 1000  # synthetic tasks at this index and above pretrain tiny backbones
@@ -168,6 +167,8 @@ PRETRAIN_THREADS = 2
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to `n` inside the block, restored after."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -213,6 +214,7 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
         from transformers import GPT2LMHeadModel
 
         return tokenizer, GPT2LMHeadModel.from_pretrained(cache)
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dmea_dist.modeling.pretrain import pretrain_lm, reserve_rows
@@ -358,6 +360,8 @@ def reopen_run(config: RunConfig, run_dir: str | Path, *, backbone: str | None =
 
 def assemble_run(config: RunConfig, tasks: list[Task], tokenizer, model: DMEAModel, run_dir: Path) -> Run:
     """The run's parts, its tasks' training and validation examples encoded."""
+    import torch
+
     if config.model.dropout is not None:  # in the modules and in the config replicas are built from
         for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             setattr(model.backbone.config, key, config.model.dropout)

@@ -19,10 +19,13 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from dmea_dist.data.tokenizer import SpecialTokenIds
+
+if TYPE_CHECKING:  # torch is imported by the batching functions only: the driver's input check (lengths
+    # through a Formatter) runs without it, before Ray starts (`driver.check_input`)
+    import torch
 
 IGNORE = -100  # label value cross-entropy skips
 
@@ -137,6 +140,8 @@ def encode_task(formatter: Formatter, rows, *, task_index: int, references: str 
 
 def collate(examples: Sequence[Example], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask, labels (batch, seq)."""
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -151,6 +156,8 @@ def collate(examples: Sequence[Example], *, pad_id: int) -> dict[str, torch.Tens
 
 def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts for batched generation: input_ids, attention_mask (batch, seq)."""
+    import torch
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -171,6 +178,8 @@ def collate_share(examples: Sequence[Example], share: Sequence[int], *, pad_id: 
     the world) runs one example with denominator infinity: a forward that
     adds nothing.
     """
+    import torch
+
     total = sum(_weighted_targets(ex.labels, token_weights) for ex in examples)
     rows = [examples[i] for i in share] or list(examples[:1])
     batch = collate(rows, pad_id=pad_id)

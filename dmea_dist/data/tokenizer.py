@@ -17,11 +17,14 @@ embedding resize; they stay frozen like the rest of the backbone.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+# PreTrainedTokenizerFast (transformers 5's TokenizersBackend) imports without torch; AutoTokenizer imports
+# torch and the model configurations (~1.8 s more), so it is imported only for a checkpoint's own tokenizer
+from transformers import PreTrainedTokenizerFast
 
 ANS_TOKEN = "<|ans|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -78,6 +81,8 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, max_tasks: int
 
 def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int):
     """The checkpoint's own tokenizer plus the reserved special tokens."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
@@ -89,5 +94,19 @@ def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int):
 
 
 def load_tokenizer(directory: str | Path):
-    """Load a tokenizer saved with a run (`tokenizer.save_pretrained(directory)`)."""
+    """Load a tokenizer saved with a run (`tokenizer.save_pretrained(directory)`).
+
+    The BPE of `train_bpe_tokenizer` is a plain fast tokenizer, loaded as one: without AutoTokenizer, whose
+    import costs the driver's input check ~2 s before Ray starts. Any other class (a checkpoint's own
+    tokenizer, saved with a run or shipped to a worker) goes through AutoTokenizer as before.
+    """
+    config = Path(directory) / "tokenizer_config.json"
+    try:
+        cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):  # no readable config: AutoTokenizer says what is wrong with the folder
+        cls = None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(directory))

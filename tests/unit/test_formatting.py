@@ -51,6 +51,30 @@ def test_tokenizer_save_load_roundtrip(tokenizer, tmp_path):
     assert SpecialTokenIds.from_tokenizer(again) == SpecialTokenIds.from_tokenizer(tokenizer)
 
 
+def test_a_saved_bpe_loads_as_auto_tokenizer_loads_it_and_other_classes_still_go_through_it(tokenizer, tmp_path):
+    """load_tokenizer reads a run's BPE without AutoTokenizer (whose import delays the driver's start, ~2 s);
+    checked against AutoTokenizer's own load of the same folder. A folder that names another class still
+    gets that class."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "bpe")
+    ours, auto = load_tokenizer(tmp_path / "bpe"), AutoTokenizer.from_pretrained(str(tmp_path / "bpe"))
+    assert type(ours) is type(auto)
+    text = f"{task_token(7)}inform(name='red lion') {ANS_TOKEN} the red lion<|endoftext|> unseen words ünï"
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
+    assert ours.get_vocab() == auto.get_vocab() and ours.special_tokens_map == auto.special_tokens_map
+    assert (ours.padding_side, ours.pad_token_id, len(ours)) == (auto.padding_side, auto.pad_token_id, len(auto))
+
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    config_file = tmp_path / "gpt2" / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    assert type(load_tokenizer(tmp_path / "gpt2")).__name__ == "GPT2Tokenizer"
+
+
 def test_qa_and_lm_examples(tokenizer):
     fmt = Formatter(tokenizer, max_length=64)
     sp = fmt.special
