@@ -26,11 +26,12 @@ from typing import Any
 
 import psutil
 
-from dmea_dist.config import RunConfig, deepspeed_config
-from dmea_dist.kernels import DecodingSettings, EngineSettings, InProcessKernels, Kernels, Progress
+from dmea_dist.config import RunConfig
+from dmea_dist.kernels import InProcessKernels, Kernels, Progress
 from dmea_dist.method.lifecycle import Stage
 from dmea_dist.modeling.io import save_backbone, save_modules
-from dmea_dist.run import Run, build_policy, build_run, reopen_run
+from dmea_dist.run import Run, build_run, reopen_run
+from dmea_dist.settings import decoding_settings, engine_settings
 from dmea_dist.stages import STAGES, RunContext, StageSettings, matrix
 from dmea_dist.state import RunState, StateError, load_state, save_state
 
@@ -46,25 +47,6 @@ def _footprint(model, stage: Stage) -> dict[str, Any]:
         out["module_parameters"] = sum(p.numel() for pool in model.pools for p in pool.parameters())
         out["token_row_parameters"] = sum(p.numel() for p in model.token_rows.parameters())
     return out
-
-
-def engine_settings(config: RunConfig) -> EngineSettings:
-    """DeepSpeed's config for adaptation; full fine-tuning (lamol, finetune) at `train.full_finetune_lr`."""
-    t = config.train
-    lr = t.full_finetune_lr if build_policy(config).full_finetune else t.lr
-    ds = deepspeed_config(config.deepspeed, lr=lr, weight_decay=t.weight_decay, eps=t.adam_eps,
-                          grad_clip=t.grad_clip, micro_batch=t.batch_size)
-    return EngineSettings(ds_config=ds, clamp=tuple(config.method.adaptation.eta_clamp),
-                          virtual_shards=t.virtual_shards)
-
-
-def decoding_settings(config: RunConfig) -> DecodingSettings:
-    ev = config.eval
-    ad = config.method.adaptation
-    return DecodingSettings(pseudo_top_k=ad.top_k_sampling, pseudo_answer=ad.pseudo_answer,
-                            pseudo_separator=ad.pseudo_separator,
-                            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, decoding=ev.decoding,
-                            top_k=ev.top_k, seed=config.train.seed)
 
 
 def in_process_kernels(run: Run, progress: Progress | None = None) -> Kernels:

@@ -9,8 +9,8 @@ Stages (dmea_dist.stages) decide what to compute; kernels compute it:
 
 `InProcessKernels` runs them in this process; `dmea_dist.distributed.kernels.
 RayKernels` runs the same functions as Ray work. Both are built from plain
-settings (`EngineSettings`, `DecodingSettings`) resolved from the config at
-the entry point: no worker ever receives a RunConfig.
+settings (`EngineSettings`, `DecodingSettings`, dmea_dist.settings) resolved
+from the config at the entry point: no worker ever receives a RunConfig.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dmea_dist.method.generation import (
     generate_pseudo_samples_of,
     merge_reasons,
 )
+from dmea_dist.settings import DecodingSettings, EngineSettings
 
 Progress = Callable[[str, int, int], None]
 
@@ -86,46 +87,6 @@ class AnswerRequest:
     rows: list[dict]
     path: list[int] | None
     paths: list[list[int] | None] | None = None
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """Generation settings of pseudo samples and of evaluation answers."""
-
-    pseudo_top_k: int = 20
-    pseudo_answer: str = "greedy"  # answers of pseudo samples: greedy after the separator, or sampled
-    pseudo_separator: str = "free"  # "one": a pseudo sample keeps exactly one separator (OneSeparator)
-    batch_size: int = 32
-    max_new_tokens: int = 64
-    decoding: str = "greedy"  # evaluation answers: greedy or top_k
-    top_k: int = 20
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """The adaptation engine: DeepSpeed's own config dict and the eta clamp."""
-
-    ds_config: dict[str, Any]
-    clamp: tuple[float, float]
-    virtual_shards: int = 0  # train.virtual_shards (dmea_dist.engine)
-
-    @property
-    def partitions_model(self) -> bool:
-        return self.ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-
-    def factory(self) -> Callable[..., Any]:
-        """(model, params) -> the DeepSpeed engine with the gradient-scaling step."""
-        settings = self
-
-        def build(model, params):
-            from dmea_dist.engine import build_engine  # DeepSpeed lives there only
-
-            return build_engine(model, params, ds_config=settings.ds_config, clamp=settings.clamp,
-                                virtual_shards=settings.virtual_shards)
-
-        build.partitions_model = self.partitions_model
-        return build
 
 
 class Kernels(Protocol):

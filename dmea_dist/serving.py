@@ -36,16 +36,18 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dmea_dist.config import RunConfig, load_config
 from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.lengths import prompt_length
 from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
 from dmea_dist.errors import DmeaError
-from dmea_dist.method.generation import generate_answers
-from dmea_dist.modeling.io import load_path_modules
-from dmea_dist.modeling.model import DMEAModel
+
+# torch and the model are imported where a model is loaded or answers: the driver stages every recorded
+# task's files (`stage_task`) without them, between two stages of the run
+if TYPE_CHECKING:
+    from dmea_dist.modeling.model import DMEAModel
 
 # state files that name where a run stopped: the run state, or the lifecycle file of older runs
 STATE_FILES = ("state.json", "lifecycle.json")
@@ -70,6 +72,8 @@ class ServedTasks:
                  decoding: str = "greedy", max_new_tokens: int = 64, top_k: int | None = None,
                  batch_size: int | None = None, seed: int = 0) -> list[str]:
         """One answer per input: a context string, or {context, question?, task?}; `task` for those without."""
+        from dmea_dist.method.generation import generate_answers
+
         rows = self.rows(inputs, task=task)
         answers: list[str | None] = [None] * len(rows)
         groups: dict[int, list[int]] = {}  # one group per model object: rows of tasks sharing a backbone
@@ -166,6 +170,8 @@ def _registered_folder(model_uri: str, wanted: list[str] | None, uri: str, tmp: 
 
 def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None) -> ServedTasks:
     """Every wanted task (default: every recorded one) of the run folder, on one shared backbone if it can."""
+    from dmea_dist.modeling.io import load_path_modules
+
     if not (run_dir / "config.yaml").is_file():
         raise DmeaError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
     config = load_config(run_dir / "config.yaml")  # a damaged file fails as a ConfigError naming it
@@ -282,6 +288,8 @@ def stage_task(run_dir: str | Path, task_id: str, dst: str | Path) -> Path:
 
 def _backbone(source, tokenizer, config: RunConfig) -> DMEAModel:
     """DMEAModel.from_pretrained, with a damaged or missing local checkpoint named instead of a traceback."""
+    from dmea_dist.modeling.model import DMEAModel
+
     try:
         return DMEAModel.from_pretrained(str(source), vocab_size=len(tokenizer), bottleneck=config.model.bottleneck)
     except (OSError, ValueError, RuntimeError) as err:  # transformers and safetensors raise these

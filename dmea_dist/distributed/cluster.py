@@ -28,7 +28,6 @@ import socket
 from collections.abc import Callable
 
 import ray
-import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 
 Progress = Callable[[str, int, int], None]
@@ -130,6 +129,8 @@ def worker_env(cpus: float) -> dict[str, str]:
 
 def configure_threads(cpus: float | None = None) -> None:
     """Threads = the CPU share of this process (no oversubscription under Ray)."""
+    import torch  # here, not at the top: the driver imports this module before Ray starts, and needs no torch
+
     torch.set_num_threads(max(1, int(cpus or os.cpu_count() or 1)))
 
 

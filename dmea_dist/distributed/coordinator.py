@@ -12,7 +12,10 @@ The actor is pinned to the driver's node, so the run directory it writes is
 the driver's, which logs it to MLflow: the driver stays the only process that
 talks to MLflow. It takes no CPU reservation: it only orchestrates and runs
 the light stages (selection, recording). The driver holds a `RemoteCoordinator`,
-which has the Coordinator's methods and waits for each call.
+which has the Coordinator's methods and waits for each call. The actor's class
+(`CoordinatorActor`) builds the Coordinator in the actor's process: the driver,
+which only names that class, imports neither torch nor the model, and reaches
+`ray.init` ~4 s sooner (tests/unit/test_driver_start.py).
 
 The training ranks (`ray.adapt_on: train_group`) are launched first, before
 any model exists: their processes, imports (DeepSpeed, ~4 s) and process
@@ -38,10 +41,13 @@ from typing import Any
 import ray
 
 from dmea_dist.config import RunConfig
-from dmea_dist.coordinator import Coordinator, engine_settings
 from dmea_dist.distributed.cluster import connect  # noqa: F401 - the entry points' one import for Ray
-from dmea_dist.distributed.kernels import ray_kernels
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
+from dmea_dist.settings import engine_settings
+
+# The driver imports this module before Ray starts, to name the actor's class and launch the ranks: it
+# imports neither torch nor the model (the Coordinator's modules: transformers' GPT-2, the stages, the
+# kernels, ~2.4 s), which the actor imports in its own process (`CoordinatorActor`).
 
 
 class ProgressRelay:
@@ -64,19 +70,28 @@ class ProgressRelay:
         return events
 
 
-class RelayingCoordinator(Coordinator):
-    """The Coordinator with its kernels' progress kept in a relay the driver polls (module docstring)."""
+class CoordinatorActor:
+    """The Coordinator as a Ray actor, built in the actor's process, with `RayKernels` and its kernels'
+    progress kept in a relay the driver polls (module docstring). Every Coordinator method is reached
+    through `call`; `step` runs beside `progress_events` (the actor runs two calls at once)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, config: RunConfig, run_dir: str, *, resume: bool, ranks: LaunchedRanks | None):
+        from dmea_dist.coordinator import Coordinator
+        from dmea_dist.distributed.kernels import ray_kernels
+
         self.relay = ProgressRelay()
-        super().__init__(*args, progress=self.relay, **kwargs)
+        self.coordinator = Coordinator(config, run_dir, resume=resume, progress=self.relay,
+                                       kernels_factory=functools.partial(ray_kernels, ranks=ranks))
+
+    def call(self, method: str, *args, **kwargs) -> Any:
+        return getattr(self.coordinator, method)(*args, **kwargs)
 
     def progress_events(self) -> list[tuple[str, int, int, dict[str, float]]]:
         return self.relay.drain()
 
 
 class RemoteCoordinator:
-    """The driver's handle of the coordinator actor: the same methods, each call waited for."""
+    """The driver's handle of the coordinator actor: the Coordinator's methods, each call waited for."""
 
     POLL_S = 0.5
 
@@ -84,12 +99,13 @@ class RemoteCoordinator:
         self.actor, self.progress, self.ranks = actor, progress, ranks
 
     def __getattr__(self, name: str):
-        method = getattr(self.actor, name)
-        return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
+        if name.startswith("_"):  # pickling and copying probe these: not the Coordinator's
+            raise AttributeError(name)
+        return lambda *args, **kwargs: ray.get(self.actor.call.remote(name, *args, **kwargs))
 
     def step(self) -> dict[str, Any]:
         """The actor's step; meanwhile its kernels' progress is fed to the driver's bars."""
-        ref = self.actor.step.remote()
+        ref = self.actor.call.remote("step")
         if self.progress is None:
             return ray.get(ref)
         while True:
@@ -101,7 +117,7 @@ class RemoteCoordinator:
 
     def close(self) -> None:
         try:
-            ray.get(self.actor.close.remote(), timeout=60)
+            ray.get(self.actor.call.remote("close"), timeout=60)
         finally:
             ray.kill(self.actor)
             if self.ranks is not None:  # the actor's kernels released them, unless it failed before it had any
@@ -128,8 +144,7 @@ def ray_coordinator_factory(config: RunConfig, run_dir: str | Path, *, resume: b
     ranks = launch_ranks(config)
     here = ray.get_runtime_context().get_node_id()
     # two calls at once: a step, and the driver's polls of its progress (only those run beside a step)
-    actor = ray.remote(num_cpus=0, max_concurrency=2)(RelayingCoordinator).options(
+    actor = ray.remote(num_cpus=0, max_concurrency=2)(CoordinatorActor).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(config, str(Path(run_dir).resolve()), resume=resume,
-             kernels_factory=functools.partial(ray_kernels, ranks=ranks))
+    ).remote(config, str(Path(run_dir).resolve()), resume=resume, ranks=ranks)
     return RemoteCoordinator(actor, progress=progress, ranks=ranks)

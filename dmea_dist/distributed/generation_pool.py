@@ -53,7 +53,6 @@ from dmea_dist.data.tokenizer import load_tokenizer
 from dmea_dist.distributed.cluster import configure_threads, gather, reserve, worker_env
 from dmea_dist.kernels import (
     AnswerRequest,
-    DecodingSettings,
     GenerateRequest,
     chunks,
     run_answer_request,
@@ -62,6 +61,7 @@ from dmea_dist.kernels import (
 from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples, merge_reasons
 from dmea_dist.modeling.io import modules_state, put_modules_state
 from dmea_dist.modeling.model import DMEAModel
+from dmea_dist.settings import DecodingSettings
 
 try:  # skip random init of a backbone whose weights are loaded right after
     from transformers.initialization import no_init_weights  # transformers >= 5

@@ -42,17 +42,11 @@ from dmea_dist.distributed.generation_pool import GenerationPool
 from dmea_dist.distributed.search import check_resources, search_candidates, warm_search_workers
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
 from dmea_dist.distributed.train_workers import RayTrainAdapter
-from dmea_dist.kernels import (
-    AnswerRequest,
-    DecodingSettings,
-    EngineSettings,
-    GenerateRequest,
-    SearchData,
-    SearchJob,
-)
+from dmea_dist.kernels import AnswerRequest, GenerateRequest, SearchData, SearchJob
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
 from dmea_dist.method.expansion import CandidateResult
 from dmea_dist.method.generation import PseudoSamples
+from dmea_dist.settings import DecodingSettings, EngineSettings, decoding_settings, engine_settings
 
 
 @dataclass
@@ -189,8 +183,6 @@ class RayKernels:
 def ray_kernels(run, progress: Progress | None = None, ranks: LaunchedRanks | None = None) -> RayKernels:
     """The kernels of `run` on the Ray this process is connected to (sizes from its `ray:` section); `ranks`:
     training ranks the driver launched ahead (`launch_ranks`)."""
-    from dmea_dist.coordinator import decoding_settings, engine_settings
-
     config = run.config
     if not config.ray.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU runs stay on CPU on GPU nodes too

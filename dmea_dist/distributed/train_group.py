@@ -34,25 +34,22 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch.distributed as dist
 from ray.exceptions import RayActorError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dmea_dist.distributed.cluster import configure_threads, free_port, reserve, worker_env
-from dmea_dist.distributed.generation_pool import (
-    apply_model_state,
-    backbone_checksum,
-    build_model,
-    model_snapshot,
-    model_state,
-)
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
-from dmea_dist.kernels import EngineSettings
-from dmea_dist.method.adaptation import AdaptJob, AdaptResult, load_trained_state, run_adapt_job
+from dmea_dist.settings import EngineSettings
+
+# torch, the model and the adaptation code are imported where a model is moved or trained, not here: the
+# driver launches the ranks without a model (`launch_ranks`) right after Ray starts, and importing them
+# (transformers' GPT-2, ~2 s) would delay that start
+if TYPE_CHECKING:
+    from dmea_dist.method.adaptation import AdaptJob, AdaptResult
 
 
 class TrainWorker:
@@ -63,6 +60,7 @@ class TrainWorker:
         import deepspeed  # noqa: F401 - imported now, while the run starts, not in the first job
 
         from dmea_dist.distributed import train_workers  # noqa: F401 - likewise (the ZeRO-3 gathering)
+        from dmea_dist.distributed.generation_pool import build_model
 
         self.model = build_model(snapshot) if snapshot is not None else None  # None: `load` gives it
         self.engine = engine
@@ -70,6 +68,8 @@ class TrainWorker:
 
     def load(self, snapshot: dict[str, Any]) -> None:
         """The replica, for a rank launched before the model existed (`launch_ranks`)."""
+        from dmea_dist.distributed.generation_pool import build_model
+
         self.model = build_model(snapshot)
 
     def address(self) -> tuple[str, int]:
@@ -78,6 +78,8 @@ class TrainWorker:
 
     def join(self, rank: int, world: int, master: tuple[str, int], backend: str) -> str:
         """Join the process group (once per group); returns this worker's node id."""
+        import torch.distributed as dist
+
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master[0],
                           MASTER_PORT=str(master[1]))
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world)
@@ -85,6 +87,8 @@ class TrainWorker:
         return ray.get_runtime_context().get_node_id()
 
     def sync(self, state: dict[str, Any]) -> None:
+        from dmea_dist.distributed.generation_pool import apply_model_state
+
         apply_model_state(self.model, state)
 
     def adapt(self, job: AdaptJob, checkpoint_dir: str | None,
@@ -94,7 +98,10 @@ class TrainWorker:
         `progress`: a `ray.util.queue.Queue` that gets (steps done, total, {"loss": ...}) at most twice a
         second and at the last step, for the driver's bar (given to rank 0 only).
         """
+        import torch.distributed as dist
+
         from dmea_dist.distributed.train_workers import _check_trainable, _trained_weights
+        from dmea_dist.method.adaptation import run_adapt_job
 
         _check_trainable(job.trainable, self.engine)
         result = run_adapt_job(self.model, job, engine_factory=self.engine.factory(), shard=(self.rank, self.world),
@@ -104,6 +111,8 @@ class TrainWorker:
         return result, state if self.rank == 0 else None
 
     def close(self) -> None:
+        import torch.distributed as dist
+
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -166,7 +175,11 @@ class TrainGroup:
         self._pg = reserve(self.num_workers, cpus=self.cpus, strategy=self.strategy, timeout_s=self.ready_timeout_s,
                            what="the training group", bundle=bundle)
         env = worker_env(self.cpus) if not self.use_gpu else {"OMP_NUM_THREADS": str(max(1, int(self.cpus)))}
-        snapshot = ray.put(model_snapshot(model)) if model is not None else None
+        snapshot = checksum = None
+        if model is not None:
+            from dmea_dist.distributed.generation_pool import backbone_checksum, model_snapshot
+
+            snapshot, checksum = ray.put(model_snapshot(model)), backbone_checksum(model)
         cls = ray.remote(TrainWorker)
         self.workers = [
             cls.options(num_cpus=self.cpus, num_gpus=1 if self.use_gpu else 0, runtime_env={"env_vars": env},
@@ -177,8 +190,7 @@ class TrainGroup:
         master = self.workers[0].address.remote()  # resolved by Ray before each join runs
         backend = "nccl" if self.use_gpu else "gloo"
         self._joining = [w.join.remote(rank, self.num_workers, master, backend) for rank, w in enumerate(self.workers)]
-        self._empty = model is None
-        self._checksum = backbone_checksum(model) if model is not None else None
+        self._empty, self._checksum = model is None, checksum
 
     def launched(self) -> LaunchedRanks:
         """The ranks of `launch()` (no model), to be adopted by the group that uses them; this group lets
@@ -206,6 +218,8 @@ class TrainGroup:
     def start(self, model) -> None:
         """Launch the group unless it was, wait until every rank has joined, and give ranks launched without
         a model `model` as it is now."""
+        from dmea_dist.distributed.generation_pool import backbone_checksum, model_snapshot
+
         if not self.started:
             self.launch(model)
         waited = self._joining is not None or self._empty
@@ -220,6 +234,8 @@ class TrainGroup:
             self.start_seconds += time.time() - self._launched
 
     def __call__(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
+        from dmea_dist.method.adaptation import load_trained_state
+
         for attempt in range(self.max_failures + 1):
             try:
                 self._sync(model)
@@ -250,6 +266,8 @@ class TrainGroup:
 
     def _sync(self, model) -> None:
         """Start the group, or bring its replicas to `model` (modules always, backbone if it changed)."""
+        from dmea_dist.distributed.generation_pool import backbone_checksum, model_state
+
         if not self.started or self._empty:
             self.start(model)
             return  # the replicas are `model` as of now

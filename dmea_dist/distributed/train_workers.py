@@ -57,7 +57,6 @@ from safetensors.torch import load_file, save_file
 
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.errors import ConfigError
-from dmea_dist.kernels import EngineSettings
 from dmea_dist.method.adaptation import (
     AdaptJob,
     AdaptResult,
@@ -65,6 +64,7 @@ from dmea_dist.method.adaptation import (
     run_adapt_job,
     trained_state,
 )
+from dmea_dist.settings import EngineSettings
 
 CHECKPOINT_FORMAT = "dmea-adapt-checkpoint"
 CHECKPOINT_VERSION = 1
