@@ -23,9 +23,11 @@ server address makes the answer come from our own cluster.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -59,10 +61,29 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
     # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
     global _dashboard_url
-    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                       dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=logs)
+    with _quiet_token_notice():
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env},
+                           log_to_driver=logs)
     _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     return "local"
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Drop Ray's notice that it turned token authentication on for a new local cluster (its default; it stays
+    on), printed in every `dmea run`. Set RAY_AUTH_MODE and Ray does as it says, without the notice; every
+    other message of Ray's, its warning that authentication is off included, passes."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def ray_dashboard_url() -> str | None:

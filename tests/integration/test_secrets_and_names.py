@@ -193,3 +193,33 @@ def test_embedded_ray_without_a_dashboard_starts_none_of_its_modules():
             assert (dashboard_modules() > 0) == dashboard
         finally:
             ray.shutdown()
+
+
+EMBEDDED_AUTH = """
+import ray
+from ray._private.authentication.authentication_utils import get_authentication_mode, get_authentication_mode_name
+
+from dmea_dist.distributed.cluster import connect
+
+connect(num_cpus=1)
+assert ray.get(ray.remote(lambda: 1).remote()) == 1  # the driver talks to its cluster, whatever the mode
+print(get_authentication_mode_name(get_authentication_mode()))
+"""
+
+
+def test_embedded_ray_keeps_token_authentication_on_without_ray_notice_about_it_in_every_run(tmp_path):
+    """Ray turns token authentication on for a new local cluster and says so, in every `dmea run`; the
+    embedded Ray keeps it on and drops the notice. A user's RAY_AUTH_MODE stands. In a fresh process: Ray sets
+    RAY_AUTH_MODE in its own process once a local cluster starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    for mode, expected in ((None, "token"), ("disabled", "disabled")):
+        run_env = env if mode is None else {**env, "RAY_AUTH_MODE": mode}
+        out = subprocess.run([sys.executable, "-c", EMBEDDED_AUTH], env=run_env, capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == expected, out.stdout
+        assert "Token authentication is enabled" not in out.stderr, out.stderr
