@@ -9,9 +9,9 @@ stage changed it, advances the lifecycle and writes the state atomically. A
 run killed at any instant therefore resumes from its last finished stage,
 with nothing lost or redone (dmea_dist.state).
 
-No Ray here. On a cluster the same class runs as a Ray actor
-(`dmea_dist.distributed.coordinator`) with `RayKernels`; the driver steps it
-and is the only process that talks to MLflow.
+No Ray here. On a cluster the same class runs inside a Ray actor
+(`dmea_dist.distributed.coordinator.CoordinatorActor`) with `RayKernels`; the
+driver steps it and is the only process that talks to MLflow.
 """
 
 from __future__ import annotations

@@ -57,7 +57,6 @@ class EngineSettings:
         return build
 
 
-
 def engine_settings(config: RunConfig) -> EngineSettings:
     """DeepSpeed's config for adaptation; full fine-tuning (lamol, finetune) at `train.full_finetune_lr`."""
     from dmea_dist.run import build_policy

@@ -43,11 +43,7 @@ import ray
 from dmea_dist.config import RunConfig
 from dmea_dist.distributed.cluster import connect  # noqa: F401 - the entry points' one import for Ray
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
-from dmea_dist.settings import engine_settings
-
-# The driver imports this module before Ray starts, to name the actor's class and launch the ranks: it
-# imports neither torch nor the model (the Coordinator's modules: transformers' GPT-2, the stages, the
-# kernels, ~2.4 s), which the actor imports in its own process (`CoordinatorActor`).
+from dmea_dist.settings import engine_settings  # not the Coordinator's modules: module docstring
 
 
 class ProgressRelay:
