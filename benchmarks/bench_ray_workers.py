@@ -3,7 +3,7 @@
 Side by side in one run, on one embedded Ray:
 
 * search: the same C candidates (C = --candidates) of one EXPAND stage, in
-  parallel (C Ray workers of 1 CPU) vs in sequence (1 Ray worker), plus the
+  parallel (C search actors of 1 CPU) vs in sequence (1 search actor), plus the
   in-process loop (1 thread) for reference; wall seconds and speedup;
 * generation: the same pseudo-sample requests (--requests x --samples) by a
   pool of 2 actors vs 1 actor (1 CPU each); generated samples/s and speedup.
@@ -11,10 +11,9 @@ Side by side in one run, on one embedded Ray:
     .venv/bin/python benchmarks/bench_ray_workers.py [--candidates 2] [--epochs 6] [--samples 48] [--repeats 3]
 
 Sides are interleaved per repeat (machine-load drift hits both) and the
-median is printed; worker start-up and pool start are excluded (warm-up call
-first). Both pools stay up during the measurement (Ray gets max(C, 3) logical
-CPUs for that), but only one generates at a time, so no more than two cores
-are ever busy. The run is a tiny GPT-2 (--layers x --width) on two synthetic tasks,
+median is printed; pool start-up is excluded (warm-up call first). Both
+pools of a kind stay up during the measurement (Ray gets max(C + 1, 3) logical
+CPUs for that), but only one works at a time. The run is a tiny GPT-2 (--layers x --width) on two synthetic tasks,
 built in a temporary directory; its task-0 modules are untrained, so most
 samples run to the full token budget: a fixed cost per sample on both sides.
 """
@@ -90,16 +89,21 @@ def bench_search(run, cap, repeats: int, candidates: int) -> dict[str, list[floa
     parallel = ray_kernels(run, num_search_workers=candidates, search_cpus=1)
     sequence = ray_kernels(run, num_search_workers=1, search_cpus=1)
     args = (cap["model"], cap["jobs"], cap["data"])
-    parallel.search(*args)  # warm-up: starts the worker processes
     times: dict[str, list[float]] = {"parallel": [], "sequence": [], "in-process": []}
-    for _ in range(repeats):
-        t, par = timed(lambda: parallel.search(*args))
-        times["parallel"].append(t)
-        t, seq = timed(lambda: sequence.search(*args))
-        times["sequence"].append(t)
-        t, _ = timed(lambda: [run_search_job(copy.deepcopy(args[0]), job, args[2]) for job in args[1]])
-        times["in-process"].append(t)
-        assert [r.path for r in par] == [r.path for r in seq]
+    try:
+        for kernels in (parallel, sequence):  # warm-up: starts the search actors
+            kernels.search(*args)
+        for _ in range(repeats):
+            t, par = timed(lambda: parallel.search(*args))
+            times["parallel"].append(t)
+            t, seq = timed(lambda: sequence.search(*args))
+            times["sequence"].append(t)
+            t, _ = timed(lambda: [run_search_job(copy.deepcopy(args[0]), job, args[2]) for job in args[1]])
+            times["in-process"].append(t)
+            assert [r.path for r in par] == [r.path for r in seq]
+    finally:
+        parallel.close()
+        sequence.close()
     return times
 
 
@@ -137,8 +141,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run, cap = build(Path(tmp), args)
-        # logical CPUs: both pools (3 actors) stay up, but only one generates at a time
-        num_cpus = max(args.candidates, 3)
+        # logical CPUs: both search pools (C + 1 actors), then both generation pools (3 actors), stay up, but
+        # only one pool works at a time
+        num_cpus = max(args.candidates + 1, 3)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         try:
             search = bench_search(run, cap, args.repeats, args.candidates)

@@ -193,8 +193,9 @@ def load_tokenizer_files(files: dict[str, bytes]):
 class GenerationWorker:
     """One model replica (run as a Ray actor; plain class, so it also runs in-process)."""
 
-    def __init__(self, snapshot: dict[str, Any], files: dict[str, bytes], *, max_length: int, cpus: float,
-                 decoding: DecodingSettings):
+    def __init__(self, snapshot: dict[str, Any], files: dict[str, bytes], *after: Any, max_length: int,
+                 cpus: float, decoding: DecodingSettings):
+        """`after`: values of the refs the pool made this actor wait for (Ray starts it once they are), unused."""
         configure_threads(cpus)
         self.model = build_model(snapshot)
         self.formatter = Formatter(load_tokenizer_files(files), max_length=max_length)
@@ -222,6 +223,9 @@ class GenerationWorker:
 class GenerationPool:
     """`num_actors` replicas that share generation work (see module docstring)."""
 
+    worker_class: type = GenerationWorker  # the actors' class (distributed/search.py's pool runs candidates)
+    role = "the generation pool"  # what its placement group is for, in a failed reservation's error
+
     def __init__(self, *, tokenizer, max_length: int, decoding: DecodingSettings, num_actors: int = 1,
                  cpus: float = 1.0, strategy: str = "SPREAD", always_sync_backbone: bool = False,
                  ready_timeout_s: float = 120.0, retries: int = 1):
@@ -240,16 +244,17 @@ class GenerationPool:
     def started(self) -> bool:
         return bool(self.actors)
 
-    def start(self, model) -> None:
-        """Create the actors from `model` (one ray.put of its snapshot and of the tokenizer files)."""
+    def start(self, model, *, after: Sequence = ()) -> None:
+        """Create the actors from `model` (one ray.put of its snapshot and of the tokenizer files), without
+        waiting for them; with `after` (object refs), their processes start once those are ready."""
         self._pg = reserve(self.num_actors, cpus=self.cpus, strategy=self.strategy,
-                           timeout_s=self.ready_timeout_s, what="the generation pool")
+                           timeout_s=self.ready_timeout_s, what=self.role)
         model_ref, files_ref = ray.put(model_snapshot(model)), ray.put(tokenizer_files(self.tokenizer))
-        cls = ray.remote(GenerationWorker)
+        cls = ray.remote(self.worker_class)
         self.actors = [
             cls.options(num_cpus=self.cpus, num_gpus=0, runtime_env={"env_vars": worker_env(self.cpus)},
                         scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
-            .remote(model_ref, files_ref, max_length=self.max_length, cpus=self.cpus, decoding=self.decoding)
+            .remote(model_ref, files_ref, *after, max_length=self.max_length, cpus=self.cpus, decoding=self.decoding)
             for i in range(self.num_actors)
         ]
         self._checksum = backbone_checksum(model)
@@ -280,7 +285,7 @@ class GenerationPool:
         requests = list(requests)
         shards = plan_shards([sum(r.n for r in requests)], n_actors=self.num_actors,
                              chunk=self.decoding.batch_size)
-        outs = self._run(model, shards, lambda s: self.actors[s.actor].pseudo_samples.remote(
+        outs = self._run(model, [s for s in shards if s.size > 0], lambda s: self.actors[s.actor].pseudo_samples.remote(
             requests, range(s.first, s.last)), label="generate", progress=progress)
         results = []
         for index, req in enumerate(requests):
@@ -298,23 +303,23 @@ class GenerationPool:
         """Answers of every request's rows, in row order; ranges cut at batch boundaries."""
         shards = plan_shards([len(r.rows) for r in requests], n_actors=self.num_actors,
                              chunk=self.decoding.batch_size)
-        outs = self._run(model, shards, lambda s: self.actors[s.actor].answers.remote(
+        outs = self._run(model, [s for s in shards if s.size > 0], lambda s: self.actors[s.actor].answers.remote(
             requests[s.request], range(s.first, s.last)), label="evaluate", progress=progress)
         answers: list[list[str]] = [[] for _ in requests]
         for shard in shards:
             answers[shard.request].extend(outs.get(shard, []))
         return answers
 
-    def _run(self, model, shards: list[Shard], submit: Callable, *, label: str,
-             progress: Progress | None) -> dict[Shard, Any]:
-        """Sync, submit every non-empty shard, gather: {shard: output} (empty shards run nowhere).
+    def _run(self, model, work: Sequence, submit: Callable, *, label: str,
+             progress: Progress | None) -> dict[Any, Any]:
+        """Sync, submit every item of `work` (`submit(item)` -> a ref), gather: {item: output}.
 
         A replica that dies mid-call (its process or node lost) fails the call;
         the pool is then rebuilt from `model` and the whole call redone, up to
-        `retries` times: every shard's result is a function of its request and
-        seed, so the redone call returns what the first would have.
+        `retries` times: every item's result is a function of the item alone
+        (a shard: its request and seed), so the redone call returns what the
+        first would have.
         """
-        work = [s for s in shards if s.size > 0]
         if not work:
             return {}
         for attempt in range(self.retries + 1):

@@ -1,6 +1,7 @@
 """`RayKernels`: the four kernels of a run (dmea_dist.kernels.Kernels) as Ray work.
 
-* search: candidates as parallel Ray tasks in a placement group (distributed/search.py);
+* search: candidates in parallel on a `SearchPool` of model replicas (distributed/search.py), kept for
+  the whole run and brought to the coordinator's model by module deltas;
 * generate / answer: a `GenerationPool` of model replicas sharing the work by task and
   by sample / row range (distributed/generation_pool.py), kept for the whole run;
 * adapt: a training group of `num_train_workers` DeepSpeed ranks started once
@@ -18,8 +19,8 @@ overlaps the run's set-up. Without it (the roles take turns on the same
 cores, e.g. an embedded Ray on a laptop) the workers start in turn: the
 training ranks first (`dmea run` launches them from the driver while this
 coordinator starts, `ranks`; else at the first adaptation), and at the first
-adaptation, once they are up, the generation actors, then the search workers
-once the actors are (`_start_the_rest`):
+adaptation, once they are up, the generation actors, then the search actors
+once the generation actors are (`_start_the_rest`):
 adaptation runs one thread, so their imports use the core it leaves idle
 instead of the later stages' time (on the quick start the first evaluation
 and the second task's search no longer start processes: docs/BENCHMARKS.md).
@@ -39,7 +40,7 @@ from ray.exceptions import RayActorError
 from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import Progress, require_ray
 from dmea_dist.distributed.generation_pool import GenerationPool
-from dmea_dist.distributed.search import check_resources, search_candidates, warm_search_workers
+from dmea_dist.distributed.search import SearchPool, check_resources
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
 from dmea_dist.distributed.train_workers import RayTrainAdapter
 from dmea_dist.kernels import AnswerRequest, GenerateRequest, SearchData, SearchJob
@@ -83,11 +84,14 @@ class RayKernels:
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
                         strategy=sizes.placement_strategy)
         self.sizes, self.engine, self.progress = sizes, engine, progress
-        self.ready_timeout_s = ready_timeout_s
         self.pool = GenerationPool(tokenizer=tokenizer, max_length=max_length, decoding=decoding,
                                    num_actors=sizes.num_generation_actors, cpus=sizes.generation_cpus,
                                    strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
                                    ready_timeout_s=ready_timeout_s)
+        self.search_pool = SearchPool(tokenizer=tokenizer, max_length=max_length, decoding=decoding,
+                                      num_actors=sizes.num_search_workers, cpus=sizes.search_cpus,
+                                      strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
+                                      ready_timeout_s=ready_timeout_s)
         self.trainer, self.group = None, None
         if sizes.adapt_on == "ray_train":
             self.trainer = RayTrainAdapter(engine, num_workers=sizes.num_train_workers,
@@ -105,38 +109,36 @@ class RayKernels:
             else:
                 ranks.release()
         self.placement = Placement()
-        self._warming: list = []  # refs of the search workers' first tasks (warm_up)
         self._in_turn = not sizes.warm_up  # the first adaptation starts the other workers (`_start_the_rest`)
 
     def warm_up(self, model) -> None:
         """Start the run's workers now, without waiting for them: the generation actors, the training ranks
-        (which also join their process group) and the search workers' processes. Their start-up (processes,
-        imports, replicas) then overlaps the run's own set-up instead of its first tasks; errors surface
-        at first use."""
+        (which also join their process group) and the search actors. Their start-up (processes, imports,
+        replicas) then overlaps the run's own set-up instead of its first tasks; errors surface at first use."""
         require_ray()
         if not self.pool.started:
             self.pool.start(model)
         if self.group is not None and not self.group.started:
             self.group.launch(model)
-        self._warming = warm_search_workers(self.sizes.num_search_workers, cpus=self.sizes.search_cpus)
+        if not self.search_pool.started:
+            self.search_pool.start(model)
 
     def _start_the_rest(self, model) -> None:
         """Start the training ranks and wait for them; then, without waiting, the generation actors and,
-        once those are up, the search workers' processes (module docstring: in turn)."""
+        once those are up, the search actors (module docstring: in turn)."""
         try:
             self.group.start(model)
         except RayActorError:  # a rank died before its first job: the job launches a fresh group
             self.group.shutdown()
         if not self.pool.started:
             self.pool.start(model)
-        ready = [actor.node_id.remote() for actor in self.pool.actors]  # resolved once the actors are up
-        self._warming = warm_search_workers(self.sizes.num_search_workers, cpus=self.sizes.search_cpus, after=ready)
+        if not self.search_pool.started:
+            ready = [actor.node_id.remote() for actor in self.pool.actors]  # resolved once the actors are up
+            self.search_pool.start(model, after=ready)
 
     def search(self, model, jobs: Sequence[SearchJob], data: SearchData) -> list[CandidateResult]:
         require_ray()
-        pairs = search_candidates(model, list(jobs), data, num_workers=self.sizes.num_search_workers,
-                                  cpus=self.sizes.search_cpus, strategy=self.sizes.placement_strategy,
-                                  ready_timeout_s=self.ready_timeout_s, progress=self.progress)
+        pairs = self.search_pool.search(model, jobs, data, progress=self.progress)
         self.placement.search.update(node for _, node in pairs)
         return [result for result, _ in pairs]
 
@@ -172,8 +174,9 @@ class RayKernels:
                              on_step=on_step)
 
     def close(self) -> None:
-        """Release the generation actors, the training group and their CPUs (Ray itself stays up)."""
+        """Release the generation and search actors, the training group and their CPUs (Ray itself stays up)."""
         self.pool.shutdown()
+        self.search_pool.shutdown()
         if self.group is not None:
             self.group.shutdown()
         if self.trainer is not None:

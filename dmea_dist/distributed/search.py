@@ -1,28 +1,36 @@
-"""Expansion candidates as parallel Ray tasks (the EXPAND stage's search).
+"""Expansion candidates on a pool of long-lived search actors (the EXPAND stage's search).
 
-`search_candidates(model, jobs, data, ...)` has the contract of the
-in-process kernel's search: one `CandidateResult` per `SearchJob`, in job
-order, each `kernels.run_search_job(<copy of model>, job, data)`, paired with
-the id of the node that ran it.
+`SearchPool.search(model, jobs, data)` has the contract of the in-process
+kernel's search: one `CandidateResult` per `SearchJob`, in job order, each
+`kernels.run_search_job(<copy of model>, job, data)`, paired with the id of the
+node that ran it.
 
 Key decisions:
-- The model (as a plain snapshot: config and tensors, see
-  `generation_pool.model_snapshot`) and the `SearchData` (the task's batches
-  and hyperparameters) go to the object store once (`ray.put`); every task
-  reads the same two objects and builds its own model from the snapshot,
-  which is the copy `search_candidate` mutates (in-process: a deep copy).
-- At most `num_workers` candidates run at once, each in its own bundle of a
-  placement group of `{CPU: cpus}` bundles (SPREAD by default, so candidates
-  land on different nodes; PACK to keep them together). A finished
-  candidate's bundle takes the next one. The group is released at the end.
-- Each task sets torch's threads to its CPU share (and OMP_NUM_THREADS via its
-  runtime_env): on a shared CPU, more threads than cores makes every
-  candidate many times slower.
-- `search_candidate` is deterministic given its seed (it seeds torch and the
-  new modules' generator itself), so results equal the in-process search
-  (tested: same paths, losses and weights to 1e-6). Float results could in
-  principle depend on the thread count; on the tiny model 1 and 2 threads
-  gave bit-identical candidates.
+- The actors live for the run, like the generation actors (it is the same
+  pool, `generation_pool.GenerationPool`, with actors that also search): each
+  holds a model replica, built once from a snapshot, and before every search
+  the pool sends what changed since the last one: the module pools, paths and
+  `next_ids` (adapter-sized), the backbone only when its checksum moved. A run's
+  expansions thus ship the backbone once, not once per task (a whole snapshot
+  per expansion was ~3 GB of object store and a model build per candidate for
+  gpt2-large).
+- A candidate runs on the replica itself, and the replica is then put back to
+  the state last synced (`apply_model_state`: every module rebuilt from the
+  synced tensors, the candidate's new modules dropped, `next_ids` and token
+  rows restored; the backbone is frozen in a search). So each candidate starts
+  from exactly the coordinator's model, as the in-process kernel's deep copy
+  does (tested: same paths, losses and weights, also for a replica that ran
+  other candidates before).
+- Job i goes to actor i mod n, and each actor runs its jobs one after another;
+  `search_candidate` is deterministic given its seed (it seeds torch and the new
+  modules' generator itself), so which actor runs a job, and how many there
+  are, never changes a result.
+- Each actor reserves `{CPU: cpus}` in the pool's placement group (SPREAD by
+  default, so candidates land on different nodes) and sets torch's threads to
+  that share: on a shared CPU, more threads than cores makes every candidate
+  many times slower.
+- An actor lost mid-search (process or node) gets the pool rebuilt and the
+  search redone (`GenerationPool._run`).
 """
 
 from __future__ import annotations
@@ -31,76 +39,60 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
-from ray.util.placement_group import remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dmea_dist.distributed.cluster import configure_threads, reserve, worker_env
-from dmea_dist.distributed.generation_pool import build_model, model_snapshot
+from dmea_dist.distributed.generation_pool import (
+    GenerationPool,
+    GenerationWorker,
+    apply_model_state,
+)
 from dmea_dist.kernels import SearchData, SearchJob, run_search_job
 from dmea_dist.method.expansion import CandidateResult
 
 STRATEGIES = ("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")
 
 
-def run_candidate(snapshot: dict[str, Any], job: SearchJob, data: SearchData, *,
-                  cpus: float) -> tuple[CandidateResult, str]:
-    """Body of one search task: (the candidate's result, the id of the node it ran on)."""
-    configure_threads(cpus)
-    result = run_search_job(build_model(snapshot), job, data)
-    return result, ray.get_runtime_context().get_node_id()
+class SearchWorker(GenerationWorker):
+    """A model replica that runs expansion candidates on itself (a Ray actor; also runs in-process)."""
+
+    def __init__(self, snapshot: dict[str, Any], *args: Any, **kwargs: Any):
+        super().__init__(snapshot, *args, **kwargs)
+        self._synced = _without_backbone(snapshot)
+
+    def sync(self, state: dict[str, Any]) -> None:
+        super().sync(state)
+        self._synced = _without_backbone(state)
+
+    def search(self, job: SearchJob, data: SearchData) -> tuple[CandidateResult, str]:
+        """(one candidate's result, the id of the node it ran on); the replica is as synced after."""
+        try:
+            result = run_search_job(self.model, job, data)
+        finally:
+            apply_model_state(self.model, self._synced)  # drops the candidate's modules, rebuilds the others
+        return result, ray.get_runtime_context().get_node_id()
 
 
-def _ready(*after: Any) -> str:
-    """A search worker's first task: its process is up and this module (torch, transformers) imported.
-    `after`: values of the refs it waited for (Ray runs it only once they are ready), unused."""
-    return ray.get_runtime_context().get_node_id()
+def _without_backbone(state: dict[str, Any]) -> dict[str, Any]:
+    """What puts a replica back after a candidate: its modules, paths and next_ids (a search leaves the frozen
+    backbone as it was)."""
+    return {"modules": state["modules"], "paths": state["paths"], "next_ids": state["next_ids"], "backbone": None}
 
 
-def warm_search_workers(num_workers: int, *, cpus: float, after: Sequence = ()) -> list:
-    """Start `num_workers` search worker processes, without waiting (refs of their first, empty task);
-    with `after` (object refs), once those are ready.
+class SearchPool(GenerationPool):
+    """`num_actors` long-lived search actors (see module docstring); started by `start` or the first search."""
 
-    Ray keeps a task's worker process for later tasks with the same runtime environment, so the first
-    search (at the second task) finds processes with their imports done instead of starting them.
-    """
-    task = ray.remote(_ready)
-    return [task.options(num_cpus=cpus, num_gpus=0, runtime_env={"env_vars": worker_env(cpus)}).remote(*after)
-            for _ in range(num_workers)]
+    worker_class = SearchWorker
+    role = "the expansion search"
 
-
-def search_candidates(model, jobs: Sequence[SearchJob], data: SearchData, *, num_workers: int = 1,
-                      cpus: float = 1.0, strategy: str = "SPREAD", ready_timeout_s: float = 120.0,
-                      progress: Callable[[str, int, int], None] | None = None
-                      ) -> list[tuple[CandidateResult, str]]:
-    """Search every job as a Ray task, `num_workers` at a time; (result, node id) in job order."""
-    check_resources(num_workers=num_workers, cpus=cpus, strategy=strategy)
-    if not jobs:
-        return []
-    n_bundles = min(num_workers, len(jobs))
-    pg = reserve(n_bundles, cpus=cpus, strategy=strategy, timeout_s=ready_timeout_s, what="the expansion search")
-    try:
-        model_ref, data_ref = ray.put(model_snapshot(model)), ray.put(data)  # once, shared by every candidate
-        task = ray.remote(run_candidate)
-        results: list[Any] = [None] * len(jobs)
-        running: dict[Any, tuple[int, int]] = {}  # ref -> (job index, bundle)
-        free, queue = list(range(n_bundles)), list(range(len(jobs)))
-        while queue or running:
-            while queue and free:
-                index, bundle = queue.pop(0), free.pop(0)
-                ref = task.options(
-                    num_cpus=cpus, num_gpus=0, runtime_env={"env_vars": worker_env(cpus)},
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
-                ).remote(model_ref, jobs[index], data_ref, cpus=cpus)
-                running[ref] = (index, bundle)
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            index, bundle = running.pop(ref)
-            results[index] = ray.get(ref)
-            free.append(bundle)
-            if progress:
-                progress("search", len(jobs) - len(queue) - len(running), len(jobs))
-    finally:
-        remove_placement_group(pg)  # also ends tasks still running after an error
-    return results
+    def search(self, model, jobs: Sequence[SearchJob], data: SearchData, *,
+               progress: Callable[[str, int, int], None] | None = None) -> list[tuple[CandidateResult, str]]:
+        """Every job on the actors (job i on actor i mod n), after bringing them to `model`; in job order."""
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        data_ref = ray.put(data)  # once, read by every candidate
+        outs = self._run(model, list(range(len(jobs))), lambda i: self.actors[i % self.num_actors].search.remote(
+            jobs[i], data_ref), label="search", progress=progress)
+        return [outs[i] for i in range(len(jobs))]
 
 
 def check_resources(*, num_workers: int, cpus: float, strategy: str) -> None:

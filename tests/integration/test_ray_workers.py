@@ -6,15 +6,16 @@ plain PyTorch (so generations and answers are not all garbage), and the
 EXPAND stage of task 1 is run with a capturing search kernel, so the search
 jobs are exactly the ones the stage builds. Then:
 
-* the distributed search (2 workers, 3 candidates: one waits for a free
-  bundle) gives the in-process paths, losses, logits and new-module weights,
-  also for a model carrying an unpicklable attribute (as after DeepSpeed);
+* the distributed search (2 search actors, 3 candidates: one runs on a
+  replica that ran another first) gives the in-process paths, losses, logits
+  and new-module weights, also for a model carrying an unpicklable attribute
+  (as after DeepSpeed), and a second search on the same actors repeats them;
 * one generation actor gives exactly the in-process pseudo samples, and
   answers;
 * two actors: pseudo samples equal the in-process generation of the planned
   ranges (part seeds derived), cover n, and repeat exactly; greedy answers
   equal the in-process ones; top-k answers repeat exactly;
-* warm_up starts the generation actor and a search worker before any call,
+* warm_up starts the generation actor and a search actor before any call,
   and the first calls use them;
 * after the coordinator's model changes (new module, new path, perturbed
   module and backbone weights, then a module dropped again) the pool's next
@@ -174,9 +175,16 @@ def test_search_matches_in_process(ray_local, env):
     kernels = ray_kernels(env.run, env.run.run_dir / "_ray_train", num_search_workers=2, search_cpus=1)
     dirty = copy.deepcopy(env.model)
     dirty.engine_handle = threading.Lock()  # like what DeepSpeed leaves on a model: it does not pickle
-    distributed = kernels.search(dirty, jobs, env.data)
+    try:
+        distributed = kernels.search(dirty, jobs, env.data)  # job 2 runs on the replica job 0 ran on
+        again = kernels.search(dirty, jobs[1:], env.data)  # each actor has run candidates: put back each time
+    finally:
+        kernels.close()  # the search actors hold both CPUs until then
     reference = [run_search_job(copy.deepcopy(env.model), job, env.data) for job in jobs]
     assert len(kernels.placement.search) >= 1
+    for got, first in zip(again, distributed[1:], strict=True):
+        assert (got.path, got.new_layers, got.val_loss, got.logits) == (first.path, first.new_layers,
+                                                                         first.val_loss, first.logits)
     assert any(r.new_layers for r in reference), "the check needs a candidate that keeps new modules"
     for got, want in zip(distributed, reference, strict=True):
         assert (got.candidate, got.path, got.new_layers, got.params) == (want.candidate, want.path,
@@ -207,21 +215,22 @@ def test_one_actor_equals_in_process(ray_local, env):
 
 
 def test_warm_up_starts_the_workers_before_their_first_call(ray_local, env):
-    """ray.warm_up: the generation actors and the search workers' processes start at once, without a call;
-    the first calls use them and compute what the in-process kernels compute."""
+    """ray.warm_up: the generation and search actors start at once, without a call; the first calls use them
+    and compute what the in-process kernels compute."""
     run = env.run
     kernels = ray_kernels(run, run.run_dir / "_ray_train", num_generation_actors=1, generation_cpus=1,
                           num_search_workers=1, search_cpus=1, adapt_on="coordinator")
     try:
-        assert not kernels.pool.started
+        assert not kernels.pool.started and not kernels.search_pool.started
         kernels.warm_up(run.model)
-        assert kernels.pool.started and len(kernels._warming) == 1
-        actors = list(kernels.pool.actors)
-        assert ray.get(kernels._warming, timeout=120)  # the search worker's process is up, imports done
+        assert kernels.pool.started and kernels.search_pool.started
+        actors, searchers = list(kernels.pool.actors), list(kernels.search_pool.actors)
+        assert ray.get([a.node_id.remote() for a in searchers], timeout=120)  # up, replica built
         requests = pseudo_requests(run)
         assert kernels.generate(run.model, requests) == env.reference.generate(run.model, requests)
         assert kernels.pool.actors == actors  # the warmed actors did the work
         (got,) = kernels.search(env.model, env.jobs[:1], env.data)
+        assert kernels.search_pool.actors == searchers
         want = run_search_job(copy.deepcopy(env.model), env.jobs[0], env.data)
         assert got.path == want.path and got.val_loss == pytest.approx(want.val_loss, abs=1e-6)
     finally:
@@ -290,7 +299,7 @@ def test_pool_follows_the_coordinators_model(kernels2, env):
 def test_search_without_free_cpus_fails_clearly(kernels2, env):
     assert kernels2.pool.started  # its 2 actors hold both CPUs
     kernels = ray_kernels(env.run, env.run.run_dir / "_ray_train", num_search_workers=2, search_cpus=1)
-    kernels.ready_timeout_s = 2
+    kernels.search_pool.ready_timeout_s = 2
     with pytest.raises(RuntimeError, match=r"could not reserve 2 x \{CPU: 1\}.*0 of 2 CPUs free"):
         kernels.search(env.model, env.jobs, env.data)
     states = [pg["state"] for pg in ray.util.placement_group_table().values()]
