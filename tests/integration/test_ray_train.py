@@ -346,7 +346,7 @@ def in_turn_kernels(cfg, tmp_path):
 def test_without_warm_up_the_workers_start_in_turn_behind_the_first_adaptation(ray_session, tiny, in_process_first,
                                                                                tmp_path):
     """ray.warm_up off (the roles take turns on the same cores): the first adaptation starts the training ranks
-    and, once they are up, the generation actors and then the search workers' processes, without waiting for
+    and, once they are up, the generation actors and then the search actors, without waiting for
     them (their imports use the core the one-thread adaptation leaves idle); it trains what one process trains."""
     from dmea_dist.distributed.kernels import RayKernels
 
@@ -355,11 +355,12 @@ def test_without_warm_up_the_workers_start_in_turn_behind_the_first_adaptation(r
     sizes, settings = in_turn_kernels(cfg, tmp_path)
     kernels = RayKernels(sizes=sizes, **settings)
     try:
-        assert not kernels.group.started and not kernels.pool.started and not kernels._warming
+        assert not kernels.group.started and not kernels.pool.started and not kernels.search_pool.started
         driver_model = copy.deepcopy(model)
         got = kernels.adapt(driver_model, job, checkpoint_dir=tmp_path / "a")
-        assert kernels.pool.started and len(kernels._warming) == 1  # started behind the ranks, not at first use
-        assert ray.get(kernels._warming, timeout=120)  # the search worker's process is up, its imports done
+        # started behind the ranks, not at first use
+        assert kernels.pool.started and kernels.search_pool.started and kernels.search_pool is not kernels.pool
+        assert ray.get([a.node_id.remote() for a in kernels.search_pool.actors], timeout=120)  # up, replica built
         assert ray.get([a.node_id.remote() for a in kernels.pool.actors], timeout=120)
     finally:
         kernels.close()
@@ -390,7 +391,7 @@ def test_ranks_launched_before_the_model_exists_are_adopted_and_train_it(ray_ses
         driver_model = copy.deepcopy(model)
         got = kernels.adapt(driver_model, job, checkpoint_dir=tmp_path / "a")
         assert kernels.group.workers == ranks.workers and kernels.group.restarts == 0  # the adopted ranks did it
-        assert kernels.pool.started and len(kernels._warming) == 1  # the rest started behind them, as before
+        assert kernels.pool.started and kernels.search_pool.started  # the rest started behind them, as before
     finally:
         kernels.close()
         ranks.release()  # what the driver does at the end: the kernels released them already; harmless
