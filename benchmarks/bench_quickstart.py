@@ -41,7 +41,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
-    "default": [],  # on an embedded Ray: one search worker per core
+    "default": [],  # on an embedded Ray: one search worker per core, search and generation on one pool
+    "separate pools": ["ray.shared_replicas=false"],  # a search pool beside a generation pool
     "one search worker": ["ray.num_search_workers=1"],
     "virtual shards 4": ["train.virtual_shards=4"],  # adaptation over 4 fixed pieces per batch (dmea_dist.engine)
     "dashboard": ["ray.dashboard=true"],  # Ray's dashboard, off by default where the run does not need it

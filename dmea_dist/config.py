@@ -374,10 +374,15 @@ class RayConfig:
     max_failures: int = 2  # restarts of the training ranks after one dies, each from the last epoch checkpoint
     # start every worker when the run starts (RayKernels.warm_up); false: in turn (the training ranks, which
     # `dmea run` launches from the driver either way, then behind the first adaptation the generation actors,
-    # then the search workers: distributed/kernels.py).
+    # then the search actors: distributed/kernels.py).
     # None: at once where the roles have cores of their own (a cluster; an embedded Ray with cores to spare),
     # in turn where they take turns on the same cores
     warm_up: bool | None = None
+    # search and generation on one pool of model replicas (max(num_search_workers, num_generation_actors) actors
+    # of search_cpus each, which must equal generation_cpus): the stages take turns, so one set of replicas can
+    # serve both, and one process fewer starts per replica saved (the pool's size does not change results).
+    # None: shared where the roles take turns on the same cores (as warm_up), separate pools on a cluster
+    shared_replicas: bool | None = None
     # Ray's dashboard on an embedded Ray (127.0.0.1 only); None: only where the run needs its State API
     # (adapt_on: ray_train, whose placement-group cleaner asks it). It costs ~2 s of CPU at start-up, which a
     # 2-core machine pays in wall time (docs/BENCHMARKS.md). A cluster keeps its own settings.
@@ -392,27 +397,42 @@ class RayConfig:
         _check_range("ray.max_failures", self.max_failures, 0, 1000)
         for key in ("search_cpus", "generation_cpus", "train_cpus"):
             _check_range(f"ray.{key}", getattr(self, key), 0.01, 1024)
+        if self.shared_replicas and self.search_cpus != self.generation_cpus:
+            raise ConfigError(f"ray.shared_replicas runs search and generation on the same actors, but "
+                              f"ray.search_cpus={self.search_cpus:g} and ray.generation_cpus={self.generation_cpus:g} "
+                              f"differ: set them equal, or ray.shared_replicas=false")
 
     def sized(self, *, local_cores: int | None) -> RayConfig:
         """This section with what it leaves at None set for where the run is: `local_cores`, the cores of an
         embedded Ray, or None on a cluster. Search workers: one of `search_cpus` per core, or 1; warm_up:
         where the roles have cores of their own (a cluster), not where they take turns on the same cores;
+        shared_replicas: where they take turns (and search and generation actors have the same CPUs);
         dashboard: where adaptation runs on Ray Train."""
         sized = self
         if self.num_search_workers is None:
             workers = 1 if local_cores is None else max(1, int(local_cores // self.search_cpus))
             sized = dataclasses.replace(sized, num_search_workers=workers)
+        # whether every role has cores of its own, with a pool each for search and generation
+        spare = local_cores is None or dataclasses.replace(sized, shared_replicas=False).reserved_cpus() <= local_cores
         if self.warm_up is None:
-            spare = local_cores is None or sized.reserved_cpus() <= local_cores
             sized = dataclasses.replace(sized, warm_up=spare)
+        if self.shared_replicas is None:
+            sized = dataclasses.replace(sized, shared_replicas=not spare and self.search_cpus == self.generation_cpus)
         if self.dashboard is None:
             sized = dataclasses.replace(sized, dashboard=self.adapt_on == "ray_train")
         return sized
 
     def reserved_cpus(self) -> float:
         """CPUs the roles reserve when all are up (their sizes set: `sized`)."""
-        return (self.num_search_workers * self.search_cpus + self.num_generation_actors * self.generation_cpus
-                + (self.num_train_workers * self.train_cpus if self.adapt_on != "coordinator" else 0))
+        if self.shared_replicas:
+            replicas = self.replicas() * self.search_cpus
+        else:
+            replicas = self.num_search_workers * self.search_cpus + self.num_generation_actors * self.generation_cpus
+        return replicas + (self.num_train_workers * self.train_cpus if self.adapt_on != "coordinator" else 0)
+
+    def replicas(self) -> int:
+        """Actors of a shared search and generation pool (`shared_replicas`)."""
+        return max(self.num_search_workers, self.num_generation_actors)
 
 
 @dataclass(frozen=True)

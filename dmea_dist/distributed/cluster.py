@@ -121,7 +121,7 @@ def sized_for(sizes, address: str | None):
 def size_overrides(before, after) -> list[str]:
     """`--set ray.KEY=VALUE` for each size `after` sets that `before` left unset (resuming a run whose saved
     config has none: one started in process)."""
-    keys = ("num_search_workers", "warm_up", "dashboard")
+    keys = ("num_search_workers", "warm_up", "shared_replicas", "dashboard")
     return [f"ray.{k}={getattr(after, k)}" for k in keys if getattr(before, k) is None]
 
 

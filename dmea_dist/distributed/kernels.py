@@ -4,6 +4,9 @@
   the whole run and brought to the coordinator's model by module deltas;
 * generate / answer: a `GenerationPool` of model replicas sharing the work by task and
   by sample / row range (distributed/generation_pool.py), kept for the whole run;
+  with `ray.shared_replicas` (by default where the roles take turns on the same
+  cores) one `SearchPool` serves search, generation and evaluation: the stages
+  run one after another, so one set of replicas, one process each, does;
 * adapt: a training group of `num_train_workers` DeepSpeed ranks started once
   and kept for the run (distributed/train_group.py, the default), a Ray Train
   `TorchTrainer` per task (distributed/train_workers.py, `adapt_on:
@@ -84,14 +87,14 @@ class RayKernels:
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,
                         strategy=sizes.placement_strategy)
         self.sizes, self.engine, self.progress = sizes, engine, progress
-        self.pool = GenerationPool(tokenizer=tokenizer, max_length=max_length, decoding=decoding,
-                                   num_actors=sizes.num_generation_actors, cpus=sizes.generation_cpus,
-                                   strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
-                                   ready_timeout_s=ready_timeout_s)
-        self.search_pool = SearchPool(tokenizer=tokenizer, max_length=max_length, decoding=decoding,
-                                      num_actors=sizes.num_search_workers, cpus=sizes.search_cpus,
-                                      strategy=sizes.placement_strategy, always_sync_backbone=full_finetune,
-                                      ready_timeout_s=ready_timeout_s)
+        common = dict(tokenizer=tokenizer, max_length=max_length, decoding=decoding, strategy=sizes.placement_strategy,
+                      always_sync_backbone=full_finetune, ready_timeout_s=ready_timeout_s)
+        if sizes.shared_replicas:  # one pool serves both (config.RayConfig.shared_replicas)
+            self.pool = self.search_pool = SearchPool(num_actors=sizes.replicas(), cpus=sizes.search_cpus, **common)
+            self.pool.role = "the search and generation actors"
+        else:
+            self.pool = GenerationPool(num_actors=sizes.num_generation_actors, cpus=sizes.generation_cpus, **common)
+            self.search_pool = SearchPool(num_actors=sizes.num_search_workers, cpus=sizes.search_cpus, **common)
         self.trainer, self.group = None, None
         if sizes.adapt_on == "ray_train":
             self.trainer = RayTrainAdapter(engine, num_workers=sizes.num_train_workers,

@@ -17,6 +17,8 @@ jobs are exactly the ones the stage builds. Then:
   equal the in-process ones; top-k answers repeat exactly;
 * warm_up starts the generation actor and a search actor before any call,
   and the first calls use them;
+* with `shared_replicas` one pool's actors run the candidates and the
+  pseudo samples, each as in process;
 * after the coordinator's model changes (new module, new path, perturbed
   module and backbone weights, then a module dropped again) the pool's next
   call matches the in-process kernels on the changed model.
@@ -233,6 +235,32 @@ def test_warm_up_starts_the_workers_before_their_first_call(ray_local, env):
         assert kernels.search_pool.actors == searchers
         want = run_search_job(copy.deepcopy(env.model), env.jobs[0], env.data)
         assert got.path == want.path and got.val_loss == pytest.approx(want.val_loss, abs=1e-6)
+    finally:
+        kernels.close()
+
+
+def test_shared_replicas_search_and_generate_on_one_pool(ray_local, env):
+    """ray.shared_replicas: one pool of max(search, generation) actors runs candidates and pseudo samples, and
+    each computes what the in-process kernels compute (candidates between the calls leave the replicas as
+    synced)."""
+    run = env.run
+    kernels = ray_kernels(run, run.run_dir / "_ray_train", num_generation_actors=1, generation_cpus=1,
+                          num_search_workers=2, search_cpus=1, shared_replicas=True, adapt_on="coordinator")
+    try:
+        assert kernels.pool is kernels.search_pool and kernels.pool.num_actors == 2
+        requests = pseudo_requests(run)
+        want = env.reference.generate(run.model, requests)
+        assert kernels.generate(run.model, requests) == want
+        actors = list(kernels.pool.actors)
+        got = kernels.search(env.model, env.jobs, env.data)
+        assert kernels.generate(run.model, requests) == want
+        assert kernels.pool.actors == actors  # the replicas that generated ran the candidates
+        groups = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        assert len(groups) == 1  # one pool's reservation, not a search pool beside a generation pool
+        for result, job in zip(got, env.jobs, strict=True):
+            reference = run_search_job(copy.deepcopy(env.model), job, env.data)
+            assert (result.path, result.new_layers) == (reference.path, reference.new_layers)
+            assert result.val_loss == pytest.approx(reference.val_loss, abs=1e-6)
     finally:
         kernels.close()
 

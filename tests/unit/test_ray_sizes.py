@@ -1,6 +1,9 @@
 """What a config's `ray:` section leaves unset is set by where the run is (RayConfig.sized, cluster.sized_for):
 one search worker per core on an embedded Ray, 1 on a cluster; workers warm up where they have cores of their own;
-Ray's dashboard starts where Ray Train needs its State API."""
+Ray's dashboard starts where Ray Train needs its State API; search and generation share one pool of replicas
+where the roles take turns on the same cores."""
+
+import dataclasses
 
 import pytest
 
@@ -34,11 +37,26 @@ def test_sized_for_follows_the_address_and_ray_num_cpus(monkeypatch):
 
 
 def test_logical_cpus_and_resume_overrides_use_the_sizes():
-    sized = RayConfig().sized(local_cores=2)  # search 2 x 1, generation 1 x 1, training 1 x 1
-    assert sized.reserved_cpus() == 4.0 and cluster.logical_cpus(sized) >= 4
+    sized = RayConfig().sized(local_cores=2)  # search and generation 2 x 1 (one pool), training 1 x 1
+    assert sized.reserved_cpus() == 3.0 and cluster.logical_cpus(sized) >= 3
     assert cluster.size_overrides(RayConfig(), sized) == ["ray.num_search_workers=2", "ray.warm_up=False",
-                                                          "ray.dashboard=False"]
+                                                          "ray.shared_replicas=True", "ray.dashboard=False"]
     assert cluster.size_overrides(sized, sized) == []
+    separate = dataclasses.replace(sized, shared_replicas=False)  # search 2 x 1, generation 1 x 1, training 1 x 1
+    assert separate.reserved_cpus() == 4.0 and cluster.logical_cpus(separate) >= 4
+
+
+def test_search_and_generation_share_replicas_where_the_roles_take_turns():
+    turns = RayConfig().sized(local_cores=2)
+    assert turns.shared_replicas and turns.replicas() == 2  # max(2 search workers, 1 generation actor)
+    assert RayConfig(num_generation_actors=3).sized(local_cores=2).replicas() == 3
+    assert not RayConfig().sized(local_cores=None).shared_replicas  # a cluster: a pool each
+    assert not RayConfig(num_search_workers=2).sized(local_cores=8).shared_replicas  # cores to spare
+    # different CPUs (torch threads) per role: not shared unless asked, and asked, refused by key
+    assert not RayConfig(search_cpus=0.5).sized(local_cores=2).shared_replicas
+    assert RayConfig(shared_replicas=False).sized(local_cores=2).shared_replicas is False  # an explicit choice stays
+    with pytest.raises(ConfigError, match=r"ray.search_cpus=0.5 and ray.generation_cpus=1 differ.*shared_replicas=false"):
+        RayConfig(shared_replicas=True, search_cpus=0.5)
 
 
 def test_workers_warm_up_where_they_have_cores_of_their_own():
