@@ -13,7 +13,8 @@ Key decisions:
   `next_ids` (adapter-sized), the backbone only when its checksum moved. A run's
   expansions thus ship the backbone once, not once per task (a whole snapshot
   per expansion was ~3 GB of object store and a model build per candidate for
-  gpt2-large).
+  gpt2-large). The price: each actor keeps its replica in memory for the run,
+  as a generation actor does, where search tasks held one only while they ran.
 - A candidate runs on the replica itself, and the replica is then put back to
   the state last synced (`apply_model_state`: every module rebuilt from the
   synced tensors, the candidate's new modules dropped, `next_ids` and token
@@ -31,6 +32,10 @@ Key decisions:
   many times slower.
 - An actor lost mid-search (process or node) gets the pool rebuilt and the
   search redone (`GenerationPool._run`).
+- With `ray.shared_replicas` (the default where the roles take turns on the
+  same cores) this pool is also the run's generation pool: the stages run one
+  after another, so the same replicas generate, evaluate and search
+  (`RayKernels`).
 """
 
 from __future__ import annotations
