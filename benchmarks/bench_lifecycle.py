@@ -2,13 +2,15 @@
 
 The same run (default: the quick start's tasks and settings) runs twice in one process, side by side:
   1. in process (no Ray), one torch thread: each stage's time is pure compute;
-  2. on embedded Ray (one search worker, one generation actor, one training rank, one CPU each, as
-     the quick start): the same computation plus scheduling, transfers and start-up.
+  2. on embedded Ray, sized as `dmea run` sizes it on this machine (`cluster.sized_for`) but with one
+     search worker, one generation actor and one training rank of one CPU each: the same computation
+     plus scheduling, transfers and start-up.
 Both skip MLflow and reuse one cached backbone (built first, untimed). Per task it prints the summed
 stage seconds of both and the difference (Ray's overhead). The one-time start-up is what Ray's run costs
 beyond its stages (the coordinator actor, building the run) plus the first task's overhead beyond the
-later tasks' median (the generation pool and the training group start at first use); the ratio is Ray's
-wall time without that start-up over the in-process compute.
+later tasks' median (where the roles share the cores, as on a 2-core machine, the workers start during the
+first adaptation: `ray.warm_up` off, distributed/kernels.py); the ratio is Ray's wall time without that
+start-up over the in-process compute.
 
     .venv/bin/python benchmarks/bench_lifecycle.py [--config configs/quickstart.yaml] [--tasks 3]
         [--adapt-on train_group|ray_train|coordinator]
@@ -17,6 +19,7 @@ wall time without that start-up over the in-process compute.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -73,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from dmea_dist.distributed.cluster import connect, logical_cpus
+    from dmea_dist.distributed.cluster import connect, logical_cpus, sized_for
     from dmea_dist.distributed.coordinator import ray_coordinator_factory
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,11 +88,12 @@ def main() -> None:
                                            f"ray.adapt_on={args.adapt_on}", "ray.num_search_workers=1",
                                            "ray.num_generation_actors=1", "ray.num_train_workers=1",
                                            f"data.tasks=[{','.join(tasks)}]"])
+        config = dataclasses.replace(config, ray=sized_for(config.ray, None))  # as `dmea run` on this machine
         torch.set_num_threads(1)
         quiet = {"progress": False, "echo": lambda s: None}
         run_sequence(config, run_dir=f"{tmp}/warm", **quiet)  # builds the cached backbone, warms DeepSpeed's op
         local = run_sequence(config, run_dir=f"{tmp}/local", **quiet)
-        connect(None, num_cpus=logical_cpus(config.ray), dashboard=config.ray.sized(local_cores=None).dashboard)
+        connect(None, num_cpus=logical_cpus(config.ray), dashboard=config.ray.dashboard)
         start = time.perf_counter()
         distributed = run_sequence(config, run_dir=f"{tmp}/ray", coordinator_factory=ray_coordinator_factory,
                                    **quiet)
@@ -99,6 +103,10 @@ def main() -> None:
     overhead = [r - c for r, c in zip(on_ray, compute, strict=True)]
     later = statistics.median(overhead[1:]) if len(overhead) > 1 else 0.0
     startup = (wall - sum(on_ray)) + (overhead[0] - later)
+    r = config.ray
+    print(f"ray: search {r.num_search_workers} x {r.search_cpus:g} CPU, generation {r.num_generation_actors} x "
+          f"{r.generation_cpus:g}{' (one pool)' if r.shared_replicas else ''}, training {r.num_train_workers} x "
+          f"{r.train_cpus:g}; warm_up {r.warm_up}")
     print(f"{'task':<24} {'in process s':>13} {'on Ray s':>9} {'overhead s':>11}")
     for name, c, r, o in zip(tasks, compute, on_ray, overhead, strict=True):
         print(f"{name:<24} {c:>13.1f} {r:>9.1f} {o:>11.1f}")
