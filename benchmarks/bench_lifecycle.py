@@ -103,10 +103,7 @@ def main() -> None:
     overhead = [r - c for r, c in zip(on_ray, compute, strict=True)]
     later = statistics.median(overhead[1:]) if len(overhead) > 1 else 0.0
     startup = (wall - sum(on_ray)) + (overhead[0] - later)
-    r = config.ray
-    print(f"ray: search {r.num_search_workers} x {r.search_cpus:g} CPU, generation {r.num_generation_actors} x "
-          f"{r.generation_cpus:g}{' (one pool)' if r.shared_replicas else ''}, training {r.num_train_workers} x "
-          f"{r.train_cpus:g}; warm_up {r.warm_up}")
+    print(f"ray: {config.ray.layout()}; warm_up {config.ray.warm_up}")
     print(f"{'task':<24} {'in process s':>13} {'on Ray s':>9} {'overhead s':>11}")
     for name, c, r, o in zip(tasks, compute, on_ray, overhead, strict=True):
         print(f"{name:<24} {c:>13.1f} {r:>9.1f} {o:>11.1f}")

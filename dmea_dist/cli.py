@@ -184,13 +184,8 @@ def _ray(address: str | None, config):
     dashboard = ""
     if where == "local":
         dashboard = f"; dashboard: {ray_dashboard_url() or 'off (--set ray.dashboard=true starts it)'}"
-    if s.shared_replicas:
-        replicas = f"search and generation {s.replicas()} x {s.search_cpus:g} CPU (one pool)"
-    else:
-        replicas = (f"search {s.num_search_workers} x {s.search_cpus:g} CPU, generation {s.num_generation_actors} x "
-                    f"{s.generation_cpus:g}")
-    print(f"ray: {'embedded local cluster' if where == 'local' else where} ({replicas}, training "
-          f"{s.num_train_workers} x {s.train_cpus:g}){dashboard}", file=sys.stderr)
+    print(f"ray: {'embedded local cluster' if where == 'local' else where} ({s.layout()}){dashboard}",
+          file=sys.stderr)
     return dataclasses.replace(config, ray=s), ray_coordinator_factory
 
 

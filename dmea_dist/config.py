@@ -434,6 +434,16 @@ class RayConfig:
         """Actors of a shared search and generation pool (`shared_replicas`)."""
         return max(self.num_search_workers, self.num_generation_actors)
 
+    def layout(self) -> str:
+        """The roles' sizes in words (sizes set: `sized`), e.g. "search and generation 2 x 1 CPU (one pool),
+        training 1 x 1"."""
+        if self.shared_replicas:
+            replicas = f"search and generation {self.replicas()} x {self.search_cpus:g} CPU (one pool)"
+        else:
+            replicas = (f"search {self.num_search_workers} x {self.search_cpus:g} CPU, generation "
+                        f"{self.num_generation_actors} x {self.generation_cpus:g}")
+        return f"{replicas}, training {self.num_train_workers} x {self.train_cpus:g}"
+
 
 @dataclass(frozen=True)
 class RunConfig:

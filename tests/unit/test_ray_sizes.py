@@ -49,6 +49,8 @@ def test_logical_cpus_and_resume_overrides_use_the_sizes():
 def test_search_and_generation_share_replicas_where_the_roles_take_turns():
     turns = RayConfig().sized(local_cores=2)
     assert turns.shared_replicas and turns.replicas() == 2  # max(2 search workers, 1 generation actor)
+    assert turns.layout() == "search and generation 2 x 1 CPU (one pool), training 1 x 1"  # what `dmea run` prints
+    assert RayConfig().sized(local_cores=None).layout() == "search 1 x 1 CPU, generation 1 x 1, training 1 x 1"
     assert RayConfig(num_generation_actors=3).sized(local_cores=2).replicas() == 3
     assert not RayConfig().sized(local_cores=None).shared_replicas  # a cluster: a pool each
     assert not RayConfig(num_search_workers=2).sized(local_cores=8).shared_replicas  # cores to spare
