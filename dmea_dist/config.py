@@ -257,6 +257,9 @@ class SelectionConfig:
     epsilon: float = 0.97  # energy kept by each task's per-layer basis
     n_samples: int = 100  # samples whose representations define a task's subspace
     site: Literal["block_input"] = "block_input"  # where representations are read
+    # the path the new task's inputs take when compared with an earlier task's basis: "earlier", that task's
+    # own path (the network its basis was read from), or "own", the new task's path after expansion
+    route: Literal["earlier", "own"] = "own"
 
     def __post_init__(self):
         _check_range("method.selection.top_k", self.top_k, 0, 1000)

@@ -17,7 +17,7 @@ process from the files alone: that is what `dmea resume` does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,8 +199,8 @@ def select(ctx: RunContext, task: Task) -> dict[str, Any]:
         ts.selected = []
         return {"selected": []}
     if policy.selection == "subspace":
-        reps = _representations(ctx, task)
-        sims = {t.task_id: selection.task_similarity(_basis(ctx, t), reps) for t in earlier}
+        sims = {t.task_id: selection.task_similarity(_basis(ctx, t), reps)
+                for t, reps in _representations_for(ctx, task, earlier)}
         for t in earlier:
             ctx.state.similarity[task.index][t.index] = sims[t.task_id]
     else:
@@ -215,11 +215,29 @@ def select(ctx: RunContext, task: Task) -> dict[str, Any]:
     return {"selected": chosen, "similarity": sims}
 
 
-def _representations(ctx: RunContext, task: Task) -> list[torch.Tensor]:
+def _representations(ctx: RunContext, task: Task, path: list[int] | None = None) -> list[torch.Tensor]:
+    """`task`'s per-layer representations along `path` (default: its own)."""
     n = ctx.settings.selection.n_samples
     qa = task.train[0][:n]
     batches = [collate(qa[i:i + 32], pad_id=ctx.special.pad) for i in range(0, len(qa), 32)]
-    return selection.collect_representations(ctx.run.model, batches, path=ctx.path(task.task_id), n_samples=n)
+    path = ctx.path(task.task_id) if path is None else path
+    return selection.collect_representations(ctx.run.model, batches, path=path, n_samples=n)
+
+
+def _representations_for(ctx: RunContext, task: Task, earlier: list[Task]) -> Iterator[tuple[Task, list]]:
+    """(earlier task, the new task's representations to compare with its basis), by `selection.route`:
+    along the new task's own path, or along each earlier task's path, the network its basis was read from
+    (computed once per distinct path)."""
+    if ctx.settings.selection.route == "own":
+        reps = _representations(ctx, task)
+        yield from ((t, reps) for t in earlier)
+        return
+    by_path: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for t in earlier:
+        path = tuple(ctx.path(t.task_id))
+        if path not in by_path:
+            by_path[path] = _representations(ctx, task, list(path))
+        yield t, by_path[path]
 
 
 def _basis(ctx: RunContext, task: Task) -> list[torch.Tensor]:

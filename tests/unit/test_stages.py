@@ -371,6 +371,55 @@ def test_usable_transfer_under_random_selection_stands_in_from_the_unselected_ta
     assert ts.transfer == [TASKS[1]]
 
 
+def _at_select(tmp_path, route: str):
+    """A dmea run stopped at the last task's SELECT, its new layer-0 module (its own path's) set to noise."""
+    config = _config(tmp_path, "dmea")
+    config = dataclasses.replace(config, method=dataclasses.replace(
+        config.method, selection=dataclasses.replace(config.method.selection, route=route)))
+    run_dir = tmp_path / route
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: FakeKernels(run),
+                              run=_run(config, run_dir))
+    while (coordinator.state.task_index, coordinator.state.stage) != (2, Stage.SELECT):
+        coordinator.step()
+    ctx = coordinator.ctx
+    new_path = ctx.path(TASKS[2])
+    assert new_path[0] not in {ctx.path(t)[0] for t in TASKS[:2]}  # the fake search added a module there
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in ctx.run.model.get_module(0, new_path[0]).parameters():
+            p.copy_(torch.randn_like(p))
+    return ctx
+
+
+@pytest.mark.parametrize("route", ["earlier", "own"])
+def test_selection_reads_the_new_tasks_inputs_along_the_route_it_is_set_to(tmp_path, route):
+    """`route=earlier` compares each earlier task's basis with the new task's inputs read along that task's
+    path, so the new task's own modules cannot move it; `own` reads them along the new path. Reference: the
+    representations collected directly, projected onto the stored bases."""
+    from dmea_dist import stages
+    from dmea_dist.data.formatting import collate
+    from dmea_dist.method import selection
+
+    ctx = _at_select(tmp_path, route)
+    task, model, n = ctx.run.tasks[2], ctx.run.model, ctx.settings.selection.n_samples
+    sims = stages.select(ctx, task)["similarity"]
+    for old in ctx.run.tasks[:2]:
+        path = ctx.path(old.task_id if route == "earlier" else task.task_id)
+        reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
+                                                 path=path, n_samples=n)
+        bases = stages._basis(ctx, old)
+        reference = np.mean([selection.projection_ratio(b, r) for b, r in zip(bases, reps, strict=True)])
+        assert sims[old.task_id] == pytest.approx(reference, abs=1e-6)
+    # the noise in the new module moves what `own` reads, not what `earlier` reads
+    clean = {}
+    for old in ctx.run.tasks[:2]:
+        reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
+                                                 path=ctx.path(old.task_id), n_samples=n)
+        clean[old.task_id] = selection.task_similarity(stages._basis(ctx, old), reps)
+    moved = max(abs(sims[t] - clean[t]) for t in clean)
+    assert (moved < 1e-6) if route == "earlier" else (moved > 1e-3)
+
+
 class PartlyRightKernels(FakeKernels):
     """Answers that realise the first k test inputs of every task at the k-th evaluation, and nothing else."""
 
