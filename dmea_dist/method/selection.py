@@ -10,7 +10,10 @@ For a new task with representations `R_n` (d_model, N) per layer,
     sim(n, i) = mean over layers of ||U_i U_i^T R_n||_F / ||R_n||_F
 
 which is 1 when task n's inputs lie inside task i's subspace and ~sqrt(r/d)
-for unrelated directions. The top-K earlier tasks are selected.
+for unrelated directions. The top-K earlier tasks are selected. By default
+(`method.selection.route=earlier`) `R_n` is read along task i's path, the
+network `U_i` was read from, so both live in one space; `own` reads it along
+the new task's path (the stage chooses, dmea_dist.stages.select).
 
 A sample's representation at a layer is the mean of its non-padding token
 states there (one column per sample), which keeps the matrix (d_model, N)
