@@ -52,6 +52,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     # Worker logs stay in Ray's log folder unless asked for: the driver prints progress and results itself,
     # and errors come back through ray.get.
     logs = os.environ.get("DMEA_RAY_LOGS", "0") == "1"
+    global _dashboard_url
+    _dashboard_url = None  # an earlier embedded Ray's, gone with it
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=logs)
         return address
@@ -60,7 +62,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API only
     # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
     # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
-    global _dashboard_url
     with _quiet_token_notice():
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env},
@@ -88,8 +89,8 @@ def _quiet_token_notice() -> Iterator[None]:
 
 def ray_dashboard_url() -> str | None:
     """Where the dashboard of the embedded Ray that `connect` started listens (http://127.0.0.1:PORT), if it
-    started one."""
-    return _dashboard_url
+    started one, while it runs."""
+    return _dashboard_url if ray.is_initialized() else None
 
 
 def free_port() -> int:

@@ -193,6 +193,7 @@ def test_embedded_ray_without_a_dashboard_starts_none_of_its_modules():
             assert (dashboard_modules() > 0) == dashboard
         finally:
             ray.shutdown()
+        assert ray_dashboard_url() is None  # gone with the Ray that served it
 
 
 EMBEDDED_AUTH = """
