@@ -24,7 +24,7 @@ separator (dmea, seed 0, both orders:
 method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4), route (dmea with method.selection.route own and
-earlier: synth10 seeds 0-2 and ABCDE seed 0). Run dirs: OUT/runs/<label>; logs:
+earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
 whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt). After the
@@ -105,12 +105,13 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
     groups["synth10"] = [(f"synth10-dmea-s{seed}", "dmea", synth_config, "synth10", seed, ["method.name=dmea"])
                          for seed in (0, 1, 2)]
     # RESULTS "Selection along the earlier path": the new task's inputs read along each earlier task's path or
-    # along its own, named explicitly (whatever the default): synth10 seeds 0-2, RNNLG+E2E ABCDE seed 0
+    # along its own, named explicitly (whatever the default): synth10 seeds 0-4, RNNLG+E2E seed 0, both orders
     groups["route"] = [(f"route-synth10-dmea-{r}-s{seed}", f"dmea, route {r}", synth_config, "synth10", seed,
-                        ["method.name=dmea", f"method.selection.route={r}"]) for r in ("own", "earlier")
-                       for seed in (0, 1, 2)]
-    groups["route"] += [(f"route-ABCDE-dmea-{r}-s0", f"dmea, route {r}", ORDERS["ABCDE"], "ABCDE", 0,
-                         ["method.name=dmea", f"method.selection.route={r}"]) for r in ("own", "earlier")]
+                        ["method.name=dmea", f"method.selection.route={r}"]) for seed in (0, 1, 2, 3, 4)
+                       for r in ("own", "earlier")]
+    groups["route"] += [(f"route-{order}-dmea-{r}-s0", f"dmea, route {r}", cfg, order, 0,
+                         ["method.name=dmea", f"method.selection.route={r}"])
+                        for order, cfg in ORDERS.items() for r in ("own", "earlier")]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
         for seed in (0, 1, 2, 3, 4):
