@@ -121,12 +121,16 @@ def task_summary(record: dict[str, Any], history: list[dict[str, Any]], *, n_tas
         kept = sum(v for k, v in m.items() if k.startswith("pseudo.kept."))
         asked = sum(v for k, v in m.items() if k.startswith("pseudo.requested."))
         line = f"pseudo samples {int(kept)}/{int(asked)}, yield {min(yields.values()):.0%}"
-        fids = [v for k, v in m.items() if k.startswith("pseudo.fidelity.")]
+        fids = {k.removeprefix("pseudo.fidelity."): v for k, v in m.items() if k.startswith("pseudo.fidelity.")}
+        real = {k.removeprefix("pseudo.real_fidelity."): v for k, v in m.items()
+                if k.startswith("pseudo.real_fidelity.")}
         if fids:
-            line += f", fidelity {sum(fids) / len(fids):.0%}"
-            real = [v for k, v in m.items() if k.startswith("pseudo.real_fidelity.")]
-            if len(real) == len(fids):  # the same tasks' answers to real inputs: what the model can do
-                line += f" (on real inputs {sum(real) / len(real):.0%})"
+            line += f", fidelity {sum(fids.values()) / len(fids):.0%}"
+            if real.keys() >= fids.keys():  # the same tasks' answers to real inputs: what the model can do
+                line += f" (on real inputs {sum(real[t] for t in fids) / len(fids):.0%})"
+            if len(fids) > 1:  # a mean hides which task is unfaithful, and whether its model is too
+                low = min(fids, key=lambda t: (fids[t], t))
+                line += f", lowest {low} {fids[low]:.0%}" + (f" (on real inputs {real[low]:.0%})" if low in real else "")
         parts.append(line)
     if "eta_clamp_rate" in m:
         parts.append(f"eta at clamp {m['eta_clamp_rate']:.0%}")

@@ -100,6 +100,16 @@ def test_task_summary_line_reads_pseudo_fidelity_against_real_inputs():
                           for k, v in (("yield", 1.0), ("kept", 8.0), ("requested", 8.0))}}
     record["metrics"].update({"pseudo.fidelity.synth.hotel.00": 0.5, "pseudo.fidelity.synth.listops.00": 0.0,
                               "pseudo.real_fidelity.synth.hotel.00": 0.75, "pseudo.real_fidelity.synth.listops.00": 0.05})
-    assert "fidelity 25% (on real inputs 40%)" in task_summary(record, [], n_tasks=3)
+    assert task_summary(record, [], n_tasks=3).endswith(
+        "fidelity 25% (on real inputs 40%), lowest synth.listops.00 0% (on real inputs 5%)")
     del record["metrics"]["pseudo.real_fidelity.synth.listops.00"]  # not all evaluated: no mean of a part
-    assert task_summary(record, [], n_tasks=3).endswith("fidelity 25%")
+    assert task_summary(record, [], n_tasks=3).endswith("fidelity 25%, lowest synth.listops.00 0%")
+
+
+def test_task_summary_line_names_the_least_faithful_task():
+    record = {"task_id": "synth.hotel.02", "task_index": 3, "params": {},
+              "metrics": {f"pseudo.{k}.{t}": v for t in ("synth.hotel.00", "synth.hotel.01", "synth.listops.00")
+                          for k, v in (("yield", 1.0), ("kept", 8.0), ("requested", 8.0))}}
+    record["metrics"].update({"pseudo.fidelity.synth.hotel.00": 0.9, "pseudo.fidelity.synth.hotel.01": 0.3,
+                              "pseudo.fidelity.synth.listops.00": 0.6})
+    assert task_summary(record, [], n_tasks=4).endswith("fidelity 60%, lowest synth.hotel.01 30%")
