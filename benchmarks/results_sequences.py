@@ -197,6 +197,20 @@ def summarise(data: dict) -> dict:
             "wall": sum(h.get("seconds", 0.0) for h in data["history"]), "proc": data["proc"]}
 
 
+def fidelity_by_family(data: dict) -> dict[str, list[tuple[float, float | None]]]:
+    """Per family of the generated task (`synth.<family>.NN`), (pseudo fidelity, the generating model's
+    fidelity on real inputs) of every pseudo-sample batch: a run's mean mixes tasks its model can do with
+    tasks it cannot, whose pseudo samples cannot be faithful either."""
+    out: dict[str, list[tuple[float, float | None]]] = {}
+    for m in (r["metrics"] for r in data["records"]):
+        for key, value in m.items():
+            if key.startswith("pseudo.fidelity."):
+                task = key.removeprefix("pseudo.fidelity.")
+                family = task.split(".")[1] if task.count(".") >= 2 else task
+                out.setdefault(family, []).append((value, m.get(f"pseudo.real_fidelity.{task}")))
+    return out
+
+
 def _real(s: dict) -> str:
     return "" if s["real_fid"] is None else f" ({s['real_fid']:.2f})"
 
@@ -285,6 +299,20 @@ def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
     for (seq, m), ss in per_method.items():
         print(f"| {seq} | {m} | {len(ss)} | {fmt(col(ss, 'A'))} | {fmt(col(ss, 'bwt'))} | {fmt(col(ss, 'fgt'))} "
               f"| {fmt(col(ss, 'fwt'))} | {fmt(col(ss, 'learned'))} | {fmt(col(ss, 'ymean'))} | {fmt(col(ss, 'clamp'))} | {fmt(col(ss, 'wall'), '.0f')} |")
+    by_family: dict[tuple[str, str, str], list[tuple[float, float | None]]] = {}
+    for run, data in done:
+        for family, batches in fidelity_by_family(data).items():
+            by_family.setdefault((_family(run[3]), run[1], family), []).extend(batches)
+    if by_family:
+        print("\nPseudo-sample fidelity by the generated task's family: every batch of the method's runs; on real "
+              "inputs: the generating model's answers to the same task's real inputs (the most its samples can "
+              "reach)\n\n| sequence | method | family | batches | fidelity mean | min | on real inputs |\n"
+              + "|---" * 7 + "|")
+        for (seq, m, family), batches in by_family.items():
+            fid = [f for f, _ in batches]
+            real = [r for _, r in batches if r is not None]
+            print(f"| {seq} | {m} | {family} | {len(fid)} | {mean(fid):.2f} | {min(fid):.2f} "
+                  f"| {fmt(mean(real) if len(real) == len(fid) else None)} |")
     pairs = paired([(run[3], run[4], run[1], s) for run, s in summaries])
     if pairs:
         print("\nPaired against dmea (same sequence, order and seed): the other method minus dmea, mean +- standard "

@@ -49,3 +49,13 @@ def test_paired_differences_match_a_hand_computation(results):
 def test_reference_method_can_be_chosen(results):
     rows = [("qs", 0, "dmea", s(1.0, 0.0)), ("qs", 0, "dmea-no-gs", s(3.0, 1.0))]
     assert results.paired(rows, reference="dmea-no-gs")[("qs", "dmea")]["A"][0] == pytest.approx(-2.0)
+
+
+def test_fidelity_is_split_by_the_generated_tasks_family(results):
+    records = [{"metrics": {"pseudo.fidelity.synth.restaurant.00": 0.8,
+                            "pseudo.real_fidelity.synth.restaurant.00": 0.9}},
+               {"metrics": {"pseudo.fidelity.synth.restaurant.00": 0.7, "pseudo.fidelity.synth.listops.00": 0.0,
+                            "pseudo.real_fidelity.synth.listops.00": 0.0, "pseudo.yield.synth.listops.00": 0.8}},
+               {"metrics": {"pseudo.fidelity.e2e": 0.5}}]
+    assert results.fidelity_by_family({"records": records}) == {
+        "restaurant": [(0.8, 0.9), (0.7, None)], "listops": [(0.0, 0.0)], "e2e": [(0.5, None)]}
