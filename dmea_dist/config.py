@@ -182,7 +182,7 @@ class TrainConfig:
     full_finetune_lr: float = 6.25e-5  # lamol / finetune train the whole backbone (LAMOL's rate)
     adam_eps: float = 1e-6
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm, in the search and in adaptation; 0: no clipping
     batch_size: int = 4  # global batch of each task sub-batch: data-parallel ranks each take a share
     lm_lambda: float = 0.25  # weight of the LM loss that teaches the model to generate pseudo samples
     # loss weight of the answer separator as a target (LAMOL/ACM `tokens_weight`: 5); a weighted mean,

@@ -18,5 +18,9 @@ class DataError(DmeaError, ValueError):
     """Invalid task data: missing file, malformed row, empty split, unknown task."""
 
 
+class TrainingDiverged(DmeaError):
+    """A loss became NaN or infinite: training stops, the last good state is kept."""
+
+
 class DataWarning(UserWarning):
     """Data accepted with a caveat the user should know (e.g. inputs truncated to fit the model)."""

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import torch
 
 from dmea_dist.data.formatting import BatchStream, Example
-from dmea_dist.errors import DmeaError
+from dmea_dist.errors import TrainingDiverged
 from dmea_dist.method.training import task_loss
 from dmea_dist.modeling.io import modules_state, put_modules_state
 
@@ -130,10 +130,6 @@ def step_plan(keys: Sequence[str], total: int, *, mixing: str, seed: int | str) 
             row.append(queue.pop(0))
         plan.append(row)
     return plan
-
-
-class TrainingDiverged(DmeaError):
-    """A loss became NaN or infinite: training stops, the last good state is kept."""
 
 
 def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda: float,

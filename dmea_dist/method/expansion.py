@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dmea_dist.data.formatting import BatchStream
+from dmea_dist.errors import TrainingDiverged
 from dmea_dist.method.training import evaluate_loss, make_optimizer, task_loss
 from dmea_dist.modeling.io import modules_state, put_modules_state
 
@@ -139,7 +140,8 @@ def search_candidate(model, *, candidate: int, train: BatchStream, val_batches: 
                 loss = loss + entropy_weight * mixing_entropy(logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(new_path), grad_clip)
+            if grad_clip > 0:  # 0: no clipping, as in adaptation (clip_grad_norm_ at 0 would zero every gradient)
+                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(new_path), grad_clip)
             optimizer.step()  # a logit without a gradient (warm-up) is skipped by AdamW
 
     path = [ids[int(torch.argmax(x))] for ids, x in zip(candidates, logits, strict=True)]
@@ -160,12 +162,18 @@ def pick_best(results: Sequence[CandidateResult]) -> CandidateResult:
     """Lowest validation loss; ties (within 1e-9, relative) go to fewer new modules, then lower index.
 
     A tolerance, not rounding: two losses 2e-10 apart can round to different 9th decimals, and losses
-    of one path computed in different processes differ in their last bits.
+    of one path computed in different processes differ in their last bits. A candidate whose loss is not
+    finite (it diverged) never wins; if every one diverged, the search fails with what to change.
     """
     if not results:
         raise ValueError("no expansion candidates to choose from")
-    best = min(r.val_loss for r in results)
-    tied = [r for r in results if r.val_loss <= best + 1e-9 * max(1.0, abs(best))]
+    finite = [r for r in results if math.isfinite(r.val_loss)]
+    if not finite:
+        losses = ", ".join(f"{r.candidate}: {r.val_loss}" for r in results)
+        raise TrainingDiverged(f"every expansion candidate diverged (validation loss by candidate: {losses}); "
+                               "lower train.lr (and method.expansion.coefficient_lr if set) or check the data")
+    best = min(r.val_loss for r in finite)
+    tied = [r for r in finite if r.val_loss <= best + 1e-9 * max(1.0, abs(best))]
     return min(tied, key=lambda r: (r.n_new, r.candidate))
 
 

@@ -95,3 +95,16 @@ def test_the_entropy_penalty_sharpens_the_mixture(setting):
                         similarity=0.0)
     level = model.n_layers * float(torch.log(torch.tensor(2.0)))  # two choices per layer, level start
     assert entropy(penalised) < entropy(plain) - 0.05 * level, (entropy(penalised), entropy(plain), level)
+
+
+def test_grad_clip_zero_means_no_clipping_in_the_search(setting):
+    """train.grad_clip=0 turns clipping off (as in adaptation): the new modules train as with a bound no
+    gradient reaches, bit for bit; clip_grad_norm_ at 0 would zero every gradient and leave them untrained."""
+    model, old, common = setting
+    off = _search(model, old, {**common, "grad_clip": 0.0}, init="similarity", coefficient_lr=5e-3)
+    unbounded = _search(model, old, {**common, "grad_clip": 1e9}, init="similarity", coefficient_lr=5e-3)
+    assert off.new_modules and off.new_modules.keys() == unbounded.new_modules.keys()
+    for key, value in off.new_modules.items():
+        assert torch.equal(value, unbounded.new_modules[key]), key
+    ups = [v for k, v in off.new_modules.items() if k.endswith("up.weight")]
+    assert ups and all(float(v.abs().max()) > 0 for v in ups)  # trained away from the zero start

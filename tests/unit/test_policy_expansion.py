@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dmea_dist.errors import TrainingDiverged
 from dmea_dist.method.expansion import (
     CandidateResult,
     cosine_similarity,
@@ -78,3 +79,13 @@ def test_pick_best_prefers_low_loss_then_fewer_new_modules():
     assert pick_best([result(0, 1.0, 3), result(1, 1.000001, 1)]).candidate == 0  # not a tie
     with pytest.raises(ValueError):
         pick_best([])
+
+
+def test_pick_best_never_picks_a_diverged_candidate():
+    def result(i, loss):
+        return CandidateResult(candidate=i, path=[0], new_layers=[], val_loss=loss, logits=[], params={})
+    # wherever the diverged one stands: first (min() over a NaN would start from it) or later
+    assert pick_best([result(0, math.nan), result(1, 1.0)]).candidate == 1
+    assert pick_best([result(0, 1.0), result(1, math.nan), result(2, math.inf)]).candidate == 0
+    with pytest.raises(TrainingDiverged, match=r"every expansion candidate diverged.*0: nan, 1: inf.*train\.lr"):
+        pick_best([result(0, math.nan), result(1, math.inf)])
