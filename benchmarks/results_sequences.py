@@ -24,7 +24,7 @@ separator (dmea, seed 0, both orders:
 method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4), route (dmea with method.selection.route own and
-earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders). Run dirs: OUT/runs/<label>; logs:
+earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders), route-s123 (the same on RNNLG+E2E seeds 1-3). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
 whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt). After the
@@ -112,6 +112,11 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
     groups["route"] += [(f"route-{order}-dmea-{r}-s0", f"dmea, route {r}", cfg, order, 0,
                          ["method.name=dmea", f"method.selection.route={r}"])
                         for order, cfg in ORDERS.items() for r in ("own", "earlier")]
+    # the same pairs on RNNLG+E2E seeds 1-3 (the earlier reading is the default since 9ed6783: main-*-dmea-s1..s3
+    # compute the same runs)
+    groups["route-s123"] = [(f"route-{order}-dmea-{r}-s{seed}", f"dmea, route {r}", cfg, order, seed,
+                             ["method.name=dmea", f"method.selection.route={r}"])
+                            for seed in (1, 2, 3) for order, cfg in ORDERS.items() for r in ("own", "earlier")]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
         for seed in (0, 1, 2, 3, 4):
