@@ -184,10 +184,10 @@ def fmt(x, spec=".2f") -> str:
 def summarise(data: dict) -> dict:
     ms = [r["metrics"] for r in data["records"]]
     yields = [v for m in ms for k, v in m.items() if k.startswith("pseudo.yield.")]
-    fids = [v for m in ms for k, v in m.items() if k.startswith("pseudo.fidelity.")]
+    batches = [b for family in fidelity_by_family(data).values() for b in family]
+    fids = [f for f, _ in batches]
     # the generating models' fidelity on real inputs, over the same batches (runs before 584ac1f lack it)
-    real = [m.get(k.replace("pseudo.fidelity.", "pseudo.real_fidelity.")) for m in ms for k in m
-            if k.startswith("pseudo.fidelity.")]
+    real = [r for _, r in batches]
     clamps = [m["eta_clamp_rate"] for m in ms if "eta_clamp_rate" in m]
     met = data["metrics"]
     return {"A": met.get("final_average"), "bwt": met.get("bwt"), "fgt": met.get("forgetting"),
@@ -206,12 +206,13 @@ def fidelity_by_family(data: dict) -> dict[str, list[tuple[float, float | None]]
     """Per family of the generated task (`synth.<family>.NN`), (pseudo fidelity, the generating model's
     fidelity on real inputs) of every pseudo-sample batch: a run's mean mixes tasks its model can do with
     tasks it cannot, whose pseudo samples cannot be faithful either."""
+    from dmea_dist.data.synthetic import parse_synthetic_name
     out: dict[str, list[tuple[float, float | None]]] = {}
     for m in (r["metrics"] for r in data["records"]):
         for key, value in m.items():
             if key.startswith("pseudo.fidelity."):
                 task = key.removeprefix("pseudo.fidelity.")
-                family = task.split(".")[1] if task.count(".") >= 2 else task
+                family = parse_synthetic_name(task)[0] if task.startswith("synth.") else task
                 out.setdefault(family, []).append((value, m.get(f"pseudo.real_fidelity.{task}")))
     return out
 
