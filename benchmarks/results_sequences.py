@@ -24,7 +24,8 @@ separator (dmea, seed 0, both orders:
 method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), synth10 (10
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4), route (dmea with method.selection.route own and
-earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders), route-s123 (the same on RNNLG+E2E seeds 1-3). Run dirs: OUT/runs/<label>; logs:
+earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders), route-s123 (the same on RNNLG+E2E seeds 1-3), gamma (dmea
+with method.adaptation.gamma=0.5, both orders, seeds 0-3). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
 whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt). After the
@@ -117,6 +118,11 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
     groups["route-s123"] = [(f"route-{order}-dmea-{r}-s{seed}", f"dmea, route {r}", cfg, order, seed,
                              ["method.name=dmea", f"method.selection.route={r}"])
                             for seed in (1, 2, 3) for order, cfg in ORDERS.items() for r in ("own", "earlier")]
+    # the replay budget: dmea with method.adaptation.gamma 0.5 (the default, ACM's and LAMOL's, is 0.2), both
+    # orders, seeds 0-3; compare with main-*-dmea-s*
+    groups["gamma"] = [(f"gamma-{order}-dmea-0.5-s{seed}", "dmea, gamma 0.5", cfg, order, seed,
+                        ["method.name=dmea", "method.adaptation.gamma=0.5"])
+                       for seed in (0, 1, 2, 3) for order, cfg in ORDERS.items()]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):
         for seed in (0, 1, 2, 3, 4):
