@@ -48,7 +48,9 @@ class SpecialTokenIds:
         n_tasks = sum(1 for tok in tokenizer.get_vocab() if tok.startswith("<|task_"))
         tasks = tuple(tokenizer.convert_tokens_to_ids([task_token(i) for i in range(n_tasks)]))
         unk = tokenizer.unk_token_id
-        if unk is not None and (unk in ids or unk in tasks):
+        # the answer separator and task tokens, not eos: GPT-2's unk token *is* its eos <|endoftext|>
+        reserved = (ids[0], *tasks)
+        if None in reserved or (unk is not None and unk in reserved):
             raise ValueError("tokenizer lacks the reserved special tokens; build it with train_bpe_tokenizer "
                              "or load_pretrained_tokenizer")
         return cls(ans=ids[0], eos=ids[1], pad=tokenizer.pad_token_id, tasks=tasks)

@@ -43,6 +43,25 @@ def test_reserved_tokens_are_single_ids(tokenizer):
     assert special.pad == special.eos
 
 
+def test_a_gpt2_tokenizer_whose_unk_is_its_eos_gets_its_reserved_tokens(tmp_path):
+    """GPT-2's unk token is <|endoftext|>, its eos: that is no missing reserved token (configs/gpt2.yaml)."""
+    from tokenizers import pre_tokenizers
+    from transformers import GPT2Tokenizer
+
+    from dmea_dist.data.tokenizer import load_pretrained_tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    GPT2Tokenizer(vocab=vocab, merges=[]).save_pretrained(tmp_path / "gpt2")  # a byte-level gpt2, offline
+    gpt2 = load_pretrained_tokenizer(str(tmp_path / "gpt2"), max_tasks=4)
+    assert gpt2.unk_token_id == gpt2.eos_token_id == vocab["<|endoftext|>"]
+    special = Formatter(gpt2, max_length=32).special
+    assert special.eos == vocab["<|endoftext|>"] and len({special.ans, special.eos, *special.tasks}) == 6
+    assert gpt2(ANS_TOKEN + task_token(3), add_special_tokens=False)["input_ids"] == [special.ans, special.tasks[3]]
+    with pytest.raises(ValueError, match="lacks the reserved special tokens"):  # a tokenizer without them
+        SpecialTokenIds.from_tokenizer(GPT2Tokenizer(vocab=vocab, merges=[]))
+
+
 def test_tokenizer_save_load_roundtrip(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     again = load_tokenizer(tmp_path)
