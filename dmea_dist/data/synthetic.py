@@ -347,7 +347,7 @@ def realises(name: str, context: str, answer: str) -> bool:
     The ground truth for pseudo-sample fidelity. Data-to-text: the context is an
     MR in this task's form (`inform(name=...;slot=...)` with the name first and
     only slots of this task, each once) and the answer mentions the entity name
-    and every slot value of the MR. Listops: the context is this task's
+    and every slot value of the MR, each as whole words. Listops: the context is this task's
     operation on a list of words and the answer is exactly the result, in the
     task's format. An input the task could not have produced (another task's
     form) is not realised; values are not checked against the task's value
@@ -378,7 +378,9 @@ def realises(name: str, context: str, answer: str) -> bool:
     if slots[0] != "name" or len(set(slots)) != len(slots) or not set(slots) <= allowed:
         return False
     text = answer.lower()
-    return all(p.group(2).strip().lower() in text for p in pairs if p.group(2).strip())
+    # each value as a whole word (hyphens included): certificate 'r' is not said by "river", nor 'pg' by "pg-13"
+    return all(re.search(rf"(?<![\w-]){re.escape(p.group(2).strip().lower())}(?![\w-])", text)
+               for p in pairs if p.group(2).strip())
 
 
 def fidelity(name: str, rows: Sequence[dict]) -> float | None:

@@ -192,6 +192,21 @@ def test_realises_catches_wrong_missing_and_foreign():
     assert not realises(listops, row["context"], row["answer"][0] + " extra")
 
 
+def test_realises_needs_each_value_as_a_word_not_inside_another_word():
+    """A value counts as said only as a whole word: certificate 'r' is not in "river", wifi 'fast' not in
+    "breakfast", 'pg' not in "pg-13"."""
+    from dmea_dist.data.synthetic import realises
+
+    movies, hotel = "synth.movies.00", "synth.hotel.01"  # movies.00 has certificate (pg, pg-13, r)
+    context = "inform(name='the long river';genre='drama';certificate='r')"
+    assert realises(movies, context, "the long river is a drama and is rated r.")
+    assert not realises(movies, context, "the long river is a drama.")  # the certificate left out
+    assert not realises(movies, "inform(name='the long river';certificate='pg')", "the long river is rated pg-13.")
+    context = "inform(name='grand inn';wifi='fast';breakfast='vegan')"  # hotel.01 has wifi and breakfast
+    assert realises(hotel, context, "grand inn has fast wifi and serves a vegan breakfast.")
+    assert not realises(hotel, context, "grand inn serves a vegan breakfast.")  # the wifi left out
+
+
 def test_fidelity_is_none_without_a_generator():
     from dmea_dist.data.synthetic import fidelity
 
