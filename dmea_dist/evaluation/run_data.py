@@ -102,9 +102,11 @@ def sequence_metrics(R: np.ndarray) -> dict[str, float]:
     """A_T, BWT and forgetting where R has what they need (a stopped run: over the tasks done)."""
     from dmea_dist.evaluation import continual
 
-    done = int(np.sum(~np.isnan(np.diag(R))))
-    if done == 0:
+    # the tasks up to the last one evaluated (eval.every > 1 leaves earlier rows empty: counting them would stop short)
+    evaluated = np.flatnonzero(~np.isnan(np.diag(R)))
+    if evaluated.size == 0:
         return {}
+    done = int(evaluated[-1]) + 1
     sub = R[:done, :done]
     out = {}
     for name, fn in (("final_average", continual.final_average), ("bwt", continual.backward_transfer),

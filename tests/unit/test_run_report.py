@@ -121,6 +121,17 @@ def test_a_stopped_run_gets_metrics_over_the_tasks_it_finished(tmp_path):
     assert run.metrics["final_average"] == pytest.approx(55.0) and run.metrics["bwt"] == pytest.approx(-10.0)
 
 
+def test_a_stopped_run_evaluated_every_other_task_gets_metrics_after_its_last_evaluation(tmp_path):
+    """eval.every=2: rows 0 and 2 stay empty; a run stopped after task 1 has A over R[1][0..1], not nothing."""
+    run = load_run(make_run(tmp_path, finished=False, R=[[None] * 3, [70.0, 40.0, None], [None] * 3]))
+    assert run.metrics == {"final_average": pytest.approx(55.0)}  # BWT needs R[0][0], never measured
+    from dmea_dist.evaluation.run_data import sequence_metrics
+
+    n = float("nan")  # 4 tasks, stopped after task 3: A is over R[3][0..3], not the stale row 1
+    R4 = np.array([[n] * 4, [70.0, 40.0, n, n], [n] * 4, [60.0, 30.0, 50.0, 80.0]])
+    assert sequence_metrics(R4) == {"final_average": pytest.approx(55.0)}
+
+
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
     truth = ground_truth(TASKS)
     assert truth[2, 0] == task_relatedness(TASKS[0], TASKS[2]) > truth[2, 1] == 0.0
