@@ -203,14 +203,16 @@ def read_inputs(file: str | Path) -> list[dict[str, str]]:
     """Rows {context, question?, task?} of a JSONL file (objects, or strings = contexts) or a CSV file with a
     header naming `context` (and optionally `question`, `task`); errors name the file and line."""
     import csv
+    import io
 
     file = Path(file)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # -sig: a leading BOM (Excel's "CSV UTF-8") is dropped
     except (OSError, UnicodeDecodeError) as err:
         raise DmeaError(f"{file}: cannot read the inputs ({err})") from None
     if file.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        # the csv module reads the lines itself: a quoted cell may span lines or hold U+2028 (str.splitlines)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if "context" not in (reader.fieldnames or []):
             raise DmeaError(f"{file}: a CSV of inputs needs a header with a `context` column (and optionally "
                             f"`question`, `task`); its header is {reader.fieldnames}")
@@ -241,11 +243,13 @@ def recorded_tasks(run_dir: Path) -> list[str]:
 
 def task_dir(run_dir: Path, task_id: str) -> Path:
     """`tasks/NNN-<task>/modules` of a recorded task, or an error saying what became of the task."""
-    found = sorted(run_dir.glob(f"tasks/*-{task_id}/modules"))
+    # the folder's name after `NNN-` is the task id: a glob `*-{task_id}` would also match task `news-qa` for `qa`
+    folders = [p for p in sorted(run_dir.glob("tasks/*-*")) if p.name.split("-", 1)[1] == task_id]
+    found = [p / "modules" for p in folders if (p / "modules").is_dir()]
     if found:
         return found[0]
     recorded = sorted(recorded_tasks(run_dir))
-    if any(run_dir.glob(f"tasks/*-{task_id}")):
+    if folders:
         raise DmeaError(f"task {task_id!r} of {run_dir} was not finished: {stopped_at(run_dir)}, before "
                         f"recording it; finish the run with `dmea resume {run_dir}` (or start it again with "
                         f"`dmea run {run_dir / 'config.yaml'}`); recorded tasks: {recorded}")
