@@ -310,8 +310,10 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
                 f"method.adaptation.min_yield={gate:.0%}: not transferred (method.adaptation.transfer={ad.transfer})")
     summary["transfer"] = ts.transfer
     rec["params"].update(transfer=ts.transfer, replay=replay)
+    # this stage's own: redone after a kill before the state moved on, the record file already holds them
+    rec["params"].pop("warnings", None)
     if summary["warnings"]:
-        rec["params"]["warnings"] = rec["params"].get("warnings", []) + summary["warnings"]
+        rec["params"]["warnings"] = list(summary["warnings"])
     ctx.save_record(task)
     return summary
 

@@ -540,3 +540,34 @@ def test_the_search_installs_the_lowest_loss_candidate_with_its_own_modules(tmp_
         assert torch.equal(value, torch.full_like(value, 0.5))  # its own weights, not fresh or candidate 0's
     record = json.loads((run_dir / coordinator.state.tasks[1].record).read_text())
     assert [c["winner"] for c in record["params"]["candidates"]] == [False, True]
+
+
+def test_a_generation_redone_after_a_kill_before_the_state_moved_on_records_its_warnings_once(tmp_path,
+                                                                                           monkeypatch):
+    """GENERATE writes the task's record.json, then the state moves on: killed in between, a resume redoes the
+    stage on the record file the killed attempt wrote, and must not add the same warnings to it again."""
+    import dmea_dist.coordinator as coordinator_module
+
+    config = _config(tmp_path, "dmea", adaptation={"transfer": "gated", "min_yield": 0.9})
+    run_dir = tmp_path / "killed"
+
+    def kernels(run, progress):
+        return HalfParsedKernels(run, poor=TASKS[0])
+
+    coordinator = Coordinator(config, run_dir, kernels_factory=kernels, run=_run(config, run_dir))
+    while (coordinator.state.task_index, coordinator.state.stage) != (1, Stage.GENERATE):
+        coordinator.step()
+
+    def killed(state, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator_module, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.step()
+    monkeypatch.undo()
+    coordinator.close()
+    resumed = Coordinator(config, run_dir, resume=True, kernels_factory=kernels)
+    assert (resumed.state.task_index, resumed.state.stage) == (1, Stage.GENERATE)
+    resumed.step()
+    warnings = json.loads((run_dir / resumed.state.tasks[1].record).read_text())["params"]["warnings"]
+    assert warnings and len(warnings) == len(set(warnings)), warnings
