@@ -111,7 +111,10 @@ class Tracker:
         return run_id
 
     def resume_sequence(self, run_id: str) -> str | None:
-        """Reattach to an existing parent run (after a crash) and mark it RUNNING again."""
+        """Reattach to an existing parent run (after a crash) and mark it RUNNING again.
+
+        A task run still RUNNING under it was being recorded when the driver died (only the driver records,
+        one at a time): it is ended KILLED, and the task is recorded anew (`driver._record_unrecorded`)."""
         if self._client is None:
             return None
 
@@ -128,6 +131,7 @@ class Tracker:
         if experiment_id is None:
             return None
         self._experiment_id, self._parent_run_id = experiment_id, run_id
+        self._attempt(f"ending the task runs of {run_id} left running", lambda: self._end_unfinished(run_id))
         return run_id
 
     def log_sequence_metrics(
@@ -248,6 +252,13 @@ class Tracker:
         return client, _experiment_id(
             client, self.experiment, default_artifact_location(self.uri, self.experiment)
         )
+
+    def _end_unfinished(self, parent_run_id: str) -> None:
+        from dmea_dist.tracking.readers import _search_runs
+
+        for run in _search_runs(self._client, self._experiment_id,
+                                f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+            self._client.set_terminated(run.info.run_id, "KILLED")
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
