@@ -246,6 +246,16 @@ class ExpansionConfig:
                 raise ConfigError(
                     f"method.expansion.candidates[{i}] has unknown keys {sorted(unknown)}; accepted: {sorted(allowed)}"
                 )
+            # read only by the search, from the second task on: checked here as the section's own values are
+            for name, high in (("beta", 1000.0), ("entropy_weight", 100.0)):
+                if name in cand:
+                    value, key = cand[name], f"method.expansion.candidates[{i}].{name}"
+                    if isinstance(value, bool) or not isinstance(value, int | float):
+                        raise ConfigError(f"{key}={value!r} must be a number")
+                    _check_range(key, float(value), 0.0, high)
+            seed = cand.get("seed", 0)
+            if isinstance(seed, bool) or not (isinstance(seed, int) or isinstance(seed, float) and seed.is_integer()):
+                raise ConfigError(f"method.expansion.candidates[{i}].seed={seed!r} must be an int")
 
 
 @dataclass(frozen=True)
@@ -521,12 +531,14 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> RunConfi
         raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
-def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `true`, `[a, b]`)."""
+def apply_override(raw: dict[str, Any], item: str, *, source: str = "") -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `true`, `[a, b]`).
+    `source`: the config file the override applies to, named in errors."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.lr=1e-4)")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
+    _check_override_key(parts, item=item, source=source)
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -537,6 +549,23 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "--set") -> 
         node[parts[-1]] = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+
+
+def _check_override_key(parts: list[str], *, item: str, source: str) -> None:
+    """An override's key must name a field: a typo fails naming the override, not the config file it is not in."""
+    cls: Any = RunConfig
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):  # a free-form section (deepspeed, data.user_tasks): its owner's keys
+            return
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            prefix = "".join(f"{p}." for p in parts[:depth])
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}--set {item}: unknown key '{prefix}{part}'{hint} (accepted under "
+                              f"{prefix.rstrip('.') or 'top level'}: {', '.join(sorted(fields))})")
+        cls = typing.get_type_hints(cls)[part]
 
 
 def _build(cls: type, raw: Any, *, prefix: str, source: str):

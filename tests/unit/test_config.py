@@ -115,3 +115,33 @@ def test_every_shipped_config_loads():
         assert cfg.data.tasks
         header = path.read_text().splitlines()[0]
         assert header.startswith("#"), f"{path.name} must start with a comment saying how to launch it"
+
+
+def test_an_unknown_key_given_with_set_is_named_as_an_override_not_as_the_files(tmp_path):
+    """A typo in `--set` is not in the YAML file: the error says it came from --set, not only the file's name."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.lrr=1e-3"])
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: --set train.lrr=1e-3: unknown key 'train.lrr'; did you mean 'train.lr'?")
+    with pytest.raises(ConfigError, match=r": --set trian.lr=1: unknown key 'trian'; did you mean 'train'"):
+        load_config(path, ["trian.lr=1"])
+    # free-form sections keep whatever keys their owner defines
+    assert load_config(path, ["deepspeed.zero_optimization.stage=2"]).deepspeed == {"zero_optimization": {"stage": 2}}
+    assert load_config(path, ["data.user_tasks.mine.path=x.jsonl"]).data.user_tasks == {"mine": {"path": "x.jsonl"}}
+
+
+@pytest.mark.parametrize("candidate, message", [
+    ("{beta: high}", r"method.expansion.candidates\[1\].beta='high' must be a number"),
+    ("{beta: -1}", r"method.expansion.candidates\[1\].beta=-1.0 is out of range"),
+    ("{entropy_weight: [1]}", r"method.expansion.candidates\[1\].entropy_weight=\[1\] must be a number"),
+    ("{seed: 1.5}", r"method.expansion.candidates\[1\].seed=1.5 must be an int"),
+])
+def test_a_candidates_override_values_are_checked_before_the_run_not_at_the_second_task(tmp_path, candidate,
+                                                                                           message):
+    """The search reads candidates only from the second task on: a bad value would fail there, mid-run."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [f"method.expansion.candidates=[{{}}, {candidate}]"])
+    ok = load_config(path, ["method.expansion.candidates=[{}, {beta: 0.3, entropy_weight: 0, seed: 7}]"])
+    assert ok.method.expansion.candidates[1] == {"beta": 0.3, "entropy_weight": 0, "seed": 7}
