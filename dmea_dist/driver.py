@@ -88,7 +88,9 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
         check_input(config)
     config = with_absolute_paths(without_credentials(config))
 
-    run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+    # absolute, as on Ray (the coordinator actor's): `--run-dir .` would name the MLflow run and the registered
+    # model after "", and the records would hold paths that mean nothing from another directory
+    run_dir = Path(os.path.abspath(run_dir)) if run_dir else new_run_dir(config)
     if (run_dir / STATE_FILE).exists():
         raise DmeaError(f"{run_dir} already holds a run; continue it with `dmea resume {run_dir}` "
                         f"or choose another --run-dir")
@@ -102,7 +104,7 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     """Continue the run in `run_dir` from its last finished stage, in the same MLflow parent run."""
     from dmea_dist.state import load_state
 
-    run_dir = Path(run_dir)
+    run_dir = Path(os.path.abspath(run_dir))  # `dmea resume .`: the run's own name, as when it started (run_sequence)
     state = load_state(run_dir)  # a clear error if this is no run directory
     config = resume_config(run_dir, overrides or [])
     echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
@@ -213,7 +215,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     saved = yaml.safe_load(source.read_text())
     raw = yaml.safe_load(source.read_text())
     for item in overrides:
-        apply_override(raw, item, source="--set")
+        apply_override(raw, item, source=str(source))
     config = config_from_dict(raw, source=str(source))
     before, after = flatten(config_from_dict(saved, source=str(source)).to_dict()), flatten(config.to_dict())
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
