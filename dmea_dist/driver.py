@@ -19,6 +19,7 @@ resume RUN_DIR` continues in the same parent run.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import secrets
@@ -467,9 +468,13 @@ def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict
     `similarity` and `paths` are in the run's state, which the report reads.
     """
     from dmea_dist.evaluation.pages import write_report
+    from dmea_dist.state import write_bytes, write_text
 
-    np.save(run_dir / "R.npy", R)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    # atomic, like state.json: a run killed while writing them (or resumed, finished) keeps the previous ones
+    buffer = io.BytesIO()
+    np.save(buffer, R)
+    write_bytes(run_dir / "R.npy", buffer.getvalue())
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
     try:
         return write_report([run_dir]).figures
     except Exception as err:  # noqa: BLE001 - a figure must not fail a finished run

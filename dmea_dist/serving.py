@@ -43,6 +43,7 @@ from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.lengths import prompt_length
 from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
 from dmea_dist.errors import DmeaError
+from dmea_dist.state import task_folder_order
 
 # torch and the model are imported where a model is loaded or answers: the driver stages every recorded
 # task's files (`stage_task`) without them, between two stages of the run
@@ -238,13 +239,15 @@ def read_inputs(file: str | Path) -> list[dict[str, str]]:
 
 def recorded_tasks(run_dir: Path) -> list[str]:
     """The tasks of a run folder that have modules, in task order."""
-    return [p.parent.name.split("-", 1)[1] for p in sorted(run_dir.glob("tasks/*-*/modules"))]
+    modules = sorted(run_dir.glob("tasks/*-*/modules"), key=lambda p: task_folder_order(p.parent.name))
+    return [p.parent.name.split("-", 1)[1] for p in modules]
 
 
 def task_dir(run_dir: Path, task_id: str) -> Path:
     """`tasks/NNN-<task>/modules` of a recorded task, or an error saying what became of the task."""
     # the folder's name after `NNN-` is the task id: a glob `*-{task_id}` would also match task `news-qa` for `qa`
-    folders = [p for p in sorted(run_dir.glob("tasks/*-*")) if p.name.split("-", 1)[1] == task_id]
+    folders = [p for p in sorted(run_dir.glob("tasks/*-*"), key=lambda p: task_folder_order(p.name))
+               if p.name.split("-", 1)[1] == task_id]
     found = [p / "modules" for p in folders if (p / "modules").is_dir()]
     if found:
         return found[0]

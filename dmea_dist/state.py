@@ -37,6 +37,25 @@ FORMAT = "dmea-run-state"
 VERSION = 1
 
 
+def _umask() -> int:
+    """The process's umask: from /proc where it says it (Linux), else by setting it and back, which briefly
+    races files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes 0600 files; run files get the mode a plain open() gives (colleagues on a shared filesystem read
+# them). Read once, at import.
+FILE_MODE = 0o666 & ~_umask()
+
+
 class StateError(DmeaError):
     """A run directory whose state is missing, unreadable or of another run."""
 
@@ -127,6 +146,9 @@ class RunState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "state") -> RunState:
+        if not isinstance(data, dict):  # valid JSON, but null, a list or a number: no .get below
+            raise StateError(f"{source}: not a run state (a JSON {type(data).__name__}, not an object); the run's "
+                             f"files were changed or damaged outside dmea: start the run again")
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise StateError(f"{source}: not a {FORMAT} version {VERSION} file "
                              f"(format {data.get('format')!r}, version {data.get('version')!r})")
@@ -172,12 +194,22 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically: a reader sees the old file or the new one, never half of one."""
+    return _write_atomic(path, text, "w")
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """`write_text` for bytes (R.npy)."""
+    return _write_atomic(path, data, "wb")
+
+
+def _write_atomic(path: str | Path, data: str | bytes, mode: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)  # not mkstemp's 0600
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -185,6 +217,12 @@ def write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def task_folder_order(folder: str) -> tuple[int, str]:
+    """Sort key of a `tasks/NNN-<task>` folder name: by task index, as strings 1000-x would come before 101-x."""
+    index = folder.split("-", 1)[0]
+    return (int(index) if index.isdigit() else -1, folder)
 
 
 def read_json(path: str | Path) -> Any:

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from dmea_dist.errors import DmeaError
+from dmea_dist.state import task_folder_order
 
 STAGES = ("expand", "select", "generate", "adapt", "evaluate", "record")
 NEW, REUSED = "new", "reused"
@@ -68,7 +69,7 @@ def load_run(run_dir: str | Path) -> RunData:
     tasks = [t["task_id"] if isinstance(t, dict) else str(t) for t in state.get("tasks", [])] or \
         list(config.get("data", {}).get("tasks", []))
     records = {}
-    for file in sorted(run_dir.glob("tasks/*-*/record.json")):
+    for file in sorted(run_dir.glob("tasks/*-*/record.json"), key=lambda p: task_folder_order(p.parent.name)):
         rec = _read_json(file)
         if rec and rec.get("task_id") in tasks:
             records[rec["task_id"]] = rec
