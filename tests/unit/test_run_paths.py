@@ -67,6 +67,17 @@ def test_resume_may_move_the_corpus_and_the_store_but_not_what_the_run_computes(
         resume_config(run_dir, ["train.lr=0.5"])
 
 
+def test_resume_with_other_threads_or_ranks_says_the_rest_is_not_bit_for_bit(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(_relative_config().to_dict()))
+    resume_config(run_dir, ["ray.num_generation_actors=2"])
+    assert "floating-point" not in capsys.readouterr().err
+    resume_config(run_dir, ["ray.train_cpus=2", "ray.num_train_workers=2"])
+    err = capsys.readouterr().err
+    assert "ray.num_train_workers=2" in err and "ray.train_cpus=2.0" in err and "floating-point" in err
+
+
 class _Tracker:
     active, parent_run_id = True, "parent"
 
