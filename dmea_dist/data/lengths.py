@@ -35,6 +35,9 @@ class SplitLengths:
     examples: int  # examples measured
     over: list[tuple[int, int]]  # (row index, tokens) of each example longer than max_length, in row order
     collapsed: int  # distinct inputs whose cut prompt equals another distinct input's cut prompt
+    # the first such example's input: loaders group (E2E) or shuffle (a user task's one file) rows, so the
+    # index alone does not find the row in the file
+    first_input: str = ""
 
 
 def measure_split(formatter: Formatter, rows: Sequence[Mapping], *, split: str, references: str) -> SplitLengths:
@@ -62,7 +65,8 @@ def measure_split(formatter: Formatter, rows: Sequence[Mapping], *, split: str, 
     for prompt in cut_prompts.values():
         groups[prompt] = groups.get(prompt, 0) + 1
     return SplitLengths(split=split, examples=examples, over=over,
-                        collapsed=sum(n for n in groups.values() if n > 1))
+                        collapsed=sum(n for n in groups.values() if n > 1),
+                        first_input=inputs[over[0][0]] if over else "")
 
 
 def check_lengths(formatter: Formatter, tasks: Sequence[tuple[str, Mapping[str, Sequence[Mapping]]]], *,
@@ -97,7 +101,9 @@ def _error_message(found, max_length: int, positions: int) -> str:
         fix = f"raise model.max_length (up to the model's {positions} positions)"
     else:
         fix = f"shorten these inputs (model.max_length={max_length} is already all the model's {positions} positions)"
-    return (f"task {task_id!r}, split {first.split!r}, row {row} (0-based): {tokens} tokens, longer than "
+    start = first.first_input if len(first.first_input) <= 60 else first.first_input[:60] + "..."
+    return (f"task {task_id!r}, split {first.split!r}, row {row} (0-based, as loaded), input {start!r}: "
+            f"{tokens} tokens, longer than "
             f"model.max_length={max_length} (examples too long per task: {counts}); {fix}, or set "
             f"data.overlength: truncate to cut inputs from their end (inputs that then look the same merge)")
 

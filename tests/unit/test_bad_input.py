@@ -299,7 +299,8 @@ def test_overlength_truncate_warns_once_per_task_with_counts():
         "task 't1': 2 of 4 examples are longer than model.max_length=24 and are truncated "
         "(data.overlength: truncate); after truncation 2 distinct inputs share their prompt with another input, "
         "so the model cannot tell them apart"]
-    with pytest.raises(DataError, match=r"task 't1', split 'train', row 0 \(0-based\): \d+ tokens, longer than "
+    with pytest.raises(DataError, match=r"task 't1', split 'train', row 0 \(0-based, as loaded\), input "
+                                         r"'area\[north\] area\[north\] .{36}\.\.\.': \d+ tokens, longer than "
                                          r"model.max_length=24 \(examples too long per task: t1 2\); raise "
                                          r"model.max_length \(up to the model's 64 positions\), or set "
                                          r"data.overlength: truncate"):
