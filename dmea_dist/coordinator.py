@@ -74,6 +74,9 @@ class Coordinator:
             save_state(state, run_dir)
         kernels = (kernels_factory or in_process_kernels)(run, progress)
         self.ctx = RunContext(run=run, state=state, kernels=kernels, settings=StageSettings.from_config(config))
+        if resume:
+            for path in self._stale():
+                shutil.rmtree(path, ignore_errors=True)
         # state.json is written by step, set_tracking and mark; on Ray `mark` may come while a step runs
         self._saving = threading.Lock()
 
@@ -118,6 +121,16 @@ class Coordinator:
         if stage is Stage.ADAPT:  # its checkpoint is superseded by the snapshot, once the state names that
             garbage.append(ctx.rel(ctx.task_dir(ctx.run.tasks[state.task_index]) / "adapt_checkpoint"))
         return garbage
+
+    def _stale(self) -> list[Path]:
+        """Snapshots the state does not name and checkpoints of finished adaptations: what a run killed between
+        saving its state and removing them (`step`) left behind. A full-fine-tuning snapshot is a whole backbone."""
+        ctx, state = self.ctx, self.ctx.state
+        named = {p for p in (state.modules, state.backbone) if p}
+        stale = [p for pattern in ("state/modules-*", "state/backbone-*") for p in sorted(ctx.run_dir.glob(pattern))
+                 if ctx.rel(p) not in named]
+        return stale + [ctx.task_dir(t) / "adapt_checkpoint" for t in ctx.run.tasks
+                        if state.completed(t.index, Stage.ADAPT) and (ctx.task_dir(t) / "adapt_checkpoint").exists()]
 
     # ----------------------------------------------------------- what the driver asks
 

@@ -213,6 +213,33 @@ def test_an_adaptation_checkpoint_outlives_a_kill_before_the_state_moves_on(tmp_
     assert kernels.calls == ["adapt"] and not checkpoint.exists()
 
 
+def test_a_resume_removes_what_a_kill_after_the_save_left_behind(tmp_path, monkeypatch):
+    """Killed after the state names the new snapshot but before the superseded one and the adaptation's
+    checkpoint are removed: the resume removes them (a full-fine-tuning snapshot is a whole backbone)."""
+    import dmea_dist.coordinator as coordinator_module
+
+    coordinator, _ = _coordinator(tmp_path, "dmea")
+    while (coordinator.state.task_index, coordinator.state.stage) != (1, Stage.ADAPT):
+        coordinator.step()
+
+    def killed(path, ignore_errors=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.step()
+    monkeypatch.undo()
+    coordinator.close()
+    run_dir = tmp_path / "dmea"
+    checkpoint = coordinator.ctx.task_dir(coordinator.ctx.run.tasks[1]) / "adapt_checkpoint"
+    assert len(list(run_dir.glob("state/modules-*"))) == 2 and checkpoint.exists()
+    resumed, _ = _coordinator(tmp_path, "dmea", resume=True)
+    assert [p.relative_to(run_dir).as_posix() for p in run_dir.glob("state/modules-*")] == [resumed.state.modules]
+    assert not checkpoint.exists()
+    while not resumed.state.done:
+        resumed.step()
+
+
 def test_a_stop_mid_stage_marks_the_last_saved_state_not_the_half_done_one(tmp_path, monkeypatch):
     """A second Ctrl-C between the EXPAND snapshot and the state's advance: the state in memory names the
     new snapshot at the old position. mark() must leave state.json at the last finished stage (a resume
