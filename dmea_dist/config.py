@@ -546,9 +546,27 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "") -> None:
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child
     try:
-        node[parts[-1]] = parse_yaml(text)
+        value = parse_yaml(text)
+        if "#" in text and value != _restore_hash(parse_yaml(text.replace("#", _HASH))):
+            # YAML reads ` #...` as a comment: `--set name=run #2` would silently name the run `run`
+            raise ConfigError(f"override {item!r}: YAML reads the ' #' and what follows as a comment; quote the "
+                              f"value to keep it (e.g. {key}='{text.strip()}')")
+        node[parts[-1]] = value
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+
+
+_HASH = "\ue000"  # a private-use character standing in for '#': the value as YAML reads it without comments
+
+
+def _restore_hash(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace(_HASH, "#")
+    if isinstance(value, list):
+        return [_restore_hash(v) for v in value]
+    if isinstance(value, dict):
+        return {_restore_hash(k): _restore_hash(v) for k, v in value.items()}
+    return value
 
 
 def _check_override_key(parts: list[str], *, item: str, source: str) -> None:

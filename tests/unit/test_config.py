@@ -131,6 +131,15 @@ def test_an_unknown_key_given_with_set_is_named_as_an_override_not_as_the_files(
     assert load_config(path, ["data.user_tasks.mine.path=x.jsonl"]).data.user_tasks == {"mine": {"path": "x.jsonl"}}
 
 
+def test_a_set_value_that_yaml_would_cut_at_a_comment_is_refused_and_a_quoted_one_kept(tmp_path):
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError, match=r"'name=run #2': YAML reads the ' #' .* quote the value .*name='run #2'"):
+        load_config(path, ["name=run #2"])
+    assert load_config(path, ["name='run #2'"]).name == "run #2"
+    assert load_config(path, ["name=run#2"]).name == "run#2"  # no space: not a comment
+    assert load_config(path, ["data.tasks=[a#1, b]"]).data.tasks == ["a#1", "b"]
+
+
 @pytest.mark.parametrize("candidate, message", [
     ("{beta: high}", r"method.expansion.candidates\[1\].beta='high' must be a number"),
     ("{beta: -1}", r"method.expansion.candidates\[1\].beta=-1.0 is out of range"),
