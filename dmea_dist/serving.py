@@ -176,7 +176,10 @@ def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None) -
     if not (run_dir / "config.yaml").is_file():
         raise DmeaError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
     config = load_config(run_dir / "config.yaml")  # a damaged file fails as a ConfigError naming it
-    task_ids = wanted or recorded_tasks(run_dir)
+    recorded = recorded_tasks(run_dir)
+    # in task order, whatever order they were asked in: a later task's folder holds the newer weights of a
+    # module it shares with an earlier one, so it must be loaded last (unrecorded ones fail in task_dir)
+    task_ids = sorted(wanted, key=lambda t: recorded.index(t) if t in recorded else -1) if wanted else recorded
     if not task_ids:
         raise DmeaError(f"{run_dir} has no recorded task yet: {stopped_at(run_dir)}")
     if config.model.pretrained:

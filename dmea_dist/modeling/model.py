@@ -536,7 +536,9 @@ def grow_vocabulary(backbone: GPT2LMHeadModel, *, vocab_size: int, seed: int = 0
     if vocab_size == old:
         return
     backbone.resize_token_embeddings(vocab_size, mean_resizing=False)
-    backbone.config.dmea_untrained_tokens = list(range(old, vocab_size))
+    # rows the checkpoint recorded as untrained (a run's own backbone) stay untrained: keep them claimable
+    recorded = [int(t) for t in getattr(backbone.config, "dmea_untrained_tokens", None) or []]
+    backbone.config.dmea_untrained_tokens = [*recorded, *range(old, vocab_size)]
     generator = torch.Generator().manual_seed(seed)
     weights = [backbone.get_input_embeddings().weight]
     output = backbone.get_output_embeddings()
