@@ -25,7 +25,8 @@ method.adaptation.pseudo_separator=one, transfer=off, and both; section 2f), syn
 synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generator's ground truth), quickstart
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4), route (dmea with method.selection.route own and
 earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders), route-s123 (the same on RNNLG+E2E seeds 1-3), gamma (dmea
-with method.adaptation.gamma=0.5, both orders, seeds 0-3), gamma-acm (acm at 0.5, seeds 0-1). Run dirs: OUT/runs/<label>; logs:
+with method.adaptation.gamma=0.5, both orders, seeds 0-3), gamma1 (dmea at
+1.0), gamma-acm (acm at 0.5, seeds 0-1). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
 whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt). After the
@@ -123,6 +124,9 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
     groups["gamma"] = [(f"gamma-{order}-dmea-0.5-s{seed}", "dmea, gamma 0.5", cfg, order, seed,
                         ["method.name=dmea", "method.adaptation.gamma=0.5"])
                        for seed in (0, 1, 2, 3) for order, cfg in ORDERS.items()]
+    groups["gamma1"] = [(f"gamma-{order}-dmea-1.0-s{seed}", "dmea, gamma 1.0", cfg, order, seed,
+                         ["method.name=dmea", "method.adaptation.gamma=1.0"])
+                        for seed in (0, 1, 2, 3) for order, cfg in ORDERS.items()]
     groups["gamma-acm"] = [(f"gamma-{order}-acm-0.5-s{seed}", "acm, gamma 0.5", cfg, order, seed,
                             ["method.name=acm", "method.adaptation.gamma=0.5"])
                            for seed in (0, 1) for order, cfg in ORDERS.items()]
