@@ -188,6 +188,19 @@ def test_multitask_counts_its_epochs_over_the_largest_task(tmp_path):
     assert job.sources[0][0] == TASKS[1] and sizes[TASKS[1]] == max(sizes.values()) > sizes[TASKS[0]]
 
 
+def _killed_in_step(coordinator, monkeypatch, module, name: str) -> None:
+    """One step killed where it calls `module.name` (a KeyboardInterrupt there), then the coordinator closed."""
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, killed)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.step()
+    monkeypatch.undo()
+    coordinator.close()
+
+
 def test_an_adaptation_checkpoint_outlives_a_kill_before_the_state_moves_on(tmp_path, monkeypatch):
     """The ADAPT stage's checkpoint goes only once the saved state names the snapshot that supersedes it:
     killed in between, a resume redoes the stage from the checkpoint, not from step 0."""
@@ -198,15 +211,8 @@ def test_an_adaptation_checkpoint_outlives_a_kill_before_the_state_moves_on(tmp_
     while coordinator.state.stage is not Stage.ADAPT:
         coordinator.step()
 
-    def killed(state, run_dir):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(coordinator_module, "save_state", killed)
-    with pytest.raises(KeyboardInterrupt):
-        coordinator.step()
+    _killed_in_step(coordinator, monkeypatch, coordinator_module, "save_state")
     assert (checkpoint / "adapt_progress.json").is_file()
-    monkeypatch.undo()
-    coordinator.close()
     resumed, kernels = _coordinator(tmp_path, "dmea", resume=True)  # the state on disk: task 0's ADAPT
     assert resumed.state.stage is Stage.ADAPT
     resumed.step()  # saved this time: now the checkpoint goes
@@ -222,14 +228,7 @@ def test_a_resume_removes_what_a_kill_after_the_save_left_behind(tmp_path, monke
     while (coordinator.state.task_index, coordinator.state.stage) != (1, Stage.ADAPT):
         coordinator.step()
 
-    def killed(path, ignore_errors=False):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(coordinator_module.shutil, "rmtree", killed)
-    with pytest.raises(KeyboardInterrupt):
-        coordinator.step()
-    monkeypatch.undo()
-    coordinator.close()
+    _killed_in_step(coordinator, monkeypatch, coordinator_module.shutil, "rmtree")
     run_dir = tmp_path / "dmea"
     checkpoint = coordinator.ctx.task_dir(coordinator.ctx.run.tasks[1]) / "adapt_checkpoint"
     assert len(list(run_dir.glob("state/modules-*"))) == 2 and checkpoint.exists()
@@ -585,14 +584,7 @@ def test_a_generation_redone_after_a_kill_before_the_state_moved_on_records_its_
     while (coordinator.state.task_index, coordinator.state.stage) != (1, Stage.GENERATE):
         coordinator.step()
 
-    def killed(state, run_dir):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(coordinator_module, "save_state", killed)
-    with pytest.raises(KeyboardInterrupt):
-        coordinator.step()
-    monkeypatch.undo()
-    coordinator.close()
+    _killed_in_step(coordinator, monkeypatch, coordinator_module, "save_state")
     resumed = Coordinator(config, run_dir, resume=True, kernels_factory=kernels)
     assert (resumed.state.task_index, resumed.state.stage) == (1, Stage.GENERATE)
     resumed.step()
