@@ -229,8 +229,14 @@ class InProcessKernels:
         return out
 
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult:
-        return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
-                             on_step=lambda done, total, **info: self.progress("adapt", done, total, **info))
+        # DeepSpeed moves the model it trains onto its accelerator (a GPU where the machine has one, ZeRO 1/2
+        # train in place); the other stages here build their batches on the CPU: the model goes back after
+        device = next(model.parameters()).device
+        try:
+            return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
+                                 on_step=lambda done, total, **info: self.progress("adapt", done, total, **info))
+        finally:
+            model.to(device)
 
     def close(self) -> None:
         pass

@@ -87,3 +87,23 @@ def test_adaptation_on_gpu_trains_what_the_cpu_trains_at_every_zero_stage(tmp_pa
             assert gpu["losses"][key] == pytest.approx(cpu["losses"][key], rel=1e-4)
         for key, expected in cpu["modules"].items():
             torch.testing.assert_close(gpu["modules"][key], expected, atol=2e-4, rtol=1e-3)
+
+
+def test_an_in_process_run_on_a_gpu_machine_finishes(tmp_path):
+    """`dmea run --in-process` where DeepSpeed finds CUDA: ZeRO 1/2 move the model they train onto the GPU, and
+    the stages after adaptation (evaluation, search, generation) build their batches on the CPU."""
+    import yaml
+
+    from tests.integration.tiny_run import tiny_config
+
+    config = tiny_config(tmp_path, data={"tasks": ["synth.hotel.00", "synth.hotel.01"], "synth_sizes": [32, 12, 12]},
+                         tracking={"enabled": False})
+    path = tmp_path / "gpu_run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    env = {**os.environ, "DS_ACCELERATOR": "cuda",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-m", "dmea_dist.cli", "run", str(path), "--in-process",
+                           "--run-dir", str(tmp_path / "run")], cwd=REPO_ROOT, env=env, timeout=900,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
