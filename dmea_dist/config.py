@@ -577,13 +577,18 @@ def _check_override_key(parts: list[str], *, item: str, source: str) -> None:
             return
         fields = {f.name for f in dataclasses.fields(cls)}
         if part not in fields:
-            prefix = "".join(f"{p}." for p in parts[:depth])
-            close = difflib.get_close_matches(part, fields, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             where = f"{source}: " if source else ""
-            raise ConfigError(f"{where}--set {item}: unknown key '{prefix}{part}'{hint} (accepted under "
-                              f"{prefix.rstrip('.') or 'top level'}: {', '.join(sorted(fields))})")
+            prefix = "".join(f"{p}." for p in parts[:depth])
+            raise ConfigError(f"{where}--set {item}: {_unknown_key(part, fields, prefix=prefix)}")
         cls = typing.get_type_hints(cls)[part]
+
+
+def _unknown_key(key: str, fields, *, prefix: str) -> str:
+    """"unknown key 'a.b'; did you mean 'a.c'? (accepted under a: ...)", for a file's key or an override's."""
+    close = difflib.get_close_matches(key, fields, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return (f"unknown key '{prefix}{key}'{hint} (accepted under {prefix.rstrip('.') or 'top level'}: "
+            f"{', '.join(sorted(fields))})")
 
 
 def _build(cls: type, raw: Any, *, prefix: str, source: str):
@@ -593,13 +598,7 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), fields, n=1)
-        hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-        raise ConfigError(
-            f"{source}: unknown key '{prefix}{key}'{hint} (accepted under "
-            f"{prefix.rstrip('.') or 'top level'}: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{source}: {_unknown_key(str(unknown[0]), fields, prefix=prefix)}")
     kwargs = {}
     for name, value in raw.items():
         kwargs[name] = _coerce(hints[name], value, key=f"{prefix}{name}", source=source)
