@@ -107,7 +107,8 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
 
     run_dir = Path(os.path.abspath(run_dir))  # `dmea resume .`: the run's own name, as when it started (run_sequence)
     state = load_state(run_dir)  # a clear error if this is no run directory
-    config = resume_config(run_dir, overrides or [])
+    # an override's relative path (`--set data.root=../corpora`) from here, as `dmea run` resolves the config's
+    config = with_absolute_paths(resume_config(run_dir, overrides or []))
     echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
          f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
     return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,

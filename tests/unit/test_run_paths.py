@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dmea_dist.config import config_from_dict
-from dmea_dist.driver import resume_config, run_sequence, with_absolute_paths
+from dmea_dist.driver import resume_config, resume_sequence, run_sequence, with_absolute_paths
 from dmea_dist.errors import DmeaError
 
 
@@ -54,6 +54,32 @@ def test_a_run_is_driven_with_absolute_paths(tmp_path, monkeypatch):
     (seen,) = given
     assert Path(seen.data.root).is_absolute() and Path(seen.output_dir).is_absolute()
     assert seen.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_paths_given_on_resume_are_made_absolute_as_on_run(tmp_path, monkeypatch):
+    """`dmea resume RUN --set data.root=corpora`: the coordinator (on Ray, in another directory) gets the path
+    from where the command was given."""
+    from dmea_dist.state import RunState, save_state
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(with_absolute_paths(_relative_config()).to_dict()))
+    save_state(RunState.new(["synth.hotel.00"]), run_dir)
+    monkeypatch.chdir(tmp_path)
+    given = []
+
+    class Given(Exception):
+        pass
+
+    def factory(config, run_dir, **kwargs):
+        given.append(config)
+        raise Given
+
+    with pytest.raises(Given):
+        resume_sequence(run_dir, overrides=["data.root=moved", "tracking.uri=sqlite:///moved.db"],
+                        coordinator_factory=factory, progress=False, echo=lambda line: None)
+    (seen,) = given
+    assert seen.data.root == str(tmp_path / "moved") and seen.tracking.uri == f"sqlite:///{tmp_path / 'moved.db'}"
 
 
 def test_resume_may_move_the_corpus_and_the_store_but_not_what_the_run_computes(tmp_path):
