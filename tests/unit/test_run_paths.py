@@ -36,9 +36,8 @@ def test_relative_paths_become_absolute_from_the_working_directory(tmp_path, mon
     assert resolved.model.pretrained == "gpt2" and resolved.tracking.uri == "http://mlflow:5000"
 
 
-def test_a_run_is_driven_with_absolute_paths(tmp_path, monkeypatch):
-    """What run_sequence hands the coordinator (and so what config.yaml holds) has no relative path."""
-    monkeypatch.chdir(tmp_path)
+def _given_to_coordinator(drive):
+    """The config `drive(coordinator_factory)` hands the coordinator (the drive stops right there)."""
     given = []
 
     class Given(Exception):
@@ -48,10 +47,19 @@ def test_a_run_is_driven_with_absolute_paths(tmp_path, monkeypatch):
         given.append(config)
         raise Given
 
-    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
     with pytest.raises(Given):
-        run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=factory, progress=False, check=False)
+        drive(factory)
     (seen,) = given
+    return seen
+
+
+def test_a_run_is_driven_with_absolute_paths(tmp_path, monkeypatch):
+    """What run_sequence hands the coordinator (and so what config.yaml holds) has no relative path."""
+    monkeypatch.chdir(tmp_path)
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+    seen = _given_to_coordinator(lambda factory: run_sequence(config, run_dir=tmp_path / "run",
+                                                              coordinator_factory=factory, progress=False,
+                                                              check=False))
     assert Path(seen.data.root).is_absolute() and Path(seen.output_dir).is_absolute()
     assert seen.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -66,19 +74,9 @@ def test_paths_given_on_resume_are_made_absolute_as_on_run(tmp_path, monkeypatch
     (run_dir / "config.yaml").write_text(yaml.safe_dump(with_absolute_paths(_relative_config()).to_dict()))
     save_state(RunState.new(["synth.hotel.00"]), run_dir)
     monkeypatch.chdir(tmp_path)
-    given = []
-
-    class Given(Exception):
-        pass
-
-    def factory(config, run_dir, **kwargs):
-        given.append(config)
-        raise Given
-
-    with pytest.raises(Given):
-        resume_sequence(run_dir, overrides=["data.root=moved", "tracking.uri=sqlite:///moved.db"],
-                        coordinator_factory=factory, progress=False, echo=lambda line: None)
-    (seen,) = given
+    seen = _given_to_coordinator(lambda factory: resume_sequence(
+        run_dir, overrides=["data.root=moved", "tracking.uri=sqlite:///moved.db"], coordinator_factory=factory,
+        progress=False, echo=lambda line: None))
     assert seen.data.root == str(tmp_path / "moved") and seen.tracking.uri == f"sqlite:///{tmp_path / 'moved.db'}"
 
 
