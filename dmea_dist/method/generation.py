@@ -71,7 +71,8 @@ def pseudo_sample_counts(gamma: float, n_train: int, n_tasks: int, *, budget: st
         raise ValueError(f"pseudo_budget {budget!r} unknown; choose total or per_task")
     if n_tasks == 0 or gamma <= 0:
         return 0
-    total = math.ceil(gamma * n_train)
+    # rounded first: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling would ask for 8
+    total = math.ceil(round(gamma * n_train, 9))
     return total if budget == "per_task" else max(1, total // n_tasks)
 
 
