@@ -4,7 +4,7 @@ A checkpoint is a folder:
 
     <dir>/step0000040/          the engine's own checkpoint (trainable weights and optimizer
                                 state, no frozen backbone: `ScaledStepEngine.save_checkpoint`)
-    <dir>/step0000040/rng-rank<r>.safetensors   each rank's torch RNG (dropout masks)
+    <dir>/step0000040/rng-rank<r>.safetensors   each rank's torch RNG, CPU and (on a GPU) CUDA (dropout masks)
     <dir>/adapt_progress.json   which step folder is complete, the steps done, the result so far,
                                 and a digest of the job it belongs to
 
@@ -57,7 +57,10 @@ def save(engine, directory: Path, *, digest: str, steps: int, result: AdaptResul
     """Every rank calls this at the same step (a collective at ZeRO); rank 0 declares it complete."""
     tag = f"step{steps:07d}"
     engine.save_checkpoint(directory, tag=tag)
-    save_file({"rng": torch.get_rng_state()}, str(directory / tag / f"rng-rank{rank}.safetensors"))
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # on a GPU dropout draws from the device's generator, not the CPU one
+        rng["cuda_rng"] = torch.cuda.get_rng_state()
+    save_file(rng, str(directory / tag / f"rng-rank{rank}.safetensors"))
     if barrier is not None:
         barrier()  # every rank's files are on disk before the progress file names them
     if rank == 0:
@@ -97,7 +100,10 @@ def restore(engine, directory: Path, *, digest: str, rank: int, world: int = 1) 
         return 0, None
     engine.load_checkpoint(directory, tag=progress["tag"])
     rng = directory / progress["tag"] / f"rng-rank{rank}.safetensors"
-    torch.set_rng_state(load_file(str(rng))["rng"])
+    states = load_file(str(rng))
+    torch.set_rng_state(states["rng"])
+    if "cuda_rng" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda_rng"])
     return int(progress["steps"]), AdaptResult(**progress["result"])
 
 

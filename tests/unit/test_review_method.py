@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import torch
+
+from dmea_dist.method import adapt_checkpoint
+from dmea_dist.method.adaptation import AdaptResult
 from dmea_dist.method.generation import pseudo_sample_counts
 
 
@@ -14,3 +18,31 @@ def test_pseudo_sample_budget_is_the_ceiling_of_gamma_n_not_of_its_float_roundin
         exact = -(-Fraction(str(gamma)) * n_train // 1)  # ceil, exactly
         assert pseudo_sample_counts(gamma, n_train, n_tasks, budget="per_task") == exact
         assert pseudo_sample_counts(gamma, n_train, n_tasks) == max(1, exact // n_tasks)
+
+
+class _CheckpointEngine:
+    """Engine fake: a DeepSpeed checkpoint is a folder."""
+
+    def save_checkpoint(self, directory, *, tag):
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+
+    def load_checkpoint(self, directory, *, tag):
+        assert (directory / tag).is_dir()
+
+
+def test_an_adaptation_checkpoint_carries_the_cuda_rng_that_draws_dropout_on_a_gpu(tmp_path, monkeypatch):
+    """On a GPU, dropout draws from the CUDA generator; the checkpoint kept only the CPU one, so a resumed
+    adaptation replayed the dropout masks of its first steps instead of going on step for step."""
+    cuda = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: cuda["state"].clone())
+
+    def set_rng_state(state, *a, **k):
+        cuda["state"] = state.clone()
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    adapt_checkpoint.save(_CheckpointEngine(), tmp_path, digest="job", steps=4, result=AdaptResult(steps=8), rank=0)
+    cuda["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the generator moved on (or the process restarted)
+    steps, _ = adapt_checkpoint.restore(_CheckpointEngine(), tmp_path, digest="job", rank=0)
+    assert steps == 4
+    assert cuda["state"].tolist() == [1, 2, 3]
