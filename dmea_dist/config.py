@@ -312,7 +312,7 @@ class AdaptationConfig:
     pseudo_separator: Literal["free", "one"] = "free"
 
     def __post_init__(self):
-        _check_range("method.adaptation.epochs", self.epochs, 0.0, 1000.0)
+        _check_range("method.adaptation.epochs", self.epochs, 0.01, 1000.0)
         _check_range("method.adaptation.gamma", self.gamma, 0.0, 100.0)
         _check_range("method.adaptation.min_yield", self.min_yield, 0.0, 1.0)
         _check_range("method.adaptation.top_k_sampling", self.top_k_sampling, 1, 10**6)

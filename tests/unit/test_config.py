@@ -69,6 +69,9 @@ def test_wrong_type_and_range_and_choice(tmp_path):
         load_config(path, ["data.tasks=[]"])
     with pytest.raises(ConfigError, match=r"must look like key.sub=value"):
         load_config(path, ["train.lr"])
+    # 0 epochs would still train one step (adaptation takes at least one): refused like the other epoch keys
+    with pytest.raises(ConfigError, match=r"method.adaptation.epochs=0.0 is out of range"):
+        load_config(path, ["method.adaptation.epochs=0"])
 
 
 def test_replay_of_every_earlier_task_is_refused_where_only_the_new_path_trains(tmp_path):
