@@ -180,7 +180,7 @@ def _ray(address: str | None, config):
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
     s = sized_for(config.ray, address)
-    where = connect(address, num_cpus=s.num_cpus or logical_cpus(s), dashboard=s.dashboard)
+    where = connect(address, num_cpus=logical_cpus(s), dashboard=s.dashboard)
     dashboard = ""
     if where == "local":
         dashboard = f"; dashboard: {ray_dashboard_url() or 'off (--set ray.dashboard=true starts it)'}"

@@ -369,7 +369,9 @@ class RayConfig:
     """Where the stages run: `dmea run` starts an embedded local Ray unless `address` joins a cluster."""
 
     address: str | None = None  # None: embedded local Ray (or $RAY_ADDRESS); "auto", "host:6379", ray://...
-    num_cpus: int | None = None  # CPUs of the embedded local Ray (None: all)
+    # cores of the embedded local Ray (None: all); the roles are sized for them and take turns on them, so Ray
+    # declares at least what they reserve together (cluster.logical_cpus)
+    num_cpus: int | None = None
     # expansion candidates in flight at once; None: set by where the run is (`sized`), one per core on an
     # embedded local Ray (the pool's size does not change results), 1 on a cluster
     num_search_workers: int | None = None

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # inside `ray job submit` (RAY_ADDRESS set): the job's cluster, unset sizes 1 each; run by hand without
         # an address: an embedded Ray sized as `dmea run` sizes it
         sized = sized_for(config.ray, config.ray.address)
-        where = connect(config.ray.address, num_cpus=sized.num_cpus or logical_cpus(sized), dashboard=sized.dashboard)
+        where = connect(config.ray.address, num_cpus=logical_cpus(sized), dashboard=sized.dashboard)
         print(f"ray: {where}", flush=True)
         overrides = args.set + size_overrides(config.ray, sized)
         config = dataclasses.replace(config, ray=sized)

@@ -131,11 +131,12 @@ def logical_cpus(sizes) -> int:
 
     The generation pool and the training group live for the run and keep their
     reservations, and search candidates need theirs; but the stages run one
-    after another, so these roles take turns on the machine's cores. Declaring
+    after another, so these roles take turns on the machine's cores (or the
+    `ray.num_cpus` it was given, which `sized_for` sizes them for). Declaring
     at least the sum lets all of them be placed at once, each still using only
     the threads it reserved (`worker_env`).
     """
-    return max(machine_cores(), int(sizes.sized(local_cores=None).reserved_cpus() + 0.999))
+    return max(sizes.num_cpus or machine_cores(), int(sizes.sized(local_cores=None).reserved_cpus() + 0.999))
 
 
 def require_ray() -> None:
