@@ -159,14 +159,18 @@ def configure_threads(cpus: float | None = None) -> None:
 
 def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str,
             bundle: dict[str, float] | None = None):
-    """A ready placement group of `n_bundles` x {CPU: cpus} (or x `bundle`), or a clear error."""
-    pg = placement_group([bundle or {"CPU": float(cpus)}] * n_bundles, strategy=strategy)
+    """A ready placement group of `n_bundles` x {CPU: cpus} (or x `bundle`), or a clear error naming what
+    each bundle asks for and how much of each of those resources is free (a GPU bundle may lack GPUs only)."""
+    bundle = bundle or {"CPU": float(cpus)}
+    pg = placement_group([bundle] * n_bundles, strategy=strategy)
     if not pg.wait(timeout_seconds=timeout_s):
         remove_placement_group(pg)
-        free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+        available, total = ray.available_resources(), ray.cluster_resources()
+        shape = ", ".join(f"{key}: {amount:g}" for key, amount in bundle.items())
+        free = " and ".join(f"{available.get(key, 0.0):g} of {total.get(key, 0.0):g} {key}s" for key in bundle)
         raise RuntimeError(
-            f"could not reserve {n_bundles} x {{CPU: {cpus}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
-            f"the cluster has {free:g} of {total:g} CPUs free. Lower the number of workers or CPUs per worker, "
+            f"could not reserve {n_bundles} x {{{shape}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
+            f"the cluster has {free} free. Lower the number of workers or what each reserves, "
             f"add nodes, or release other holders (a live generation pool keeps its CPUs between calls)")
     return pg
 

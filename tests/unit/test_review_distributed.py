@@ -28,3 +28,30 @@ def test_an_embedded_ray_of_ray_num_cpus_declares_the_cpus_its_long_lived_roles_
     assert sized.ray.num_search_workers == num_cpus  # one search worker per core it was given
     assert declared["num_cpus"] >= sized.ray.reserved_cpus()
     assert declared["num_cpus"] >= num_cpus
+
+
+class _UnplacedGroup:
+    """A placement group that never becomes ready."""
+
+    def wait(self, timeout_seconds):
+        return False
+
+
+def test_a_training_group_that_cannot_get_its_gpus_says_so_not_that_cpus_are_short(monkeypatch):
+    """The training group reserves {CPU, GPU} bundles (`use_gpu`); on a cluster short of GPUs the error named a
+    CPU-only bundle and the free CPUs (all of them), and advised fewer CPUs per worker."""
+    removed = []
+    monkeypatch.setattr(cluster, "placement_group", lambda bundles, strategy: _UnplacedGroup())
+    monkeypatch.setattr(cluster, "remove_placement_group", removed.append)
+    monkeypatch.setattr(cluster.ray, "available_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(RuntimeError) as failed:
+        cluster.reserve(2, cpus=1.0, strategy="PACK", timeout_s=1, what="the training group",
+                        bundle={"CPU": 1.0, "GPU": 1.0})
+    message = str(failed.value)
+    assert "could not reserve 2 x {CPU: 1, GPU: 1} (PACK) for the training group" in message
+    assert "0 of 1 GPUs free" in message and "8 of 8 CPUs" in message
+    assert len(removed) == 1  # the pending reservation is withdrawn
+    # a CPU bundle is described as before
+    with pytest.raises(RuntimeError, match=r"could not reserve 3 x \{CPU: 2\} \(SPREAD\) for the pool .*8 of 8 CPUs free"):
+        cluster.reserve(3, cpus=2.0, strategy="SPREAD", timeout_s=1, what="the pool")
