@@ -173,8 +173,14 @@ class RayKernels:
             return result
         progress = self.progress
         on_step = (lambda done, total, **info: progress("adapt", done, total, **info)) if progress else None
-        return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
-                             on_step=on_step)
+        # DeepSpeed moves the model onto its accelerator (a GPU on a GPU node): the later stages build CPU batches,
+        # so the model goes back after, as in `InProcessKernels.adapt`
+        device = next(model.parameters()).device
+        try:
+            return run_adapt_job(model, job, engine_factory=self.engine.factory(), checkpoint_dir=checkpoint_dir,
+                                 on_step=on_step)
+        finally:
+            model.to(device)
 
     def close(self) -> None:
         """Release the generation and search actors, the training group and their CPUs (Ray itself stays up)."""

@@ -4,6 +4,7 @@ the generation and search pools, the coordinator actor's relay), with fakes at t
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dmea_dist.config import config_from_dict
 from dmea_dist.distributed import cluster
@@ -55,3 +56,42 @@ def test_a_training_group_that_cannot_get_its_gpus_says_so_not_that_cpus_are_sho
     # a CPU bundle is described as before
     with pytest.raises(RuntimeError, match=r"could not reserve 3 x \{CPU: 2\} \(SPREAD\) for the pool .*8 of 8 CPUs free"):
         cluster.reserve(3, cpus=2.0, strategy="SPREAD", timeout_s=1, what="the pool")
+
+
+class _ModelOnADevice:
+    """What `adapt` needs of a model to see where it lives: parameters on a device, and `to`."""
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+
+    def parameters(self):
+        yield torch.zeros(1, device=self.device)
+
+    def to(self, device):
+        self.device = torch.device(device)
+        return self
+
+
+def test_adaptation_in_the_coordinator_on_ray_puts_the_model_back_where_it_was(monkeypatch):
+    """`ray.adapt_on: coordinator` runs DeepSpeed in the coordinator's process, which moves the model onto its
+    accelerator (a GPU where the node has one: with `use_gpu` no CPU accelerator is forced, and the coordinator
+    actor sees the node's GPUs). The stages after it build CPU batches (the basis right after, in ADAPT):
+    the model must come back, as `InProcessKernels.adapt` brings it back."""
+    from dmea_dist.config import RayConfig
+    from dmea_dist.distributed import kernels as ray_kernels_module
+    from dmea_dist.distributed.kernels import RayKernels
+    from dmea_dist.settings import decoding_settings, engine_settings
+
+    config = config_from_dict(TASKS)
+
+    def adapt_on_an_accelerator(model, job, **kwargs):
+        model.to("meta")  # where DeepSpeed's engine leaves it (cuda:0 on a GPU node)
+        return "result"
+
+    monkeypatch.setattr(ray_kernels_module, "run_adapt_job", adapt_on_an_accelerator)
+    kernels = RayKernels(tokenizer=None, max_length=64, engine=engine_settings(config),
+                         decoding=decoding_settings(config), sizes=RayConfig(adapt_on="coordinator", use_gpu=True),
+                         storage_path="unused")
+    model = _ModelOnADevice()
+    assert kernels.adapt(model, job=None) == "result"
+    assert model.device == torch.device("cpu")
