@@ -291,6 +291,9 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
         try:
             tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment,
                               enabled=config.tracking.enabled)
+            # the first call: on Ray an error building the run (a damaged snapshot) arrives here, and it fails
+            # the command as it does in process, where the factory raises it; nothing has started to stop
+            coordinator.tracking()
         except BaseException:  # Ctrl-C while connecting: leave no coordinator (or Ray actor) behind
             _try(coordinator.close)
             raise

@@ -74,12 +74,23 @@ class CoordinatorActor:
     def __init__(self, config: RunConfig, run_dir: str, *, resume: bool, ranks: LaunchedRanks | None):
         from dmea_dist.coordinator import Coordinator
         from dmea_dist.distributed.kernels import ray_kernels
+        from dmea_dist.errors import DmeaError
 
         self.relay = ProgressRelay()
-        self.coordinator = Coordinator(config, run_dir, resume=resume, progress=self.relay,
-                                       kernels_factory=functools.partial(ray_kernels, ranks=ranks))
+        self.failed: DmeaError | None = None
+        try:
+            self.coordinator = Coordinator(config, run_dir, resume=resume, progress=self.relay,
+                                           kernels_factory=functools.partial(ray_kernels, ranks=ranks))
+        except DmeaError as err:
+            # kept for the first call: raised in __init__ it would reach the driver as ActorDiedError, a
+            # traceback, where in process the same error (a damaged snapshot on resume) is one line
+            self.failed = err
 
     def call(self, method: str, *args, **kwargs) -> Any:
+        if self.failed is not None:
+            if method == "close":  # nothing was built, nothing to release
+                return None
+            raise self.failed
         return getattr(self.coordinator, method)(*args, **kwargs)
 
     def progress_events(self) -> list[tuple[str, int, int, dict[str, float]]]:

@@ -95,3 +95,51 @@ def test_adaptation_in_the_coordinator_on_ray_puts_the_model_back_where_it_was(m
     model = _ModelOnADevice()
     assert kernels.adapt(model, job=None) == "result"
     assert model.device == torch.device("cpu")
+
+
+def test_a_run_the_coordinator_actor_cannot_build_fails_as_in_process_not_as_a_dead_actor(monkeypatch):
+    """An error building the run in the actor (a damaged snapshot on resume) raised in `__init__` reached the
+    driver as ActorDiedError, a traceback with exit code 1; in process it is one line with exit code 2. The
+    actor now keeps it and raises it from its first call, where Ray hands the driver the error itself."""
+    import dmea_dist.coordinator
+    from dmea_dist.distributed.coordinator import CoordinatorActor
+    from dmea_dist.state import StateError
+
+    damaged = StateError("state/modules-3/modules.safetensors: damaged")
+
+    def refuse(*args, **kwargs):
+        raise damaged
+
+    monkeypatch.setattr(dmea_dist.coordinator, "Coordinator", refuse)
+    actor = CoordinatorActor(config_from_dict(TASKS), "/nowhere", resume=True, ranks=None)  # does not raise
+    with pytest.raises(StateError) as err:
+        actor.call("tracking")
+    assert err.value is damaged
+    assert actor.call("close") is None  # nothing was built: nothing to release
+
+
+def test_the_driver_fails_a_run_whose_coordinator_was_never_built_without_offering_a_resume(tmp_path):
+    """On Ray the factory returns before the actor has built the run; its error arrives at the first call.
+    That call is made where a failure only closes the coordinator, as the in-process factory's error would:
+    no "failed: ... continue with dmea resume" for a run that never started, and the same error raised."""
+    from dmea_dist.driver import run_sequence
+    from dmea_dist.state import StateError
+
+    closed = []
+
+    class Unbuilt:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def tracking(self):
+            raise StateError("damaged")
+
+        def close(self):
+            closed.append(True)
+
+    said = []
+    config = config_from_dict({**TASKS, "output_dir": str(tmp_path), "tracking": {"enabled": False}})
+    with pytest.raises(StateError, match="damaged"):
+        run_sequence(config, coordinator_factory=Unbuilt, progress=False, echo=said.append, check=False)
+    assert closed == [True]
+    assert not any("resume" in line for line in said)
