@@ -1,8 +1,9 @@
 """What a run shows while it runs: a live bar per stage, and one summary line per finished task.
 
 `StageProgress` is the `progress(label, done, total, **info)` callback the
-kernels report to (in process; on Ray the coordinator actor's kernels do not
-reach the driver yet), plus the stage boundaries the driver marks.
+kernels report to (in process directly; on Ray through the coordinator actor's
+relay, which the driver polls: `distributed/coordinator.py`), plus the stage
+boundaries the driver marks.
 `task_summary` is the line a finished task gets. Both write to stderr /
 return text only; nothing here changes what a run computes.
 """

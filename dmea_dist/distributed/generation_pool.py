@@ -270,10 +270,6 @@ class GenerationPool:
         ray.get([actor.sync.remote(ref) for actor in self.actors])  # a failed sync must not go unnoticed
         self._checksum = checksum
 
-    def mark_backbone_changed(self) -> None:
-        """Ship the backbone with the next sync, whatever its checksum says."""
-        self._checksum = None
-
     def generate(self, model, requests: Sequence[GenerateRequest], *,
                  progress: Progress | None = None) -> list[PseudoSamples]:
         """One PseudoSamples per request: rows of its pieces in order, counts summed.
