@@ -75,7 +75,7 @@ def cmd_data_show(args) -> int:
         print(f"  {split:<10} {len(data[split]):>6} inputs  {sum(refs):>6} references")
     train = data["train"]
     if args.tokenizer:
-        tokenizer = load_pretrained_tokenizer(args.tokenizer, max_tasks=1)
+        tokenizer = load_pretrained_tokenizer(args.tokenizer, max_tasks=1, key="--tokenizer")
     else:
         texts = [f"{r['context']} {r['question']} {a}" for r in train for a in r["answer"]]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, max_tasks=1)

@@ -42,6 +42,7 @@ from dmea_dist.data.tokenizer import (
     SpecialTokenIds,
     load_pretrained_tokenizer,
     load_tokenizer,
+    not_loadable,
     train_bpe_tokenizer,
 )
 from dmea_dist.errors import ConfigError, DataError
@@ -288,7 +289,10 @@ def model_positions(config: RunConfig) -> int:
         return config.model.tiny.n_positions
     from transformers import AutoConfig
 
-    checkpoint = AutoConfig.from_pretrained(config.model.pretrained)
+    try:
+        checkpoint = AutoConfig.from_pretrained(config.model.pretrained)
+    except (OSError, ValueError) as err:  # the first read of model.pretrained in a run: a clear error, not transformers'
+        raise ConfigError(not_loadable("model.pretrained", config.model.pretrained, "model config (config.json)", err)) from None
     return int(getattr(checkpoint, "n_positions", None) or checkpoint.max_position_embeddings)
 
 

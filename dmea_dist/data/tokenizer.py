@@ -26,6 +26,8 @@ from pathlib import Path
 # torch and the model configurations (~1.8 s more), so it is imported only for a checkpoint's own tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from dmea_dist.errors import ConfigError
+
 ANS_TOKEN = "<|ans|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -81,11 +83,14 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, max_tasks: int
     return fast
 
 
-def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int):
-    """The checkpoint's own tokenizer plus the reserved special tokens."""
+def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int, key: str = "model.pretrained"):
+    """The checkpoint's own tokenizer plus the reserved special tokens; `key`: where the name came from (errors)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # transformers' "not a folder, not a hub name", no files, unknown type
+        raise ConfigError(not_loadable(key, name_or_path, "tokenizer", err)) from None
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     if tokenizer.pad_token is None:
@@ -93,6 +98,14 @@ def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int):
     # GPT-2's eos is already <|endoftext|>; add the answer separator and task tokens.
     tokenizer.add_special_tokens({"additional_special_tokens": _special_tokens(max_tasks)[1:]})
     return tokenizer
+
+
+def not_loadable(key: str, name_or_path: str, what: str, err: Exception) -> str:
+    """The message for a checkpoint named by `key` (model.pretrained, --tokenizer) whose `what` cannot be loaded."""
+    said = " ".join(str(err).split())[:200]  # transformers' messages span lines: one line, as every error here
+    return (f"{key}={name_or_path!r}: its {what} cannot be loaded ({type(err).__name__}: {said}); give a local "
+            f"folder written by save_pretrained (config.json, weights, tokenizer files) or a hub name that is in "
+            f"the local Hugging Face cache or can be downloaded")
 
 
 def load_tokenizer(directory: str | Path):

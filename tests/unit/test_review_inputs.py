@@ -1,0 +1,35 @@
+"""Inputs a user gives (config, data files, task names, checkpoints): refused early, in one line, naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmea_dist.cli import main
+
+
+def _config(tmp_path, body: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(body)
+    return path
+
+
+# ------------------------------------------------------------------ model.pretrained
+
+
+@pytest.mark.parametrize("pretrained", ["missing", "empty"])
+def test_a_pretrained_checkpoint_that_cannot_be_loaded_is_a_config_error(tmp_path, capsys, pretrained):
+    """A mistyped or empty local model.pretrained folder: one line naming the key, not a transformers traceback."""
+    folder = tmp_path / pretrained
+    if pretrained == "empty":
+        folder.mkdir()
+    config = _config(tmp_path, f"data:\n  tasks: [synth.travel.00]\nmodel:\n  pretrained: {folder}\n"
+                               f"tracking:\n  enabled: false\n")
+    assert main(["run", str(config), "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained" in err and str(folder) in err and "Traceback" not in err
+
+
+def test_data_show_with_a_tokenizer_folder_that_cannot_be_loaded(tmp_path, capsys):
+    assert main(["data", "show", "synth.travel.00", "--tokenizer", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "--tokenizer" in err and str(tmp_path / "missing") in err and "Traceback" not in err
