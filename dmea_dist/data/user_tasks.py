@@ -105,7 +105,11 @@ class UserTaskSpec:
         for field in ("path", *SPLITS):
             value = getattr(self, field)
             if value is not None:
+                if not isinstance(value, str | Path):
+                    raise DataError(f"user task: {field!r} must be a file path, got {value!r:.80}")
                 object.__setattr__(self, field, Path(value))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DataError(f"user task: seed {self.seed!r:.80} must be an int (the seed of the split's shuffle)")
         per_split = [getattr(self, s) for s in SPLITS]
         if self.path is not None and any(p is not None for p in per_split):
             raise DataError("user task: give either 'path' (one file, split by split_ratios) "
@@ -116,10 +120,12 @@ class UserTaskSpec:
                             f"'train', 'validation', 'test'")
         if self.format is not None and self.format not in FORMATS:
             raise DataError(f"user task: format {self.format!r} is not one of {FORMATS}")
-        ratios = tuple(self.split_ratios)
+        given = self.split_ratios  # a list from YAML; one number (split_ratios: 0.8) is refused below
+        ratios = tuple(given) if isinstance(given, list | tuple) else (given,)
         object.__setattr__(self, "split_ratios", ratios)
         if len(ratios) != 3 or any(not isinstance(r, (int, float)) or r <= 0 for r in ratios):
-            raise DataError(f"user task: split_ratios {ratios!r} must be three positive numbers")
+            raise DataError(f"user task: split_ratios {given!r} must be three positive numbers "
+                            f"[train, validation, test], e.g. [0.8, 0.1, 0.1]")
         if not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
             raise DataError(f"user task: split_ratios {ratios!r} must sum to 1")
 

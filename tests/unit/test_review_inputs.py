@@ -33,3 +33,30 @@ def test_data_show_with_a_tokenizer_folder_that_cannot_be_loaded(tmp_path, capsy
     assert main(["data", "show", "synth.travel.00", "--tokenizer", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "--tokenizer" in err and str(tmp_path / "missing") in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ user tasks
+
+
+@pytest.mark.parametrize("fields, named", [({"split_ratios": 0.8}, "split_ratios"),
+                                           ({"split_ratios": None}, "split_ratios"),
+                                           ({"seed": [1]}, "seed"),
+                                           ({"seed": "1"}, "seed")])
+def test_user_task_fields_of_the_wrong_type_are_data_errors(tmp_path, fields, named):
+    """`split_ratios: 0.8` (one number) failed with "'float' object is not iterable" from deep in the loader."""
+    from dmea_dist.data.registry import load_task
+    from dmea_dist.errors import DataError
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(f'{{"context": "c{i}", "answer": "a{i}"}}\n' for i in range(20)))
+    with pytest.raises(DataError, match=rf"user task 'mine'.*{named}"):
+        load_task("mine", data_root=None, user_tasks={"mine": {"path": str(data), **fields}})
+
+
+@pytest.mark.parametrize("path", [5, ["a.jsonl"]])
+def test_a_user_task_path_that_is_no_path_is_a_data_error(path):
+    from dmea_dist.data.registry import load_task
+    from dmea_dist.errors import DataError
+
+    with pytest.raises(DataError, match="user task 'mine'.*path"):
+        load_task("mine", data_root=None, user_tasks={"mine": {"path": path}})
