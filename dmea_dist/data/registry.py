@@ -13,7 +13,8 @@ Key decisions:
 - Names are checked before any file is read; an unknown name fails with the
   known names and the closest match (difflib).
 - User task names may not shadow corpus names or the `synth.` prefix, so a name
-  means the same task in every run.
+  means the same task in every run, nor hold '/' or '\\': a task's files are in
+  one folder named after it (tasks/NNN-<name>), where the report and serving look.
 - `max_samples` keeps the first N rows of a split (deterministic; the loaders
   already fix each split's order), for quick runs and tests.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -131,6 +133,10 @@ def normalize_user_tasks(
         if not isinstance(name, str) or not name.strip() or name != name.strip():
             raise DataError(f"user task name {name!r} must be a non-empty string without "
                             f"surrounding spaces")
+        if "/" in name or "\\" in name:  # the task's folder is tasks/NNN-<name>: one folder, found by name
+            renamed = re.sub(r"[/\\]+", "-", name)
+            raise DataError(f"user task name {name!r} contains a path separator ('/' or '\\'); the run keeps "
+                            f"each task in a folder named after it: rename it, e.g. {renamed!r}")
         if name in CORPUS_TASKS or name.startswith(PREFIX):
             raise DataError(f"user task {name!r} shadows a built-in task name; rename it "
                             f"(corpus tasks and the {PREFIX!r} prefix are reserved)")

@@ -60,3 +60,14 @@ def test_a_user_task_path_that_is_no_path_is_a_data_error(path):
 
     with pytest.raises(DataError, match="user task 'mine'.*path"):
         load_task("mine", data_root=None, user_tasks={"mine": {"path": path}})
+
+
+@pytest.mark.parametrize("name", ["squad/v2", "a\\b"])
+def test_a_user_task_name_with_a_path_separator_is_refused(tmp_path, name):
+    """The task's folder is tasks/NNN-<name>: `squad/v2` made tasks/000-squad/v2, which neither `dmea report`
+    (tasks/*-*/record.json) nor `dmea generate` (tasks/NNN-<name>) finds: the trained task could not be served."""
+    from dmea_dist.data.registry import normalize_user_tasks
+    from dmea_dist.errors import DataError
+
+    with pytest.raises(DataError, match="user task name .*(/|\\\\)"):
+        normalize_user_tasks({name: {"path": str(tmp_path / "t.jsonl")}})
