@@ -265,10 +265,10 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
     start = reader.line_num + 1  # a quoted field may span lines: report the row's first
     for row in reader:
         where = f"{path}:{start}"
+        if not any(cell.strip() for cell in row):  # a blank line, or a spreadsheet's emptied row `,,`
+            start = reader.line_num + 1
+            continue
         if len(row) != len(header):
-            if not any(cell.strip() for cell in row):  # blank line
-                start = reader.line_num + 1
-                continue
             raise DataError(f"{where}: {len(row)} fields but the header has {len(header)}; "
                             f"quote fields that contain commas")
         record = dict(zip(header, row, strict=True))

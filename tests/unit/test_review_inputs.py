@@ -71,3 +71,13 @@ def test_a_user_task_name_with_a_path_separator_is_refused(tmp_path, name):
 
     with pytest.raises(DataError, match="user task name .*(/|\\\\)"):
         normalize_user_tasks({name: {"path": str(tmp_path / "t.jsonl")}})
+
+
+def test_csv_rows_of_empty_cells_are_blank_lines(tmp_path):
+    """Spreadsheets save emptied rows as `,,` (one empty cell per column): blank rows, skipped like an empty line,
+    where they failed the file as "'context' and 'question' are both empty"."""
+    from dmea_dist.data.user_tasks import Sample, read_task_file
+
+    path = tmp_path / "t.csv"
+    path.write_text("context,question,answer\r\nc1,,a1\r\n,,\r\nc2,q,a2\r\n, ,\r\n,,\r\n", encoding="utf-8")
+    assert read_task_file(path) == [Sample("c1", "", ("a1",)), Sample("c2", "q", ("a2",))]
