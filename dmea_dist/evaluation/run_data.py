@@ -236,11 +236,13 @@ def _finite(value) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file (state, record, metrics, manifest); None when missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -81,3 +81,22 @@ def test_csv_rows_of_empty_cells_are_blank_lines(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("context,question,answer\r\nc1,,a1\r\n,,\r\nc2,q,a2\r\n, ,\r\n,,\r\n", encoding="utf-8")
     assert read_task_file(path) == [Sample("c1", "", ("a1",)), Sample("c2", "q", ("a2",))]
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_report_of_a_run_whose_state_or_record_is_no_json_object(tmp_path, capsys):
+    """A state.json or record.json holding a list (edited or damaged outside dmea) is a missing piece, as the
+    report treats every missing piece, not an AttributeError traceback."""
+    import json
+
+    import yaml
+
+    run = tmp_path / "run"
+    (run / "tasks" / "000-synth.travel.00").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "x", "data": {"tasks": ["synth.travel.00"]}}))
+    (run / "state.json").write_text(json.dumps([1, 2]))
+    (run / "tasks" / "000-synth.travel.00" / "record.json").write_text(json.dumps(["x"]))
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").is_file() and "Traceback" not in capsys.readouterr().err
