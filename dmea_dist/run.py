@@ -201,9 +201,13 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
     `say(line)`: told when pretraining starts and ends (a first run's user waits for it).
     """
     tiny, pre = config.model.tiny, config.model.tiny.pretrain
+    run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
+    # the text the BPE is trained on, not only the task names: a user task's file, or its split, may change
+    text_hash = hashlib.sha256("\n".join(run_text).encode("utf-8")).hexdigest()
     key_src = {"tiny": dataclasses.asdict(tiny), "tasks": config.data.tasks, "seed": config.train.seed,
                "synth": [config.data.synth_seed, config.data.synth_sizes, config.data.max_train_samples],
-               "max_tasks": config.model.max_tasks, "version": 7}  # 6: fused tanh-GELU; 7: untrained tokens recorded
+               "text": text_hash, "max_tasks": config.model.max_tasks,
+               "version": 7}  # 6: fused tanh-GELU; 7: untrained tokens recorded
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache = cache_root / f"backbone-{key}"
     check = check_tokenizer or (lambda tokenizer: None)
@@ -220,7 +224,6 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
 
     from dmea_dist.modeling.pretrain import pretrain_lm, reserve_rows
 
-    run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
     pairs = pretraining_samples(config, tasks) if pre.corpus != "none" else []
     tokenizer = train_bpe_tokenizer(run_text + [f"{x} {y}" for x, y in pairs], vocab_size=tiny.vocab_size,
                                     max_tasks=config.model.max_tasks)

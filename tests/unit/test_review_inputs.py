@@ -100,3 +100,27 @@ def test_report_of_a_run_whose_state_or_record_is_no_json_object(tmp_path, capsy
     (run / "tasks" / "000-synth.travel.00" / "record.json").write_text(json.dumps(["x"]))
     assert main(["report", str(run)]) == 0
     assert (run / "report.html").is_file() and "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ tiny backbone cache
+
+
+def test_the_cached_tiny_backbone_is_not_reused_for_other_task_text(tmp_path):
+    """The BPE is trained on the run's training text, but the cache key held the task names only: after a
+    user task's file changed, the next run reused the tokenizer (and backbone) of the old text, unlike a run
+    on a machine without the cache. Its words then split into pieces the model never saw as words."""
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.run import load_tasks, tiny_backbone
+
+    data = tmp_path / "mine.jsonl"
+    config = config_from_dict({
+        "data": {"tasks": ["mine"], "user_tasks": {"mine": {"path": str(data)}}},
+        "model": {"tiny": {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64, "vocab_size": 300,
+                           "pretrain": {"corpus": "none"}}, "max_length": 64},
+        "tracking": {"enabled": False}})
+    vocabularies = []
+    for word in ("zanzibarian", "quetzalcoatlus"):
+        data.write_text("".join(f'{{"context": "{word} {i}", "answer": "{word} {word} {i}"}}\n' for i in range(40)))
+        tokenizer, _ = tiny_backbone(config, load_tasks(config), cache_root=tmp_path / "_cache", load_model=False)
+        vocabularies.append(tokenizer.get_vocab())
+    assert "quetzalcoatlus" in vocabularies[1] and "quetzalcoatlus" not in vocabularies[0]
