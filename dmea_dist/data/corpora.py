@@ -174,10 +174,11 @@ def _parse_e2e(path: str, mtime_ns: int, size: int) -> tuple[Sample, ...]:
     for index, row in enumerate(reader):
         if not row:  # blank line
             continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+        # as wide as the header, which may name more columns after mr,ref (the cleaned release's fixed,orig_mr)
+        if len(row) != len(header) or not row[0].strip() or not row[1].strip():
             raise DataError(f"{path}: row {index} (0-based after the header, ending at line "
-                            f"{reader.line_num}) is malformed: expected 2 non-empty fields "
-                            f"mr,ref (quote fields that contain commas), got {row!r:.120}")
+                            f"{reader.line_num}) is malformed: expected {len(header)} fields, mr and ref "
+                            f"non-empty (quote fields that contain commas), got {row!r:.120}")
         refs.setdefault(row[0], []).append(row[1])
     if not refs:
         raise DataError(f"{path}: no data rows after the header 'mr,ref'")

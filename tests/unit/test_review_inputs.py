@@ -124,3 +124,19 @@ def test_the_cached_tiny_backbone_is_not_reused_for_other_task_text(tmp_path):
         tokenizer, _ = tiny_backbone(config, load_tasks(config), cache_root=tmp_path / "_cache", load_model=False)
         vocabularies.append(tokenizer.get_vocab())
     assert "quetzalcoatlus" in vocabularies[1] and "quetzalcoatlus" not in vocabularies[0]
+
+
+# ------------------------------------------------------------------ corpora
+
+
+def test_e2e_file_with_more_columns_than_mr_and_ref(tmp_path):
+    """The header check accepts `mr,ref,...` (the cleaned E2E release adds `fixed,orig_mr`), but every row then
+    failed as "expected 2 non-empty fields mr,ref": rows are checked against the header's width."""
+    from dmea_dist.data.corpora import read_e2e_file
+
+    path = tmp_path / "devset.csv"
+    path.write_text('mr,ref,fixed,orig_mr\n"name[A], food[Thai]",A serves Thai.,1,"name[A]"\n'
+                    '"name[A], food[Thai]","A has Thai food.",0,"name[A]"\nname[B],B is here.,0,name[B]\n')
+    samples = read_e2e_file(path)
+    assert [(s.context, s.answer) for s in samples] == [
+        ("name[A], food[Thai]", ("A serves Thai.", "A has Thai food.")), ("name[B]", ("B is here.",))]
