@@ -57,10 +57,11 @@ _RNNLG_SPLIT_FILES = {"train": "train.json", "validation": "valid.json", "test":
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
-    """The corpora folder `data_root` (relative: to the current directory); None fails with how to set it."""
+    """The corpora folder `data_root` (relative: to the current directory; `~` expanded, as the run saves it);
+    None fails with how to set it."""
     if not data_root:
         raise DataError(f"no data root for the real corpora: {ROOT_HELP}")
-    return Path(data_root)
+    return Path(data_root).expanduser()
 
 
 def require_data_root(data_root: str | os.PathLike | None, *, name: str) -> Path:

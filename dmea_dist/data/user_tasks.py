@@ -107,7 +107,7 @@ class UserTaskSpec:
             if value is not None:
                 if not isinstance(value, str | Path):
                     raise DataError(f"user task: {field!r} must be a file path, got {value!r:.80}")
-                object.__setattr__(self, field, Path(value))
+                object.__setattr__(self, field, Path(value).expanduser())  # `~` as the run saves it
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise DataError(f"user task: seed {self.seed!r:.80} must be an int (the seed of the split's shuffle)")
         per_split = [getattr(self, s) for s in SPLITS]

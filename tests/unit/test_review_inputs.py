@@ -140,3 +140,18 @@ def test_e2e_file_with_more_columns_than_mr_and_ref(tmp_path):
     samples = read_e2e_file(path)
     assert [(s.context, s.answer) for s in samples] == [
         ("name[A], food[Thai]", ("A serves Thai.", "A has Thai food.")), ("name[B]", ("B is here.",))]
+
+
+def test_data_root_and_user_task_files_under_the_home_folder(tmp_path, monkeypatch):
+    """`data.root: ~/corpora` and `path: ~/t.jsonl`: the run expands `~` when it saves its config, but the
+    input check before it read them as folders named `~` in the working directory and refused the run."""
+    from dmea_dist.data.registry import load_task
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "corpora" / "e2e").mkdir(parents=True)
+    rows = "".join(f'"name[N{i}]",N{i} is a place.\n' for i in range(40))
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        (tmp_path / "corpora" / "e2e" / name).write_text("mr,ref\n" + rows)
+    assert len(load_task("e2e", data_root="~/corpora")["test"]) == 40
+    (tmp_path / "t.jsonl").write_text("".join(f'{{"context": "c{i}", "answer": "a{i}"}}\n' for i in range(20)))
+    assert len(load_task("mine", data_root=None, user_tasks={"mine": {"path": "~/t.jsonl"}})["train"]) == 16
