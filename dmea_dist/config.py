@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -135,6 +136,8 @@ class ModelConfig:
     token_rows: Literal["auto", "frozen", "trained", "words"] = "auto"
 
     def __post_init__(self):
+        if self.pretrained and self.pretrained.startswith("~"):  # a folder under home (a hub name never starts so)
+            object.__setattr__(self, "pretrained", os.path.expanduser(self.pretrained))
         if self.dropout is not None:
             _check_range("model.dropout", self.dropout, 0.0, 0.9)
         if self.bottleneck is not None:

@@ -155,3 +155,14 @@ def test_data_root_and_user_task_files_under_the_home_folder(tmp_path, monkeypat
     assert len(load_task("e2e", data_root="~/corpora")["test"]) == 40
     (tmp_path / "t.jsonl").write_text("".join(f'{{"context": "c{i}", "answer": "a{i}"}}\n' for i in range(20)))
     assert len(load_task("mine", data_root=None, user_tasks={"mine": {"path": "~/t.jsonl"}})["train"]) == 16
+
+
+def test_a_pretrained_checkpoint_under_the_home_folder(tmp_path, monkeypatch):
+    """`model.pretrained: ~/ckpt` was handed to transformers as typed, which took the folder for a hub name
+    (the input check refused the run); a `~` path is the home folder's, as data.root's is."""
+    from dmea_dist.config import config_from_dict
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = config_from_dict({"data": {"tasks": ["e2e"]}, "model": {"pretrained": "~/ckpt/gpt2"}})
+    assert config.model.pretrained == str(tmp_path / "ckpt" / "gpt2")
+    assert config_from_dict({"data": {"tasks": ["e2e"]}, "model": {"pretrained": "gpt2"}}).model.pretrained == "gpt2"
