@@ -166,9 +166,12 @@ class DataConfig:
     def __post_init__(self):
         if not self.tasks:
             raise ConfigError("data.tasks is empty: list the task names to learn, e.g. [synth.travel.00, e2e]")
-        if len(set(self.tasks)) != len(self.tasks):
-            dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
-            raise ConfigError(f"data.tasks lists {dup} more than once; each task appears once in a sequence")
+        # synth.travel.3 and synth.travel.03 are one generated task (the index is a number)
+        keys = [re.sub(r"^(synth\.[^.]+)\.0*(\d)", r"\1.\2", t) for t in self.tasks]
+        if len(set(keys)) != len(keys):
+            dup = sorted({t for t, k in zip(self.tasks, keys, strict=True) if keys.count(k) > 1})
+            raise ConfigError(f"data.tasks lists {dup} more than once (as typed, or one generated task under two "
+                              f"spellings of its index); each task appears once in a sequence")
         if len(self.synth_sizes) != 3 or min(self.synth_sizes) < 1:
             raise ConfigError(f"data.synth_sizes={self.synth_sizes} must be three positive ints [train, validation, test]")
         for key in ("max_train_samples", "max_eval_samples"):

@@ -166,3 +166,17 @@ def test_a_pretrained_checkpoint_under_the_home_folder(tmp_path, monkeypatch):
     config = config_from_dict({"data": {"tasks": ["e2e"]}, "model": {"pretrained": "~/ckpt/gpt2"}})
     assert config.model.pretrained == str(tmp_path / "ckpt" / "gpt2")
     assert config_from_dict({"data": {"tasks": ["e2e"]}, "model": {"pretrained": "gpt2"}}).model.pretrained == "gpt2"
+
+
+def test_a_synthetic_task_under_two_spellings_is_listed_twice():
+    """`synth.travel.3` and `synth.travel.03` draw the same task, and the duplicate check compared names as
+    typed: one task could appear twice in a sequence."""
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"more than once"):
+        config_from_dict({"data": {"tasks": ["synth.travel.3", "synth.hotel.00", "synth.travel.03"]}})
+    with pytest.raises(ConfigError, match=r"more than once"):
+        config_from_dict({"data": {"tasks": ["synth.travel.00", "synth.travel.0"]}})
+    tasks = ["synth.travel.10", "synth.travel.1", "synth.travel.100", "e2e"]  # different tasks
+    assert config_from_dict({"data": {"tasks": tasks}}).data.tasks == tasks
