@@ -184,7 +184,8 @@ def read_task_file(path: str | Path, *, format: str | None = None) -> list[Sampl
         raise DataError(f"{path}: cannot tell the format from the suffix {path.suffix!r}; "
                         f"set the user task's 'format' to one of {FORMATS}")
     if not path.is_file():
-        raise DataError(f"{path}: file not found; check the user task's path")
+        where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        raise DataError(f"{path}: file not found{where}; check the user task's path")
     readers = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}
     samples = _merge_inputs(_validate(rec, where) for where, rec in readers[fmt](path))
     if not samples:
