@@ -18,3 +18,18 @@ def test_a_missing_relative_user_task_file_names_the_directory_it_was_looked_for
     with pytest.raises(DataError, match="file not found; check") as err:
         read_task_file(tmp_path / "data/mytask.jsonl")
     assert "current directory" not in str(err.value)
+
+
+def test_dmea_output_piped_into_head_ends_without_a_traceback():
+    """`dmea data show synth.travel.00 | head` (reading a long output) ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    script = "import sys; from dmea_dist.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", script, "data", "show", "synth.travel.00", "-n", "400",
+                             "--vocab-size", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == b"task synth"
+    proc.stdout.close()  # as head does after its lines
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
