@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmea_dist.errors import DmeaError
+from dmea_dist.errors import DataError, DmeaError
 
 DEFAULT_DATA_ROOT = "../shared/data"
 
@@ -67,8 +67,13 @@ def cmd_data_show(args) -> int:
         synth["synth_seed"] = args.seed
     if args.max_length is None:
         args.max_length = config.model.max_length if config else 128
-    data = load_task(args.task, data_root=_data_root(args, config), user_tasks=config.data.user_tasks if config else {},
-                     **synth)
+    try:
+        data = load_task(args.task, data_root=_data_root(args, config),
+                         user_tasks=config.data.user_tasks if config else {}, **synth)
+    except DataError as err:
+        if config is None and str(err).startswith("unknown task"):  # a user task, shown without its config
+            raise DataError(f"{err} (dmea data reads them from --config CONFIG)") from None
+        raise
     print(f"task {args.task}")
     for split in ("train", "validation", "test"):
         refs = [len(a) for a in data[split]["answer"]]

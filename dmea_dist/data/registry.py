@@ -93,7 +93,7 @@ def task_kind(name: str, *, user_tasks: Mapping[str, Any] | None = None) -> Task
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise DataError(f"unknown task {name!r}{hint}; known tasks: {', '.join(known)}, and "
                     f"synth.<family>.<index> with family in {', '.join(FAMILIES)}; declare "
-                    f"other tasks under user tasks with a data file")
+                    f"other tasks with a data file under data.user_tasks in the config")
 
 
 def list_tasks(

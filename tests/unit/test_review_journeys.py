@@ -33,3 +33,13 @@ def test_dmea_output_piped_into_head_ends_without_a_traceback():
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_data_show_of_a_user_task_without_its_config_says_to_pass_the_config(capsys):
+    """`dmea data show mytask` (the README's user task) without --config: "unknown task 'mytask'; ... declare
+    other tasks under user tasks with a data file", though the task was declared, in the config not passed."""
+    from dmea_dist.cli import main
+
+    assert main(["data", "show", "mytask"]) == 2
+    err = capsys.readouterr().err
+    assert "under data.user_tasks in the config" in err and "--config CONFIG" in err
