@@ -22,5 +22,9 @@ class TrainingDiverged(DmeaError):
     """A loss became NaN or infinite: training stops, the last good state is kept."""
 
 
+class ClusterTooSmall(DmeaError, RuntimeError):
+    """The Ray cluster cannot place what the run's roles reserve (ray.* sizes): the state is kept, resume later."""
+
+
 class DataWarning(UserWarning):
     """Data accepted with a caveat the user should know (e.g. inputs truncated to fit the model)."""

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         # an address: an embedded Ray sized as `dmea run` sizes it
         sized = sized_for(config.ray, config.ray.address)
         where = connect(config.ray.address, num_cpus=logical_cpus(sized), dashboard=sized.dashboard)
-        print(f"ray: {where}", flush=True)
+        print(f"ray: {where} ({sized.layout()})", flush=True)  # the CPUs the run's roles will reserve
         overrides = args.set + size_overrides(config.ray, sized)
         config = dataclasses.replace(config, ray=sized)
         if args.resume:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from dmea_dist.errors import ClusterTooSmall
+
 Progress = Callable[[str, int, int], None]
 _dashboard_url: str | None = None  # of the embedded Ray `connect` started, if it has a dashboard
 
@@ -168,7 +170,7 @@ def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, wha
         available, total = ray.available_resources(), ray.cluster_resources()
         shape = ", ".join(f"{key}: {amount:g}" for key, amount in bundle.items())
         free = " and ".join(f"{available.get(key, 0.0):g} of {total.get(key, 0.0):g} {key}s" for key in bundle)
-        raise RuntimeError(
+        raise ClusterTooSmall(  # a DmeaError: one line from the CLI, and the run resumes on a bigger cluster
             f"could not reserve {n_bundles} x {{{shape}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
             f"the cluster has {free} free. Lower the number of workers or what each reserves, "
             f"add nodes, or release other holders (a live generation pool keeps its CPUs between calls)")

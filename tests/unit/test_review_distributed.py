@@ -58,6 +58,25 @@ def test_a_training_group_that_cannot_get_its_gpus_says_so_not_that_cpus_are_sho
         cluster.reserve(3, cpus=2.0, strategy="SPREAD", timeout_s=1, what="the pool")
 
 
+def test_a_cluster_too_small_for_the_run_is_one_line_from_the_cli(monkeypatch, capsys):
+    """The reservation's clear message was a RuntimeError: raised in the coordinator actor, `dmea run` and the
+    job entry point printed it as a traceback (exit 1). It is a DmeaError now: one `error:` line, exit 2."""
+    from dmea_dist.driver import report_error
+    from dmea_dist.errors import ClusterTooSmall, DmeaError
+
+    monkeypatch.setattr(cluster, "placement_group", lambda bundles, strategy: _UnplacedGroup())
+    monkeypatch.setattr(cluster, "remove_placement_group", lambda pg: None)
+    monkeypatch.setattr(cluster.ray, "available_resources", lambda: {"CPU": 0.0})
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(DmeaError) as failed:
+        cluster.reserve(1, cpus=1.0, strategy="SPREAD", timeout_s=1, what="the expansion search")
+    assert isinstance(failed.value, ClusterTooSmall)
+    assert report_error(failed.value) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not reserve 1 x {CPU: 1} (SPREAD) for the expansion search")
+    assert err.count("\n") == 1
+
+
 class _ModelOnADevice:
     """What `adapt` needs of a model to see where it lives: parameters on a device, and `to`."""
 
