@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show", type=int, default=0, help="kept samples to print per task")
     args = ap.parse_args()
-    served = load_task_model(args.source)
+    served = load_task_model(args.source, latest=True)  # the finished run's model: shared modules as last trained
     ad = served.config.method.adaptation
     reasons = list(MALFORMED)
     print(f"| task | yield | fidelity | {' | '.join(r.replace('_', ' ') for r in reasons)} |")

@@ -12,9 +12,13 @@ manifest; for the full fine-tuning baselines, the whole backbone after that
 task). `stage_task` writes the folder of one task alone: what a registered
 task model carries (tracking/registry.py).
 
-All loaded tasks of a module-based run share one backbone, their modules in
-its pools (module ids are unique within a run), so a batch of rows of
-several tasks runs each row along its own path (`DMEAModel.route_batch`).
+Every task answers with the weights its own folder recorded, whatever else is
+loaded beside it. All loaded tasks of a module-based run share one backbone,
+their modules in its pools, so a batch of rows of several tasks runs each row
+along its own path (`DMEAModel.route_batch`). Where a later task reused a
+module and trained it further, its folder holds other weights under the same
+module id: that version goes into the pool under an id of its own and the
+task's path is renumbered to it (a module's copy, not a backbone's).
 The full fine-tuning baselines have a backbone per task; their rows are
 answered task by task.
 
@@ -48,6 +52,7 @@ from dmea_dist.state import task_folder_order
 # torch and the model are imported where a model is loaded or answers: the driver stages every recorded
 # task's files (`stage_task`) without them, between two stages of the run
 if TYPE_CHECKING:
+    from dmea_dist.modeling.io import PathModules
     from dmea_dist.modeling.model import DMEAModel
 
 # state files that name where a run stopped: the run state, or the lifecycle file of older runs
@@ -115,7 +120,7 @@ class ServedTasks:
 
 
 def load_task_model(source: str | Path, task: str | None = None, *, tasks: Sequence[str] | None = None,
-                    tracking_uri: str | None = None) -> ServedTasks:
+                    tracking_uri: str | None = None, latest: bool = False) -> ServedTasks:
     """Load recorded tasks to answer with, in one call.
 
     `source`: a run directory, an MLflow run id (sequence or task run; also
@@ -125,13 +130,16 @@ def load_task_model(source: str | Path, task: str | None = None, *, tasks: Seque
     every recorded task of a run; for models:/, the other tasks are found by
     their aliases in the same registered model). `tracking_uri`: the MLflow
     store of a run id or models:/ URI (default $MLFLOW_TRACKING_URI, else
-    sqlite:///mlflow.db).
+    sqlite:///mlflow.db). Each task answers with the weights its folder
+    recorded, as it does alone; `latest`: a module several loaded tasks share
+    has the weights the latest of them recorded (the run's model after the
+    last loaded task, as its later stages used it).
     """
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     wanted = list(dict.fromkeys([*([task] if task else []), *(tasks or [])])) or None
     with _run_folder(str(source), wanted, uri) as (folder, implied):
         default = task or implied
-        return _load_folder(folder, wanted if wanted else ([default] if implied else None), default)
+        return _load_folder(folder, wanted if wanted else ([default] if implied else None), default, latest)
 
 
 @contextlib.contextmanager
@@ -169,16 +177,16 @@ def _registered_folder(model_uri: str, wanted: list[str] | None, uri: str, tmp: 
     return folder, task
 
 
-def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None) -> ServedTasks:
+def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None, latest: bool = False) -> ServedTasks:
     """Every wanted task (default: every recorded one) of the run folder, on one shared backbone if it can."""
-    from dmea_dist.modeling.io import load_path_modules
+    from dmea_dist.modeling.io import read_path_modules
 
     if not (run_dir / "config.yaml").is_file():
         raise DmeaError(f"{run_dir} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
     config = load_config(run_dir / "config.yaml")  # a damaged file fails as a ConfigError naming it
     recorded = recorded_tasks(run_dir)
-    # in task order, whatever order they were asked in: a later task's folder holds the newer weights of a
-    # module it shares with an earlier one, so it must be loaded last (unrecorded ones fail in task_dir)
+    # in task order, whatever order they were asked in (unrecorded ones fail in task_dir): with `latest` a later
+    # task's folder holds the newer weights of a module it shares with an earlier one, so it must come last
     task_ids = sorted(wanted, key=lambda t: recorded.index(t) if t in recorded else -1) if wanted else recorded
     if not task_ids:
         raise DmeaError(f"{run_dir} has no recorded task yet: {stopped_at(run_dir)}")
@@ -188,7 +196,7 @@ def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None) -
         tokenizer = _tokenizer(run_dir / "tokenizer")
     models: dict[str, DMEAModel] = {}
     paths: dict[str, list[int] | None] = {}
-    shared = None
+    shared, pools = None, None
     for task_id in task_ids:
         modules = task_dir(run_dir, task_id)
         if (modules / "config.json").is_file():  # a saved backbone (full fine-tuning), not adapters
@@ -197,10 +205,50 @@ def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None) -
         if shared is None:
             source = config.model.pretrained or run_dir / "backbone"
             shared = _backbone(source, tokenizer, config).eval()
-        load_path_modules(shared, modules)
+            pools = _Pools(shared, latest=latest)
+        pools.put(read_path_modules(shared, modules))
         models[task_id], paths[task_id] = shared, shared.path_of(task_id)
     return ServedTasks(config=config, formatter=Formatter(tokenizer, max_length=config.model.max_length),
                        models=models, paths=paths, task=default if default in models else None)
+
+
+class _Pools:
+    """What the loaded tasks' folders put into one shared model: each module version once, under its recorded
+    id where that is free, else under a fresh one, and each task's path renumbered to the versions it recorded.
+    `latest`: a folder's module overwrites the one under its id (the run's model after the last folder)."""
+
+    def __init__(self, model: DMEAModel, *, latest: bool):
+        self.model, self.latest = model, latest
+        self.placed: dict[tuple[int, int, str], int] = {}  # (layer, recorded id, weights digest) -> id in the pool
+
+    def put(self, recorded: PathModules) -> None:
+        renumber: list[dict[int, int]] = []
+        for layer, pool in enumerate(recorded.modules):
+            renumber.append({})
+            for module_id, state in pool.items():
+                key = (layer, module_id, _digest(state))
+                if key not in self.placed:
+                    taken = str(module_id) in self.model.pools[layer] and not self.latest
+                    self.placed[key] = self.model.next_ids[layer] if taken else module_id
+                    self.model.put_module(layer, self.placed[key], state)
+                renumber[layer][module_id] = self.placed[key]
+        for owner, table in recorded.rows.items():  # a token's row is its first task's, frozen after (token_rows)
+            if self.latest or owner not in self.model.token_rows.owners:
+                self.model.put_token_rows(owner, table["ids"], table["weight"])
+        self.model.set_path(recorded.task_id, [renumber[layer].get(module_id, module_id)
+                                               for layer, module_id in enumerate(recorded.path)])
+
+
+def _digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()
 
 
 def read_inputs(file: str | Path) -> list[dict[str, str]]:

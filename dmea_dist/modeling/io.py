@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,15 +103,36 @@ def load_path_modules(model: DMEAModel, directory: str | Path) -> str:
 
     Returns the task id. Other modules and paths of `model` are kept.
     """
+    return put_path_modules(model, read_path_modules(model, directory))
+
+
+@dataclass
+class PathModules:
+    """One task's "path" artifact, read and checked against a model (`read_path_modules`)."""
+
+    directory: Path
+    task_id: str
+    path: list[int]
+    modules: list[dict[int, dict[str, torch.Tensor]]]  # per layer {module_id: state_dict}
+    rows: dict[str, dict[str, torch.Tensor]]  # {task_id: {"ids", "weight"}}: every task's rows at save time
+
+
+def read_path_modules(model: DMEAModel, directory: str | Path) -> PathModules:
+    """Read one task's modules, rows and path, checked as `load_path_modules` does, without loading them."""
     directory = Path(directory)
     manifest = _read_manifest(directory, kind="path", model=model)
     state, rows = _read_weights(directory, manifest, model)
+    return PathModules(directory, manifest["task_id"], manifest["path"], state, rows)
+
+
+def put_path_modules(model: DMEAModel, loaded: PathModules) -> str:
+    """Put what `read_path_modules` read into `model` (`load_path_modules`'s second half); returns the task id."""
     for layer in range(model.n_layers):
-        for module_id, module_state in state[layer].items():
+        for module_id, module_state in loaded.modules[layer].items():
             model.put_module(layer, module_id, module_state)
-    _put_rows(model, rows)
-    _set_path(model, directory, manifest["task_id"], manifest["path"])
-    return manifest["task_id"]
+    _put_rows(model, loaded.rows)
+    _set_path(model, loaded.directory, loaded.task_id, loaded.path)
+    return loaded.task_id
 
 
 def module_key(layer: int, module_id: int, name: str) -> str:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
+import torch
+
+from dmea_dist.modeling.model import DMEAModel
+
 
 def test_a_missing_relative_user_task_file_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch):
     """A config in another folder naming `path: data/mytask.jsonl` (the README's example) failed with
@@ -43,3 +49,82 @@ def test_data_show_of_a_user_task_without_its_config_says_to_pass_the_config(cap
     assert main(["data", "show", "mytask"]) == 2
     err = capsys.readouterr().err
     assert "under data.user_tasks in the config" in err and "--config CONFIG" in err
+
+
+def _two_task_run(tiny_gpt2_config, tmp_path, monkeypatch):
+    """A run folder of tasks a and b, b reusing a's layer-0 module and training it further (as DMEA's
+    expansion does when it reuses a module); `serving` is patched to build the backbone from the config."""
+    from dmea_dist import serving
+    from dmea_dist.modeling.io import save_path_modules
+    from tests.conftest import REPO_ROOT
+
+    def backbone(*args, **kwargs):
+        return DMEAModel.from_config(tiny_gpt2_config, bottleneck=8, seed=0)
+
+    model = backbone()
+    generator = torch.Generator().manual_seed(2)
+
+    def train(path):
+        with torch.no_grad():
+            for param in model.trainable_parameters(path):
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+    path_a = model.add_modules(generator=torch.Generator().manual_seed(1))
+    model.set_path("a", path_a)
+    train(path_a)
+    run_dir = tmp_path / "run"
+    save_path_modules(model, "a", run_dir / "tasks/000-a/modules")
+    model.set_path("b", [path_a[0], *model.add_modules(layers=[1, 2])])
+    train(model.path_of("b"))
+    save_path_modules(model, "b", run_dir / "tasks/001-b/modules")
+    shutil.copy(REPO_ROOT / "configs/quickstart.yaml", run_dir / "config.yaml")
+    monkeypatch.setattr(serving, "_tokenizer", lambda directory: [None] * tiny_gpt2_config.vocab_size)
+    monkeypatch.setattr(serving, "_backbone", backbone)
+    monkeypatch.setattr(serving, "Formatter", lambda tokenizer, max_length: None)
+    return run_dir
+
+
+def test_a_task_answers_alike_alone_and_beside_a_later_task_that_trained_its_module(tiny_gpt2_config, tmp_path,
+                                                                                     monkeypatch):
+    """README: a file may mix tasks and "the answers are those each task gives alone". The quick start's
+    synth.restaurant.01 reuses and trains synth.restaurant.00's modules: a file with rows of both answered
+    restaurant.00's rows with restaurant.01's weights of the shared modules (one shared backbone, the later
+    folder loaded last), so its answer changed with the other rows of the file."""
+    from dmea_dist import serving
+
+    run_dir = _two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        alone = serving.load_task_model(run_dir, "a")
+        expected_a = alone.models["a"](ids, path=alone.paths["a"]).logits
+        alone = serving.load_task_model(run_dir, "b")
+        expected_b = alone.models["b"](ids, path=alone.paths["b"]).logits
+        for served in (serving.load_task_model(run_dir), serving.load_task_model(run_dir, "a", tasks=["b"]),
+                       serving.load_task_model(run_dir, "b", tasks=["a"])):
+            assert served.tasks == ["a", "b"]
+            for task, expected in (("a", expected_a), ("b", expected_b)):
+                got = served.models[task](ids, path=served.paths[task]).logits
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        # latest=True (benchmarks/audit_pseudo_samples.py): the run's final model, a on b's shared module
+        final = serving.load_task_model(run_dir, latest=True)
+        assert final.models["a"] is final.models["b"]
+        assert not torch.equal(final.models["a"](ids, path=final.paths["a"]).logits, expected_a)
+
+
+def test_tasks_that_disagree_on_a_module_still_share_one_backbone(tiny_gpt2_config, tmp_path, monkeypatch):
+    """Each task its recorded weights, on one backbone: the later task's version of the shared module is a copy
+    in the pool under an id of its own (a module, not a backbone), and a third task that recorded the first
+    version shares it."""
+    from dmea_dist import serving
+
+    run_dir = _two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)
+    shutil.copytree(run_dir / "tasks/000-a", run_dir / "tasks/002-a2")
+    manifest = run_dir / "tasks/002-a2/modules/manifest.json"
+    manifest.write_text(manifest.read_text().replace('"task_id": "a"', '"task_id": "a2"'))
+    served = serving.load_task_model(run_dir)
+    assert served.tasks == ["a", "b", "a2"]
+    model = served.models["a"]
+    assert served.models["b"] is model and served.models["a2"] is model
+    a, b, a2 = served.paths["a"], served.paths["b"], served.paths["a2"]
+    assert a[0] != b[0] and a2 == a  # b's layer-0 module is its own copy; a2 recorded a's weights: a's modules
+    assert len(model.pools[0]) == 2  # a's module and b's version of it, nothing more
