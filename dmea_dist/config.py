@@ -560,8 +560,12 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "") -> None:
             raise ConfigError(f"override {item!r}: YAML reads the ' #' and what follows as a comment; quote the "
                               f"value to keep it (e.g. {key}='{text.strip()}')")
         node[parts[-1]] = value
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+    except yaml.YAMLError as err:  # one line: the parser's problem and where, not its multi-line excerpt
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f" at character {mark.column + 1} of the value" if mark is not None else ""
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {problem}{where} (lists: [a, b]; quote a "
+                          f"string that holds YAML's characters)") from err
 
 
 _HASH = "\ue000"  # a private-use character standing in for '#': the value as YAML reads it without comments

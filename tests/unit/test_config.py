@@ -157,3 +157,14 @@ def test_a_candidates_override_values_are_checked_before_the_run_not_at_the_seco
         load_config(path, [f"method.expansion.candidates=[{{}}, {candidate}]"])
     ok = load_config(path, ["method.expansion.candidates=[{}, {beta: 0.3, entropy_weight: 0, seed: 7}]"])
     assert ok.method.expansion.candidates[1] == {"beta": 0.3, "entropy_weight": 0, "seed": 7}
+
+
+def test_an_override_that_is_not_yaml_is_refused_in_one_line(tmp_path):
+    """`--set data.tasks=[x` printed the YAML parser's six-line excerpt after `error:`; one line says what and where."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["data.tasks=[x"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("override 'data.tasks=[x': value is not valid YAML: expected ',' or ']'")
+    assert "at character 3 of the value" in message
