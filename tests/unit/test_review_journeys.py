@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from dmea_dist.modeling.model import DMEAModel
@@ -128,3 +129,29 @@ def test_tasks_that_disagree_on_a_module_still_share_one_backbone(tiny_gpt2_conf
     a, b, a2 = served.paths["a"], served.paths["b"], served.paths["a2"]
     assert a[0] != b[0] and a2 == a  # b's layer-0 module is its own copy; a2 recorded a's weights: a's modules
     assert len(model.pools[0]) == 2  # a's module and b's version of it, nothing more
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_resuming_a_finished_run_starts_no_ray(tmp_path, monkeypatch, finished):
+    """`dmea resume` of a finished run started a whole local Ray (~10 s) only to print the results again; it
+    has no stage left, so it runs in process. An unfinished run still goes to Ray."""
+    import yaml
+
+    from dmea_dist import cli, driver
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.method.lifecycle import Stage
+    from dmea_dist.state import RunState, save_state
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    state = RunState.new(["synth.hotel.00"])
+    if finished:
+        state.stage = Stage.DONE
+    save_state(state, run_dir)
+    calls = []
+    monkeypatch.setattr(driver, "resume_sequence", lambda run_dir, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(cli, "_ray", lambda address, config: (config, "ray factory"))  # no Ray started here
+    assert cli.main(["resume", str(run_dir)]) == 0
+    assert calls[0]["coordinator_factory"] == (None if finished else "ray factory")
