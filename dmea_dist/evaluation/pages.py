@@ -45,7 +45,7 @@ METRIC_NOTES = {
     "final_average": "A_T: mean score over all tasks after the last one (the papers' number)",
     "bwt": "BWT: mean of R[T-1][i] - R[i][i]; negative means forgetting",
     "fwt": "FWT: mean of R[i-1][i] - untrained score; needs eval.all_tasks",
-    "forgetting": "forgetting (Chaudhry et al. 2018): mean drop from each task's best score to its final one",
+    "forgetting": "forgetting (Chaudhry et al. 2018): mean drop from each earlier task's best score before the last task to its final one (negative: it ended above them all)",
 }
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1500px; color: #222; padding: 0 1em; }
