@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 
 import ray
@@ -159,20 +160,32 @@ def configure_threads(cpus: float | None = None) -> None:
     torch.set_num_threads(max(1, int(cpus or os.cpu_count() or 1)))
 
 
+RESERVE_QUIET_S = 10.0  # a reservation not placed by then is said to be waiting, and on what
+
+
 def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, what: str,
             bundle: dict[str, float] | None = None):
     """A ready placement group of `n_bundles` x {CPU: cpus} (or x `bundle`), or a clear error naming what
     each bundle asks for and how much of each of those resources is free (a GPU bundle may lack GPUs only)."""
     bundle = bundle or {"CPU": float(cpus)}
     pg = placement_group([bundle] * n_bundles, strategy=strategy)
-    if not pg.wait(timeout_seconds=timeout_s):
-        remove_placement_group(pg)
+    shape = ", ".join(f"{key}: {amount:g}" for key, amount in bundle.items())
+
+    def free() -> str:
         available, total = ray.available_resources(), ray.cluster_resources()
-        shape = ", ".join(f"{key}: {amount:g}" for key, amount in bundle.items())
-        free = " and ".join(f"{available.get(key, 0.0):g} of {total.get(key, 0.0):g} {key}s" for key in bundle)
+        return " and ".join(f"{available.get(key, 0.0):g} of {total.get(key, 0.0):g} {key}s" for key in bundle)
+
+    first = min(RESERVE_QUIET_S, timeout_s)
+    ready = pg.wait(timeout_seconds=first)
+    if not ready and timeout_s > first:  # say why nothing happens (an autoscaler may still add nodes)
+        print(f"waiting for {n_bundles} x {{{shape}}} ({strategy}) for {what}: the cluster has {free()} free; "
+              f"giving up after {timeout_s:.0f}s", file=sys.stderr, flush=True)
+        ready = pg.wait(timeout_seconds=timeout_s - first)
+    if not ready:
+        remove_placement_group(pg)
         raise ClusterTooSmall(  # a DmeaError: one line from the CLI, and the run resumes on a bigger cluster
             f"could not reserve {n_bundles} x {{{shape}}} ({strategy}) for {what} within {timeout_s:.0f}s: "
-            f"the cluster has {free} free. Lower the number of workers or what each reserves, "
+            f"the cluster has {free()} free. Lower the number of workers or what each reserves, "
             f"add nodes, or release other holders (a live generation pool keeps its CPUs between calls)")
     return pg
 

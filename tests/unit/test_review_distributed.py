@@ -162,3 +162,25 @@ def test_the_driver_fails_a_run_whose_coordinator_was_never_built_without_offeri
         run_sequence(config, coordinator_factory=Unbuilt, progress=False, echo=said.append, check=False)
     assert closed == [True]
     assert not any("resume" in line for line in said)
+
+
+def test_a_reservation_that_waits_says_on_what_before_it_gives_up(monkeypatch, capsys):
+    """A cluster that cannot place a role's reservation was silent for the whole timeout (120 s by default),
+    then failed: after a short wait a line now says what is waited for and what is free."""
+    waits = []
+
+    class Never(_UnplacedGroup):
+        def wait(self, timeout_seconds):
+            waits.append(timeout_seconds)
+            return False
+
+    monkeypatch.setattr(cluster, "placement_group", lambda bundles, strategy: Never())
+    monkeypatch.setattr(cluster, "remove_placement_group", lambda pg: None)
+    monkeypatch.setattr(cluster.ray, "available_resources", lambda: {"CPU": 0.0})
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(RuntimeError, match="could not reserve"):
+        cluster.reserve(1, cpus=1.0, strategy="SPREAD", timeout_s=120, what="the expansion search")
+    assert waits == [cluster.RESERVE_QUIET_S, 120 - cluster.RESERVE_QUIET_S]  # the same timeout in all
+    err = capsys.readouterr().err
+    assert err == ("waiting for 1 x {CPU: 1} (SPREAD) for the expansion search: the cluster has 0 of 2 CPUs free; "
+                   "giving up after 120s\n")
