@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from dmea_dist.modeling.model import DMEAModel
+from tests.unit.serving_case import two_task_run
 
 
 def test_a_missing_relative_user_task_file_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch):
@@ -52,39 +52,6 @@ def test_data_show_of_a_user_task_without_its_config_says_to_pass_the_config(cap
     assert "under data.user_tasks in the config" in err and "--config CONFIG" in err
 
 
-def _two_task_run(tiny_gpt2_config, tmp_path, monkeypatch):
-    """A run folder of tasks a and b, b reusing a's layer-0 module and training it further (as DMEA's
-    expansion does when it reuses a module); `serving` is patched to build the backbone from the config."""
-    from dmea_dist import serving
-    from dmea_dist.modeling.io import save_path_modules
-    from tests.conftest import REPO_ROOT
-
-    def backbone(*args, **kwargs):
-        return DMEAModel.from_config(tiny_gpt2_config, bottleneck=8, seed=0)
-
-    model = backbone()
-    generator = torch.Generator().manual_seed(2)
-
-    def train(path):
-        with torch.no_grad():
-            for param in model.trainable_parameters(path):
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-
-    path_a = model.add_modules(generator=torch.Generator().manual_seed(1))
-    model.set_path("a", path_a)
-    train(path_a)
-    run_dir = tmp_path / "run"
-    save_path_modules(model, "a", run_dir / "tasks/000-a/modules")
-    model.set_path("b", [path_a[0], *model.add_modules(layers=[1, 2])])
-    train(model.path_of("b"))
-    save_path_modules(model, "b", run_dir / "tasks/001-b/modules")
-    shutil.copy(REPO_ROOT / "configs/quickstart.yaml", run_dir / "config.yaml")
-    monkeypatch.setattr(serving, "_tokenizer", lambda directory: [None] * tiny_gpt2_config.vocab_size)
-    monkeypatch.setattr(serving, "_backbone", backbone)
-    monkeypatch.setattr(serving, "Formatter", lambda tokenizer, max_length: None)
-    return run_dir
-
-
 def test_a_task_answers_alike_alone_and_beside_a_later_task_that_trained_its_module(tiny_gpt2_config, tmp_path,
                                                                                      monkeypatch):
     """README: a file may mix tasks and "the answers are those each task gives alone". The quick start's
@@ -93,7 +60,7 @@ def test_a_task_answers_alike_alone_and_beside_a_later_task_that_trained_its_mod
     folder loaded last), so its answer changed with the other rows of the file."""
     from dmea_dist import serving
 
-    run_dir = _two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)
+    run_dir = two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)[0]
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         alone = serving.load_task_model(run_dir, "a")
@@ -118,7 +85,7 @@ def test_tasks_that_disagree_on_a_module_still_share_one_backbone(tiny_gpt2_conf
     version shares it."""
     from dmea_dist import serving
 
-    run_dir = _two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)
+    run_dir = two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)[0]
     shutil.copytree(run_dir / "tasks/000-a", run_dir / "tasks/002-a2")
     manifest = run_dir / "tasks/002-a2/modules/manifest.json"
     manifest.write_text(manifest.read_text().replace('"task_id": "a"', '"task_id": "a2"'))

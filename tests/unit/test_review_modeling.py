@@ -24,37 +24,10 @@ def test_serving_tasks_named_in_any_order_gives_each_task_its_recorded_modules(t
     """Task b reuses task a's layer-0 module and trains it further; each task's folder holds its modules as
     recorded. Asking for b (and a beside it) loaded a's stale copy of the shared module over b's: b then
     answered with weights it never had."""
-    import shutil
-
     from dmea_dist import serving
-    from dmea_dist.modeling.io import save_path_modules
-    from tests.conftest import REPO_ROOT
+    from tests.unit.serving_case import two_task_run
 
-    def backbone(*args, **kwargs):
-        return DMEAModel.from_config(tiny_gpt2_config, bottleneck=8, seed=0)
-
-    model = backbone()
-    path_a = model.add_modules(generator=torch.Generator().manual_seed(1))
-    model.set_path("a", path_a)
-    generator = torch.Generator().manual_seed(2)
-
-    def train(path):
-        with torch.no_grad():
-            for param in model.trainable_parameters(path):
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-
-    train(path_a)
-    run_dir = tmp_path / "run"
-    save_path_modules(model, "a", run_dir / "tasks/000-a/modules")
-    new = model.add_modules(layers=[1, 2])
-    model.set_path("b", [path_a[0], *new])  # shares layer 0 with a, and trains it
-    train(model.path_of("b"))
-    save_path_modules(model, "b", run_dir / "tasks/001-b/modules")
-    shutil.copy(REPO_ROOT / "configs/quickstart.yaml", run_dir / "config.yaml")
-    monkeypatch.setattr(serving, "_tokenizer", lambda directory: [None] * tiny_gpt2_config.vocab_size)
-    monkeypatch.setattr(serving, "_backbone", backbone)
-    monkeypatch.setattr(serving, "Formatter", lambda tokenizer, max_length: None)
-
+    run_dir, model = two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = model(ids, task_id="b").logits
