@@ -60,6 +60,18 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: plain data only, never objects
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """yaml.safe_dump that quotes the strings `parse_yaml` would read as exponent floats (a run named 1e5)."""
+
+
+_YamlDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML that `parse_yaml` reads back as `data` (a run's config.yaml, which `dmea resume` loads)."""
+    return yaml.dump(data, Dumper=_YamlDumper, sort_keys=False)
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Plain-LM pretraining of the tiny backbone before it is frozen (see modeling/pretrain.py)."""

@@ -31,9 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from dmea_dist.config import RunConfig
+from dmea_dist.config import RunConfig, dump_yaml
 from dmea_dist.data.formatting import Formatter, encode_task
 from dmea_dist.data.lengths import check_lengths
 from dmea_dist.data.registry import load_task
@@ -333,7 +331,7 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
                                             check_tokenizer=check)
     run_dir = Path(run_dir)  # created only now: every check above has passed
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (run_dir / "config.yaml").write_text(dump_yaml(config.to_dict()))
     if not m.pretrained:
         # the run keeps its own backbone and tokenizer, so any task can be served from it later
         backbone.save_pretrained(run_dir / "backbone")
