@@ -128,7 +128,13 @@ def check_input(config: RunConfig) -> None:
     """
     from dmea_dist.data.tokenizer import load_pretrained_tokenizer
     from dmea_dist.errors import DataWarning
-    from dmea_dist.run import check_max_length, length_check, load_tasks, tiny_backbone
+    from dmea_dist.run import (
+        check_checkpoint,
+        check_max_length,
+        length_check,
+        load_tasks,
+        tiny_backbone,
+    )
     from dmea_dist.tracking import check_store
 
     tasks = load_tasks(config)
@@ -148,7 +154,9 @@ def check_input(config: RunConfig) -> None:
 
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (a first run pretrains: say so)
     if config.model.pretrained:
-        check_and_say(load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks))
+        tokenizer = load_pretrained_tokenizer(config.model.pretrained, max_tasks=config.model.max_tasks)
+        check_checkpoint(config, tokenizer)
+        check_and_say(tokenizer)
     else:
         tiny_backbone(config, tasks, cache_root=Path(config.output_dir) / "_cache", check_tokenizer=check_and_say,
                       load_model=False, say=say)

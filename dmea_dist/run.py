@@ -297,6 +297,27 @@ def model_positions(config: RunConfig) -> int:
     return int(getattr(checkpoint, "n_positions", None) or checkpoint.max_position_embeddings)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_checkpoint(config: RunConfig, tokenizer) -> None:
+    """model.pretrained's weights are there (a local folder) and its tokenizer fits its embeddings, before any
+    work: on Ray, build_run's transformers error would come back as the coordinator actor's traceback."""
+    from transformers import AutoConfig
+
+    name = config.model.pretrained
+    folder = Path(os.path.expanduser(name))
+    if folder.is_dir() and not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"model.pretrained={name!r}: the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
+                          f"give the folder model.save_pretrained(folder) wrote")
+    rows = getattr(AutoConfig.from_pretrained(name), "vocab_size", None)  # read by check_max_length already
+    if rows is not None and len(tokenizer) < rows:
+        raise ConfigError(f"model.pretrained={name!r}: its tokenizer has {len(tokenizer)} tokens with the "
+                          f"{config.model.max_tasks + 1} reserved ones, fewer than the checkpoint's {rows} embedding "
+                          f"rows (config.json vocab_size): the tokenizer is not the one the checkpoint was trained "
+                          f"with (a vocabulary padded beyond its tokenizer is not supported)")
+
+
 def check_max_length(config: RunConfig) -> int:
     """model.max_length must fit the model's positions; returns the positions. Runs before any pretraining."""
     positions, m = model_positions(config), config.model
@@ -324,6 +345,7 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
     check = length_check(config, tasks, positions=check_max_length(config))
     if m.pretrained:
         tokenizer = load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks)
+        check_checkpoint(config, tokenizer)
         check(tokenizer)
         model = DMEAModel.from_pretrained(m.pretrained, vocab_size=len(tokenizer), bottleneck=m.bottleneck)
     else:

@@ -91,6 +91,11 @@ def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int, key: str = "
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:  # transformers' "not a folder, not a hub name", no files, unknown type
         raise ConfigError(not_loadable(key, name_or_path, "tokenizer", err)) from None
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        # transformers 5 builds an empty tokenizer from a folder that has a config.json but no tokenizer files
+        raise ConfigError(f"{key}={name_or_path!r}: its tokenizer has no vocabulary ({len(tokenizer)} tokens); the "
+                          f"folder needs the checkpoint's tokenizer files (tokenizer.json, or vocab.json and "
+                          f"merges.txt), as tokenizer.save_pretrained(folder) writes them")
     if tokenizer.eos_token is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     if tokenizer.pad_token is None:
