@@ -333,9 +333,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
     tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
     tracker.finish_sequence(status="FINISHED")
 
-    echo(f"\nR matrix ({config.eval.metric}, row j = after training task j):")
-    echo(report.format_matrix_table(names, R))
-    echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+    print_results(echo, names, R, metrics, metric=config.eval.metric)
     echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   "
          f"tracking: {redact_uri(config.tracking.uri)}")
     if tracker.active:
@@ -502,6 +500,16 @@ def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict
         print(f"warning: the report of {run_dir} could not be drawn ({type(err).__name__}: {err}); the results "
               f"are saved: try `dmea report {run_dir}`", file=sys.stderr)
         return None
+
+
+def print_results(echo: Callable[[str], None], names: list[str], R: np.ndarray, metrics: dict[str, float], *,
+                  metric: str) -> None:
+    """The end of a run: R as a table, the metrics, and why BWT and forgetting are missing when they are."""
+    echo(f"\nR matrix ({metric}, row j = after training task j):")
+    echo(report.format_matrix_table(names, R))
+    echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+    if "bwt" not in metrics and (why := continual.why_no_bwt(R)):
+        echo(why)
 
 
 def sequence_metrics(R: np.ndarray, *, baseline: np.ndarray | None = None) -> dict[str, float]:

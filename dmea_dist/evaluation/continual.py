@@ -123,6 +123,18 @@ def forgetting(R) -> float:
     return float(np.mean(drops))
 
 
+def why_no_bwt(R) -> str:
+    """Why BWT and forgetting are missing from a finished run's metrics ('' when they can be computed):
+    they need each earlier task's score right after it was trained, R's diagonal, which eval.every > 1 skips."""
+    matrix = as_matrix(R)
+    missing = [f"R[{i}][{i}]" for i in range(matrix.shape[0] - 1) if math.isnan(matrix[i, i])]
+    if not missing:
+        return ""
+    return (f"bwt and forgetting not measured: they need each earlier task's score right after it was trained, "
+            f"and {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not evaluated (eval.every > 1 "
+            f"evaluates only every n-th task and the last)")
+
+
 def summarize(R, *, baseline=None) -> dict[str, float]:
     """All end-of-sequence numbers: final_average, bwt, forgetting, and fwt if `baseline`."""
     result = {

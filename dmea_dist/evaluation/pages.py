@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dmea_dist.evaluation import plots
-from dmea_dist.evaluation.continual import average_trajectory
+from dmea_dist.evaluation.continual import average_trajectory, why_no_bwt
 from dmea_dist.evaluation.report import _fmt, _html_table, _md, _md_table
 from dmea_dist.evaluation.run_data import (
     RunData,
@@ -139,6 +139,8 @@ def run_sections(runs: list[RunData]) -> list[Section]:
 
 def metrics_panel(run: RunData) -> Panel:
     rows = [[_html_safe(METRIC_NOTES.get(k, k)), _fmt(v, 2)] for k, v in run.metrics.items()]
+    if rows and "bwt" not in run.metrics and run.status == "finished" and (why := why_no_bwt(run.R)):
+        rows.append([_html_safe(why.split(":")[0]), _html_safe(why.split(": ", 1)[1])])
     return Panel(table=(["metric", "value"], rows)) if rows else Panel(note="no metrics: no task finished")
 
 
@@ -222,11 +224,15 @@ def comparison_section(runs: list[RunData]) -> Section:
     rows = [[_html_safe(k)] + [_fmt(r.metrics.get(k), 2) for r in runs] for k in keys]
     panels = [Panel(table=(["metric"] + [_html_safe(f"{r.name} ({r.method})") for r in runs], rows))]
     if all(r.tasks == runs[0].tasks for r in runs):
-        finished = [r for r in runs if not np.isnan(np.diag(r.R)).any()]
-        if len(finished) == len(runs):
+        partial = [r.name for r in runs if np.isnan(np.diag(r.R)).any()]
+        if not partial:
             panels.append(Panel(image=plots.png(plots.comparison_figure(
                 [f"{r.name} ({r.method})" for r in runs], runs[0].tasks, [r.R[-1] for r in runs],
                 [average_trajectory(r.R) for r in runs]))))
+        else:
+            panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every task "
+                                     f"right after training it (a stopped run, or eval.every > 1): compare their "
+                                     f"sections below"))
     else:
         panels.append(Panel(note="the runs trained different task sequences: compare their sections below"))
     return Section("compare", "Comparison", "Metrics of each run; final scores and the average over tasks seen "

@@ -41,3 +41,57 @@ def test_a_local_checkpoint_missing_a_part_is_one_error_line(tmp_path, capsys, m
     assert "model.pretrained" in err and str(folder) in err and "Traceback" not in err, err
     assert {"weights": "no weights", "tokenizer": "no vocabulary", "rows": "embedding rows"}[missing] in err, err
     assert not list((tmp_path / "runs").glob("*-*")), "no run directory for a run that never started"
+
+
+# ------------------------------------------------------------------ eval.every > 1
+
+
+def _run_data(name, R, metrics):
+    import numpy as np
+
+    from dmea_dist.evaluation.run_data import RunData
+
+    return RunData(name=name, method="dmea", config_name="c", tasks=["a", "b", "c", "d"], R=np.array(R, dtype=float),
+                   metrics=metrics)
+
+
+def test_a_run_that_evaluated_every_second_task_says_why_bwt_is_missing():
+    """With eval.every: 2 the run printed only final_average=..., metrics.json and the report's metrics table
+    had no BWT or forgetting and nothing said why; a comparison with such a run silently dropped its figure."""
+    import numpy as np
+
+    from dmea_dist.evaluation import continual
+    from dmea_dist.evaluation.pages import comparison_section, metrics_panel
+
+    nan = np.nan
+    every = [[nan] * 4, [1, 2, nan, nan], [nan] * 4, [3, 4, 5, 6]]
+    full = [[1, nan, nan, nan], [1, 2, nan, nan], [1, 2, 3, nan], [3, 4, 5, 6]]
+    why = continual.why_no_bwt(every)
+    assert "R[0][0], R[2][2] were not evaluated" in why and "eval.every" in why, why
+    assert continual.why_no_bwt(full) == ""
+    assert continual.why_no_bwt([[nan, nan], [1, 2]]).count("R[") == 1  # the last task's own score is there
+
+    table = metrics_panel(_run_data("r", every, {"final_average": 4.5})).table
+    assert table is not None and any("bwt and forgetting not measured" in row[0] for row in table[1]), table
+    full_table = metrics_panel(_run_data("f", full, {"final_average": 4.5, "bwt": 1.0, "forgetting": 0.0})).table
+    assert all("not measured" not in row[0] for row in full_table[1])
+
+    section = comparison_section([_run_data("f", full, {"final_average": 4.5}),
+                                  _run_data("e", every, {"final_average": 4.5})])
+    notes = [p.note for p in section.panels if p.note]
+    assert notes and "e did not evaluate every task" in notes[0], section.panels
+
+
+def test_the_end_of_a_run_prints_why_bwt_is_missing(capsys):
+    """The driver's last lines: after final_average=..., the reason bwt and forgetting are not there."""
+    import numpy as np
+
+    from dmea_dist import driver
+
+    nan = np.nan
+    R = np.array([[nan] * 3, [1, 2, nan], [3, 4, 5]], dtype=float)
+    metrics = driver.sequence_metrics(R)
+    assert set(metrics) == {"final_average"}
+    lines = []
+    driver.print_results(lines.append, ["a", "b", "c"], R, metrics, metric="rouge")
+    assert any("bwt and forgetting not measured" in line for line in lines), lines
