@@ -141,13 +141,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from dmea_dist.driver import resume_config, resume_sequence
+    from dmea_dist.driver import check_resume_store, resume_config, resume_sequence
     from dmea_dist.state import load_state
     from dmea_dist.tracking import check_store
 
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
     if config.tracking.enabled:
         check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
+        check_resume_store(Path(args.run_dir), config, load_state(args.run_dir).mlflow_parent_run_id)
     factory, overrides = None, list(args.set)
     # a finished run has no stage left: its results (and any record a kill left out) need no Ray
     if not args.in_process and not load_state(args.run_dir).done:

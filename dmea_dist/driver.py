@@ -109,10 +109,23 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     state = load_state(run_dir)  # a clear error if this is no run directory
     # an override's relative path (`--set data.root=../corpora`) from here, as `dmea run` resolves the config's
     config = with_absolute_paths(resume_config(run_dir, overrides or []))
+    check_resume_store(run_dir, config, state.mlflow_parent_run_id)
     echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
          f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
     return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
                   echo=echo)
+
+
+def check_resume_store(run_dir: Path, config: RunConfig, parent_run_id: str | None) -> None:
+    """A resume that points tracking.uri elsewhere (the database moved) must find the run's parent run there:
+    a mistyped path would otherwise start an empty store and every MLflow call of the rest would fail."""
+    config = with_absolute_paths(config)
+    recorded_in = with_absolute_paths(resume_config(run_dir, [])).tracking.uri
+    if config.tracking.enabled and parent_run_id and config.tracking.uri != recorded_in:
+        from dmea_dist.tracking import check_parent_run
+
+        check_parent_run(uri=config.tracking.uri, experiment=config.tracking.experiment, run_id=parent_run_id,
+                         recorded_in=recorded_in)
 
 
 def check_input(config: RunConfig) -> None:

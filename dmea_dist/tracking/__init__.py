@@ -70,12 +70,12 @@ from dmea_dist.tracking.readers import (
     download_task_modules,
     find_task_runs,
 )
-from dmea_dist.tracking.store import check_store, count_failures, failures_summary
+from dmea_dist.tracking.store import check_parent_run, check_store, count_failures, failures_summary
 from dmea_dist.tracking.writer import Tracker, warn_failure
 
 __all__ = [
     "DEFAULT_URI", "MAX_KEY_LENGTH", "MAX_PARAM_LENGTH", "MAX_TAG_LENGTH", "MODEL_VERSION_TAG", "MODULES_ARTIFACT",
-    "PARENT_TAG", "TASK_ID_TAG", "TASK_INDEX_TAG", "Tracker", "TrackingError", "TrackingWarning", "check_store",
+    "PARENT_TAG", "TASK_ID_TAG", "TASK_INDEX_TAG", "Tracker", "TrackingError", "TrackingWarning", "check_parent_run", "check_store",
     "count_failures", "credentials_from_uri", "default_artifact_location", "download_registered_model",
     "download_run", "download_task_modules", "failures_summary", "find_task_runs", "flatten", "mlflow_key",
     "param_value", "redact_config", "redact_uri", "registered_model_name", "resolve_uri", "sqlite_path",

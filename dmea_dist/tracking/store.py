@@ -61,6 +61,27 @@ def check_store(*, uri: str, experiment: str) -> None:
                             f"restore) or set tracking.experiment")
 
 
+def check_parent_run(*, uri: str, experiment: str, run_id: str, recorded_in: str) -> None:
+    """A resumed run's MLflow parent run `run_id` is in the store at `uri` (a resume that points tracking.uri
+    elsewhere, e.g. where the database moved); TrackingError otherwise, before any work. A sqlite file that does
+    not exist is refused without creating it: a mistyped path would start an empty database."""
+    uri = resolve_uri(uri)
+    fix = (f"point tracking.uri at the store the run was recorded in ({redact_uri(recorded_in)}, or where that "
+           f"database is now), or start a new run")
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"tracking.uri {redact_uri(uri)!r}: {db} does not exist, so it cannot hold this run's MLflow "
+                            f"parent run {run_id}; {fix}")
+    check_store(uri=uri, experiment=experiment)  # opens, with MLflow's tables
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MlflowException (not found) or the store's own errors
+        raise TrackingError(f"tracking.uri {redact_uri(uri)!r} does not hold this run's MLflow parent run {run_id} "
+                            f"({_truncate(redact_uri(f'{type(exc).__name__}: {exc}'), 200)}); {fix}") from None
+
+
 def _check_sqlite_file(db: Path, fixes: str) -> bool:
     """Read-only: an SQLite file that passes quick_check and holds MLflow's tables (True) or no tables (False)."""
     try:

@@ -95,3 +95,61 @@ def test_the_end_of_a_run_prints_why_bwt_is_missing(capsys):
     lines = []
     driver.print_results(lines.append, ["a", "b", "c"], R, metrics, metric="rouge")
     assert any("bwt and forgetting not measured" in line for line in lines), lines
+
+
+# ------------------------------------------------------------------ dmea resume --set tracking.uri=...
+
+
+def test_resume_into_a_store_without_the_run_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """`dmea resume RUN --set tracking.uri=sqlite:///mlfow.db` (a typo, or the wrong copy) created an empty
+    database and ran the rest of the sequence with every MLflow call failing ('Run with id=... not found'),
+    said only in a warning at the end. The store must hold the run's parent run: checked before any work,
+    and a sqlite file that does not exist is not created."""
+    import dataclasses
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.driver import resume_sequence
+    from dmea_dist.errors import DmeaError
+    from dmea_dist.state import RunState, save_state
+
+    recorded = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=recorded)
+    parent = client.create_run(client.create_experiment("dmea-dist")).info.run_id
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]},
+                               "tracking": {"uri": recorded, "experiment": "dmea-dist"}})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    save_state(dataclasses.replace(RunState.new(["synth.hotel.00"]), mlflow_parent_run_id=parent), run_dir)
+    other = tmp_path / "other.db"
+    MlflowClient(tracking_uri=f"sqlite:///{other}").search_experiments()  # an MLflow store of other runs
+
+    started = []
+
+    def factory(config, run_dir, **kwargs):
+        started.append(config.tracking.uri)
+        raise RuntimeError("the coordinator was started")
+
+    def resume(uri):
+        return resume_sequence(run_dir, overrides=[f"tracking.uri={uri}"], coordinator_factory=factory,
+                               progress=False, echo=lambda line: None)
+
+    for uri in (f"sqlite:///{tmp_path / 'mlfow.db'}", f"sqlite:///{other}"):
+        with pytest.raises(DmeaError, match=f"parent run {parent}.*{tmp_path / 'mlflow.db'}"):
+            resume(uri)
+    assert not started and not (tmp_path / "mlfow.db").exists()
+    import dmea_dist.cli
+
+    monkeypatch.setattr(dmea_dist.cli, "_ray", lambda *a, **k: started.append("ray") or pytest.fail("Ray started"))
+    capsys.readouterr()  # MLflow's own lines from creating the stores above
+    assert main(["resume", str(run_dir), "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlfow.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking.uri") and len(err.splitlines()) == 1 and not started, err
+    moved = tmp_path / "moved.db"  # the database moved: the run goes on there
+    moved.write_bytes((tmp_path / "mlflow.db").read_bytes())
+    with pytest.raises(RuntimeError, match="the coordinator was started"):
+        resume(f"sqlite:///{moved}")
+    assert started == [f"sqlite:///{moved}"]
