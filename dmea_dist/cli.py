@@ -146,12 +146,13 @@ def cmd_resume(args) -> int:
     from dmea_dist.tracking import check_store
 
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
+    state = load_state(args.run_dir)
     if config.tracking.enabled:
         check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
-        check_resume_store(Path(args.run_dir), config, load_state(args.run_dir).mlflow_parent_run_id)
+        check_resume_store(Path(args.run_dir), config, state.mlflow_parent_run_id)
     factory, overrides = None, list(args.set)
     # a finished run has no stage left: its results (and any record a kill left out) need no Ray
-    if not args.in_process and not load_state(args.run_dir).done:
+    if not args.in_process and not state.done:
         from dmea_dist.distributed.cluster import size_overrides
 
         sized, factory = _ray(args.address or config.ray.address, config)

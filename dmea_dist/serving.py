@@ -242,12 +242,14 @@ class _Pools:
 def _digest(state: dict) -> str:
     import hashlib
 
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         h.update(name.encode())
-        h.update(str(tensor.dtype).encode())
-        h.update(tensor.numpy().tobytes())
+        h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype's bytes (bf16 has no numpy)
     return h.hexdigest()
 
 
