@@ -141,24 +141,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from dmea_dist.driver import check_resume_store, resume_config, resume_sequence
+    from dmea_dist.driver import check_resume, resume_config, resume_sequence
     from dmea_dist.state import load_state
-    from dmea_dist.tracking import check_store
 
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
-    state = load_state(args.run_dir)
-    if config.tracking.enabled:
-        check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
-        check_resume_store(Path(args.run_dir), config, state.mlflow_parent_run_id)
+    check_resume(args.run_dir, config)
     factory, overrides = None, list(args.set)
     # a finished run has no stage left: its results (and any record a kill left out) need no Ray
-    if not args.in_process and not state.done:
+    if not args.in_process and not load_state(args.run_dir).done:
         from dmea_dist.distributed.cluster import size_overrides
 
         sized, factory = _ray(args.address or config.ray.address, config)
         overrides += size_overrides(config.ray, sized.ray)  # a run started in process has no sizes yet
     with _tracking_reported(config):
-        resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory)
+        resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory,
+                        check=False)
     return 0
 
 

@@ -101,31 +101,44 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
 
 def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
                     coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
-                    echo: Callable[[str], None] = print) -> SequenceResult:
-    """Continue the run in `run_dir` from its last finished stage, in the same MLflow parent run."""
+                    echo: Callable[[str], None] = print, check: bool = True) -> SequenceResult:
+    """Continue the run in `run_dir` from its last finished stage, in the same MLflow parent run.
+
+    `check`: refuse a tracking store that cannot take the run first (`check_resume`); False when the caller
+    has just done it (before starting Ray).
+    """
     from dmea_dist.state import load_state
 
     run_dir = Path(os.path.abspath(run_dir))  # `dmea resume .`: the run's own name, as when it started (run_sequence)
     state = load_state(run_dir)  # a clear error if this is no run directory
     # an override's relative path (`--set data.root=../corpora`) from here, as `dmea run` resolves the config's
     config = with_absolute_paths(resume_config(run_dir, overrides or []))
-    check_resume_store(run_dir, config, state.mlflow_parent_run_id)
+    if check:
+        check_resume(run_dir, config)
     echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
          f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
     return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
                   echo=echo)
 
 
-def check_resume_store(run_dir: Path, config: RunConfig, parent_run_id: str | None) -> None:
-    """A resume that points tracking.uri elsewhere (the database moved) must find the run's parent run there:
-    a mistyped path would otherwise start an empty store and every MLflow call of the rest would fail."""
+def check_resume(run_dir: str | Path, config: RunConfig) -> None:
+    """Refuse a tracking store the resumed run cannot use, before Ray starts (`check_input`'s part for a resume):
+    one that does not open, and one that tracking.uri points to elsewhere (the database moved) without the run's
+    parent run, where a mistyped path would start an empty store and every MLflow call of the rest would fail."""
+    from dmea_dist.state import load_state
+    from dmea_dist.tracking import check_parent_run, check_store
+
+    if not config.tracking.enabled:
+        return
+    run_dir = Path(run_dir)
     config = with_absolute_paths(config)
     recorded_in = with_absolute_paths(resume_config(run_dir, [])).tracking.uri
-    if config.tracking.enabled and parent_run_id and config.tracking.uri != recorded_in:
-        from dmea_dist.tracking import check_parent_run
-
+    parent_run_id = load_state(run_dir).mlflow_parent_run_id
+    if parent_run_id and config.tracking.uri != recorded_in:
         check_parent_run(uri=config.tracking.uri, experiment=config.tracking.experiment, run_id=parent_run_id,
-                         recorded_in=recorded_in)
+                         recorded_in=recorded_in)  # before check_store, which would create a missing sqlite file
+    else:
+        check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
 
 
 def check_input(config: RunConfig) -> None:

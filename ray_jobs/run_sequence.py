@@ -22,7 +22,14 @@ from pathlib import Path
 from dmea_dist.config import load_config
 from dmea_dist.distributed.cluster import logical_cpus, size_overrides, sized_for
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
-from dmea_dist.driver import check_input, report_error, resume_config, resume_sequence, run_sequence
+from dmea_dist.driver import (
+    check_input,
+    check_resume,
+    report_error,
+    resume_config,
+    resume_sequence,
+    run_sequence,
+)
 from dmea_dist.errors import DmeaError
 
 
@@ -39,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         config = resume_config(Path(args.resume), args.set) if args.resume else load_config(args.config, args.set)
         if not args.resume:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
-        elif config.tracking.enabled:  # as `dmea resume`: a store that cannot be used fails now, not silently
-            from dmea_dist.tracking import check_store
-
-            check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
+        else:  # as `dmea resume`: a store that cannot be used fails now, not silently
+            check_resume(args.resume, config)
         # inside `ray job submit` (RAY_ADDRESS set): the job's cluster, unset sizes 1 each; run by hand without
         # an address: an embedded Ray sized as `dmea run` sizes it
         sized = sized_for(config.ray, config.ray.address)
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = args.set + size_overrides(config.ray, sized)
         config = dataclasses.replace(config, ray=sized)
         if args.resume:
-            result = resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory)
+            result = resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory,
+                                     check=False)
         else:
             result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
                                   check=False)

@@ -140,7 +140,8 @@ def run_sections(runs: list[RunData]) -> list[Section]:
 def metrics_panel(run: RunData) -> Panel:
     rows = [[_html_safe(METRIC_NOTES.get(k, k)), _fmt(v, 2)] for k, v in run.metrics.items()]
     if rows and "bwt" not in run.metrics and run.status == "finished" and (why := why_no_bwt(run.R)):
-        rows.append([_html_safe(why.split(":")[0]), _html_safe(why.split(": ", 1)[1])])
+        what, _, because = why.partition(": ")
+        rows.append([_html_safe(what), _html_safe(because)])
     return Panel(table=(["metric", "value"], rows)) if rows else Panel(note="no metrics: no task finished")
 
 
