@@ -133,8 +133,9 @@ def check_resume(run_dir: str | Path, config: RunConfig) -> None:
     run_dir = Path(run_dir)
     config = with_absolute_paths(config)
     recorded_in = with_absolute_paths(resume_config(run_dir, [])).tracking.uri
-    parent_run_id = load_state(run_dir).mlflow_parent_run_id
-    if parent_run_id and config.tracking.uri != recorded_in:
+    # the state only where it is needed: a store that does not open is the first thing to say
+    parent_run_id = load_state(run_dir).mlflow_parent_run_id if config.tracking.uri != recorded_in else None
+    if parent_run_id:
         check_parent_run(uri=config.tracking.uri, experiment=config.tracking.experiment, run_id=parent_run_id,
                          recorded_in=recorded_in)  # before check_store, which would create a missing sqlite file
     else:
