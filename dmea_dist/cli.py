@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a whole task sequence from a YAML config")
     run.add_argument("config")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    run.add_argument("--run-dir", help="where the run's files go (default: output_dir/name-timestamp)")
+    run.add_argument("--run-dir", help="where the run's files go (default: output_dir/<name>-<time>-<xxxx>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--address", help="join this Ray cluster (default: ray.address, $RAY_ADDRESS, else embedded)")
     run.add_argument("--in-process", action="store_true",
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a stopped, failed or killed run from its last finished stage")
     resume.add_argument("run_dir", help="the run directory `dmea run` printed")
     resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a value that is safe to change (ray.*); anything else is refused")
+                        help="change a value that is safe to change (ray.*, data.root, output_dir, "
+                             "tracking.uri); anything else is refused")
     resume.add_argument("--quiet", action="store_true", help="no progress output")
     resume.add_argument("--address", help="join this Ray cluster (default: ray.address, $RAY_ADDRESS, else embedded)")
     resume.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
