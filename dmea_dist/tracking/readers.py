@@ -179,8 +179,9 @@ def download_registered_model(*, uri: str, model_uri: str, dst: str | Path) -> t
         local = Path(client.download_artifacts(version.run_id, MODEL_ARTIFACT, str(dst.resolve())))
     except Exception as exc:
         raise TrackingError(f"could not load {model_uri} from {redact_uri(uri)}: {type(exc).__name__}: "
-                            f"{redact_uri(str(exc))[:300]}; list the aliases with `mlflow models` or the MLflow UI, "
-                            f"and check --tracking-uri") from None
+                            f"{redact_uri(str(exc))[:300]}; list the aliases in the MLflow UI (Models) or with "
+                            f"MlflowClient().get_registered_model({name!r}).aliases, and check --tracking-uri"
+                            ) from None
     folder = local / "artifacts" / "run"
     if not folder.is_dir() or "task_id" not in version.tags:
         raise TrackingError(f"{model_uri} is not a dmea task model (no artifacts/run folder or task_id tag); "

@@ -37,3 +37,19 @@ def test_task_dir_finds_the_task_not_one_whose_name_ends_like_it(tmp_path):
         task_dir(tmp_path, "qa2")
     with pytest.raises(DmeaError, match="was not finished"):
         task_dir(tmp_path, "x-qa2")
+
+
+def test_an_unknown_alias_says_where_the_aliases_are_listed(monkeypatch, tmp_path):
+    """The error names a way to list a registered model's aliases that exists (`mlflow models` has no such
+    subcommand: serve, predict, build-docker, ...)."""
+    from dmea_dist.tracking import readers
+
+    class Client:
+        def get_model_version_by_alias(self, name, alias):
+            raise LookupError(f"Registered model alias {alias} not found.")
+
+    monkeypatch.setattr(readers, "_reader_client", lambda uri: Client())
+    with pytest.raises(readers.TrackingError) as err:
+        readers.download_registered_model(uri="sqlite:///x.db", model_uri="models:/run-dmea@nope", dst=tmp_path)
+    assert "`mlflow models`" not in str(err.value)
+    assert "get_registered_model('run-dmea').aliases" in str(err.value)
