@@ -140,7 +140,7 @@ class ModelConfig:
     # uses a token trains its row with its modules, frozen after (DMEAModel.claim_token_rows); "words": the same for
     # the text's own tokens only, not the added special tokens (separator, end, generation tokens). Module methods
     # only: lamol/finetune train the whole backbone anyway, so "trained"/"words" with them is refused (RunConfig).
-    # "auto" (the default): "words" for the module methods, nothing for lamol/finetune. Why (docs/RESULTS.md
+    # "auto" (the default): "words" for the module methods, nothing for lamol/finetune. Why (docs/RESULTS-history.md
     # section 2b, one machine): on RNNLG+E2E, where the tiny backbone lacks hundreds of the tasks' words, training
     # their rows lifts DMEA's final average in every run; on the quick start, where it lacks only the generation
     # tokens, training those cost DMEA 1.5 BWT on the mean of five seeds, the words' rows nothing measurable. On a
@@ -313,7 +313,7 @@ class AdaptationConfig:
     eta_clamp: list[float] = field(default_factory=lambda: [0.1, 10.0])
     progress: Literal["epochs", "fraction"] = "epochs"  # meaning of t in exp(-t)
     # selected tasks' pseudo samples through the new path: gated (only from a task whose pseudo samples reach
-    # min_yield in this task's generation; docs/RESULTS.md section 2 for why), usable (gated, and a selected
+    # min_yield in this task's generation; docs/RESULTS-history.md section 2 for why), usable (gated, and a selected
     # task that fails the gate gives its place to the next task in selection's order, whose samples are then
     # drawn, until top_k pass or none is left), new_path (always), off
     transfer: Literal["gated", "usable", "new_path", "off"] = "gated"
@@ -326,7 +326,7 @@ class AdaptationConfig:
     # is dropped as malformed) or "one" (until the separator the end token's probability goes to it, after it
     # a second separator's goes to the end token, and both are barred where the input or the answer would be
     # empty: `generation.OneSeparator`). With "one" the yield no longer counts samples that lost the format, so
-    # it says less about their content, and more tasks pass the transfer gate (min_yield). docs/RESULTS.md 2f
+    # it says less about their content, and more tasks pass the transfer gate (min_yield). docs/RESULTS-history.md 2f
     pseudo_separator: Literal["free", "one"] = "free"
 
     def __post_init__(self):
