@@ -4,8 +4,9 @@ DMEA freezes the backbone and trains only small modules, which presumes a
 backbone that already models language. A GPT-2 fresh from `GPT2Config` does
 not: its frozen, tied embeddings (std 0.02) cap every logit near zero, and no
 adapter can lift the loss above chance. So the offline tiny default first
-pretrains the backbone as a plain causal LM on plain text (no task formatting,
-no special tokens), then freezes it, exactly as a downloaded GPT-2 would be.
+pretrains the backbone as a plain causal LM (no task tokens; the answer
+separator only with `format: samples`, the default, below), then freezes it,
+exactly as a downloaded GPT-2 would be.
 
 The text comes from outside the run's sequence (`model.tiny.pretrain.corpus`,
 see `dmea_dist.run.pretraining_samples`): synthetic data-to-text tasks at
