@@ -6,7 +6,7 @@
         (`launch_ranks`), then the Coordinator as an actor on the driver's node
     Coordinator actor
       owns the run's state on disk and steps its stages; heavy work goes to
-      RayKernels: search tasks, generation actors, Ray Train workers
+      RayKernels: search actors, generation actors, training ranks (or Ray Train workers)
 
 The actor is pinned to the driver's node, so the run directory it writes is
 the driver's, which logs it to MLflow: the driver stays the only process that
