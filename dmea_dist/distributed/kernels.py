@@ -14,7 +14,7 @@
 
 Built by `ray_kernels(run, progress)` inside the coordinator (on a cluster,
 the coordinator actor) from the run's config, resolved here into plain
-settings: search tasks, generation actors and training workers receive
+settings: search actors, generation actors and training workers receive
 values (`SearchJob`, `DecodingSettings`, `EngineSettings`), never a config.
 With `ray.warm_up`, `ray_kernels` also starts every worker at once
 (`RayKernels.warm_up`), without waiting for them, so that their start-up
