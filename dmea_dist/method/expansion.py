@@ -20,8 +20,9 @@ a rate that moves the logits much further forgets where they started, and
 similarity and static initialisation end in the same place.
 
 `search_candidate` is a pure function of its inputs and mutates only the model
-it is given (callers pass a copy), so candidates with different scales,
-entropy weights and seeds run independently, in one process or as Ray tasks.
+it is given (callers pass a copy, or put it back after: distributed/search.py), so
+candidates with different scales, entropy weights and seeds run independently, in
+one process or on Ray search actors.
 `pick_best` keeps the lowest validation loss, ties to fewer new modules.
 """
 
