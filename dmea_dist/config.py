@@ -303,8 +303,9 @@ class AdaptationConfig:
     epochs: float = 9.0
     gamma: float = 0.2  # pseudo samples = gamma * new task's training size (see pseudo_budget)
     pseudo_budget: Literal["total", "per_task"] = "total"  # total: split over the old tasks (LAMOL/ACM)
-    # alternate: each step = one new-task batch + one batch of one other stream, round-robin, reshuffled
-    # every round (ACM's order); all: one batch of every stream in every step
+    # alternate: each step = one new-task batch + one batch of one replayed task, round-robin, reshuffled
+    # every round (ACM's order), + one of one transfer stream by a second rotation where there are any
+    # (method/adaptation.py); all: one batch of every stream in every step
     mixing: Literal["alternate", "all"] = "alternate"
     # warn when fewer than this share of generated pseudo samples are well formed (and, with transfer
     # "gated", do not transfer from that task)
