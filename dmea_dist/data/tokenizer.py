@@ -12,7 +12,9 @@ Special tokens: one answer separator, an end-of-sequence token that doubles as
 padding (labels mask padding out, so they never clash), and `max_tasks`
 generation tokens `<|task_i|>`, one per position in the task sequence. All are
 reserved before training starts so a sequence of 100+ tasks never needs an
-embedding resize; they stay frozen like the rest of the backbone.
+embedding resize; they stay frozen like the rest of the backbone, unless
+`model.token_rows=trained` gives each task the rows it uses first (or the
+method trains the whole backbone: lamol, finetune).
 """
 
 from __future__ import annotations
