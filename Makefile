@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	@# The CPU wheel: a local build where pip's find-links has one, else PyTorch's CPU index. "+cpu": PyPI's
 	@# torch of that version is the CUDA build on Linux, which a plain "torch==$(TORCH_VERSION)" would pull.
 	$(BIN)/python -m pip install -q --no-compile "torch==$(TORCH_VERSION)+cpu" \
-	  || $(BIN)/python -m pip install -q --no-compile torch --index-url https://download.pytorch.org/whl/cpu
+	  || $(BIN)/python -m pip install -q --no-compile "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu
 	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	@# Bytecode for every installed package, on all cores (pip compiles on one: 135 s for the two installs
 	@# above against 74 s + 39 s here). Not optional where PYTHONDONTWRITEBYTECODE is set: a process would

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dmea_dist.errors import DataError, DmeaError
+from dmea_dist.offline import no_downloads
 
 DEFAULT_DATA_ROOT = "../shared/data"
 
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    no_downloads()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -45,6 +45,7 @@ from dmea_dist.data.tokenizer import (
 )
 from dmea_dist.errors import ConfigError, DataError
 from dmea_dist.method.policy import MethodPolicy, method_policy
+from dmea_dist.offline import OFFLINE
 
 if TYPE_CHECKING:  # torch and the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is
     # built, so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
@@ -291,7 +292,7 @@ def model_positions(config: RunConfig) -> int:
     from transformers import AutoConfig
 
     try:
-        checkpoint = AutoConfig.from_pretrained(config.model.pretrained)
+        checkpoint = AutoConfig.from_pretrained(config.model.pretrained, **OFFLINE)
     except (OSError, ValueError) as err:  # the first read of model.pretrained in a run: a clear error, not transformers'
         raise ConfigError(not_loadable("model.pretrained", config.model.pretrained, "model config (config.json)", err)) from None
     return int(getattr(checkpoint, "n_positions", None) or checkpoint.max_position_embeddings)
@@ -310,7 +311,7 @@ def check_checkpoint(config: RunConfig, tokenizer) -> None:
     if folder.is_dir() and not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ConfigError(f"model.pretrained={name!r}: the folder has no weights (none of {', '.join(WEIGHT_FILES)}); "
                           f"give the folder model.save_pretrained(folder) wrote")
-    rows = getattr(AutoConfig.from_pretrained(name), "vocab_size", None)  # read by check_max_length already
+    rows = getattr(AutoConfig.from_pretrained(name, **OFFLINE), "vocab_size", None)  # read by check_max_length already
     if rows is not None and len(tokenizer) < rows:
         raise ConfigError(f"model.pretrained={name!r}: its tokenizer has {len(tokenizer)} tokens with the "
                           f"{config.model.max_tasks + 1} reserved ones, fewer than the checkpoint's {rows} embedding "

@@ -31,6 +31,7 @@ from dmea_dist.driver import (
     run_sequence,
 )
 from dmea_dist.errors import DmeaError
+from dmea_dist.offline import no_downloads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", help="where the run's files go on the driver's node")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last finished stage")
     args = parser.parse_args(argv)
+    no_downloads()
     if bool(args.config) == bool(args.resume):
         parser.error("give a config to start a run, or --resume RUN_DIR to continue one")
     try:

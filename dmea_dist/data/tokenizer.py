@@ -29,6 +29,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from dmea_dist.errors import ConfigError
+from dmea_dist.offline import OFFLINE
 
 ANS_TOKEN = "<|ans|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -90,7 +91,7 @@ def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int, key: str = "
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **OFFLINE)
     except (OSError, ValueError) as err:  # transformers' "not a folder, not a hub name", no files, unknown type
         raise ConfigError(not_loadable(key, name_or_path, "tokenizer", err)) from None
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
@@ -111,8 +112,9 @@ def not_loadable(key: str, name_or_path: str, what: str, err: Exception) -> str:
     """The message for a checkpoint named by `key` (model.pretrained, --tokenizer) whose `what` cannot be loaded."""
     said = " ".join(str(err).split())[:200]  # transformers' messages span lines: one line, as every error here
     return (f"{key}={name_or_path!r}: its {what} cannot be loaded ({type(err).__name__}: {said}); give a local "
-            f"folder written by save_pretrained (config.json, weights, tokenizer files) or a hub name that is in "
-            f"the local Hugging Face cache or can be downloaded")
+            f"folder written by save_pretrained (config.json, weights, tokenizer files) or a hub name already in "
+            f"the local Hugging Face cache: a run downloads nothing, so fetch it beforehand (e.g. "
+            f"`hf download {name_or_path}` where the hub is reachable)")
 
 
 def load_tokenizer(directory: str | Path):

@@ -34,6 +34,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from dmea_dist.errors import ClusterTooSmall
+from dmea_dist.offline import OFFLINE_VARS
 
 Progress = Callable[[str, int, int], None]
 _dashboard_url: str | None = None  # of the embedded Ray `connect` started, if it has a dashboard
@@ -49,7 +50,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     if ray.is_initialized():
         return "existing"
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    env = {"TOKENIZERS_PARALLELISM": "false", **{var: "1" for var in OFFLINE_VARS}}  # workers download nothing
     if os.environ.get("DS_ACCELERATOR"):
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     # Worker logs stay in Ray's log folder unless asked for: the driver prints progress and results itself,

@@ -45,6 +45,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from dmea_dist.modeling.adapters import LayerModule, LayerRouter, RoutedSublayer
 from dmea_dist.modeling.dropout import use_cpu_dropout
+from dmea_dist.offline import OFFLINE
 
 
 @dataclass
@@ -107,7 +108,7 @@ class DMEAModel(nn.Module):
         seed: int = 0,
     ) -> DMEAModel:
         """Load a GPT-2 checkpoint; grow its vocabulary to `vocab_size` (once, here)."""
-        backbone = GPT2LMHeadModel.from_pretrained(name_or_path)
+        backbone = GPT2LMHeadModel.from_pretrained(name_or_path, **OFFLINE)
         if vocab_size is not None:
             grow_vocabulary(backbone, vocab_size=vocab_size, seed=seed)
         return cls(backbone, bottleneck=bottleneck)

@@ -168,6 +168,71 @@ def test_a_pretrained_checkpoint_under_the_home_folder(tmp_path, monkeypatch):
     assert config_from_dict({"data": {"tasks": ["e2e"]}, "model": {"pretrained": "gpt2"}}).model.pretrained == "gpt2"
 
 
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty local Hugging Face cache, the hub not switched off (conftest sets HF_HUB_OFFLINE=1 for the
+    suite; a user's machine need not), and every host-name lookup recorded and refused (no network here)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from dmea_dist.offline import OFFLINE_VARS
+
+    lookups = []
+
+    def refuse(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError(f"no network in this test ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for var in OFFLINE_VARS:  # what a `dmea` command sets is undone after the test
+        monkeypatch.setenv(var, "0")
+    return tmp_path / "hub", lookups
+
+
+def test_a_hub_name_loads_from_the_local_cache_without_asking_the_hub(tmp_path, capsys, offline_hub):
+    """No network at run time: `model.pretrained: gpt2` loads the cached copy. transformers asked huggingface.co
+    for every file first (an offline node retried for ~25 s), and huggingface_hub fetched a registry from the
+    hub to build its request headers even for a cached file."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dmea_dist.data.tokenizer import train_bpe_tokenizer
+
+    cache, lookups = offline_hub
+    repo = cache / "models--dmea-test--tiny"  # huggingface_hub's cache layout: snapshots/<commit>, refs/main
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tokenizer = train_bpe_tokenizer(["inform name travel a small cached checkpoint"] * 4, vocab_size=300, max_tasks=2)
+    tokenizer.save_pretrained(snapshot)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=256, vocab_size=len(tokenizer))
+                    ).save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    config = _config(tmp_path, "data:\n  tasks: [synth.travel.00]\n  overlength: truncate\nmodel:\n"
+                               "  pretrained: dmea-test/tiny\n  max_tasks: 2\n  bottleneck: 4\n"
+                               "tracking:\n  enabled: false\n")
+    capsys.readouterr()
+    assert main(["model", "summary", str(config)]) == 0  # tokenizer, config.json and weights, as a run loads them
+    assert "backbone: dmea-test/tiny  layers=1 d_model=8" in capsys.readouterr().out
+    assert lookups == []
+
+
+def test_a_hub_name_not_in_the_cache_is_refused_at_once_without_the_network(tmp_path, capsys, offline_hub):
+    import time
+
+    _, lookups = offline_hub
+    config = _config(tmp_path, "data:\n  tasks: [synth.travel.00]\nmodel:\n  pretrained: dmea-test/not-cached\n"
+                               "tracking:\n  enabled: false\n")
+    started = time.perf_counter()
+    assert main(["run", str(config), "--in-process"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pretrained='dmea-test/not-cached'" in err and "downloads nothing" in err, err
+    assert "Traceback" not in err
+    assert lookups == [] and time.perf_counter() - started < 10
+
+
 def test_a_synthetic_task_under_two_spellings_is_listed_twice():
     """`synth.travel.3` and `synth.travel.03` draw the same task, and the duplicate check compared names as
     typed: one task could appear twice in a sequence."""
