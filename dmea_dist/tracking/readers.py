@@ -158,10 +158,11 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
 def download_registered_model(*, uri: str, model_uri: str, dst: str | Path) -> tuple[Path, str]:
     """Download a task's registered pyfunc model; returns (its run folder, its task id).
 
-    The alias may also be the task id itself (`models:/NAME@synth.restaurant.00`):
-    it is mapped with `task_alias` as when it was registered.
+    The alias may also be the task id itself (`models:/NAME@synth.restaurant.00`): the version whose
+    `task_id` tag it is, whatever alias registration gave it (`task_alias`, with `-t<index>` where two of a
+    run's task ids map to one alias).
     """
-    from dmea_dist.tracking.common import MODEL_ARTIFACT, task_alias
+    from dmea_dist.tracking.common import MODEL_ARTIFACT
 
     name, alias, number = parse_model_uri(model_uri)
     client, dst = _reader_client(uri), Path(dst)
@@ -170,9 +171,11 @@ def download_registered_model(*, uri: str, model_uri: str, dst: str | Path) -> t
             try:
                 version = client.get_model_version_by_alias(name, alias)
             except Exception:  # not an alias: perhaps the task id it was made from
-                if task_alias(alias) == alias:
+                tagged = [v for v in client.search_model_versions(f"name = '{name}'")
+                          if v.tags.get("task_id") == alias]
+                if not tagged:
                     raise
-                version = client.get_model_version_by_alias(name, task_alias(alias))
+                version = max(tagged, key=lambda v: int(v.version))
         else:
             version = client.get_model_version(name, number)
         dst.mkdir(parents=True, exist_ok=True)

@@ -53,3 +53,45 @@ def test_an_unknown_alias_says_where_the_aliases_are_listed(monkeypatch, tmp_pat
         readers.download_registered_model(uri="sqlite:///x.db", model_uri="models:/run-dmea@nope", dst=tmp_path)
     assert "`mlflow models`" not in str(err.value)
     assert "get_registered_model('run-dmea').aliases" in str(err.value)
+
+
+def test_a_task_id_finds_its_version_when_its_alias_got_a_suffix(monkeypatch, tmp_path):
+    """`models:/NAME@<task id>` mapped the id with task_alias, so a task whose alias collided with another
+    task's and got `-t<index>` (task_aliases: `a.b` and `a-b` -> `a-b-t0`, `a-b-t1`) was not found, and
+    `a-b` named nobody's alias. The task id now finds the version tagged with it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from dmea_dist.tracking import readers
+    from dmea_dist.tracking.common import MODEL_ARTIFACT, task_aliases
+
+    aliases = task_aliases(["a.b", "a-b"])
+    versions = [SimpleNamespace(version=str(i + 1), run_id=f"run{i}", tags={"task_id": task})
+                for i, task in enumerate(aliases)]
+
+    class Client:
+        def get_model_version_by_alias(self, name, alias):
+            for v in versions:
+                if aliases[v.tags["task_id"]] == alias:
+                    return v
+            raise LookupError(f"Registered model alias {alias} not found.")
+
+        def search_model_versions(self, filter_string):
+            assert filter_string == "name = 'run-dmea'"
+            return versions
+
+        def download_artifacts(self, run_id, path, dst):
+            folder = Path(dst) / path
+            (folder / "artifacts" / "run").mkdir(parents=True)
+            (folder / "artifacts" / "run" / "from").write_text(run_id)
+            return str(folder)
+
+    monkeypatch.setattr(readers, "_reader_client", lambda uri: Client())
+    for k, task in enumerate(["a.b", "a-b"]):
+        for asked in (task, aliases[task]):
+            folder, found = readers.download_registered_model(uri="sqlite:///x.db", model_uri=f"models:/run-dmea@{asked}",
+                                                              dst=tmp_path / f"{k}-{asked}")
+            assert found == task and (folder / "from").read_text() == f"run{k}"
+            assert folder.parent.parent.name == MODEL_ARTIFACT
+    with pytest.raises(readers.TrackingError, match="could not load models:/run-dmea@a.c"):
+        readers.download_registered_model(uri="sqlite:///x.db", model_uri="models:/run-dmea@a.c", dst=tmp_path / "x")
