@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dmea_dist.config import RunConfig, config_from_dict
+from dmea_dist.config import RunConfig, config_from_dict, dump_yaml
 from dmea_dist.errors import DmeaError
 from dmea_dist.evaluation import continual, report
 from dmea_dist.method.lifecycle import Stage
@@ -107,7 +107,7 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     `check`: refuse a tracking store that cannot take the run first (`check_resume`); False when the caller
     has just done it (before starting Ray).
     """
-    from dmea_dist.state import load_state
+    from dmea_dist.state import load_state, write_text
 
     run_dir = Path(os.path.abspath(run_dir))  # `dmea resume .`: the run's own name, as when it started (run_sequence)
     state = load_state(run_dir)  # a clear error if this is no run directory
@@ -115,6 +115,11 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     config = with_absolute_paths(resume_config(run_dir, overrides or []))
     if check:
         check_resume(run_dir, config)
+    if overrides and config != with_absolute_paths(resume_config(run_dir, [])):
+        # what this resume moved (the store, the corpus, the cluster's sizes) holds for the rest of the run: a
+        # later plain `dmea resume` would go back to the old store and split the run's records between two
+        write_text(run_dir / "config.yaml", dump_yaml(config.to_dict()))
+        echo(f"{run_dir / 'config.yaml'} now records {', '.join(overrides)}")
     echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
          f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
     return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,

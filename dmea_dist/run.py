@@ -46,6 +46,7 @@ from dmea_dist.data.tokenizer import (
 from dmea_dist.errors import ConfigError, DataError
 from dmea_dist.method.policy import MethodPolicy, method_policy
 from dmea_dist.offline import OFFLINE
+from dmea_dist.state import write_text
 
 if TYPE_CHECKING:  # torch and the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is
     # built, so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
@@ -354,7 +355,7 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
                                             check_tokenizer=check)
     run_dir = Path(run_dir)  # created only now: every check above has passed
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(config.to_dict()))
+    write_text(run_dir / "config.yaml", dump_yaml(config.to_dict()))  # atomic, as every record of the run
     if not m.pretrained:
         # the run keeps its own backbone and tokenizer, so any task can be served from it later
         backbone.save_pretrained(run_dir / "backbone")

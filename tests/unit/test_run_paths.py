@@ -80,6 +80,31 @@ def test_paths_given_on_resume_are_made_absolute_as_on_run(tmp_path, monkeypatch
     assert seen.data.root == str(tmp_path / "moved") and seen.tracking.uri == f"sqlite:///{tmp_path / 'moved.db'}"
 
 
+
+def test_what_a_resume_moved_holds_for_the_next_resume(tmp_path, monkeypatch):
+    """`dmea resume RUN --set tracking.uri=...` (the database moved) was not saved: a second, plain resume went
+    back to the old store and split the run's records between two. config.yaml now records the change
+    (atomically); a resume without overrides leaves the file as it was."""
+    from dmea_dist.state import RunState, save_state
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(with_absolute_paths(_relative_config()).to_dict()))
+    save_state(RunState.new(["synth.hotel.00"]), run_dir)
+    said = []
+    resume = lambda overrides: _given_to_coordinator(lambda factory: resume_sequence(  # noqa: E731
+        run_dir, overrides=overrides, coordinator_factory=factory, progress=False, echo=said.append))
+    before = (run_dir / "config.yaml").read_bytes()
+    assert resume([]).tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=5"
+    assert (run_dir / "config.yaml").read_bytes() == before
+    moved = resume(["data.root=moved", "tracking.uri=sqlite:///moved.db"])
+    assert any("now records data.root=moved, tracking.uri=sqlite:///moved.db" in line for line in said), said
+    monkeypatch.chdir(run_dir)  # the next resume, from elsewhere, without --set
+    again = resume([])
+    assert again == moved and again.tracking.uri == f"sqlite:///{tmp_path / 'moved.db'}"
+    assert again.data.root == str(tmp_path / "moved")
+
 def test_resume_may_move_the_corpus_and_the_store_but_not_what_the_run_computes(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
