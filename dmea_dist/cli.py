@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run directory `dmea run` printed")
     resume.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a value that is safe to change (ray.*, data.root, output_dir, "
-                             "tracking.uri); anything else is refused")
+                             "tracking.uri), saved in the run's config.yaml for later resumes; anything else is refused")
     resume.add_argument("--quiet", action="store_true", help="no progress output")
     resume.add_argument("--address", help="join this Ray cluster (default: ray.address, $RAY_ADDRESS, else embedded)")
     resume.add_argument("--in-process", action="store_true", help="run every stage in this process, without Ray")
