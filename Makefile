@@ -21,7 +21,8 @@ bytecode: setup
 	@$(BIN)/python -m compileall -q dmea_dist ray_jobs tests benchmarks > /dev/null
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu"\
+	  "install the python3-venv package (apt-get install python3-venv), or give another Python: make PYTHON=python3.11" >&2; exit 1; }
 	@# The CPU wheel: a local build where pip's find-links has one, else PyTorch's CPU index. "+cpu": PyPI's
 	@# torch of that version is the CUDA build on Linux, which a plain "torch==$(TORCH_VERSION)" would pull.
 	$(BIN)/python -m pip install -q --no-compile "torch==$(TORCH_VERSION)+cpu" \
