@@ -235,7 +235,7 @@ class ExpansionConfig:
     warmup_epochs: float = 3.0  # coefficients frozen for this part, then trained jointly (ACM)
     # similarity init: old module beta * s, new module -beta * best s. The default beta = mix_ini starts a task
     # identical to an earlier one (s = 1) where ACM's static init starts (ACM presumes relatedness), and a less
-    # similar task nearer the new module. (2 * mix_ini made DMEA reuse more than ACM on RNNLG: docs/RESULTS.md.)
+    # similar task nearer the new module. (2 * mix_ini made DMEA reuse more than ACM on RNNLG in the runs behind 297ccc4, which no docs table records.)
     beta: float = 0.15
     init: Literal["similarity", "static"] = "similarity"  # static: ACM's +mix_ini old / -mix_ini new
     mix_ini: float = 0.15  # ACM's static initial logit (old +mix_ini, new -mix_ini)
