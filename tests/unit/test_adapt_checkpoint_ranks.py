@@ -78,3 +78,81 @@ def test_ranks_continue_from_one_checkpoint_or_all_from_step_0(tmp_path, storage
     outs = _restore_on_two_ranks(tmp_path, dirs)
     expected = {"steps": 4, "loaded": ["step0000004"]} if storage == "shared" else {"steps": 0, "loaded": []}
     assert outs == [expected, expected]
+
+
+class _SGDEngine:
+    """Engine fake: plain SGD on the job's parameters; checkpoints hold them (DeepSpeed's save/load contract)."""
+
+    virtual_shards = 0
+
+    def __init__(self, model, params):
+        self.module, self.params, self.steps = model, list(params), 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def step(self, sub_batches, *, progress, scale, unscaled):
+        from dmea_dist.engine import StepStats
+
+        losses = {}
+        for key, closure in sub_batches:
+            loss = closure()
+            loss.backward()
+            losses[key] = float(loss.detach())
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+                    p.grad = None
+        self.steps += 1
+        return StepStats(losses=losses, etas={}, clamped={}, sq_norms={}, matched_sq_norms={}, scaled=False)
+
+    def save_checkpoint(self, directory, tag):
+        (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+        save_file({str(k): p.detach().clone() for k, p in enumerate(self.params)}, str(Path(directory) / tag / "p"))
+
+    def load_checkpoint(self, directory, tag):
+        from safetensors.torch import load_file
+
+        saved = load_file(str(Path(directory) / tag / "p"))
+        with torch.no_grad():
+            for k, p in enumerate(self.params):
+                p.copy_(saved[str(k)])
+
+
+def test_an_adaptation_stopped_after_a_checkpoint_continues_from_it(tmp_path, tiny_gpt2_config):
+    """A job killed in its second epoch and started again on the same folder loads the epoch-1 checkpoint
+    (weights and the result so far) and runs only the steps that were left: its losses are, step for step,
+    those of a job that never stopped."""
+    import copy
+
+    from dmea_dist.data.formatting import Example
+    from dmea_dist.method.adaptation import AdaptJob, run_adapt_job
+    from dmea_dist.modeling.model import DMEAModel
+
+    model = DMEAModel.from_config(tiny_gpt2_config, bottleneck=4, seed=0)
+    path = model.add_modules(generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    examples = [Example(ids, [-100] + ids[1:]) for ids in (torch.randint(0, 90, (8,), generator=g).tolist()
+                                                           for _ in range(8))]
+    job = AdaptJob(sources=[("new", (examples, examples), path)], trainable=path, epochs=2, lm_lambda=0.25,
+                   scale=False, progress="epochs", batch_size=4, pad_id=95, seed=0)  # 4 steps, a checkpoint at 2
+    engines = []
+
+    def factory(target, params):
+        engines.append(_SGDEngine(target, params))
+        return engines[-1]
+
+    whole = run_adapt_job(copy.deepcopy(model), job, engine_factory=factory)
+
+    def killed(done, total, **info):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_adapt_job(copy.deepcopy(model), job, engine_factory=factory, checkpoint_dir=tmp_path, on_step=killed)
+    resumed = run_adapt_job(copy.deepcopy(model), job, engine_factory=factory, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 2 and engines[-1].steps == 2
+    assert len(whole.losses["new"]) == 4
+    assert resumed.losses["new"] == pytest.approx(whole.losses["new"], rel=1e-6)
+    assert len(set(whole.losses["new"])) == 4  # the weights move: a resume that lost them would be seen
