@@ -181,3 +181,14 @@ def test_a_run_config_whose_strings_look_like_exponent_floats_reads_back_as_writ
     again = load_config(path)
     assert again.name == "1e5" and again.train.lr == 1e-3
     assert again.to_dict() == config.to_dict()
+
+
+def test_the_literatures_training_defaults(tmp_path):
+    """ACM/LAMOL's choices are the defaults (issue 7): the answer separator weighted x5 in the losses, the
+    expansion coefficients at the adapters' learning rate (None: in the adapters' AdamW) from +-0.15,
+    one replay batch beside each new-task batch, gamma * N pseudo samples in all."""
+    cfg = load_config(write(tmp_path, "data:\n  tasks: [synth.travel.00, synth.travel.01]\n"))
+    assert cfg.train.separator_weight == 5.0
+    assert cfg.method.expansion.coefficient_lr is None and cfg.method.expansion.mix_ini == 0.15
+    assert cfg.method.adaptation.mixing == "alternate" and cfg.method.adaptation.pseudo_budget == "total"
+    assert cfg.train.full_finetune_lr == 6.25e-5
