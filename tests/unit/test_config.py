@@ -192,3 +192,18 @@ def test_the_literatures_training_defaults(tmp_path):
     assert cfg.method.expansion.coefficient_lr is None and cfg.method.expansion.mix_ini == 0.15
     assert cfg.method.adaptation.mixing == "alternate" and cfg.method.adaptation.pseudo_budget == "total"
     assert cfg.train.full_finetune_lr == 6.25e-5
+
+
+@pytest.mark.parametrize("method", ["dmea", "acm", "lamol", "finetune"])
+def test_the_adaptation_engine_gets_each_methods_learning_rate_and_the_eta_clamp(tmp_path, method):
+    """lamol and finetune train the whole model at train.full_finetune_lr (LAMOL's rate), the module methods
+    their adapters at train.lr; the engine clamps eta to method.adaptation.eta_clamp."""
+    from dmea_dist.settings import engine_settings
+
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    cfg = load_config(path, [f"method.name={method}", "train.lr=3e-4", "train.full_finetune_lr=2e-5",
+                             "method.adaptation.eta_clamp=[0.5, 4.0]"])
+    settings = engine_settings(cfg)
+    lr = settings.ds_config["optimizer"]["params"]["lr"]
+    assert lr == (2e-5 if method in ("lamol", "finetune") else 3e-4)
+    assert tuple(settings.clamp) == (0.5, 4.0)
