@@ -108,3 +108,20 @@ def test_grad_clip_zero_means_no_clipping_in_the_search(setting):
         assert torch.equal(value, unbounded.new_modules[key]), key
     ups = [v for k, v in off.new_modules.items() if k.endswith("up.weight")]
     assert ups and all(float(v.abs().max()) > 0 for v in ups)  # trained away from the zero start
+
+
+def test_the_search_trains_with_the_answer_separators_weight(setting):
+    """The search's training loss weights the separator as adaptation's does: on samples where it is a
+    target, the same search with and without the weight ends with different coefficients."""
+    model, old, common = setting
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for _ in range(16):  # LM-style samples: the separator (90) is a target
+        x = torch.randint(0, 80, (6,), generator=g).tolist()
+        ids = x + [90, x[0] + 1, 95]
+        examples.append(Example(ids, [-100] + ids[1:]))
+    train = BatchStream(examples, examples, batch_size=8, pad_id=95, seed="t")
+    common = {**common, "train": train, "val_batches": train.epoch(0), "epochs": 2, "warmup_epochs": 1}
+    runs = [_search(model, old, {**common, "token_weights": weights}, init="static", coefficient_lr=5e-3)
+            for weights in (None, {90: 5.0})]
+    assert runs[0].logits != runs[1].logits
