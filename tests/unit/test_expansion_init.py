@@ -125,3 +125,14 @@ def test_the_search_trains_with_the_answer_separators_weight(setting):
     runs = [_search(model, old, {**common, "token_weights": weights}, init="static", coefficient_lr=5e-3)
             for weights in (None, {90: 5.0})]
     assert runs[0].logits != runs[1].logits
+
+
+def test_coefficients_without_their_own_rate_train_at_the_adapters_rate(setting):
+    """coefficient_lr None (the default) is ACM's: the logits in the adapters' AdamW at their rate, the
+    same search as one given that rate explicitly, and not the same as one at another rate."""
+    model, old, common = setting
+    default = _search(model, old, common, init="similarity", coefficient_lr=None, similarity=0.5)
+    same = _search(model, old, common, init="similarity", coefficient_lr=common["lr"], similarity=0.5)
+    other = _search(model, old, common, init="similarity", coefficient_lr=common["lr"] / 3, similarity=0.5)
+    assert default.logits == same.logits
+    assert default.logits != other.logits
