@@ -361,3 +361,36 @@ def test_pseudo_samples_of_many_tasks_share_batches_and_keep_their_own_task(toke
     assert all(route == wants[task].path for task, route in zip(first_tasks, first_routes, strict=True))
     assert all(set(tasks) == {3} for tasks, _, _ in model.calls[1:])  # later rounds re-ask only what is short
     assert len(model.calls) == 3
+
+
+def test_pseudo_samples_do_not_depend_on_how_the_pieces_are_shared_among_actors(tokenizer):
+    """A generate call is cut into pieces of one batch, each seeded by the call and its index: run piece by
+    piece (in process), as one run (one actor) or split 1 + 2 (two actors), it makes the same samples."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dmea_dist.kernels import (
+        DecodingSettings,
+        GenerateRequest,
+        merge_pseudo_samples,
+        run_generate_requests,
+    )
+    from dmea_dist.modeling.model import DMEAModel
+
+    fmt = Formatter(tokenizer, max_length=24)
+    torch.manual_seed(0)
+    backbone = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=48, n_embd=16, n_layer=2, n_head=2,
+                                          bos_token_id=fmt.special.eos, eos_token_id=fmt.special.eos))
+    model = DMEAModel(backbone, bottleneck=4)
+    decoding = DecodingSettings(pseudo_answer="sampled", pseudo_separator="one", batch_size=4)
+    requests = [GenerateRequest(task_id="a", task_index=0, path=None, n=6, seed=3),
+                GenerateRequest(task_id="b", task_index=1, path=None, n=4, seed=3)]  # pieces [0, 4) [4, 8) [8, 10)
+
+    def made(groups):
+        parts = [run_generate_requests(model, fmt, requests, decoding, parts=group) for group in groups]
+        return [merge_pseudo_samples(r, [p[i] for p in parts]) for i, r in enumerate(requests)]
+
+    alone = made([range(0, 1), range(1, 2), range(2, 3)])
+    assert sum(len(o.rows) for o in alone) >= 3  # samples to compare
+    for groups in ([range(0, 3)], [range(0, 1), range(1, 3)]):
+        for a, b in zip(alone, made(groups), strict=True):
+            assert (a.rows, a.generated, a.malformed, a.reasons) == (b.rows, b.generated, b.malformed, b.reasons)
