@@ -113,3 +113,9 @@ def test_task_summary_line_names_the_least_faithful_task():
     record["metrics"].update({"pseudo.fidelity.synth.hotel.00": 0.9, "pseudo.fidelity.synth.hotel.01": 0.3,
                               "pseudo.fidelity.synth.listops.00": 0.6})
     assert task_summary(record, [], n_tasks=4).endswith("fidelity 60%, lowest synth.hotel.01 30%")
+
+
+def test_task_summary_line_says_how_often_eta_sat_at_its_clamp():
+    record = {"task_id": "synth.hotel.01", "task_index": 1, "params": {},
+              "metrics": {"eta_clamp_rate": 0.25, "R.synth.hotel.01": 50.0}}
+    assert task_summary(record, [], n_tasks=2).endswith("eta at clamp 25%; score 50.0")
