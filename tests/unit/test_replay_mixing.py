@@ -141,3 +141,60 @@ def test_eta_and_clamp_rate_are_recorded_only_for_scaled_steps(scale):
         assert result.etas == {"replay:a": [10.0] * 4} and result.clamp_rate() == 1.0
     else:
         assert result.etas == {} and result.clamp_hits == {} and result.clamp_rate() is None
+
+
+class _Toy(torch.nn.Module):
+    """A bigram model: each token's logits are its embedding row (what the engine's forward runs)."""
+
+    def __init__(self, vocab: int = 12):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+        torch.nn.init.normal_(self.emb.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, input_ids, attention_mask=None, path=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.emb(input_ids))
+
+
+class _LossEngine:
+    """Engine fake that runs every sub-batch's closure (through itself, as DeepSpeed's forward) and reports
+    the losses; and which groups the step was told to leave unscaled."""
+
+    virtual_shards = 0
+
+    def __init__(self):
+        self.module = _Toy()
+        self.unscaled = []
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def step(self, sub_batches, *, progress, scale, unscaled):
+        from dmea_dist.engine import StepStats
+
+        self.unscaled.append(sorted(unscaled))
+        return StepStats(losses={k: float(closure().detach()) for k, closure in sub_batches}, etas={}, clamped={},
+                         sq_norms={}, matched_sq_norms={}, scaled=False)
+
+
+def test_adaptation_losses_weight_the_answer_separator_as_a_weighted_mean():
+    """The loss an adaptation step trains on, against a float64 computation by hand: each target's
+    NLL weighted by its token's weight (the separator x5), divided by the summed weights of the targets."""
+    from dmea_dist.method.adaptation import Source, adapt
+
+    examples = [Example(ids, [-100] + ids[1:]) for ids in ([1, 5, 3, 5, 2], [4, 5, 6], [7, 8, 5, 9], [2, 5])]
+    weights = {5: 5.0}
+    engine = _LossEngine()
+    sources = [Source("new", BatchStream(examples, examples, batch_size=4, pad_id=0, seed="w",
+                                         token_weights=weights), path=None)]
+    result = adapt(engine, sources=sources, epochs=1, lm_lambda=0.0, scale=False, token_weights=weights)
+    table = engine.module.emb.weight.detach().double()
+    total = norm = 0.0
+    for ex in examples:
+        for t in range(len(ex.input_ids) - 1):
+            target = ex.labels[t + 1]
+            w = weights.get(target, 1.0)
+            total -= w * float(torch.log_softmax(table[ex.input_ids[t]], dim=-1)[target])
+            norm += w
+    assert result.losses["new"] == [pytest.approx(total / norm, rel=1e-5)]
