@@ -198,3 +198,15 @@ def test_adaptation_losses_weight_the_answer_separator_as_a_weighted_mean():
             total -= w * float(torch.log_softmax(table[ex.input_ids[t]], dim=-1)[target])
             norm += w
     assert result.losses["new"] == [pytest.approx(total / norm, rel=1e-5)]
+
+
+def test_only_replay_streams_are_scaled_transfer_streams_are_added_as_they_are():
+    from dmea_dist.method.adaptation import Source, adapt
+
+    qa = _examples(8)
+    sources = [Source(key, BatchStream(qa, qa, batch_size=4, pad_id=0, seed=key), path=None)
+               for key in ("new", "transfer:a", "replay:b")]
+    engine = _LossEngine()
+    engine.module = _Toy(vocab=16)
+    adapt(engine, sources=sources, epochs=2, lm_lambda=0.0, scale=True, mixing="all")
+    assert engine.unscaled == [["transfer:a"]] * 4
