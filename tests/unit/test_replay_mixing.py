@@ -210,3 +210,15 @@ def test_only_replay_streams_are_scaled_transfer_streams_are_added_as_they_are()
     engine.module = _Toy(vocab=16)
     adapt(engine, sources=sources, epochs=2, lm_lambda=0.0, scale=True, mixing="all")
     assert engine.unscaled == [["transfer:a"]] * 4
+
+
+def test_a_request_made_in_pieces_keeps_what_was_asked_not_what_came_out():
+    """The pieces of a generate call are merged into what the request asked for: a shortfall stays visible."""
+    from dmea_dist.kernels import GenerateRequest, merge_pseudo_samples
+
+    request = GenerateRequest(task_id="t", task_index=0, path=None, n=10, seed=0)
+    parts = [PseudoSamples("t", rows=[{}] * 3, malformed=5, generated=8, requested=6, reasons={"x": 5}),
+             PseudoSamples("t", rows=[{}] * 1, malformed=6, generated=7, requested=4, reasons={"x": 6})]
+    out = merge_pseudo_samples(request, parts)
+    assert (out.requested, len(out.rows), out.generated, out.well_formed, out.reasons) == (10, 4, 15, 4, {"x": 11})
+    assert any("4 of 10 requested" in w for w in yield_warnings(out, min_yield=0.0, new_task="n"))
