@@ -145,3 +145,23 @@ def test_a_run_started_in_a_relative_directory_is_named_after_it(tmp_path, monke
     (tracker,) = fakes
     assert tracker.run_names == [run_dir.name]
     assert tracker.registered == ["fake-dmea-20260101-000000-abcd"] * 2
+
+
+class WarningCoordinator(FakeCoordinator):
+    """A GENERATE stage whose pseudo samples fell short: its summary carries the warning, as stages.generate's."""
+
+    def step(self):
+        stage = self.state.stage
+        out = super().step()
+        if stage is Stage.GENERATE:
+            out["finished"] = {**out["finished"], "warnings": [f"pseudo samples of x (learning {TASKS[1]}): 3 of 8"]}
+        return out
+
+
+def test_a_stages_warnings_are_printed_loudly_in_the_run_output(tmp_path, monkeypatch, fakes):
+    config = _config(tmp_path)
+    lines = []
+    run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=WarningCoordinator, progress=False,
+                 echo=lines.append, check=False)
+    assert [line for line in lines if line.startswith("WARNING:")] == [
+        f"WARNING: pseudo samples of x (learning {TASKS[1]}): 3 of 8"] * 2  # one GENERATE per task
