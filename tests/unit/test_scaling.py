@@ -237,3 +237,33 @@ def test_owner_share_survives_any_summation_order_where_identical_copies_do_not(
     for _ in range(8):
         copies += update
     assert not torch.equal(copies * (1 / 8), update)  # what the shares avoid
+
+
+def test_the_engines_update_scales_replay_by_the_matched_ratio_clamped_and_adds_transfer_as_is():
+    """ScaledStepEngine's update from the global group gradients (its DeepSpeed-free part), against float64
+    by hand: replayed task a reaches tensor 2 only, so its eta compares ||g_a||^2 with g_j's norm on tensor 2
+    alone; replayed task b (tensor 0, tiny gradient) is clamped at the top; the transfer group is added as is."""
+    from dmea_dist.engine import ScaledStepEngine
+
+    engine = ScaledStepEngine.__new__(ScaledStepEngine)  # no DeepSpeed: the parameter layout and the clamp
+    engine._numels, engine._offsets, engine.clamp = [3, 2, 4], [0, 3, 5], (0.1, 10.0)
+    g = torch.Generator().manual_seed(0)
+    new, transfer = torch.randn(9, generator=g), torch.randn(9, generator=g)
+    a, b = torch.zeros(9), torch.zeros(9)
+    a[5:] = 0.7 * torch.randn(4, generator=g)
+    b[:3] = 0.01 * torch.randn(3, generator=g)
+    grads = torch.stack([new, transfer, a, b])  # rows: new task, transfer (unscaled), replay a, replay b
+    t = 0.3
+    update, scaling = engine._scaled_update(grads.clone(), {1}, t)
+
+    def sq(x):
+        return float((x.double() ** 2).sum())
+
+    raw_a = (sq(new[5:]) / sq(a) - 1) * math.exp(-t) + 1
+    raw_b = (sq(new[:3]) / sq(b) - 1) * math.exp(-t) + 1
+    assert 0.1 < raw_a < 10 and raw_b > 10  # the case: a inside the clamp, b above it
+    assert scaling.etas == pytest.approx([raw_a, 10.0], rel=1e-9)
+    assert scaling.clamped == [False, True]
+    assert scaling.matched_sq_norms == pytest.approx([sq(new[5:]), sq(new[:3])], rel=1e-9)
+    reference = new.double() + raw_a * a.double() + 10.0 * b.double() + transfer.double()
+    assert torch.allclose(update.double(), reference, rtol=1e-6, atol=1e-7)
