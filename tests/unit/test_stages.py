@@ -590,3 +590,54 @@ def test_a_generation_redone_after_a_kill_before_the_state_moved_on_records_its_
     resumed.step()
     warnings = json.loads((run_dir / resumed.state.tasks[1].record).read_text())["params"]["warnings"]
     assert warnings and len(warnings) == len(set(warnings)), warnings
+
+
+class SettingsKeepingKernels(FakeKernels):
+    """FakeKernels that also keep what every search was given."""
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.search_data = []
+
+    def search(self, model, jobs, data):
+        self.search_data.append(data)
+        return super().search(model, jobs, data)
+
+
+@pytest.mark.parametrize("mixing", ["alternate", "all"])
+def test_the_configured_training_settings_reach_the_search_and_the_adaptation(tmp_path, mixing):
+    """What the config says the search and adaptation train with is what the kernels get: the answer
+    separator's loss weight (in the losses and in the global batches' normalisers), ACM's static start
+    +-mix_ini, the coefficients' warm-up, and the adaptation's stream mixing (both choices). Values other
+    than the defaults, so a stage that drops a setting (and the kernel falls back to its own default) is
+    seen; and each search shuffles its task's data with a seed of its own."""
+    config = _config(tmp_path, "acm")
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, separator_weight=3.0),
+        method=dataclasses.replace(config.method,
+                                   expansion=dataclasses.replace(config.method.expansion, mix_ini=0.4,
+                                                                 warmup_epochs=1.5, epochs=4.0),
+                                   adaptation=dataclasses.replace(config.method.adaptation, mixing=mixing)))
+    run_dir = tmp_path / f"settings-{mixing}"
+    made = []
+
+    def kernels(run, progress):
+        made.append(SettingsKeepingKernels(run))
+        return made[-1]
+
+    coordinator = Coordinator(config, run_dir, kernels_factory=kernels, run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    (k,) = made
+    weights = {coordinator.ctx.special.ans: 3.0}
+    assert k.search_data and k.adapt_jobs
+    for data in k.search_data:
+        assert data.token_weights == weights and data.train.token_weights == weights
+        assert data.warmup_epochs == 1.5 and data.epochs == 4.0
+    # every task's search walks its data in an order of its own
+    assert len({data.train.seed for data in k.search_data}) == len(k.search_data) == 2
+    for jobs in k.search_jobs:
+        for job in jobs:  # acm: every old module at +mix_ini, the new one at -mix_ini
+            assert all(logits == pytest.approx([0.4] * (len(logits) - 1) + [-0.4]) for logits in job.init)
+    for job in k.adapt_jobs:
+        assert job.token_weights == weights and job.mixing == mixing
