@@ -641,3 +641,53 @@ def test_the_configured_training_settings_reach_the_search_and_the_adaptation(tm
             assert all(logits == pytest.approx([0.4] * (len(logits) - 1) + [-0.4]) for logits in job.init)
     for job in k.adapt_jobs:
         assert job.token_weights == weights and job.mixing == mixing
+
+
+class ShortKernels(FakeKernels):
+    """Generation that keeps fewer samples than asked (every third dropped as malformed, every other answer
+    of those kept emptied: unfaithful), and an adaptation whose replay eta sat at the clamp in 1 of 4 steps."""
+
+    def generate(self, model, requests):
+        outs = []
+        for out in super().generate(model, requests):
+            rows = [dict(r, answer=[""]) if i % 2 else r for i, r in enumerate(out.rows[: 2 * len(out.rows) // 3])]
+            outs.append(dataclasses.replace(out, rows=rows, malformed=out.generated - len(rows)))
+        return outs
+
+    def adapt(self, model, job, *, checkpoint_dir=None):
+        result = super().adapt(model, job, checkpoint_dir=checkpoint_dir)
+        replay = [key for key, _, _ in job.sources if key.startswith("replay:")]
+        if job.scale:
+            result.etas = {key: [10.0, 3.0, 2.0, 1.0] for key in replay}
+            result.clamp_hits = {key: 1 for key in replay}
+        return result
+
+
+def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path):
+    """Per replayed or transferred task: requested (gamma * N in all, split over them), generated, well formed,
+    kept, yield and fidelity (the share of kept answers that realise their own input); the clamp rate; and a
+    warning for a task replayed with fewer samples than it asked for."""
+    import math
+
+    config = _config(tmp_path, "dmea", adaptation={"transfer": "new_path", "gamma": 1.0})
+    run_dir = tmp_path / "short"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: ShortKernels(run),
+                              run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    ts = coordinator.state.tasks[2]
+    record = json.loads((run_dir / ts.record).read_text())
+    m, n_train, gamma = record["metrics"], 12, config.method.adaptation.gamma
+    drawn = sorted(ts.pseudo)
+    assert drawn == sorted(TASKS[:2])  # both earlier tasks: hotel.00 replayed and selected, listops.00 replayed
+    asked = max(1, math.ceil(gamma * n_train) // len(drawn))
+    for t in drawn:
+        kept = 2 * asked // 3
+        assert m[f"pseudo.requested.{t}"] == asked and m[f"pseudo.generated.{t}"] == asked
+        assert m[f"pseudo.well_formed.{t}"] == kept and m[f"pseudo.kept.{t}"] == kept
+        assert m[f"pseudo.yield.{t}"] == pytest.approx(kept / asked)
+        assert m[f"pseudo.fidelity.{t}"] == pytest.approx(math.ceil(kept / 2) / kept)
+        assert any(f"pseudo samples of {t}" in w and f"{kept} of {asked} requested" in w
+                   for w in record["params"]["warnings"])
+    assert sum(m[f"pseudo.requested.{t}"] for t in drawn) <= math.ceil(gamma * n_train)
+    assert m["eta_clamp_rate"] == pytest.approx(0.25)
