@@ -691,3 +691,31 @@ def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path)
                    for w in record["params"]["warnings"])
     assert sum(m[f"pseudo.requested.{t}"] for t in drawn) <= math.ceil(gamma * n_train)
     assert m["eta_clamp_rate"] == pytest.approx(0.25)
+
+
+class UntrainedKernels(FakeKernels):
+    """Answers nothing before the first adaptation (the untrained backbone), every answer right after it."""
+
+    def answer(self, model, requests):
+        if "adapt" not in self.calls:
+            self.calls.append("answer")
+            return [[""] * len(r.rows) for r in requests]
+        return super().answer(model, requests)
+
+
+def test_eval_all_tasks_scores_the_untrained_model_and_every_unseen_task_for_forward_transfer(tmp_path):
+    """eval.all_tasks: every task is scored before any training (FWT's baseline b_i) and after every task,
+    seen or not; FWT = mean_i R[i-1][i] - b_i, here 100 - 0."""
+    from dmea_dist.driver import sequence_metrics
+
+    config = _config(tmp_path, "adapter")
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, all_tasks=True))
+    run_dir = tmp_path / "fwt"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: UntrainedKernels(run),
+                              run=_run(config, run_dir))
+    while not coordinator.state.done:
+        coordinator.step()
+    results = coordinator.results()
+    assert list(results["baseline"]) == [0.0, 0.0, 0.0]
+    assert not np.isnan(results["R"]).any()  # unseen tasks too (along the newest path)
+    assert sequence_metrics(results["R"], baseline=results["baseline"])["fwt"] == pytest.approx(100.0)
