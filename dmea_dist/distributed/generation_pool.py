@@ -55,10 +55,11 @@ from dmea_dist.kernels import (
     AnswerRequest,
     GenerateRequest,
     chunks,
+    merge_pseudo_samples,
     run_answer_request,
     run_generate_requests,
 )
-from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples, merge_reasons
+from dmea_dist.method.generation import PSEUDO_SCHEMA, PseudoSamples
 from dmea_dist.modeling.io import modules_state, put_modules_state
 from dmea_dist.modeling.model import DMEAModel
 from dmea_dist.settings import DecodingSettings
@@ -217,6 +218,12 @@ class GenerationWorker:
         return ray.get_runtime_context().get_node_id()
 
 
+def _received(request: GenerateRequest, out: dict[str, Any]) -> PseudoSamples:
+    """What one actor's pieces made for `request` (`GenerationWorker.pseudo_samples`), as PseudoSamples."""
+    return PseudoSamples(task_id=request.task_id, rows=out["table"].to_pylist(), malformed=out["malformed"],
+                         generated=out["generated"], truncated=out["truncated"], reasons=out["reasons"])
+
+
 # --------------------------------------------------------------------------- pool
 
 
@@ -283,16 +290,9 @@ class GenerationPool:
                              chunk=self.decoding.batch_size)
         outs = self._run(model, [s for s in shards if s.size > 0], lambda s: self.actors[s.actor].pseudo_samples.remote(
             requests, range(s.first, s.last)), label="generate", progress=progress)
-        results = []
-        for index, req in enumerate(requests):
-            mine = [outs[s][index] for s in shards if s in outs]
-            rows = pa.concat_tables([o["table"] for o in mine], promote_options="none").to_pylist() if mine else []
-            results.append(PseudoSamples(task_id=req.task_id, rows=rows,
-                                         malformed=sum(o["malformed"] for o in mine),
-                                         generated=sum(o["generated"] for o in mine), requested=req.n,
-                                         truncated=sum(o["truncated"] for o in mine),
-                                         reasons=merge_reasons(o["reasons"] for o in mine)))
-        return results
+        # merged as in process (kernels.run_generate_requests): the counts of what was asked, not what came out
+        return [merge_pseudo_samples(req, [_received(req, outs[s][index]) for s in shards if s in outs])
+                for index, req in enumerate(requests)]
 
     def answer(self, model, requests: Sequence[AnswerRequest], *,
                progress: Progress | None = None) -> list[list[str]]:
