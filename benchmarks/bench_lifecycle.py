@@ -1,16 +1,23 @@
 """Orchestration overhead: a sequence on Ray against the same sequence's compute in one process.
 
-The same run (default: the quick start's tasks and settings) runs twice in one process, side by side:
+The same run (default: the quick start's tasks and settings) runs three times in one process: first in
+process, untimed (it builds the cached backbone and warms this process: imports, DeepSpeed's op), then
+side by side:
   1. in process (no Ray), one torch thread: each stage's time is pure compute;
   2. on embedded Ray, sized as `dmea run` sizes it on this machine (`cluster.sized_for`) but with one
      search worker, one generation actor and one training rank of one CPU each: the same computation
      plus scheduling, transfers and start-up.
-Both skip MLflow and reuse one cached backbone (built first, untimed). Per task it prints the summed
-stage seconds of both and the difference (Ray's overhead). The one-time start-up is what Ray's run costs
-beyond its stages (the coordinator actor, building the run) plus the first task's overhead beyond the
-later tasks' median (where the roles share the cores, as on a 2-core machine, the workers start during the
-first adaptation: `ray.warm_up` off, distributed/kernels.py); the ratio is Ray's wall time without that
-start-up over the in-process compute.
+Both skip MLflow. The Ray run is timed from before `ray.init` to `run_sequence`'s return (the driver's
+own imports, done before, are not in it). A task's wall time on Ray is the time between the driver
+receiving the previous task's RECORD step and this task's (the first task's from before `ray.init`): its
+stages plus everything between them (the round trips of every step, the state saved after each, the
+driver's per-task record). Per task it prints the in-process compute (summed stage seconds), Ray's stage
+seconds, Ray's wall time and the overhead, wall minus compute. The one-time start-up is the first task's
+overhead beyond the later tasks' median (Ray's start, the coordinator actor, building the run, the workers
+starting; where the roles share the cores, as on a 2-core machine, the workers start during the first
+adaptation: `ray.warm_up` off, distributed/kernels.py); "finish" is what follows the last task (reports,
+closing the workers). The ratio is Ray's wall time without the start-up (the finish included) over the
+in-process compute.
 
     .venv/bin/python benchmarks/bench_lifecycle.py [--config configs/quickstart.yaml] [--tasks 3]
         [--adapt-on train_group|ray_train|coordinator]
@@ -49,6 +56,34 @@ def per_stage(history) -> dict[str, list[float]]:
         row = out.setdefault(h["stage"], {})
         row[h["task_index"]] = row.get(h["task_index"], 0.0) + h["seconds"]
     return {stage: [row[k] for k in sorted(row)] for stage, row in out.items()}
+
+
+def figures(compute: list[float], task_ends: list[float], start: float, end: float) -> dict:
+    """Wall-time figures of the Ray run from the in-process compute per task and the driver's clock: `start`
+    before `ray.init`, `task_ends[k]` when task k's RECORD step returned, `end` when the run returned."""
+    walls = [b - a for a, b in zip([start, *task_ends[:-1]], task_ends, strict=True)]
+    overhead = [w - c for w, c in zip(walls, compute, strict=True)]
+    later = statistics.median(overhead[1:]) if len(overhead) > 1 else 0.0
+    startup = overhead[0] - later
+    wall = end - start
+    return {"walls": walls, "overhead": overhead, "later": later, "startup": startup,
+            "finish": end - task_ends[-1], "wall": wall, "ratio": (wall - startup) / sum(compute)}
+
+
+class StampedCoordinator:
+    """A coordinator whose `step` notes when each task's RECORD step came back to the driver."""
+
+    def __init__(self, inner, stamps: list[float]):
+        self._inner, self._stamps = inner, stamps
+
+    def step(self):
+        out = self._inner.step()
+        if out.get("record") is not None:
+            self._stamps.append(time.perf_counter())
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def print_stages(local, distributed) -> None:
@@ -93,25 +128,29 @@ def main() -> None:
         quiet = {"progress": False, "echo": lambda s: None}
         run_sequence(config, run_dir=f"{tmp}/warm", **quiet)  # builds the cached backbone, warms DeepSpeed's op
         local = run_sequence(config, run_dir=f"{tmp}/local", **quiet)
-        connect(None, num_cpus=logical_cpus(config.ray), dashboard=config.ray.dashboard)
+        stamps: list[float] = []
+
+        def factory(*a, **kw):
+            return StampedCoordinator(ray_coordinator_factory(*a, **kw), stamps)
+
         start = time.perf_counter()
-        distributed = run_sequence(config, run_dir=f"{tmp}/ray", coordinator_factory=ray_coordinator_factory,
-                                   **quiet)
-        wall = time.perf_counter() - start
+        connect(None, num_cpus=logical_cpus(config.ray), dashboard=config.ray.dashboard)
+        started = time.perf_counter()
+        distributed = run_sequence(config, run_dir=f"{tmp}/ray", coordinator_factory=factory, **quiet)
+        end = time.perf_counter()
         ray.shutdown()
     compute, on_ray = per_task(local.history), per_task(distributed.history)
-    overhead = [r - c for r, c in zip(on_ray, compute, strict=True)]
-    later = statistics.median(overhead[1:]) if len(overhead) > 1 else 0.0
-    startup = (wall - sum(on_ray)) + (overhead[0] - later)
+    f = figures(compute, stamps, start, end)
     print(f"ray: {config.ray.layout()}; warm_up {config.ray.warm_up}")
-    print(f"{'task':<24} {'in process s':>13} {'on Ray s':>9} {'overhead s':>11}")
-    for name, c, r, o in zip(tasks, compute, on_ray, overhead, strict=True):
-        print(f"{name:<24} {c:>13.1f} {r:>9.1f} {o:>11.1f}")
-    print(f"Ray wall time {wall:.1f} s; outside the stages (coordinator start, building the run, reports) "
-          f"{wall - sum(on_ray):.1f} s")
-    print(f"one-time start-up: {startup:.1f} s; per-task overhead after it (median of tasks 2..): {later:.2f} s")
+    print(f"{'task':<24} {'in process s':>13} {'Ray stages s':>13} {'Ray wall s':>11} {'overhead s':>11}")
+    for name, c, r, w, o in zip(tasks, compute, on_ray, f["walls"], f["overhead"], strict=True):
+        print(f"{name:<24} {c:>13.1f} {r:>13.1f} {w:>11.1f} {o:>11.1f}")
+    print(f"Ray wall time {f['wall']:.1f} s (ray.init {started - start:.1f} s); outside the stages "
+          f"{f['wall'] - sum(on_ray):.1f} s; after the last task (reports, closing) {f['finish']:.1f} s")
+    print(f"one-time start-up: {f['startup']:.1f} s; per-task overhead after it, wall minus compute (median of "
+          f"tasks 2..): {f['later']:.2f} s")
     print_stages(local.history, distributed.history)
-    print(f"ratio, Ray wall time without the start-up / in-process compute: {(wall - startup) / sum(compute):.2f}x "
+    print(f"ratio, Ray wall time without the start-up / in-process compute: {f['ratio']:.2f}x "
           f"({len(tasks)} tasks, adaptation on {args.adapt_on}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f})")
 
