@@ -7,9 +7,16 @@
 Each method runs as `dmea run CONFIG --set method.name=M` (embedded Ray unless --in-process), one after
 another, into OUT/M. Per task (from the run's state.json): seconds per stage, the coordinator's peak memory,
 new modules, the module parameters in the pools and the pool sizes after the task; then the growth ratios
-the issue asks for (task 50 against task 5, compute without evaluation; evaluation per seen task), the
-final average and BWT per method, and, for synthetic sequences, selection precision@K against the
-generator's ground truth (`task_relatedness > 0`: the same family).
+the issue asks for (the last task against task 5, and the mean of the last five against tasks 5-9: compute
+without evaluation; peak memory; evaluation seconds per task scored, the scores in that task's row of R:
+the tasks seen, or every task with `eval.all_tasks`, none where `eval.every` skips it), the final average
+and BWT per method, and, for synthetic sequences, selection precision@K against the generator's ground
+truth (`task_relatedness > 0`: the same family): per task with an earlier task of its family, the selected
+tasks of its family over min(K, such earlier tasks), averaged.
+
+Peak memory is the coordinator's (`ru_maxrss` of its process, the high-water mark since it started: on Ray
+the coordinator actor, not the training ranks or the generation and search actors; in process the whole
+run).
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ def per_task(run_dir: Path) -> list[dict]:
         record = next((h for h in mine if h["stage"] == "record"), {})
         row.update(new=t.get("new_modules") or 0, params=record.get("module_parameters", 0),
                    pools=record.get("pool_sizes", []), peak=max((h.get("peak_rss_mib", 0) for h in mine), default=0),
-                   selected=t.get("selected", []))
+                   selected=t.get("selected", []),
+                   scored=sum(1 for x in state["R"][t["index"]] if x is not None))
         rows.append(row)
     return rows
 
@@ -81,18 +89,29 @@ def print_table(name: str, rows: list[dict]) -> None:
 
 
 def growth(rows: list[dict]) -> str:
-    """Compute without evaluation at the last task against the 5th; evaluation seconds per seen task."""
+    """Compute without evaluation and peak memory at the last task against the 5th, the mean of the last five
+    against tasks 5-9; evaluation seconds per task scored, at the first evaluated task from the 5th and at the
+    last."""
     def compute(r):
         return sum(r[s] for s in STAGES if s != "evaluate")
+
+    def mean_compute(part):
+        return sum(compute(r) for r in part) / len(part)
 
     n = len(rows)
     if n < 10:
         return "sequence too short for growth ratios"
     first, last = rows[4], rows[-1]
-    return (f"task {n} / task 5: compute without evaluation {compute(last) / compute(first):.2f}x, "
-            f"peak memory {last['peak'] / max(first['peak'], 1):.2f}x; evaluation per seen task "
-            f"{first['evaluate'] / 5:.2f} s at task 5, {last['evaluate'] / n:.2f} s at task {n}")
-
+    evaluated = [(i, r) for i, r in enumerate(rows) if r["scored"]]
+    early = next(((i, r) for i, r in evaluated if i >= 4), None)
+    out = (f"task {n} / task 5: compute without evaluation {compute(last) / compute(first):.2f}x, "
+           f"peak memory {last['peak'] / max(first['peak'], 1):.2f}x; mean of tasks {n - 4}-{n} / mean of tasks "
+           f"5-9: compute without evaluation {mean_compute(rows[-5:]) / mean_compute(rows[4:9]):.2f}x")
+    if early is None or not last["scored"]:
+        return out + "; evaluation: no task scored from task 5 on, or not the last"
+    i, r = early
+    return (out + f"; evaluation per task scored {r['evaluate'] / r['scored']:.2f} s at task {i + 1} "
+            f"({r['scored']} scored), {last['evaluate'] / last['scored']:.2f} s at task {n} ({last['scored']} scored)")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
