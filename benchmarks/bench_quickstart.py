@@ -2,9 +2,11 @@
 
 Each run is the whole CLI command in a fresh process: imports, input checks, embedded Ray, the coordinator,
 every stage, MLflow (a fresh SQLite store per run) and the reports. The backbone cache under
-`output_dir/_cache` (default: the quick start's, runs/_cache) is filled first if empty (one run, not
-counted), so every timed run is a warm start; `--cold` also times one run with an empty cache first (one per
-checkout). Compared checkouts each get a cache of their own, filled by an untimed (or the cold) run. Variants
+`output_dir/_cache` (default: the quick start's, runs/_cache) is filled first if there is none (one run, not
+counted), so every timed run is meant to be a warm start; a `_cache` that exists but holds no backbone for this
+code and config (made by other code: the key changes with it) is not refilled, so a timed run that says it
+pretrains is marked "(pretrained: not warm)" and left out of the means. `--cold` also times one run with an
+empty cache first (one per checkout). Compared checkouts each get a cache of their own, filled by an untimed (or the cold) run. Variants
 alternate (A B A B ...) so that drift of a shared machine hits both alike.
 
     python benchmarks/bench_quickstart.py                 # the default against one search worker
@@ -49,11 +51,18 @@ VARIANTS = {
 }
 STAGE = re.compile(r"\] \S+ (expand|select|generate|adapt|evaluate|record) done after ([0-9.]+)s")
 FIRST_STAGE = re.compile(r"^\[1/\d+\] \S+ expand$")  # the plain progress line the first stage starts with
+PRETRAINS = "pretraining the tiny backbone"  # what a run says when its backbone is not in the cache
+
+
+def warm_label(name: str, text: str) -> str:
+    """The row name of a timed run meant to be warm: marked apart (and so out of the warm means) where the run
+    pretrained anyway, as it does when --output-dir's _cache holds no backbone for this code and config."""
+    return f"{name} (pretrained: not warm)" if PRETRAINS in text else name
 
 
 def run_once(config: str, sets: list[str], work: Path, output_dir: Path, code: Path = REPO,
-             store: Path | None = None) -> tuple[float, dict[str, float], str, float]:
-    """(wall s, stage s summed by stage, the final metrics line, s until the first stage started) of one
+             store: Path | None = None) -> tuple[float, dict[str, float], str, float, str]:
+    """(wall s, stage s summed by stage, the final metrics line, s until the first stage started, the output) of one
     `dmea run` in a fresh process, on the checkout `code` (working directory and PYTHONPATH), recording into
     the SQLite file `store` (default: a new one in `work`)."""
     if work.exists():
@@ -88,7 +97,7 @@ def run_once(config: str, sets: list[str], work: Path, output_dir: Path, code: P
     for name, seconds in STAGE.findall(text):
         stages[name] = stages.get(name, 0.0) + float(seconds)
     final = next((line.strip() for line in text.splitlines() if line.startswith("final_average=")), "")
-    return wall, stages, final, marks.get("first stage", float("nan"))
+    return wall, stages, final, marks.get("first stage", float("nan")), text
 
 
 def main() -> None:
@@ -128,8 +137,8 @@ def main() -> None:
             continue
         filled.add(code)
         if args.cold:  # an empty cache: this run pretrains the backbone
-            wall, stages, final, first = run_once(args.config, sets, root / "cold", caches[code], code,
-                                                  stores[code])  # a user's first run: it creates a kept store
+            wall, stages, final, first, _ = run_once(args.config, sets, root / "cold", caches[code], code,
+                                                     stores[code])  # a user's first run: it creates a kept store
             rows.append((f"{name} (cold: pretrains)", wall, stages, final, first))
             print(f"  {name} (cold): {wall:.1f} s", file=sys.stderr, flush=True)
         elif separate or not (caches[code] / "_cache").is_dir() or stores[code]:
@@ -138,9 +147,11 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in names:
             sets, code = runs[name]
-            wall, stages, final, first = run_once(args.config, sets, root / "run", caches[code], code, stores[code])
-            rows.append((name, wall, stages, final, first))
-            print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
+            wall, stages, final, first, text = run_once(args.config, sets, root / "run", caches[code], code,
+                                                        stores[code])
+            label = warm_label(name, text)
+            rows.append((label, wall, stages, final, first))
+            print(f"  {label}: {wall:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
     order = ["expand", "generate", "adapt", "evaluate"]
@@ -153,11 +164,14 @@ def main() -> None:
     print()
     for name in names:
         walls = [w for n, w, _, _, _ in rows if n == name]  # warm runs only: cold rows are named apart
+        if not walls:
+            continue
         print(f"{name}: mean {statistics.mean(walls):.1f} s over {len(walls)} warm runs "
               f"(min {min(walls):.1f}, max {max(walls):.1f})")
     if len(names) == 2:
         a, b = ([w for n, w, _, _, _ in rows if n == x] for x in names)
-        print(f"{names[1]} / {names[0]}: {statistics.mean(b) / statistics.mean(a):.2f}x")
+        if a and b:
+            print(f"{names[1]} / {names[0]}: {statistics.mean(b) / statistics.mean(a):.2f}x")
 
 
 if __name__ == "__main__":
