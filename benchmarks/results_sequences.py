@@ -258,8 +258,8 @@ def paired(rows: list[tuple[str, int, str, dict]], reference: str = "dmea") -> d
     """Per (sequence, method), the differences method - `reference` over the (order, seed) pairs both ran.
 
     rows: (order, seed, method label, summary). Returns {(sequence, method): {"n": pairs, "A": (mean, sd,
-    reference ahead), "bwt": (...)}}; sd is None for one pair. A pair whose figure is missing on either side
-    is left out of that figure.
+    reference ahead), "bwt": (...), "n_A": pairs with A on both sides, "n_bwt": ...}}; sd is None for one pair.
+    A pair whose figure is missing on either side is left out of that figure (and of its n_).
     """
     ref = {(o, seed): s for o, seed, m, s in rows if m == reference}
     out: dict[tuple[str, str], dict] = {}
@@ -275,6 +275,7 @@ def paired(rows: list[tuple[str, int, str, dict]], reference: str = "dmea") -> d
     for entry in out.values():
         for key in ("A", "bwt"):
             diffs = [d for d, _ in entry[key]]
+            entry[f"n_{key}"] = len(diffs)  # pairs with this figure on both sides: "ahead in k of n_key"
             entry[key] = (mean(diffs) if diffs else None, stdev(diffs) if len(diffs) > 1 else None,
                           sum(ahead for _, ahead in entry[key]))
     return out
@@ -339,7 +340,8 @@ def report(runs: list[Run], cmds: dict[str, list[str]], out: Path) -> None:
               "dmea's figure is higher\n\n| sequence | method | pairs | A_T diff | BWT diff | dmea ahead (A_T, BWT) |\n"
               + "|---" * 6 + "|")
         for (seq, m), p in pairs.items():
-            print(f"| {seq} | {m} | {p['n']} | {_pm(p['A'])} | {_pm(p['bwt'])} | {p['A'][2]}, {p['bwt'][2]} |")
+            print(f"| {seq} | {m} | {p['n']} | {_pm(p['A'])} | {_pm(p['bwt'])} | {p['A'][2]} of {p['n_A']}, "
+                  f"{p['bwt'][2]} of {p['n_bwt']} |")
     for run, data in done:
         if run[3] != "synth10":
             continue

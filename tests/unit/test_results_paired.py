@@ -44,6 +44,7 @@ def test_paired_differences_match_a_hand_computation(results):
     qs = out[("qs", "acm")]
     assert qs["n"] == 1 and qs["A"][0] == pytest.approx(66.85 - 67.12) and qs["A"][1] is None
     assert qs["bwt"] == (None, None, 0)  # a missing figure is left out, not counted as zero
+    assert (acm["n_A"], acm["n_bwt"], qs["n_A"], qs["n_bwt"]) == (4, 4, 1, 0)  # "ahead in k of n" per figure
 
 
 def test_reference_method_can_be_chosen(results):
