@@ -147,6 +147,36 @@ def check_resume(run_dir: str | Path, config: RunConfig) -> None:
         check_store(uri=config.tracking.uri, experiment=config.tracking.experiment)
 
 
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # the job's runtime_env, as Ray's job supervisor hands it the entry point
+
+
+def check_job_paths(config: RunConfig, environ=os.environ) -> None:
+    """Refuse a relative output_dir or sqlite tracking.uri in a `ray job submit --working-dir` job.
+
+    Such a job runs in Ray's temporary copy of the repository (/tmp/ray/session_*/runtime_resources/...):
+    the run directory, the backbone cache and the MLflow database would land there, out of sight, and go
+    with the session. Checked before anything is written.
+    """
+    from dmea_dist.tracking.common import sqlite_path
+
+    try:
+        runtime_env = json.loads(environ.get(RAY_JOB_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return
+    if not runtime_env.get("working_dir"):
+        return
+    db = sqlite_path(config.tracking.uri) if config.tracking.enabled else None
+    relative = [("output_dir", config.output_dir, "/shared/runs")] if not Path(config.output_dir).is_absolute() else []
+    if db is not None and not db.is_absolute():
+        relative.append(("tracking.uri", config.tracking.uri, "sqlite:////shared/mlflow.db"))
+    if relative:
+        key, value, example = relative[0]
+        raise DmeaError(f"{key} {value!r} is relative: in a `ray job submit --working-dir` job it resolves inside "
+                        f"Ray's temporary copy of the repository ({os.getcwd()}), which goes with the session; "
+                        f"give an absolute path on the driver's node, e.g. --set {key}={example} "
+                        f"(launch/README.md)")
+
+
 def check_input(config: RunConfig) -> None:
     """Refuse bad input here, before Ray starts or anything is written (DESIGN section 6).
 

@@ -24,6 +24,7 @@ from dmea_dist.distributed.cluster import logical_cpus, size_overrides, sized_fo
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 from dmea_dist.driver import (
     check_input,
+    check_job_paths,
     check_resume,
     report_error,
     resume_config,
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a config to start a run, or --resume RUN_DIR to continue one")
     try:
         config = resume_config(Path(args.resume), args.set) if args.resume else load_config(args.config, args.set)
+        check_job_paths(config)  # a relative output path would write into the job's temporary copy
         if not args.resume:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
         else:  # as `dmea resume`: a store that cannot be used fails now, not silently
