@@ -49,6 +49,7 @@ def check_store(*, uri: str, experiment: str) -> None:
             return
         if not _check_sqlite_file(db, fixes):
             return  # an empty database: MLflow creates its tables when the run starts
+    _probe_server(uri, fixes)
     try:
         from mlflow import MlflowClient
 
@@ -59,6 +60,31 @@ def check_store(*, uri: str, experiment: str) -> None:
     if found is not None and found.lifecycle_stage == "deleted":
         raise TrackingError(f"experiment {experiment!r} in {where} is deleted; restore it (mlflow experiments "
                             f"restore) or set tracking.experiment")
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _probe_server(uri: str, fixes: str) -> None:
+    """An http(s) store that nothing answers at fails now: MLflow's client retries a refused connection with
+    backoff for minutes before it gives up. Only a TCP connect; what answers is for MLflow to judge. Skipped
+    where a proxy carries the requests (the proxy, not this machine, reaches the server)."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return
+    address = parts.netloc.rpartition("@")[2]  # host:port, without credentials
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:  # refused, unknown host, timed out; a port that is no number
+        raise TrackingError(f"MLflow tracking store {redact_uri(uri)} does not open: nothing answers at {address} "
+                            f"({type(exc).__name__}: {exc}); {fixes}") from None
 
 
 def check_parent_run(*, uri: str, experiment: str, run_id: str, recorded_in: str) -> None:
