@@ -183,7 +183,14 @@ def _ray(address: str | None, config):
     factory): on an embedded Ray, one search worker per core unless the config says (`RayConfig.sized`)."""
     import dataclasses
 
-    from dmea_dist.distributed.cluster import logical_cpus, ray_dashboard_url, sized_for
+    import ray
+
+    from dmea_dist.distributed.cluster import (
+        capacity_note,
+        logical_cpus,
+        ray_dashboard_url,
+        sized_for,
+    )
     from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 
     s = sized_for(config.ray, address)
@@ -193,6 +200,8 @@ def _ray(address: str | None, config):
         dashboard = f"; dashboard: {ray_dashboard_url() or 'off (--set ray.dashboard=true starts it)'}"
     print(f"ray: {'embedded local cluster' if where == 'local' else where} ({s.layout()}){dashboard}",
           file=sys.stderr)
+    if where != "local" and (note := capacity_note(s, ray.cluster_resources(), stop="Ctrl-C")):
+        print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the 120 s wait
     return dataclasses.replace(config, ray=s), ray_coordinator_factory
 
 

@@ -19,8 +19,16 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import ray
+
 from dmea_dist.config import load_config
-from dmea_dist.distributed.cluster import logical_cpus, size_overrides, sized_for
+from dmea_dist.distributed.cluster import (
+    capacity_note,
+    embedded,
+    logical_cpus,
+    size_overrides,
+    sized_for,
+)
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
 from dmea_dist.driver import (
     check_input,
@@ -57,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         sized = sized_for(config.ray, config.ray.address)
         where = connect(config.ray.address, num_cpus=logical_cpus(sized), dashboard=sized.dashboard)
         print(f"ray: {where} ({sized.layout()})", flush=True)  # the CPUs the run's roles will reserve
+        if not embedded(config.ray.address) and (note := capacity_note(sized, ray.cluster_resources())):
+            print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the 120 s wait
         overrides = args.set + size_overrides(config.ray, sized)
         config = dataclasses.replace(config, ray=sized)
         if args.resume:

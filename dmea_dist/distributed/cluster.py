@@ -143,6 +143,31 @@ def logical_cpus(sizes) -> int:
     return max(sizes.num_cpus or machine_cores(), int(sizes.sized(local_cores=None).reserved_cpus() + 0.999))
 
 
+RESERVE_TIMEOUT_S = 120  # how long the pools wait for their placement groups (kernels: ready_timeout_s)
+
+
+def capacity_note(sizes, resources: dict[str, float], *, stop: str = "ray job stop") -> str | None:
+    """A line saying the cluster (`resources`: ray.cluster_resources()) has fewer CPUs or GPUs than the run's
+    roles reserve together (`sizes` sized), and which `--set`s fit it; None when it fits. The roles reserve
+    when the run starts, so a cluster that stays that small fails after RESERVE_TIMEOUT_S, while an
+    autoscaler may still add nodes: said at once, not refused. `stop`: how to stop the run."""
+    need = {"CPU": sizes.reserved_cpus()}
+    if sizes.use_gpu and sizes.adapt_on != "coordinator":
+        need["GPU"] = float(sizes.num_train_workers)
+    short = {key: amount for key, amount in need.items() if resources.get(key, 0.0) + 1e-9 < amount}
+    if not short:
+        return None
+    fixes = []
+    if not sizes.shared_replicas and sizes.search_cpus == sizes.generation_cpus:
+        fixes.append("--set ray.shared_replicas=true (search and generation share one pool)")
+    fixes.append("fewer ray.num_train_workers, ray.num_search_workers, ray.num_generation_actors or their *_cpus")
+    fixes.append("add nodes")
+    has = " and ".join(f"{resources.get(key, 0.0):g} {key}s" for key in short)
+    return (f"the run reserves {' and '.join(f'{need[key]:g} {key}s' for key in short)} ({sizes.layout()}) and "
+            f"the cluster has {has}: unless nodes join within {RESERVE_TIMEOUT_S} s it fails then; stop it "
+            f"({stop}) and start it again with {', or '.join(fixes)}")
+
+
 def require_ray() -> None:
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call ray.init() (or connect to the cluster) before using "

@@ -83,3 +83,21 @@ def test_sizes_load_from_yaml_as_null_or_numbers_and_bad_ones_fail_by_key():
     assert config_from_dict({**base, "ray": {"train_cpus": 3}}).ray.train_cpus == 3.0
     with pytest.raises(ConfigError, match="ray.num_search_workers"):
         config_from_dict({**base, "ray": {"num_search_workers": 0}})
+
+
+def test_a_cluster_with_fewer_cpus_than_the_run_reserves_is_named_at_once_with_the_fixes():
+    """On 2 CPUs the cluster's default layout (3 x 1 CPU) waits 120 s and fails; the job says so when it starts,
+    naming the keys that fit it, rather than sitting silent for two minutes."""
+    from dmea_dist.distributed.cluster import capacity_note
+
+    sized = RayConfig().sized(local_cores=None)  # a cluster: search, generation and training 1 x 1 each
+    note = capacity_note(sized, {"CPU": 2.0})
+    assert note.startswith("the run reserves 3 CPUs") and "the cluster has 2" in note
+    assert "ray.shared_replicas=true" in note and "ray job stop" in note and "120 s" in note
+    four = RayConfig(num_train_workers=4, shared_replicas=True).sized(local_cores=None)
+    note = capacity_note(four, {"CPU": 2.0})
+    assert note.startswith("the run reserves 5 CPUs") and "ray.num_train_workers" in note
+    assert "shared_replicas" not in note  # already shared
+    assert capacity_note(RayConfig(shared_replicas=True).sized(local_cores=None), {"CPU": 2.0}) is None
+    gpus = RayConfig(use_gpu=True, num_train_workers=2, shared_replicas=True).sized(local_cores=None)
+    assert "2 GPUs" in capacity_note(gpus, {"CPU": 8.0, "GPU": 1.0})
