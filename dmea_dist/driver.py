@@ -177,6 +177,16 @@ def check_job_paths(config: RunConfig, environ=os.environ) -> None:
                         f"(launch/README.md)")
 
 
+def resume_command(run_dir: Path, environ=os.environ) -> str:
+    """How to continue the run in `run_dir`: as a Ray job when this driver is one (RAY_JOB_ENV set), the way it
+    was started, else `dmea resume`."""
+    if environ.get(RAY_JOB_ENV):
+        working_dir = " --working-dir ." if "working_dir" in environ[RAY_JOB_ENV] else ""
+        return (f"ray job submit --address http://HEAD:8265{working_dir} -- "
+                f"python ray_jobs/run_sequence.py --resume {run_dir}")
+    return f"dmea resume {run_dir}"
+
+
 def check_input(config: RunConfig) -> None:
     """Refuse bad input here, before Ray starts or anything is written (DESIGN section 6).
 
@@ -382,7 +392,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
             tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
             echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "
-                 f"stage; continue with: dmea resume {run_dir}")
+                 f"stage; continue with: {resume_command(run_dir)}")
             raise
         finally:
             _try(coordinator.close)

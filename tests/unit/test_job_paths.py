@@ -78,3 +78,43 @@ def test_a_working_dir_job_refuses_a_resume_that_moves_the_run_to_a_relative_pat
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
     assert _job().main(["--resume", str(run_dir), "--set", "tracking.uri=sqlite:///mlflow.db"]) == 2
     assert capsys.readouterr().err.startswith("error: tracking.uri 'sqlite:///mlflow.db' is relative")
+
+
+def test_a_stopped_job_says_how_to_resume_it_as_a_job(tmp_path, monkeypatch, capsys):
+    """`ray job stop` of a job: the hint is the job entry point's --resume (what the README documents for a
+    cluster), not `dmea resume`, which would run it on an embedded Ray of whatever machine types it."""
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.driver import run_sequence
+
+    class Terminated:
+        def tracking(self):
+            return {"parent": None, "tasks": {}}
+
+        def records(self):
+            return []
+
+        def state_position(self):
+            return {"done": False, "next": (0, "expand")}
+
+        def step(self):
+            raise SystemExit(15)  # what Ray's SIGTERM handler raises in a job's driver
+
+        def mark(self, status, message):
+            pass
+
+        def close(self):
+            pass
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+    for in_job, hint in ((True, f"python ray_jobs/run_sequence.py --resume {tmp_path / 'job'}"),
+                         (False, f"dmea resume {tmp_path / 'local'}")):
+        if in_job:
+            monkeypatch.setenv(JOB_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}))
+        else:
+            monkeypatch.delenv(JOB_ENV, raising=False)
+        with pytest.raises(SystemExit):
+            run_sequence(config, run_dir=tmp_path / ("job" if in_job else "local"),
+                         coordinator_factory=lambda *a, **k: Terminated(), progress=False, check=False)
+        out = capsys.readouterr().out
+        assert hint in out, out
+        assert ("ray job submit" in out) == in_job
