@@ -88,7 +88,8 @@ def _reader_client(uri: str):
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # MLflow would create an empty database
         raise TrackingError(
-            f"no MLflow database at {uri!r}; check tracking.uri (relative paths start at the current directory)"
+            f"no MLflow database at {uri!r}; check tracking.uri, or for `dmea generate` --tracking-uri "
+            f"(default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative paths start at the current directory)"
         )  # a sqlite URI holds no credentials
     try:
         from mlflow import MlflowClient
