@@ -23,6 +23,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -91,12 +92,14 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
 
     # absolute, as on Ray (the coordinator actor's): `--run-dir .` would name the MLflow run and the registered
     # model after "", and the records would hold paths that mean nothing from another directory
-    run_dir = Path(os.path.abspath(run_dir)) if run_dir else new_run_dir(config)
+    run_dir = Path(os.path.abspath(run_dir)) if run_dir else None
+    ours = run_dir is None or not run_dir.exists()  # a folder this run makes: removed if it never starts
+    run_dir = run_dir or new_run_dir(config)
     if (run_dir / STATE_FILE).exists():
         raise DmeaError(f"{run_dir} already holds a run; continue it with `dmea resume {run_dir}` "
                         f"or choose another --run-dir")
     return _drive(config, run_dir, resume=False, coordinator_factory=coordinator_factory, progress=progress,
-                  echo=echo)
+                  echo=echo, remove_unstarted=ours)
 
 
 def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
@@ -360,22 +363,29 @@ def local_coordinator(config: RunConfig, run_dir: Path, *, resume: bool, progres
 
 
 def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factory: CoordinatorFactory | None,
-           progress: bool, echo: Callable[[str], None]) -> SequenceResult:
+           progress: bool, echo: Callable[[str], None], remove_unstarted: bool = False) -> SequenceResult:
+    """`remove_unstarted`: a new run's folder, made for it, is removed if the run fails or is stopped before
+    its coordinator is built (a cluster too small for its pools, `ray job stop` at start-up): nothing ran,
+    nothing was recorded, and a folder left "running" at task 1 would only look like a live run."""
     from dmea_dist.tracking import Tracker, redact_uri, registered_model_name, task_aliases
 
     with run_lock(run_dir):
         bar = StageProgress(config.data.tasks, enabled=progress)
-        # the coordinator first: on Ray its actor imports and builds the run while the driver opens MLflow
-        # (2-4 s: its import, a new database's tables), instead of after
-        coordinator = (coordinator_factory or local_coordinator)(config, run_dir, resume=resume, progress=bar)
+        coordinator = None
         try:
+            # the coordinator first: on Ray its actor imports and builds the run while the driver opens MLflow
+            # (2-4 s: its import, a new database's tables), instead of after
+            coordinator = (coordinator_factory or local_coordinator)(config, run_dir, resume=resume, progress=bar)
             tracker = Tracker(uri=config.tracking.uri, experiment=config.tracking.experiment,
                               enabled=config.tracking.enabled)
             # the first call: on Ray an error building the run (a damaged snapshot) arrives here, and it fails
             # the command as it does in process, where the factory raises it; nothing has started to stop
             coordinator.tracking()
         except BaseException:  # Ctrl-C while connecting: leave no coordinator (or Ray actor) behind
-            _try(coordinator.close)
+            if coordinator is not None:
+                _try(coordinator.close)
+            if remove_unstarted:
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
         stop = StopRequest()
         try:

@@ -23,7 +23,8 @@ class TrainingDiverged(DmeaError):
 
 
 class ClusterTooSmall(DmeaError, RuntimeError):
-    """The Ray cluster cannot place what the run's roles reserve (ray.* sizes): the state is kept, resume later."""
+    """The Ray cluster cannot place what the run's roles reserve (ray.* sizes): the state is kept, resume later
+    (a new run that could not start leaves no run directory: start it again)."""
 
 
 class DataWarning(UserWarning):
