@@ -557,7 +557,8 @@ def _try(call: Callable[[], Any]) -> None:
     try:
         call()
     except Exception as err:  # noqa: BLE001 - cleanup after another error must not hide it
-        print(f"warning: {err}", file=sys.stderr)
+        print(f"warning: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}",
+              file=sys.stderr)  # the first line: a Ray error's details follow the error it is about
 
 
 def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict[str, float], *,

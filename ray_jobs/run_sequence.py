@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                                   check=False)
     except DmeaError as err:
         return report_error(err)  # an error of the coordinator actor as its cause, in one line, as `dmea` does
+    except ray.exceptions.RayError as err:  # `ray stop`, a dead node: the run's hint (if any) is printed already
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        detail = lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+        print(f"error: Ray lost a part of the run ({type(err).__name__}: {detail})", file=sys.stderr)
+        return 1
     print(f"final_average={result.metrics['final_average']:.2f} parent_run_id={result.parent_run_id}", flush=True)
     return 0
 
