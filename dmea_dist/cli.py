@@ -156,7 +156,7 @@ def cmd_resume(args) -> int:
         overrides += size_overrides(config.ray, sized.ray)  # a run started in process has no sizes yet
     with _tracking_reported(config):
         resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory,
-                        check=False)
+                        check=False, saved=list(args.set))  # not the sizes this cluster gave unset keys
     return 0
 
 

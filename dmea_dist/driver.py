@@ -104,11 +104,13 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
 
 def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
                     coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
-                    echo: Callable[[str], None] = print, check: bool = True) -> SequenceResult:
+                    echo: Callable[[str], None] = print, check: bool = True,
+                    saved: list[str] | None = None) -> SequenceResult:
     """Continue the run in `run_dir` from its last finished stage, in the same MLflow parent run.
 
     `check`: refuse a tracking store that cannot take the run first (`check_resume`); False when the caller
-    has just done it (before starting Ray).
+    has just done it (before starting Ray). `saved`: the overrides written into the run's config.yaml for
+    later resumes (default: all of `overrides`); the user's `--set`s, not the sizes a cluster gave them.
     """
     from dmea_dist.state import load_state, write_text
 
@@ -118,11 +120,13 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     config = with_absolute_paths(resume_config(run_dir, overrides or []))
     if check:
         check_resume(run_dir, config)
-    if overrides and config != with_absolute_paths(resume_config(run_dir, [])):
-        # what this resume moved (the store, the corpus, the cluster's sizes) holds for the rest of the run: a
+    saved = list(overrides or []) if saved is None else list(saved)
+    kept = config if saved == list(overrides or []) else with_absolute_paths(resume_config(run_dir, saved, note=False))
+    if saved and kept != with_absolute_paths(resume_config(run_dir, [], note=False)):
+        # what this resume moved (the store, the corpus, the sizes asked for) holds for the rest of the run: a
         # later plain `dmea resume` would go back to the old store and split the run's records between two
-        write_text(run_dir / "config.yaml", dump_yaml(config.to_dict()))
-        echo(f"{run_dir / 'config.yaml'} now records {', '.join(overrides)}")
+        write_text(run_dir / "config.yaml", dump_yaml(kept.to_dict()))
+        echo(f"{run_dir / 'config.yaml'} now records {', '.join(saved)}")
     echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
          f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
     return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
@@ -289,8 +293,9 @@ def without_credentials(config: RunConfig) -> RunConfig:
     return dataclasses.replace(config, tracking=dataclasses.replace(config.tracking, uri=clean))
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The run's own config with `overrides`; refuses changes to anything but SAFE_TO_CHANGE keys."""
+def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> RunConfig:
+    """The run's own config with `overrides`; refuses changes to anything but SAFE_TO_CHANGE keys. `note`: say
+    on stderr when the overrides change floating-point sums (threads, ranks)."""
     from dmea_dist.config import apply_override
     from dmea_dist.tracking import flatten
 
@@ -313,7 +318,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     # changes them too (the same global batch, summed in shares): allowed, but the rest is not bit for bit
     threads = [k for k in changed if k in ("ray.search_cpus", "ray.generation_cpus", "ray.train_cpus",
                                            "ray.num_train_workers")]
-    if threads:
+    if threads and note:
         print(f"note: resuming with {', '.join(f'{k}={after.get(k)}' for k in threads)} (was "
               f"{', '.join(str(before.get(k)) for k in threads)}): the remaining tasks compute in other "
               f"floating-point sums, so they may differ in the last bits, and onwards, from an uninterrupted run",

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(config, ray=sized)
         if args.resume:
             result = resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory,
-                                     check=False)
+                                     check=False, saved=args.set)  # not the sizes this cluster gave unset keys
         else:
             result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
                                   check=False)

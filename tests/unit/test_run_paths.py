@@ -105,6 +105,25 @@ def test_what_a_resume_moved_holds_for_the_next_resume(tmp_path, monkeypatch):
     assert again == moved and again.tracking.uri == f"sqlite:///{tmp_path / 'moved.db'}"
     assert again.data.root == str(tmp_path / "moved")
 
+
+def test_a_resume_saves_the_users_sets_not_the_sizes_a_cluster_gave(tmp_path, monkeypatch):
+    """`dmea resume` and the job entry point add `ray.*` sizes for the keys the run left unset (the cluster's
+    sizing); saved, they would pin the next resume, on another cluster, to this one's sizes."""
+    from dmea_dist.state import RunState, save_state
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(with_absolute_paths(_relative_config()).to_dict()))
+    save_state(RunState.new(["synth.hotel.00"]), run_dir)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["ray"]["num_search_workers"] is None
+    seen = _given_to_coordinator(lambda factory: resume_sequence(
+        run_dir, overrides=["data.root=moved", "ray.num_search_workers=2"], saved=["data.root=moved"],
+        coordinator_factory=factory, progress=False, echo=lambda line: None))
+    assert seen.ray.num_search_workers == 2 and seen.data.root == str(tmp_path / "moved")
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["data"]["root"] == str(tmp_path / "moved") and written["ray"]["num_search_workers"] is None
+
 def test_resume_may_move_the_corpus_and_the_store_but_not_what_the_run_computes(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
