@@ -121,8 +121,8 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     if check:
         check_resume(run_dir, config)
     saved = list(overrides or []) if saved is None else list(saved)
-    kept = config if saved == list(overrides or []) else with_absolute_paths(resume_config(run_dir, saved, note=False))
-    if saved and kept != with_absolute_paths(resume_config(run_dir, [], note=False)):
+    kept = with_absolute_paths(resume_config(run_dir, saved, note=False))
+    if kept != with_absolute_paths(resume_config(run_dir, [], note=False)):
         # what this resume moved (the store, the corpus, the sizes asked for) holds for the rest of the run: a
         # later plain `dmea resume` would go back to the old store and split the run's records between two
         write_text(run_dir / "config.yaml", dump_yaml(kept.to_dict()))
