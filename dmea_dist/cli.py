@@ -201,7 +201,7 @@ def _ray(address: str | None, config):
     print(f"ray: {'embedded local cluster' if where == 'local' else where} ({s.layout()}){dashboard}",
           file=sys.stderr)
     if where != "local" and (note := capacity_note(s, ray.cluster_resources(), stop="Ctrl-C")):
-        print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the 120 s wait
+        print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the pools' wait
     return dataclasses.replace(config, ray=s), ray_coordinator_factory
 
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         where = connect(config.ray.address, num_cpus=logical_cpus(sized), dashboard=sized.dashboard)
         print(f"ray: {where} ({sized.layout()})", flush=True)  # the CPUs the run's roles will reserve
         if not embedded(config.ray.address) and (note := capacity_note(sized, ray.cluster_resources())):
-            print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the 120 s wait
+            print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the pools' wait
         overrides = args.set + size_overrides(config.ray, sized)
         config = dataclasses.replace(config, ray=sized)
         if args.resume:

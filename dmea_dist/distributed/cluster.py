@@ -143,7 +143,7 @@ def logical_cpus(sizes) -> int:
     return max(sizes.num_cpus or machine_cores(), int(sizes.sized(local_cores=None).reserved_cpus() + 0.999))
 
 
-RESERVE_TIMEOUT_S = 120  # how long the pools wait for their placement groups (kernels: ready_timeout_s)
+RESERVE_TIMEOUT_S = 120.0  # how long a pool waits for its placement group (the pools' ready_timeout_s)
 
 
 def capacity_note(sizes, resources: dict[str, float], *, stop: str = "ray job stop") -> str | None:
@@ -164,7 +164,7 @@ def capacity_note(sizes, resources: dict[str, float], *, stop: str = "ray job st
     fixes.append("add nodes")
     has = " and ".join(f"{resources.get(key, 0.0):g} {key}s" for key in short)
     return (f"the run reserves {' and '.join(f'{need[key]:g} {key}s' for key in short)} ({sizes.layout()}) and "
-            f"the cluster has {has}: unless nodes join within {RESERVE_TIMEOUT_S} s it fails then; stop it "
+            f"the cluster has {has}: unless nodes join within {RESERVE_TIMEOUT_S:g} s it fails then; stop it "
             f"({stop}) and start it again with {', or '.join(fixes)}")
 
 

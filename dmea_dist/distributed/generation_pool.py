@@ -50,7 +50,13 @@ from transformers import GPT2LMHeadModel
 
 from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.tokenizer import load_tokenizer
-from dmea_dist.distributed.cluster import configure_threads, gather, reserve, worker_env
+from dmea_dist.distributed.cluster import (
+    RESERVE_TIMEOUT_S,
+    configure_threads,
+    gather,
+    reserve,
+    worker_env,
+)
 from dmea_dist.kernels import (
     AnswerRequest,
     GenerateRequest,
@@ -235,7 +241,7 @@ class GenerationPool:
 
     def __init__(self, *, tokenizer, max_length: int, decoding: DecodingSettings, num_actors: int = 1,
                  cpus: float = 1.0, strategy: str = "SPREAD", always_sync_backbone: bool = False,
-                 ready_timeout_s: float = 120.0, retries: int = 1):
+                 ready_timeout_s: float = RESERVE_TIMEOUT_S, retries: int = 1):
         if num_actors < 1 or cpus <= 0:
             raise ValueError(f"GenerationPool needs num_actors >= 1 and cpus > 0, got {num_actors} and {cpus}")
         self.tokenizer, self.max_length, self.decoding = tokenizer, max_length, decoding

@@ -41,7 +41,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from dmea_dist.config import RayConfig
-from dmea_dist.distributed.cluster import Progress, require_ray
+from dmea_dist.distributed.cluster import RESERVE_TIMEOUT_S, Progress, require_ray
 from dmea_dist.distributed.generation_pool import GenerationPool
 from dmea_dist.distributed.search import SearchPool, check_resources
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
@@ -81,7 +81,7 @@ class RayKernels:
 
     def __init__(self, *, tokenizer, max_length: int, engine: EngineSettings, decoding: DecodingSettings,
                  sizes: RayConfig, storage_path: str | Path, full_finetune: bool = False,
-                 ready_timeout_s: float = 120.0, progress: Progress | None = None,
+                 ready_timeout_s: float = RESERVE_TIMEOUT_S, progress: Progress | None = None,
                  ranks: LaunchedRanks | None = None):
         sizes = sizes.sized(local_cores=None)  # unset: 1 search worker (the CLI sizes it for where it runs)
         check_resources(num_workers=sizes.num_search_workers, cpus=sizes.search_cpus,

@@ -41,7 +41,13 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dmea_dist.distributed.cluster import configure_threads, free_port, reserve, worker_env
+from dmea_dist.distributed.cluster import (
+    RESERVE_TIMEOUT_S,
+    configure_threads,
+    free_port,
+    reserve,
+    worker_env,
+)
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.settings import EngineSettings
 
@@ -144,7 +150,7 @@ class TrainGroup:
     """`adapt(model, job, checkpoint_dir)` on N long-lived ranks (module docstring)."""
 
     def __init__(self, engine: EngineSettings, *, num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
-                 placement_strategy: str = "PACK", max_failures: int = 2, ready_timeout_s: float = 120.0,
+                 placement_strategy: str = "PACK", max_failures: int = 2, ready_timeout_s: float = RESERVE_TIMEOUT_S,
                  progress=None):
         self.engine, self.num_workers, self.cpus = engine, num_workers, cpus_per_worker
         self.progress = progress  # Progress: ("adapt", done, total, loss=...) from rank 0 while a job runs
