@@ -35,7 +35,10 @@ One call:
    coordinator reads it and `load_trained_state`s it.
 
 Storage: Ray Train v2 persists checkpoints under `RunConfig.storage_path`
-(`<run_dir>/_ray_train`, one folder per call). That is a local path: a
+(`<run_dir>/_ray_train`, one folder per call). A call's folder is needed
+only while it runs (restarts) and until its result is read, so the next call
+and `close()` remove it: a long run keeps one folder, not one per task (a
+failed call's folder stays, for its errors). That is a local path: a
 multi-node cluster needs shared storage there (NFS, or an S3/GCS URI). GPU
 workers (`use_gpu=True`) are written for but untested here (no GPU).
 """
@@ -82,7 +85,7 @@ class RayTrainAdapter:
     last epoch checkpoint. storage_path: where Ray Train persists checkpoints
     (shared storage on multi-node clusters). Needs a running Ray (`ray.init`);
     `last_checkpoint` / `last_metrics` hold the latest call's final checkpoint
-    and rank 0's reported metrics.
+    and rank 0's reported metrics; its folder is removed by the next call or `close()`.
     """
 
     def __init__(self, engine: EngineSettings, *, num_workers: int, cpus_per_worker: float, storage_path: str | os.PathLike,
@@ -103,10 +106,12 @@ class RayTrainAdapter:
         self.last_checkpoint: ray.train.Checkpoint | None = None
         self.last_metrics: dict[str, Any] = {}
         self.last_nodes: list[str] = []  # node id of each rank of the latest call
+        self._last_folder = None  # (pyarrow filesystem, path) of the latest finished call's folder
         # Progress: ("adapt", done, total, loss=...) from rank 0 while `fit()` runs
         self._relay = ProgressRelay(progress) if progress is not None else None
 
     def __call__(self, model, job: AdaptJob) -> AdaptResult:
+        self._remove_last_folder()
         trainer = self._trainer(model, job)
         # fit() raises TrainingFailedError when the failures are used up
         result = self._relay.around(trainer.fit) if self._relay is not None else trainer.fit()
@@ -114,6 +119,7 @@ class RayTrainAdapter:
             raise RuntimeError(f"Ray Train run {result.path} ended without the adapters checkpoint rank 0 reports")
         self.last_checkpoint = result.checkpoint
         self.last_metrics = dict(result.metrics or {})
+        self._last_folder = (result.filesystem, result.path)
         with result.checkpoint.as_directory() as directory:
             state, adapt_result = read_adapt_checkpoint(directory, trainable=job.trainable)
             self.last_nodes = json.loads((Path(directory) / RESULT_FILE).read_text()).get("nodes", [])
@@ -146,7 +152,19 @@ class RayTrainAdapter:
     def _threads(self) -> int:
         return max(1, int(self.cpus_per_worker))
 
+    def _remove_last_folder(self) -> None:
+        """Delete the latest finished call's folder (its result is in the model and the run's records)."""
+        if self._last_folder is None:
+            return
+        filesystem, path = self._last_folder
+        self._last_folder, self.last_checkpoint = None, None
+        try:
+            filesystem.delete_dir(path)
+        except (FileNotFoundError, OSError):  # already gone, or storage that refuses: leave it
+            pass
+
     def close(self) -> None:
+        self._remove_last_folder()
         if self._relay is not None:
             self._relay.shutdown()
 
