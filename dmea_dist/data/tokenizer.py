@@ -109,12 +109,27 @@ def load_pretrained_tokenizer(name_or_path: str, *, max_tasks: int, key: str = "
 
 
 def not_loadable(key: str, name_or_path: str, what: str, err: Exception) -> str:
-    """The message for a checkpoint named by `key` (model.pretrained, --tokenizer) whose `what` cannot be loaded."""
+    """The message for a checkpoint named by `key` (model.pretrained, --tokenizer) whose `what` cannot be loaded.
+
+    The hint depends on what the name is: a folder that exists (files missing), a path that does not (a typo:
+    downloading would not help), or a hub name (fetch it into the local cache beforehand)."""
     said = " ".join(str(err).split())[:200]  # transformers' messages span lines: one line, as every error here
-    return (f"{key}={name_or_path!r}: its {what} cannot be loaded ({type(err).__name__}: {said}); give a local "
-            f"folder written by save_pretrained (config.json, weights, tokenizer files) or a hub name already in "
-            f"the local Hugging Face cache: a run downloads nothing, so fetch it beforehand (e.g. "
-            f"`hf download {name_or_path}` where the hub is reachable)")
+    head = f"{key}={name_or_path!r}: its {what} cannot be loaded ({type(err).__name__}: {said}); "
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return head + ("the folder needs what save_pretrained writes there (config.json, the weights, the "
+                       "tokenizer files)")
+    if _is_path(name_or_path):
+        return head + (f"there is no folder {folder.resolve()}; give the folder written by save_pretrained "
+                       f"(config.json, weights, tokenizer files), or a hub name already in the local cache")
+    return head + (f"no folder {folder.resolve()} exists and the local Hugging Face cache has no complete copy of {name_or_path!r}: a "
+                   f"run downloads nothing, so fetch it beforehand (e.g. `hf download {name_or_path}` where the hub "
+                   f"is reachable), or give a local folder written by save_pretrained")
+
+
+def _is_path(name: str) -> bool:
+    """A name only a path can be: absolute, ~ or . first, or more parts than a hub's `org/name`."""
+    return name.startswith(("/", "~", ".")) or name.count("/") > 1 or "\\" in name
 
 
 def load_tokenizer(directory: str | Path):

@@ -29,6 +29,24 @@ def test_a_pretrained_checkpoint_that_cannot_be_loaded_is_a_config_error(tmp_pat
     assert "model.pretrained" in err and str(folder) in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("kind", ["missing folder", "empty folder", "relative path", "hub name", "org/name"])
+def test_the_hint_for_a_checkpoint_that_cannot_be_loaded_fits_what_was_named(tmp_path, monkeypatch, kind):
+    """Downloading is the fix for a hub name only: a mistyped folder was told to `hf download` its own path."""
+    from dmea_dist.data.tokenizer import not_loadable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    name = {"missing folder": str(tmp_path / "ckpt"), "empty folder": "empty", "relative path": "./ckpts/gpt2",
+            "hub name": "gpt2", "org/name": "openai-community/gpt2"}[kind]
+    message = not_loadable("model.pretrained", name, "tokenizer", OSError("not found"))
+    assert message.startswith(f"model.pretrained={name!r}: its tokenizer cannot be loaded (OSError: not found); ")
+    assert ("hf download" in message) == (kind in ("hub name", "org/name")), message
+    if kind == "empty folder":
+        assert "needs what save_pretrained writes" in message
+    elif kind in ("missing folder", "relative path"):
+        assert f"there is no folder {(tmp_path / name).resolve()}" in message
+
+
 def test_data_show_with_a_tokenizer_folder_that_cannot_be_loaded(tmp_path, capsys):
     assert main(["data", "show", "synth.travel.00", "--tokenizer", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
