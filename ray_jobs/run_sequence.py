@@ -41,6 +41,7 @@ from dmea_dist.driver import (
 )
 from dmea_dist.errors import DmeaError
 from dmea_dist.offline import no_downloads
+from dmea_dist.state import load_state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,21 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
         else:  # as `dmea resume`: a store that cannot be used fails now, not silently
             check_resume(args.resume, config)
-        # inside `ray job submit` (RAY_ADDRESS set): the job's cluster, unset sizes 1 each; run by hand without
-        # an address: an embedded Ray sized as `dmea run` sizes it
-        sized = sized_for(config.ray, config.ray.address)
-        where = connect(config.ray.address, num_cpus=logical_cpus(sized), dashboard=sized.dashboard)
-        print(f"ray: {where} ({sized.layout()})", flush=True)  # the CPUs the run's roles will reserve
-        if not embedded(config.ray.address) and (note := capacity_note(sized, ray.cluster_resources())):
-            print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the pools' wait
-        overrides = args.set + size_overrides(config.ray, sized)
-        config = dataclasses.replace(config, ray=sized)
-        if args.resume:
-            result = resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory,
-                                     check=False, saved=args.set)  # not the sizes this cluster gave unset keys
+        if args.resume and load_state(args.resume).done:  # as `dmea resume`: its results need no Ray
+            result = resume_sequence(args.resume, overrides=args.set, check=False)
         else:
-            result = run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory,
-                                  check=False)
+            result = _on_ray(args, config)
     except DmeaError as err:
         return report_error(err)  # an error of the coordinator actor as its cause, in one line, as `dmea` does
     except ray.exceptions.RayError as err:  # `ray stop`, a dead node: the run's hint (if any) is printed already
@@ -84,6 +74,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"final_average={result.metrics['final_average']:.2f} parent_run_id={result.parent_run_id}", flush=True)
     return 0
+
+
+def _on_ray(args, config):
+    """Start or continue the run with its coordinator and workers on Ray."""
+    # inside `ray job submit` (RAY_ADDRESS set): the job's cluster, unset sizes 1 each; run by hand without
+    # an address: an embedded Ray sized as `dmea run` sizes it
+    sized = sized_for(config.ray, config.ray.address)
+    where = connect(config.ray.address, num_cpus=logical_cpus(sized), dashboard=sized.dashboard)
+    print(f"ray: {where} ({sized.layout()})", flush=True)  # the CPUs the run's roles will reserve
+    if not embedded(config.ray.address) and (note := capacity_note(sized, ray.cluster_resources())):
+        print(f"warning: {note}", file=sys.stderr, flush=True)  # now, not after the pools' wait
+    overrides = args.set + size_overrides(config.ray, sized)
+    config = dataclasses.replace(config, ray=sized)
+    if args.resume:
+        return resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory,
+                               check=False, saved=args.set)  # not the sizes this cluster gave unset keys
+    return run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory, check=False)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import ray.exceptions
 
 DETAIL = ("The actor died unexpectedly before finishing this task.\n\tclass_name: CoordinatorActor\n"
@@ -46,3 +47,39 @@ def test_cleanup_warnings_after_an_error_are_one_line(capsys):
 
     _try(close)
     assert capsys.readouterr().err == "warning: The actor died unexpectedly before finishing this task.\n"
+
+
+def test_resuming_a_finished_run_through_the_job_needs_no_ray(tmp_path, monkeypatch, capsys):
+    """As `dmea resume`: a run with no stage left only reports its results; the job started an embedded Ray
+    (or joined the cluster) and a coordinator actor for them."""
+    import types
+
+    spec = importlib.util.spec_from_file_location("run_sequence_job", Path(__file__).parents[2] / "ray_jobs" /
+                                                  "run_sequence.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    from dmea_dist.config import RayConfig
+
+    config = types.SimpleNamespace(tracking=None, ray=RayConfig())
+    monkeypatch.setattr(job, "resume_config", lambda run_dir, sets: config)
+    monkeypatch.setattr(job, "check_job_paths", lambda config: None)
+    monkeypatch.setattr(job, "check_resume", lambda run_dir, config: None)
+    calls = []
+
+    def resume_sequence(run_dir, **kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(metrics={"final_average": 12.5}, parent_run_id="abc")
+
+    def connect(*a, **k):
+        raise AssertionError("a finished run connected to Ray")
+
+    monkeypatch.setattr(job, "resume_sequence", resume_sequence)
+    monkeypatch.setattr(job, "connect", connect)
+    monkeypatch.setattr(job, "load_state", lambda run_dir: types.SimpleNamespace(done=True))
+    assert job.main(["--resume", str(tmp_path)]) == 0
+    assert calls and calls[0].get("coordinator_factory") is None
+    assert capsys.readouterr().out.splitlines()[-1] == "final_average=12.50 parent_run_id=abc"
+
+    monkeypatch.setattr(job, "load_state", lambda run_dir: types.SimpleNamespace(done=False))
+    with pytest.raises(AssertionError, match="connected to Ray"):  # a run with stages left goes to Ray
+        job.main(["--resume", str(tmp_path)])
