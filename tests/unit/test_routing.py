@@ -87,3 +87,26 @@ def test_route_batch_restores_the_previous_route_and_checks_sizes(tiny_gpt2_conf
             pass
     with pytest.raises(ValueError, match="not several"):
         model(ids, mask, path=[0, 0, 0], paths=[[0, 0, 0]] * 3)
+
+
+def test_left_padded_generate_equals_each_row_decoded_alone_without_padding_or_cache(tiny_gpt2_config):
+    """An independent reference for batched evaluation: each row's prompt without its padding, decoded greedily
+    by full forwards (no KV cache, positions from 0) along its own path. A batch that took position ids from
+    the padded width instead of the attention mask, or routed a row along another row's path, differs."""
+    model = _model(tiny_gpt2_config)
+    with torch.no_grad():  # positions that matter to the argmax (at init they are too small to change it)
+        model.backbone.transformer.wpe.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    ids, mask = _batch(len(ROW_TASKS), tiny_gpt2_config.vocab_size)
+    eos, steps = tiny_gpt2_config.eos_token_id, 6
+    out = model.generate(ids, attention_mask=mask, paths=[model.path_of(t) for t in ROW_TASKS], max_new_tokens=steps,
+                         do_sample=False, pad_token_id=0, eos_token_id=eos)[:, ids.shape[1]:].tolist()
+    for row, task in enumerate(ROW_TASKS):
+        tokens = ids[row][mask[row].bool()].tolist()
+        expected = []
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens + expected]), task_id=task).logits[0, -1]
+            expected.append(int(logits.double().argmax()))
+            if expected[-1] == eos:
+                break
+        assert out[row][:len(expected)] == expected, f"row {row} (task {task})"
