@@ -123,7 +123,9 @@ def chunks(size: int, chunk: int) -> list[tuple[int, int]]:
 
 def mixed_seed(*parts: int) -> int:
     """A seed fixed by `parts` alone (say run seed, task, candidate): a hashed stream, so that neighbouring
-    parts (seed 1 of task 0 and seed 0 of task 1) do not collide as sums would."""
+    parts (seed 1 of task 0 and seed 0 of task 1) do not collide as sums would. Give each kind of stream a
+    fixed number of parts: numpy's SeedSequence pads its entropy with zeros, so (a, b, 0) and (a, b) are one
+    seed."""
     state = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, dtype=np.uint64)[0]
     return int(state) % 2**63
 
