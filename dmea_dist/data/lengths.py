@@ -45,13 +45,15 @@ def measure_split(formatter: Formatter, rows: Sequence[Mapping], *, split: str, 
     limit = formatter.max_length
     inputs = [_join(r["context"], r["question"]) for r in rows]
     prompts = _token_ids(formatter, inputs)
+    # cut prompt -> the distinct inputs encoded with it; an input can have several cut prompts (each answer
+    # leaves its own room: a repeated input, or references="all"), and each of them can merge with another input
     examples, over, cut_prompts = 0, [], {}
     if split == "test":
         for index, (text, prompt) in enumerate(zip(inputs, prompts, strict=True)):
             examples += 1
             if len(prompt) + 1 > limit:
                 over.append((index, len(prompt) + 1))
-            cut_prompts.setdefault(text, tuple(prompt[: limit - 1]))
+            cut_prompts.setdefault(tuple(prompt[: limit - 1]), set()).add(text)
     else:
         pairs = [(i, a) for i, r in enumerate(rows) for a in (r["answer"] if references == "all" else r["answer"][:1])]
         answers = _token_ids(formatter, [" " + a for _, a in pairs])
@@ -60,12 +62,9 @@ def measure_split(formatter: Formatter, rows: Sequence[Mapping], *, split: str, 
             tokens = LM_EXTRA + len(prompts[index]) + len(answer)
             if tokens > limit:
                 over.append((index, tokens))
-            cut_prompts.setdefault(inputs[index], tuple(_cut_prompt(prompts[index], answer, limit)))
-    groups: dict[tuple[int, ...], int] = {}
-    for prompt in cut_prompts.values():
-        groups[prompt] = groups.get(prompt, 0) + 1
-    return SplitLengths(split=split, examples=examples, over=over,
-                        collapsed=sum(n for n in groups.values() if n > 1),
+            cut_prompts.setdefault(tuple(_cut_prompt(prompts[index], answer, limit)), set()).add(inputs[index])
+    merged = set().union(*(texts for texts in cut_prompts.values() if len(texts) > 1))
+    return SplitLengths(split=split, examples=examples, over=over, collapsed=len(merged),
                         first_input=inputs[over[0][0]] if over else "")
 
 

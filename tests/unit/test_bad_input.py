@@ -285,6 +285,23 @@ def test_measure_split_counts_what_the_formatter_cuts_and_merges():
     assert [i for i, _ in test.over] == [0, 1, 2] and test.collapsed == 3
 
 
+def test_measure_split_counts_merges_of_an_input_cut_only_with_a_long_answer():
+    # an input's cut depends on its answer: X fits whole with a short answer, but a long answer (a repeated
+    # RNNLG input's other row, or another reference with references="all") cuts it to the prompt Y is cut to
+    formatter = Formatter(_tokenizer(), max_length=24)
+    base = " ".join(["area[north]"] * 3)
+    x, y, long = f"{base} name[0]", f"{base} name[1]", " ".join(["the north"] * 3)
+    lm = lambda context, answer: tuple(formatter.lm_example(context, "", answer, task_index=0).input_ids)  # noqa: E731
+    assert lm(x, long) == lm(y, long)  # the formatter merges them
+    repeated = [{"context": x, "question": "", "answer": ["x"]}, {"context": x, "question": "", "answer": [long]},
+                {"context": y, "question": "", "answer": [long]}]
+    measured = measure_split(formatter, repeated, split="train", references="first")
+    assert [index for index, _ in measured.over] == [1, 2] and measured.collapsed == 2  # row 0 fits whole
+    both = [{"context": x, "question": "", "answer": ["x", long]}, {"context": y, "question": "", "answer": [long]}]
+    assert measure_split(formatter, both, split="train", references="all").collapsed == 2
+    assert measure_split(formatter, both, split="train", references="first").collapsed == 0  # x is never cut
+
+
 def test_overlength_truncate_warns_once_per_task_with_counts():
     formatter = Formatter(_tokenizer(), max_length=24)
     base = " ".join(["area[north]"] * 12)
