@@ -139,7 +139,9 @@ def load_task_model(source: str | Path, task: str | None = None, *, tasks: Seque
     wanted = list(dict.fromkeys([*([task] if task else []), *(tasks or [])])) or None
     with _run_folder(str(source), wanted, uri) as (folder, implied):
         default = task or implied
-        return _load_folder(folder, wanted if wanted else ([default] if implied else None), default, latest)
+        # the task the source implies (models:/NAME@ALIAS, a task run id) is loaded beside the tasks a file names
+        load = list(dict.fromkeys([*([default] if default else []), *(wanted or [])])) or None
+        return _load_folder(folder, load, default, latest)
 
 
 @contextlib.contextmanager

@@ -95,3 +95,18 @@ def test_a_task_id_finds_its_version_when_its_alias_got_a_suffix(monkeypatch, tm
             assert folder.parent.parent.name == MODEL_ARTIFACT
     with pytest.raises(readers.TrackingError, match="could not load models:/run-dmea@a.c"):
         readers.download_registered_model(uri="sqlite:///x.db", model_uri="models:/run-dmea@a.c", dst=tmp_path / "x")
+
+
+def test_a_models_uri_task_answers_rows_without_a_task_beside_rows_that_name_others(tiny_gpt2_config, tmp_path,
+                                                                                     monkeypatch):
+    """`dmea generate models:/NAME@b --input FILE` where some rows name task a and others none: the tasks the
+    file named were loaded without b, the task the URI names, so the rows without a task failed with
+    "names no task; give one from ['a']" although the source gives one."""
+    from dmea_dist import serving
+    from tests.unit.serving_case import two_task_run
+
+    run_dir = two_task_run(tiny_gpt2_config, tmp_path, monkeypatch)[0]
+    monkeypatch.setattr(serving, "_registered_folder", lambda source, wanted, uri, tmp: (run_dir, "b"))
+    served = serving.load_task_model("models:/run-dmea@b", tasks=["a"])
+    assert served.task == "b" and served.tasks == ["a", "b"]
+    assert serving.load_task_model("models:/run-dmea@b").tasks == ["b"]  # alone: the URI's task only
