@@ -372,7 +372,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
     """`remove_unstarted`: a new run's folder, made for it, is removed if the run fails or is stopped before
     its coordinator is built (a cluster too small for its pools, `ray job stop` at start-up): nothing ran,
     nothing was recorded, and a folder left "running" at task 1 would only look like a live run."""
-    from dmea_dist.tracking import Tracker, redact_uri, registered_model_name, task_aliases
+    from dmea_dist.tracking import Tracker, registered_model_name, task_aliases
 
     with run_lock(run_dir):
         bar = StageProgress(config.data.tasks, enabled=progress)
@@ -421,8 +421,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
     tracker.finish_sequence(status="FINISHED")
 
     print_results(echo, names, R, metrics, metric=config.eval.metric)
-    echo(f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   "
-         f"tracking: {redact_uri(config.tracking.uri)}")
+    echo(where_line(run_dir, config))
     if tracker.active:
         name = registered_model_name(config.name, config.method.name, run_dir.name)
         first = task_aliases(names)[names[0]]
@@ -430,6 +429,14 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
              f"(dmea generate models:/{name}@{first} INPUT...)")
     return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
                           history=results["history"])
+
+
+def where_line(run_dir: Path, config: RunConfig) -> str:
+    """The run's last line but one: its folder, its report and where MLflow recorded it (nowhere when off)."""
+    from dmea_dist.tracking import redact_uri
+
+    tracking = redact_uri(config.tracking.uri) if config.tracking.enabled else "off (tracking.enabled: false)"
+    return f"\nrun directory: {run_dir}   report: {run_dir / 'report.html'}   tracking: {tracking}"
 
 
 def _step_until_done(coordinator, tracker, config: RunConfig, bar: StageProgress, stop: StopRequest,
