@@ -210,8 +210,8 @@ def _validate(record: Any, where: str) -> Sample:
         raise DataError(f"{where}: expected an object with keys context/question/answer, "
                         f"got {type(record).__name__}; {_ROW_HELP}")
     for key in ("context", "answer"):
-        if key not in record:
-            raise DataError(f"{where}: missing key {key!r}; {_ROW_HELP}")
+        if key not in record:  # the keys it has: a column named otherwise (`Context`, `answers`, `input`)
+            raise DataError(f"{where}: missing key {key!r} (the row's keys: {sorted(map(str, record))}); {_ROW_HELP}")
     context, question = record["context"], record.get("question")
     question = "" if question is None else question
     if not isinstance(context, str):
