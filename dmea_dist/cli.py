@@ -82,13 +82,18 @@ def cmd_data_show(args) -> int:
     train = data["train"]
     if args.tokenizer:
         tokenizer = load_pretrained_tokenizer(args.tokenizer, max_tasks=1, key="--tokenizer")
+        source = f"tokenizer {args.tokenizer}"
+    elif config is not None and not args.vocab_size:  # the lengths `dmea run CONFIG` checks against max_length
+        tokenizer, source = _config_tokenizer(config)
     else:
+        vocab_size = args.vocab_size or 1000
         texts = [f"{r['context']} {r['question']} {a}" for r in train for a in r["answer"]]
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, max_tasks=1)
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size, max_tasks=1)
+        source = f"BPE {vocab_size} trained on this task"
     fmt = Formatter(tokenizer, max_length=args.max_length)
     lengths = [len(fmt.lm_example(r["context"], r["question"], r["answer"][0], task_index=0).input_ids)
                for r in train]
-    print(f"  tokens per LM example ({'tokenizer ' + args.tokenizer if args.tokenizer else f'BPE {args.vocab_size} trained on this task'}): "
+    print(f"  tokens per LM example ({source}): "
           f"min {min(lengths)}  mean {statistics.mean(lengths):.1f}  max {max(lengths)}  "
           f"truncated at {args.max_length}: {fmt.truncated}")
     for row in train.select(range(min(args.n, len(train)))):
@@ -96,6 +101,20 @@ def cmd_data_show(args) -> int:
         print("\n  row:      " + repr({k: row[k] for k in ("context", "question", "answer")}))
         print("  formatted: " + tokenizer.decode(ex.input_ids))
     return 0
+
+
+def _config_tokenizer(config) -> tuple:
+    """(the tokenizer a run of `config` encodes with, what it is): the checkpoint's, or the tiny backbone's BPE
+    of the config's tasks and pretraining text (a BPE of one task alone counts far fewer tokens: 31 instead of
+    the run's 77 for a user task of unicode text, so a max_length it passed failed the run)."""
+    from dmea_dist.data.tokenizer import load_pretrained_tokenizer
+    from dmea_dist.run import load_tasks, tiny_tokenizer
+
+    m = config.model
+    if m.pretrained:
+        return load_pretrained_tokenizer(m.pretrained, max_tasks=m.max_tasks), f"the tokenizer of {m.pretrained}"
+    return (tiny_tokenizer(config, load_tasks(config)),
+            f"the run's tokenizer: BPE {m.tiny.vocab_size} of the config's tasks and pretraining text")
 
 
 def cmd_model_summary(args) -> int:
@@ -323,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("task")
             p.add_argument("-n", type=int, default=3, help="formatted examples to print")
             p.add_argument("--tokenizer", help="a pretrained tokenizer (local dir or hub name)")
-            p.add_argument("--vocab-size", type=int, default=1000)
+            p.add_argument("--vocab-size", type=int,
+                           help="a BPE of this size trained on this task alone (default without --config: 1000; "
+                                "with --config: the tokenizer the config's run uses)")
             p.add_argument("--max-length", type=int, help="tokens per example (default: the config's, else 128)")
             p.add_argument("--seed", type=int, help="seed of synthetic tasks (default: the config's, else 0)")
         p.add_argument("--data-root", help=f"real corpora folder (default: the config's data.root, else "

@@ -225,8 +225,7 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
     from dmea_dist.modeling.pretrain import pretrain_lm, reserve_rows
 
     pairs = pretraining_samples(config, tasks) if pre.corpus != "none" else []
-    tokenizer = train_bpe_tokenizer(run_text + [f"{x} {y}" for x, y in pairs], vocab_size=tiny.vocab_size,
-                                    max_tasks=config.model.max_tasks)
+    tokenizer = tiny_tokenizer(config, tasks, pairs)
     check(tokenizer)
     # GPT-2's activation, the tanh approximation of GELU, as torch's one fused kernel: "gelu_new" computes it
     # in six elementwise ops, a quarter of a tiny model's step on a CPU (pretraining 48 -> 39 ms a step)
@@ -267,6 +266,17 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
         first, last = backbone.config.dmea_pretrain_loss
         say(f"backbone pretrained in {time.perf_counter() - started:.0f} s (LM loss {first:.2f} -> {last:.2f})")
     return tokenizer, backbone
+
+
+def tiny_tokenizer(config: RunConfig, tasks: list[Task], pairs: list[tuple[str, str]] | None = None):
+    """The BPE `tiny_backbone` trains (without pretraining anything): on the run's training text and the
+    pretraining pairs (`pretraining_samples` unless given). `dmea data show --config` measures lengths with it."""
+    tiny = config.model.tiny
+    if pairs is None:
+        pairs = pretraining_samples(config, tasks) if tiny.pretrain.corpus != "none" else []
+    run_text = [text for t in tasks for text in _plain_text(t.rows["train"])]
+    return train_bpe_tokenizer(run_text + [f"{x} {y}" for x, y in pairs], vocab_size=tiny.vocab_size,
+                               max_tasks=config.model.max_tasks)
 
 
 def _publish(folder: Path, write: Callable[[Path], Any]) -> None:

@@ -34,3 +34,34 @@ def test_a_row_without_context_or_answer_names_the_keys_it_has(tmp_path):
     file.write_text('{"context": "a", "answers": ["b"]}\n')
     with pytest.raises(DataError, match=r"missing key 'answer' \(the row's keys: \['answers', 'context'\]\)"):
         read_task_file(file)
+
+
+def test_data_show_with_a_config_counts_tokens_as_the_run_does(tmp_path, capsys):
+    """`dmea data show TASK --config C` counted tokens with a 1000-token BPE of the task alone (mean 31, max 33
+    for a user task of unicode fares) while `dmea run C` encodes with the tiny backbone's BPE of all its tasks
+    and pretraining text (mean 77, max 90): a model.max_length chosen from it failed the run."""
+    import re
+    import statistics
+
+    from dmea_dist.cli import main
+    from dmea_dist.config import load_config
+    from dmea_dist.data.formatting import Formatter
+    from dmea_dist.run import load_tasks, tiny_tokenizer
+
+    rows = [f'{{"context": "fare(from=\'Zürich\';to=\'Łódź\';price=\'{p} €\')", "answer": "Zürich to Łódź: {p} €."}}'
+            for p in range(40, 80)]
+    (tmp_path / "fares.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  tasks: [fares]\n  user_tasks:\n    fares: {{path: {tmp_path / 'fares.jsonl'}}}\n"
+                      f"model:\n  tiny: {{vocab_size: 300, pretrain: {{heldout_tasks: 1}}}}\n", encoding="utf-8")
+    assert main(["data", "show", "fares", "--config", str(config), "-n", "0"]) == 0
+    out = capsys.readouterr().out
+    parsed = load_config(config)
+    tasks = load_tasks(parsed)
+    fmt = Formatter(tiny_tokenizer(parsed, tasks), max_length=parsed.model.max_length)
+    lengths = [len(fmt.lm_example(r["context"], r["question"], r["answer"][0], task_index=0).input_ids)
+               for r in tasks[0].rows["train"]]
+    assert "the run's tokenizer" in out, out
+    shown = re.search(r"min (\d+)  mean ([\d.]+)  max (\d+)", out)
+    assert shown and (int(shown[1]), float(shown[2]), int(shown[3])) == \
+        (min(lengths), round(statistics.mean(lengths), 1), max(lengths)), out
