@@ -121,7 +121,10 @@ def task_summary(record: dict[str, Any], history: list[dict[str, Any]], *, n_tas
     if yields:
         kept = sum(v for k, v in m.items() if k.startswith("pseudo.kept."))
         asked = sum(v for k, v in m.items() if k.startswith("pseudo.requested."))
-        line = f"pseudo samples {int(kept)}/{int(asked)}, yield {min(yields.values()):.0%}"
+        line = f"pseudo samples {int(kept)}/{int(asked)}, yield {sum(yields.values()) / len(yields):.0%}"
+        if len(yields) > 1:  # the mean, as fidelity's: the least well-formed task by name, not as "yield"
+            worst = min(yields, key=lambda t: (yields[t], t))
+            line += f" (lowest {worst} {yields[worst]:.0%})"
         fids = {k.removeprefix("pseudo.fidelity."): v for k, v in m.items() if k.startswith("pseudo.fidelity.")}
         real = {k.removeprefix("pseudo.real_fidelity."): v for k, v in m.items()
                 if k.startswith("pseudo.real_fidelity.")}

@@ -65,3 +65,15 @@ def test_data_show_with_a_config_counts_tokens_as_the_run_does(tmp_path, capsys)
     shown = re.search(r"min (\d+)  mean ([\d.]+)  max (\d+)", out)
     assert shown and (int(shown[1]), float(shown[2]), int(shown[3])) == \
         (min(lengths), round(statistics.mean(lengths), 1), max(lengths)), out
+
+
+def test_the_task_summary_line_does_not_give_the_least_yield_as_the_yield():
+    """flights_b's line said "pseudo samples 24/24, yield 35%" where its three replayed tasks' samples were
+    89%, 35% and 80% well formed: the lowest one, unnamed, read as the share of all of them."""
+    from dmea_dist.progress import task_summary
+
+    yields = {"flights_a": 8 / 9, "recipes_a": 8 / 23, "reverse": 0.8}
+    metrics = {f"pseudo.{k}.{t}": v for t in yields for k, v in (("kept", 8.0), ("requested", 8.0))}
+    metrics.update({f"pseudo.yield.{t}": y for t, y in yields.items()})
+    record = {"task_id": "flights_b", "task_index": 3, "params": {}, "metrics": metrics}
+    assert "pseudo samples 24/24, yield 68% (lowest recipes_a 35%)" in task_summary(record, [], n_tasks=6)
