@@ -119,13 +119,21 @@ def _config_tokenizer(config) -> tuple:
 
 def cmd_model_summary(args) -> int:
     import tempfile
+    import warnings
 
     from dmea_dist.config import load_config
+    from dmea_dist.errors import DataWarning
     from dmea_dist.run import build_run
 
     config = load_config(args.config, args.set)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", DataWarning)
         run = build_run(config, run_dir=tmp)
+    for warning in said:  # as `dmea run` says them: one line each, not Python's file:line and source line
+        if issubclass(warning.category, DataWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     model = run.model
     model.add_modules()
     backbone = sum(p.numel() for p in model.backbone.parameters() if not _is_adapter(p, model))

@@ -166,6 +166,21 @@ PRETRAIN_THREADS = 2
 
 
 @contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """No transformers progress bar inside the block: a bar for loading or writing one small model's file is
+    noise in a command's output (`dmea model summary`, `dmea run --in-process --quiet`)."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
+
+
+@contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to `n` inside the block, restored after."""
     import torch
@@ -218,7 +233,8 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
             return tokenizer, None
         from transformers import GPT2LMHeadModel
 
-        return tokenizer, GPT2LMHeadModel.from_pretrained(cache)
+        with no_transformers_bars():
+            return tokenizer, GPT2LMHeadModel.from_pretrained(cache)
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -253,15 +269,8 @@ def tiny_backbone(config: RunConfig, tasks: list[Task], *, cache_root: Path,
             reserve = run_only | set(special.tasks) | ({special.ans} - seen)
             reserve_rows(backbone, sorted(reserve), seed=config.train.seed)
             backbone.config.dmea_untrained_tokens = sorted(reserve)  # the rows model.token_rows may train
-    from transformers.utils import logging as transformers_logging
-
-    shown = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a bar for writing one small file: noise in a first run's output
-    try:
+    with no_transformers_bars():
         _publish(cache, lambda folder: (tokenizer.save_pretrained(folder), backbone.save_pretrained(folder)))
-    finally:
-        if shown:
-            transformers_logging.enable_progress_bar()
     if say is not None and pairs:
         first, last = backbone.config.dmea_pretrain_loss
         say(f"backbone pretrained in {time.perf_counter() - started:.0f} s (LM loss {first:.2f} -> {last:.2f})")
@@ -368,7 +377,8 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
     write_text(run_dir / "config.yaml", dump_yaml(config.to_dict()))  # atomic, as every record of the run
     if not m.pretrained:
         # the run keeps its own backbone and tokenizer, so any task can be served from it later
-        backbone.save_pretrained(run_dir / "backbone")
+        with no_transformers_bars():
+            backbone.save_pretrained(run_dir / "backbone")
         tokenizer.save_pretrained(run_dir / "tokenizer")
         model = DMEAModel(backbone, bottleneck=m.bottleneck)
     return assemble_run(config, tasks, tokenizer, model, run_dir)
@@ -391,7 +401,9 @@ def reopen_run(config: RunConfig, run_dir: str | Path, *, backbone: str | None =
         model = DMEAModel.from_pretrained(str(source), vocab_size=len(tokenizer), bottleneck=m.bottleneck)
     else:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
-        model = DMEAModel(GPT2LMHeadModel.from_pretrained(run_dir / (backbone or "backbone")), bottleneck=m.bottleneck)
+        with no_transformers_bars():
+            model = DMEAModel(GPT2LMHeadModel.from_pretrained(run_dir / (backbone or "backbone")),
+                              bottleneck=m.bottleneck)
     if modules:
         load_modules(model, run_dir / modules)
     return assemble_run(config, tasks, tokenizer, model, run_dir)

@@ -77,3 +77,25 @@ def test_the_task_summary_line_does_not_give_the_least_yield_as_the_yield():
     metrics.update({f"pseudo.yield.{t}": y for t, y in yields.items()})
     record = {"task_id": "flights_b", "task_index": 3, "params": {}, "metrics": metrics}
     assert "pseudo samples 24/24, yield 68% (lowest recipes_a 35%)" in task_summary(record, [], n_tasks=6)
+
+
+def test_model_summary_says_a_data_warning_in_one_line_and_shows_no_transformers_bars(tmp_path, capfd):
+    """`dmea model summary` of a config with a truncated example printed Python's warning form (the library's
+    file:line, `DataWarning:`, then its source line `return lambda tokenizer: check_lengths(...`) and
+    transformers' "Loading weights" and "Writing model shards" bars: noise a user cannot act on."""
+    from dmea_dist.cli import main
+
+    rows = [f'{{"context": "item {i}", "answer": "answer {i}"}}' for i in range(30)]
+    rows.append('{"context": "' + " ".join(f"w{i}" for i in range(200)) + '", "answer": "long"}')
+    (tmp_path / "t.jsonl").write_text("\n".join(rows) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  tasks: [t]\n  overlength: truncate\n  user_tasks:\n    t: {{path: {tmp_path / 't.jsonl'}}}\n"
+                      f"model:\n  max_length: 64\n  tiny: {{n_layer: 1, n_embd: 16, n_head: 2, n_positions: 64, "
+                      f"vocab_size: 300, pretrain: {{steps: 1, heldout_tasks: 1, batch_size: 2, seq_len: 16}}}}\n"
+                      f"output_dir: {tmp_path / 'runs'}\n")
+    for _ in range(2):  # the first pretrains and writes the cache; the second loads it
+        assert main(["model", "summary", str(config)]) == 0
+        out, err = capfd.readouterr()
+        assert "tasks (1): t [" in out
+        assert err.startswith("warning: task 't': 1 of") and len(err.strip().splitlines()) == 1, err
+        assert "Loading weights" not in err and "Writing model shards" not in err, err
