@@ -234,6 +234,10 @@ def comparison_section(runs: list[RunData]) -> Section:
             panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every task "
                                      f"right after training it (a stopped run, or eval.every > 1): compare their "
                                      f"sections below"))
+            if all(np.isfinite(r.R[-1]).all() for r in runs):  # eval.every > 1 still evaluates all after the last
+                panels.append(Panel(table=(["final score", *(_html_safe(f"{r.name} ({r.method})") for r in runs)],
+                                           [[f"t{i} {_html_safe(task)}", *(_fmt(r.R[-1, i], 1) for r in runs)]
+                                            for i, task in enumerate(runs[0].tasks)])))
     else:
         panels.append(Panel(note="the runs trained different task sequences: compare their sections below"))
     return Section("compare", "Comparison", "Metrics of each run; final scores and the average over tasks seen "

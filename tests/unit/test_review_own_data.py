@@ -99,3 +99,26 @@ def test_model_summary_says_a_data_warning_in_one_line_and_shows_no_transformers
         assert "tasks (1): t [" in out
         assert err.startswith("warning: task 't': 1 of") and len(err.strip().splitlines()) == 1, err
         assert "Loading weights" not in err and "Writing model shards" not in err, err
+
+
+def test_a_comparison_of_runs_with_eval_every_keeps_the_final_score_of_each_task():
+    """`dmea report RUN_DMEA RUN_ACM` of two runs with eval.every: 2: the comparison (README: "metrics, final
+    scores per task, average over tasks seen") held final_average alone, though the last row of R, evaluated
+    after the last task whatever eval.every is, has every task's final score."""
+    import numpy as np
+
+    from dmea_dist.evaluation.pages import comparison_section
+    from dmea_dist.evaluation.run_data import RunData
+
+    nan = np.nan
+
+    def run(name, last):
+        R = np.array([[nan] * 3, [1, 2, nan], last], dtype=float)
+        return RunData(name=name, method=name, config_name="c", tasks=["a", "b", "c"], R=R,
+                       metrics={"final_average": float(np.mean(last))})
+
+    section = comparison_section([run("dmea", [3.0, 4.0, 5.0]), run("acm", [6.0, 7.0, 8.5])])
+    tables = [p.table for p in section.panels if p.table and p.table[0][0] == "final score"]
+    assert tables and tables[0][1] == [["t0 a", "3.0", "6.0"], ["t1 b", "4.0", "7.0"], ["t2 c", "5.0", "8.5"]]
+    stopped = comparison_section([run("dmea", [3.0, 4.0, 5.0]), run("acm", [nan, nan, nan])])
+    assert not [p for p in stopped.panels if p.table and p.table[0][0] == "final score"]  # not a row of NaN
