@@ -166,9 +166,11 @@ def pseudo_figure(rows: Sequence[dict]) -> Figure:
     figure = Figure(figsize=(min(20.0, 3.0 + 1.6 * len(rows)), 3.8))
     ax = figure.add_subplot()
     ax.bar(x - 0.2, [r["yield"] for r in rows], width=0.4, label="yield: well formed / generated", color="#4e79a7")
-    # no fidelity measure (RNNLG, E2E): no bar, not a bar of height 0 that reads as fidelity 0
-    ax.bar(x + 0.2, [r["fidelity"] if r["fidelity"] is not None else np.nan for r in rows], width=0.4,
-           label="fidelity: answer realises its own input", color="#59a14f")
+    # no fidelity measure (RNNLG, E2E, a user's tasks): no bar, not a bar of height 0 that reads as fidelity 0,
+    # and where no task has one, no fidelity in the legend either
+    if any(r["fidelity"] is not None for r in rows):
+        ax.bar(x + 0.2, [r["fidelity"] if r["fidelity"] is not None else np.nan for r in rows], width=0.4,
+               label="fidelity: answer realises its own input", color="#59a14f")
     real = [(i, r["real_fidelity"]) for i, r in enumerate(rows) if r.get("real_fidelity") is not None]
     if real:  # what the model that wrote them answers on real inputs: the ceiling of the green bar
         ax.scatter([x[i] + 0.2 for i, _ in real], [v for _, v in real], marker="_", s=300, color="black", zorder=3,

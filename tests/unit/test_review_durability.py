@@ -116,3 +116,12 @@ def test_pseudo_figure_draws_no_fidelity_bar_where_the_task_has_none(tmp_path):
     heights = [bar.get_height() for bar in fidelity]
     assert heights[0] == pytest.approx(0.7)
     assert math.isnan(heights[1])
+
+
+def test_pseudo_figure_without_any_fidelity_measure_does_not_name_fidelity(tmp_path):
+    """A user's tasks (or RNNLG/E2E only) have no fidelity: the legend named a green bar that never appears."""
+    rows = [{"task": "b", "of": of, "role": "", "yield": 0.9, "fidelity": None, "real_fidelity": None,
+             "kept": 9, "requested": 10} for of in ("a", "c")]
+    ax = plots.pseudo_figure(rows).axes[0]
+    assert len(ax.containers) == 1  # the yield bars only
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["yield: well formed / generated"]
