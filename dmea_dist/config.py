@@ -49,7 +49,25 @@ _NUMBER_TEXT = re.compile(r"^\s*[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """yaml.safe_load with YAML 1.2's exponent floats (module docstring)."""
+    """yaml.safe_load with YAML 1.2's exponent floats (module docstring), refusing a key given twice."""
+
+    def construct_mapping(self, node, deep=False):
+        # PyYAML keeps the last of two equal keys silently: a config with `train:` twice would lose the first
+        # section's keys, `lr:` twice the first value. A merge key (`<<: *base`) may still be overridden.
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping (first on line {first.start_mark.line + 1}); "
+                    f"YAML would keep only the last one: write it once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
