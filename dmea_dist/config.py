@@ -553,8 +553,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 (byte offset {err.start}); save the config as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    except yaml.YAMLError as err:  # one line: the parser's problem and its line, not its multi-line excerpt
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        hint = " (indent with spaces, not tabs)" if "'\\t'" in problem else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}{hint}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data:, model:, ...)")
     for item in overrides or []:

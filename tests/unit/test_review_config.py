@@ -28,3 +28,17 @@ def test_a_merge_key_may_still_be_overridden():
     from dmea_dist.config import parse_yaml
 
     assert parse_yaml("a: &b {lr: 0.1, batch_size: 2}\nc:\n  <<: *b\n  lr: 0.3\n")["c"] == {"lr": 0.3, "batch_size": 2}
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("data:\n  tasks: [a]\ntrain:\n\tlr: 0.1\n", "line 4, column 1", "found character '\\t' that cannot start any token (indent with spaces, not tabs)"),
+    ("data:\n  tasks: [a, b\n", "line 3, column 1", "expected ',' or ']'"),
+])
+def test_a_config_that_is_not_yaml_is_refused_in_one_line_with_its_line(tmp_path, text, where, problem):
+    """The parser's multi-line excerpt ("in "<unicode string>", line 4 ...") followed `error:`."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and "<unicode string>" not in message
+    assert message.startswith(f"{path}, {where}: not valid YAML: ") and problem in message
