@@ -20,7 +20,8 @@ quoted number there is a mistake, never a DeepSpeed string setting).
 Each dataclass documents its fields; the defaults are the ones in
 DESIGN.md section 1. Functions elsewhere take plain keyword arguments, so only
 the entry points read this module. The DeepSpeed section is passed through as
-DeepSpeed defines it (a plain dict), merged over our CPU-safe defaults.
+DeepSpeed defines it (a plain dict), merged over our CPU-safe defaults; its keys
+are checked against the ones DeepSpeed reads (DEEPSPEED_KEYS), as DeepSpeed ignores others.
 """
 
 from __future__ import annotations
@@ -515,6 +516,7 @@ class RunConfig:
 
     def __post_init__(self):
         _refuse_quoted_numbers(self.deepspeed, "deepspeed")
+        _check_deepspeed(self.deepspeed)
         if self.model.token_rows in ("trained", "words") and _trains_whole_backbone(self.method.name):
             raise ConfigError(
                 f"model.token_rows={self.model.token_rows!r} with method.name={self.method.name}: this method trains the whole "
@@ -723,6 +725,79 @@ def _refuse_quoted_numbers(node: Any, key: str) -> None:
     elif isinstance(node, str) and _NUMBER_TEXT.match(node):
         raise ConfigError(f"{key}={node!r} is a string, DeepSpeed needs a number; write it without quotes "
                           f"({key.rsplit('.', 1)[-1]}: {node.strip()})")
+
+
+# The top-level keys DeepSpeed's config reads (runtime/config.py, DeepSpeed 0.19-0.20, removed features included:
+# DeepSpeed says why it refuses those). Any other key DeepSpeed ignores: `zero_optimisation: {stage: 2}` trained at
+# ZeRO 1 without a word. tests/unit/test_review_config.py checks the list against the DeepSpeed installed.
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
+    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sparse_attention",
+    "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size",
+    "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
+# The keys of its `zero_optimization` section (DeepSpeedZeroConfig's fields and their aliases): DeepSpeed refuses
+# any other, but only when it builds the engine, at the first adaptation, as a pydantic traceback
+DEEPSPEED_ZERO_KEYS = frozenset({
+    "allgather_bucket_size", "allgather_partitions", "allgather_sequential", "compute_grad_norm",
+    "contiguous_gradients", "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
+    "enable_sanity_checks", "gather_16bit_weights_on_model_save", "ignore_unused_parameters", "leaf_module",
+    "legacy_stage1", "load_from_fp32_weights", "log_trace_cache_warnings", "max_live_parameters",
+    "max_reuse_distance", "memory_efficient_linear", "mics_hierarchical_params_gather", "mics_shard_size",
+    "model_persistence_threshold", "module_granularity_threshold", "offload_optimizer", "offload_param",
+    "overlap_comm", "override_module_apply", "param_persistence_threshold", "parameter_alignment",
+    "pipeline_loading_checkpoint", "prefetch_bucket_size", "reduce_bucket_size", "reduce_scatter",
+    "round_robin_gradients", "save_muon_momentum_buffer_in_memory", "stage", "stage3_allgather_sequential",
+    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+    "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_model_persistence_threshold",
+    "stage3_module_granularity_threshold", "stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
+    "stage3_use_all_reduce_for_fetch_params", "sub_group_size", "use_all_reduce_for_fetch_params",
+    "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size", "zero_quantized_gradients",
+    "zero_quantized_nontrainable_weights", "zero_quantized_weights",
+})
+
+
+def _check_deepspeed(section: dict[str, Any]) -> None:
+    """The `deepspeed:` section's keys, and what the gradient-scaled step needs of it (engine._check_ds_config),
+    checked when the config loads: DeepSpeed would ignore an unknown key, and the rest failed at the first
+    adaptation, after the first task's search, in a run a resume cannot mend (deepspeed.* may not change on
+    resume). The CPU-only rule (optimizer.params.torch_adam) stays with the engine, which knows the device."""
+    for key in ("zero_optimization", "optimizer", "fp16", "bf16", "bfloat16"):
+        if key in section and not isinstance(section[key], dict):
+            raise ConfigError(f"deepspeed.{key} must be a mapping, got {section[key]!r}")
+    for keys, known, where, fate in (
+            (section, DEEPSPEED_KEYS, "deepspeed.", "ignore it"),
+            (section.get("zero_optimization") or {}, DEEPSPEED_ZERO_KEYS, "deepspeed.zero_optimization.",
+             "refuse it at the first adaptation")):
+        for key in keys:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown key '{where}{key}'{hint} (DeepSpeed would {fate}; its keys: "
+                                  "https://www.deepspeed.ai/docs/config-json/)")
+    stage = (section.get("zero_optimization") or {}).get("stage", 1)  # 1: deepspeed_config's default
+    if isinstance(stage, bool) or stage not in (1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage!r} is not accepted: the gradient-scaled step "
+                          f"needs ZeRO stage 1, 2 or 3 (DeepSpeed's coalesced gradient reduction)")
+    steps = section.get("gradient_accumulation_steps", 1)
+    if isinstance(steps, bool) or steps != 1:
+        raise ConfigError(f"deepspeed.gradient_accumulation_steps={steps!r} is not accepted: it must be 1, one "
+                          f"scaled step is one optimizer step over all its sub-batches (train.batch_size is the batch)")
+    for key in ("fp16", "bf16", "bfloat16"):
+        if (section.get(key) or {}).get("enabled", False):
+            raise ConfigError(f"deepspeed.{key}.enabled is set: the gradient-scaled step runs in fp32; remove the "
+                              f"'{key}' section (train.autocast: bf16 gives bf16 matmuls)")
+    optimizer = section.get("optimizer")
+    if optimizer is not None and "type" in optimizer and not isinstance(optimizer["type"], str):
+        raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} must be the name of an optimizer, e.g. AdamW")
 
 
 def _check_range(key: str, value: float, low: float, high: float) -> None:

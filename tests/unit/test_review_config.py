@@ -42,3 +42,80 @@ def test_a_config_that_is_not_yaml_is_refused_in_one_line_with_its_line(tmp_path
     message = str(err.value)
     assert "\n" not in message and "<unicode string>" not in message
     assert message.startswith(f"{path}, {where}: not valid YAML: ") and problem in message
+
+
+@pytest.mark.parametrize("override, message", [
+    # DeepSpeed ignores a top-level key it does not know: this trained at ZeRO 1 without a word
+    ("deepspeed.zero_optimisation.stage=2",
+     r"unknown key 'deepspeed.zero_optimisation'; did you mean 'deepspeed.zero_optimization'\? \(DeepSpeed would ignore"),
+    # these failed at the first adaptation, after the first task's search, in a run no resume could mend
+    ("deepspeed.zero_optimization.stagee=2", r"unknown key 'deepspeed.zero_optimization.stagee'; did you mean "
+                                             r"'deepspeed.zero_optimization.stage'\?"),
+    ("deepspeed.zero_optimization.stage=0", r"deepspeed.zero_optimization.stage=0 is not accepted: .*ZeRO stage 1, 2 or 3"),
+    ("deepspeed.zero_optimization=true", r"deepspeed.zero_optimization must be a mapping, got True"),
+    ("deepspeed.fp16.enabled=true", r"deepspeed.fp16.enabled is set: the gradient-scaled step runs in fp32"),
+    ("deepspeed.gradient_accumulation_steps=2", r"deepspeed.gradient_accumulation_steps=2 is not accepted"),
+])
+def test_the_deepspeed_section_is_checked_when_the_config_loads(tmp_path, override, message):
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, [override])
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+def test_deepspeed_settings_the_engine_takes_still_load(tmp_path):
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    ok = ["deepspeed.zero_optimization={stage: 3, stage3_param_persistence_threshold: 0, overlap_comm: true}",
+          "deepspeed.optimizer={type: AdamW, params: {lr: 1e-3, torch_adam: true}}", "deepspeed.bf16={enabled: false}",
+          "deepspeed.gradient_accumulation_steps=1", "deepspeed.steps_per_print=100", "deepspeed.wall_clock_breakdown=true"]
+    assert load_config(path, ok).deepspeed["zero_optimization"]["stage"] == 3
+
+
+def test_the_deepspeed_key_lists_hold_every_key_the_installed_deepspeed_reads():
+    """The lists are DeepSpeed 0.19's; a DeepSpeed that reads another key would have it refused."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from dmea_dist.config import DEEPSPEED_KEYS, DEEPSPEED_ZERO_KEYS
+
+    read = set()
+
+    class Keys:
+        def __init__(self, d):
+            self.d = d
+
+        def __contains__(self, key):
+            read.add(key)
+            return key in self.d
+
+        def __iter__(self):
+            return iter(self.d)
+
+    class Recording(dict):  # records every top-level key DeepSpeedConfig asks for
+        def get(self, key, *default):
+            read.add(key)
+            return super().get(key, *default)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):
+            return Keys(dict(self))
+
+        def __copy__(self):
+            return self
+
+        def __deepcopy__(self, memo):
+            return self
+
+    DeepSpeedConfig(Recording({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}))
+    assert read - DEEPSPEED_KEYS == set()
+    fields = DeepSpeedZeroConfig.model_fields
+    assert set(fields) | {f.alias for f in fields.values() if f.alias} <= DEEPSPEED_ZERO_KEYS
