@@ -596,6 +596,11 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "") -> None:
             # YAML reads ` #...` as a comment: `--set name=run #2` would silently name the run `run`
             raise ConfigError(f"override {item!r}: YAML reads the ' #' and what follows as a comment; quote the "
                               f"value to keep it (e.g. {key}='{text.strip()}')")
+        lost = _lost_keys(node.get(parts[-1]), value, prefix=key.strip())
+        if lost:  # `--set train={lr: 1e-3}` replaced the section: the file's train.batch_size went back to its default
+            where = f"{source}: " if source else ""
+            raise ConfigError(f"{where}--set {item} would replace the whole section, dropping {', '.join(lost)} "
+                              f"that the config sets; set the keys one at a time (--set {key.strip()}.KEY=VALUE)")
         node[parts[-1]] = value
     except yaml.YAMLError as err:  # one line: the parser's problem and where, not its multi-line excerpt
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
@@ -603,6 +608,14 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "") -> None:
         where = f" at character {mark.column + 1} of the value" if mark is not None else ""
         raise ConfigError(f"override {item!r}: value is not valid YAML: {problem}{where} (lists: [a, b]; quote a "
                           f"string that holds YAML's characters)") from err
+
+
+def _lost_keys(old: Any, new: Any, *, prefix: str) -> list[str]:
+    """The dotted keys of mapping `old` that mapping `new` would drop if it replaced it (none unless both are)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    return [lost for k, v in old.items()
+            for lost in ([f"{prefix}.{k}"] if k not in new else _lost_keys(v, new[k], prefix=f"{prefix}.{k}"))]
 
 
 _HASH = "\ue000"  # a private-use character standing in for '#': the value as YAML reads it without comments

@@ -119,3 +119,17 @@ def test_the_deepspeed_key_lists_hold_every_key_the_installed_deepspeed_reads():
     assert read - DEEPSPEED_KEYS == set()
     fields = DeepSpeedZeroConfig.model_fields
     assert set(fields) | {f.alias for f in fields.values() if f.alias} <= DEEPSPEED_ZERO_KEYS
+
+
+def test_a_set_of_a_whole_section_may_not_drop_what_the_config_sets(tmp_path):
+    """`--set train={lr: 1e-3}` replaced the file's train section: its batch_size: 2 silently went back to 4."""
+    path = write(tmp_path, "data:\n  tasks: [a]\ntrain:\n  batch_size: 2\n  lr: 0.1\nmethod:\n  expansion: {epochs: 4}\n")
+    with pytest.raises(ConfigError, match=r"--set train=\{lr: 0.001\} would replace the whole section, dropping "
+                                          r"train.batch_size that the config sets; set the keys one at a time"):
+        load_config(path, ["train={lr: 0.001}"])
+    with pytest.raises(ConfigError, match=r"dropping method.expansion.epochs"):
+        load_config(path, ["method={expansion: {beta: 0.2}}"])
+    # what drops nothing is as before: a section the file lacks, one that keeps every key, a list set whole
+    cfg = load_config(path, ["eval={top_k: 5}", "train={lr: 0.001, batch_size: 3}",
+                             "method.expansion.candidates=[{}, {beta: 0.3}]"])
+    assert (cfg.eval.top_k, cfg.train.lr, cfg.train.batch_size) == (5, 0.001, 3)
