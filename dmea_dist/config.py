@@ -586,7 +586,9 @@ def apply_override(raw: dict[str, Any], item: str, *, source: str = "") -> None:
     _check_override_key(parts, item=item, source=source)
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section written empty (`deepspeed:` with its keys commented out)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node = child
@@ -654,6 +656,8 @@ def _unknown_key(key: str, fields, *, prefix: str) -> str:
 
 
 def _build(cls: type, raw: Any, *, prefix: str, source: str):
+    if raw is None:  # a section written empty (`model:` with every key commented out): its defaults
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -704,6 +708,8 @@ def _coerce(tp: Any, value: Any, *, key: str, source: str):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
         return [_coerce(args[0], v, key=f"{key}[{i}]", source=source) for i, v in enumerate(value)]
     if origin is dict:
+        if value is None:  # written empty, as a section (`deepspeed:`, `user_tasks:`)
+            return {}
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
         return {str(k): v for k, v in value.items()}

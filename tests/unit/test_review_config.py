@@ -133,3 +133,13 @@ def test_a_set_of_a_whole_section_may_not_drop_what_the_config_sets(tmp_path):
     cfg = load_config(path, ["eval={top_k: 5}", "train={lr: 0.001, batch_size: 3}",
                              "method.expansion.candidates=[{}, {beta: 0.3}]"])
     assert (cfg.eval.top_k, cfg.train.lr, cfg.train.batch_size) == (5, 0.001, 3)
+
+
+def test_a_section_written_empty_is_its_defaults(tmp_path):
+    """`model:` with every key commented out is YAML's null: it failed as "model must be a mapping, got NoneType",
+    and a --set into it as "'deepspeed' is a value, not a section", naming no file."""
+    path = write(tmp_path, "data:\n  tasks: [a]\nmodel:\n  # max_length: 64\ndeepspeed:\n  # zero_optimization: {stage: 2}\n")
+    cfg = load_config(path)
+    assert cfg.model.max_length == 128 and cfg.deepspeed == {}
+    cfg = load_config(path, ["deepspeed.zero_optimization.stage=2", "model.max_length=64"])
+    assert cfg.deepspeed == {"zero_optimization": {"stage": 2}} and cfg.model.max_length == 64
