@@ -244,6 +244,9 @@ class TrainConfig:
         _check_range("train.adam_eps", self.adam_eps, 0.0, 1.0)
         _check_range("train.weight_decay", self.weight_decay, 0.0, 10.0)
         _check_range("train.virtual_shards", self.virtual_shards, 0, self.batch_size)
+        # torch.manual_seed takes 64 bits, and the run adds a task's index to it: a larger seed failed building
+        # the run, as a traceback ("Overflow when unpacking long long")
+        _check_range("train.seed", self.seed, -(2**62), 2**62)
 
 
 @dataclass(frozen=True)

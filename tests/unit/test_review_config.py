@@ -143,3 +143,12 @@ def test_a_section_written_empty_is_its_defaults(tmp_path):
     assert cfg.model.max_length == 128 and cfg.deepspeed == {}
     cfg = load_config(path, ["deepspeed.zero_optimization.stage=2", "model.max_length=64"])
     assert cfg.deepspeed == {"zero_optimization": {"stage": 2}} and cfg.model.max_length == 64
+
+
+def test_a_seed_torch_cannot_take_is_refused_when_the_config_loads(tmp_path):
+    """train.seed=10**23 loaded, then `dmea model summary` and `dmea run` ended in torch's traceback."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    with pytest.raises(ConfigError, match=r"train.seed=100000000000000000000000 is out of range"):
+        load_config(path, ["train.seed=100000000000000000000000"])
+    assert load_config(path, ["train.seed=-1"]).train.seed == -1  # torch takes it, as before
+    assert load_config(path, ["train.seed=20261207053115"]).train.seed == 20261207053115
