@@ -70,8 +70,21 @@ class _YamlLoader(yaml.SafeLoader):
                     f"YAML would keep only the last one: write it once", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node):
+        # YAML 1.1 reads a leading zero as octal (`seed: 010` is 8) and colons as base 60 (`1:30` is 90); YAML 1.2,
+        # and a reader of the file, would not: refused rather than read as a number nobody wrote
+        value = super().construct_yaml_int(node)
+        text = str(node.value).replace("_", "")
+        if re.fullmatch(r"[-+]?0[0-7]+", text) or ":" in text:
+            kind, drop = ("a base 60", "colons") if ":" in text else ("an octal", "its leading zero")
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value} is {kind} number to YAML 1.1 ({value}): write the number without {drop}, "
+                f"or quote it for text", node.start_mark)
+        return value
+
 
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+_YamlLoader.add_constructor("tag:yaml.org,2002:int", _YamlLoader.construct_yaml_int)
 
 
 def parse_yaml(text: str) -> Any:

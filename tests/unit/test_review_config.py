@@ -152,3 +152,21 @@ def test_a_seed_torch_cannot_take_is_refused_when_the_config_loads(tmp_path):
         load_config(path, ["train.seed=100000000000000000000000"])
     assert load_config(path, ["train.seed=-1"]).train.seed == -1  # torch takes it, as before
     assert load_config(path, ["train.seed=20261207053115"]).train.seed == 20261207053115
+
+
+@pytest.mark.parametrize("value, read_as", [("010", "an octal number to YAML 1.1 \\(8\\)"),
+                                            ("1:30", "a base 60 number to YAML 1.1 \\(90\\)")])
+def test_a_number_yaml_1_1_reads_in_another_base_is_refused(tmp_path, value, read_as):
+    """`seed: 010` trained with seed 8, `--set train.seed=1:30` with seed 90, silently."""
+    path = write(tmp_path, f"data:\n  tasks: [a]\ntrain:\n  seed: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{path}, line 4, column 9: not valid YAML: {value} is {read_as}"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"{value} is {read_as}"):
+        load_config(write(tmp_path, "data:\n  tasks: [a]\n"), [f"train.seed={value}"])
+
+
+def test_numbers_that_read_alike_in_yaml_1_1_and_1_2_still_load(tmp_path):
+    from dmea_dist.config import parse_yaml
+
+    assert parse_yaml("[0, 10, -3, 0x1f, 1_000, '010', synth.travel.03, 0.5]") == [
+        0, 10, -3, 31, 1000, "010", "synth.travel.03", 0.5]
