@@ -656,11 +656,19 @@ def _check_override_key(parts: list[str], *, item: str, source: str) -> None:
         if not dataclasses.is_dataclass(cls):  # a free-form section (deepspeed, data.user_tasks): its owner's keys
             return
         fields = {f.name for f in dataclasses.fields(cls)}
+        where = f"{source}: " if source else ""
+        prefix = "".join(f"{p}." for p in parts[:depth])
+        name = part.split("[", 1)[0]
+        if part not in fields and name in fields and typing.get_origin(typing.get_type_hints(cls)[name]) is list:
+            # `candidates[0].beta=0.3` or `candidates.0.beta=0.3`: a list is set whole
+            raise ConfigError(f"{where}--set {item}: {prefix}{name} is a list, set as a whole "
+                              f"(e.g. --set '{prefix}{name}=[...]'), not item by item")
         if part not in fields:
-            where = f"{source}: " if source else ""
-            prefix = "".join(f"{p}." for p in parts[:depth])
             raise ConfigError(f"{where}--set {item}: {_unknown_key(part, fields, prefix=prefix)}")
         cls = typing.get_type_hints(cls)[part]
+        if typing.get_origin(cls) is list and depth < len(parts) - 1:
+            raise ConfigError(f"{where}--set {item}: {prefix}{part} is a list, set as a whole "
+                              f"(e.g. --set '{prefix}{part}=[...]'), not item by item")
 
 
 def _unknown_key(key: str, fields, *, prefix: str) -> str:

@@ -1,6 +1,8 @@
 """The config system as a user meets it: mistakes in a config file or a `--set` fail in one line naming the
 file, the key and the fix; nothing is silently dropped or read as something else."""
 
+import re
+
 import pytest
 
 from dmea_dist.config import load_config
@@ -170,3 +172,15 @@ def test_numbers_that_read_alike_in_yaml_1_1_and_1_2_still_load(tmp_path):
 
     assert parse_yaml("[0, 10, -3, 0x1f, 1_000, '010', synth.travel.03, 0.5]") == [
         0, 10, -3, 31, 1000, "010", "synth.travel.03", 0.5]
+
+
+@pytest.mark.parametrize("override", ["method.expansion.candidates[1].beta=0.3", "method.expansion.candidates.1.beta=0.3",
+                                      "data.tasks[0]=b"])
+def test_a_set_of_one_list_item_says_the_list_is_set_whole(tmp_path, override):
+    """`candidates[1].beta` was an unknown key whose "did you mean 'method.expansion.candidates'" led to
+    `candidates.1.beta`, refused as "must be a list, got {'1': {'beta': 0.3}}"."""
+    path = write(tmp_path, "data:\n  tasks: [a]\n")
+    name = override.split("[")[0].split(".1")[0]
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(override)}: {name} is a list, set as a whole "
+                                          rf"\(e.g. --set '{name}=\[...\]'\), not item by item"):
+        load_config(path, [override])
