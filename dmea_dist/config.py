@@ -17,9 +17,9 @@ whole file and for `--set` values alike; a number written in quotes ("1e-4")
 stays a string and the `deepspeed:` section refuses it by its dotted key (a
 quoted number there is a mistake, never a DeepSpeed string setting).
 
-Each dataclass documents its fields; the defaults are the ones in
-DESIGN.md section 1. Functions elsewhere take plain keyword arguments, so only
-the entry points read this module. The DeepSpeed section is passed through as
+Each dataclass documents its fields and the reasons for their defaults.
+Functions elsewhere take plain keyword arguments, so only the entry points
+read this module. The DeepSpeed section is passed through as
 DeepSpeed defines it (a plain dict), merged over our CPU-safe defaults; its keys
 are checked against the ones DeepSpeed reads (DEEPSPEED_KEYS), as DeepSpeed ignores others.
 """
