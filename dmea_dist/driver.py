@@ -315,9 +315,10 @@ def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> 
                         f"run computes; only {', '.join(p + '*' for p in SAFE_TO_CHANGE)} may change on resume "
                         f"(start a new run for the rest)")
     # the roles' cores are their torch threads, whose count changes floating-point sums; the ranks' count
-    # changes them too (the same global batch, summed in shares): allowed, but the rest is not bit for bit
+    # changes them too (the same global batch, summed in shares), as do a GPU's kernels and adaptation moved to
+    # the coordinator (its threads, one rank): allowed, but the rest is not bit for bit
     threads = [k for k in changed if k in ("ray.search_cpus", "ray.generation_cpus", "ray.train_cpus",
-                                           "ray.num_train_workers")]
+                                           "ray.num_train_workers", "ray.use_gpu", "ray.adapt_on")]
     if threads and note:
         print(f"note: resuming with {', '.join(f'{k}={after.get(k)}' for k in threads)} (was "
               f"{', '.join(str(before.get(k)) for k in threads)}): the remaining tasks compute in other "

@@ -184,3 +184,18 @@ def test_a_set_of_one_list_item_says_the_list_is_set_whole(tmp_path, override):
     with pytest.raises(ConfigError, match=rf"--set {re.escape(override)}: {name} is a list, set as a whole "
                                           rf"\(e.g. --set '{name}=\[...\]'\), not item by item"):
         load_config(path, [override])
+
+
+@pytest.mark.parametrize("override", ["ray.use_gpu=true", "ray.adapt_on=coordinator"])
+def test_resume_on_a_gpu_or_with_adaptation_moved_says_the_rest_is_not_bit_for_bit(tmp_path, capsys, override):
+    """A change of threads or ranks said so; a GPU's kernels, or adaptation in the coordinator, change the sums as
+    much and said nothing."""
+    from dmea_dist.config import dump_yaml
+    from dmea_dist.driver import resume_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config(write(tmp_path, "data:\n  tasks: [a]\n")).to_dict()))
+    resume_config(run_dir, [override])
+    err = capsys.readouterr().err
+    assert f"note: resuming with {override}" in err.replace("True", "true") and "floating-point" in err
