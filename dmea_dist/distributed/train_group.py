@@ -25,7 +25,11 @@ for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
   Train's storage_path). If a worker dies (its process, its node), the call
   fails with RayActorError; the group is torn down, started afresh and the
   job rerun, continuing from the last complete checkpoint, up to
-  `max_failures` times: Ray Train's FailureConfig guarantee, kept.
+  `max_failures` times: Ray Train's FailureConfig guarantee, kept. The other
+  ranks' collectives fail too (gloo: "Connection closed by peer"), often
+  before Ray reports the death: a rank's error is taken as a rank's death when
+  one of the ranks died (`_rank_died`). Any other failure tears the group down
+  (ranks may be stuck in a collective) and is raised, as the generation pool does.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from dmea_dist.distributed.cluster import (
 )
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.settings import EngineSettings
+
+RANK_DEATH_WAIT_S = 30.0  # how long a rank's error waits for word of another rank's death (`_rank_died`)
 
 # torch, the model and the adaptation code are imported where a model is moved or trained, not here: the
 # driver launches the ranks without a model (`launch_ranks`) right after Ray starts, and importing them
@@ -252,23 +258,37 @@ class TrainGroup:
                 if attempt == self.max_failures:
                     raise
                 self.restarts += 1
+            except Exception:
+                self.shutdown()  # ranks may be stuck in a collective the failed one left: start afresh next call
+                raise
         result, state = outs[0]
         load_trained_state(model, job.trainable, state)
         return result
 
     def _adapt(self, job: AdaptJob, checkpoint_dir: str | None) -> list:
-        """Every rank's `adapt`, waited for; meanwhile rank 0's steps are fed to `progress`."""
+        """Every rank's `adapt`, waited for; meanwhile rank 0's steps are fed to `progress`. A rank's error
+        when another rank died is that death (RayActorError: the job is rerun), not the error."""
         if self.progress is None:
-            return ray.get([w.adapt.remote(job, checkpoint_dir) for w in self.workers])
-        queue = self._relay.queue()  # one small actor for the group's life, however many tasks and restarts
-        refs = [w.adapt.remote(job, checkpoint_dir, queue if rank == 0 else None)
-                for rank, w in enumerate(self.workers)]
-        pending = refs
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            ray.get(ready)  # a rank that died raises here, at once
-            self._relay.drain()
-        return ray.get(refs)
+            refs = [w.adapt.remote(job, checkpoint_dir) for w in self.workers]
+        else:
+            queue = self._relay.queue()  # one small actor for the group's life, however many tasks and restarts
+            refs = [w.adapt.remote(job, checkpoint_dir, queue if rank == 0 else None)
+                    for rank, w in enumerate(self.workers)]
+        try:
+            if self.progress is not None:
+                pending = refs
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+                    ray.get(ready)  # a rank that failed raises here, at once
+                    self._relay.drain()
+            return ray.get(refs)
+        except RayActorError:
+            raise
+        except Exception:
+            died = _rank_died(refs, timeout_s=RANK_DEATH_WAIT_S)
+            if died is not None:
+                raise died from None
+            raise
 
     def _sync(self, model) -> None:
         """Start the group, or bring its replicas to `model` (modules always, backbone if it changed)."""
@@ -293,3 +313,23 @@ class TrainGroup:
         self._checksum = None
         if self._relay is not None:
             self._relay.shutdown()
+
+
+def _rank_died(refs: list, *, timeout_s: float) -> RayActorError | None:
+    """The RayActorError of a rank whose call in `refs` failed because it died, waiting up to `timeout_s` for
+    the calls still running; None if none did. When a rank dies its peers' collectives fail at once
+    ("Connection closed by peer"), and their errors can reach the caller before Ray's word of the death."""
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as err:
+                return err
+            except Exception:  # noqa: BLE001, S110 - a rank's own error: look on for a death
+                pass
+    return None

@@ -1,0 +1,132 @@
+"""Review of dmea_dist/distributed (pools, training group, kernels): each test failed before its fix, with fakes
+at the Ray boundary (no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+from dmea_dist.distributed import train_group
+
+
+class _Ref:
+    """What a fake rank's call returns: a value or an error."""
+
+    def __init__(self, value=None, error: BaseException | None = None):
+        self.value, self.error = value, error
+
+
+class _FakeRay:
+    """`ray.get` / `ray.wait` over `_Ref`s; a list's get raises the first error in list order, as Ray's does
+    for refs that are all ready (checked on Ray 2.60: rank 0's gloo error before rank 1's death)."""
+
+    @staticmethod
+    def get(refs, timeout=None):
+        if isinstance(refs, list):
+            for ref in refs:
+                if ref.error is not None:
+                    raise ref.error
+            return [ref.value for ref in refs]
+        if refs.error is not None:
+            raise refs.error
+        return refs.value
+
+    @staticmethod
+    def wait(refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+
+class _Method:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def remote(self, *args):
+        return self.outcome()
+
+
+class _Rank:
+    def __init__(self, outcome):
+        self.adapt = _Method(outcome)
+
+
+class _Relay:
+    def queue(self):
+        return None
+
+    def drain(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def _peer_error() -> RayTaskError:
+    return RayTaskError("TrainWorker.adapt", "Traceback ...", RuntimeError("[gloo] Connection closed by peer"))
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_rank_that_dies_mid_adaptation_restarts_the_group_though_its_peer_reports_first(monkeypatch, progress):
+    """A rank killed mid-job (OOM killer, a lost node) breaks its peers' collectives at once: their gloo error
+    (RayTaskError) can reach the group before Ray's ActorDiedError, and with the progress bar on (`dmea run`)
+    it always did (a 2-rank group on Ray 2.60, SIGKILL of rank 1: `ray.get(ready)` raised rank 0's error).
+    That error was not a RayActorError: no restart from the checkpoint, the run failed with max_failures left."""
+    monkeypatch.setattr(train_group, "ray", _FakeRay())
+    monkeypatch.setattr("dmea_dist.method.adaptation.load_trained_state", lambda model, trainable, state: None)
+    group = train_group.TrainGroup(engine=None, num_workers=2, cpus_per_worker=1.0, max_failures=2,
+                                   progress=(lambda *a, **k: None) if progress else None)
+    group._relay = _Relay()
+    calls = {"n": 0}
+
+    def sync(model):  # the first group is the dying one; a restart gives healthy ranks
+        calls["n"] += 1
+        if calls["n"] == 1:
+            group.workers = [_Rank(lambda: _Ref(error=_peer_error())), _Rank(lambda: _Ref(error=ActorDiedError()))]
+        else:
+            group.workers = [_Rank(lambda: _Ref(("result", {"modules": {}}))), _Rank(lambda: _Ref(("result", None)))]
+
+    shutdowns = []
+    monkeypatch.setattr(group, "_sync", sync)
+    monkeypatch.setattr(group, "shutdown", lambda: shutdowns.append(True))
+
+    class Job:
+        trainable = [0]
+
+    assert group(object(), Job()) == "result"
+    assert group.restarts == 1 and len(shutdowns) == 1
+
+
+def test_a_rank_that_fails_without_dying_tears_the_group_down_and_raises(monkeypatch):
+    """A rank's own error (no rank died) is raised as before, without waiting for a death that never comes, and
+    the group is torn down as the generation pool is: its other ranks may be stuck in a collective the failed
+    one left, and the next job would queue behind them until the process group's timeout (30 min)."""
+    monkeypatch.setattr(train_group, "ray", _FakeRay())
+    group = train_group.TrainGroup(engine=None, num_workers=2, cpus_per_worker=1.0, max_failures=2)
+    own = RayTaskError("TrainWorker.adapt", "Traceback ...", ValueError("a bug on rank 1"))
+
+    def sync(model):
+        group.workers = [_Rank(lambda: _Ref(error=_peer_error())), _Rank(lambda: _Ref(error=own))]
+
+    shutdowns = []
+    monkeypatch.setattr(group, "_sync", sync)
+    monkeypatch.setattr(group, "shutdown", lambda: shutdowns.append(True))
+    with pytest.raises(RayTaskError) as raised:
+        group(object(), object())
+    assert not isinstance(raised.value, RayActorError)
+    assert group.restarts == 0 and shutdowns == [True]
+
+
+def test_looking_for_a_dead_rank_gives_up_after_its_timeout(monkeypatch):
+    """A rank stuck in a collective (its peer failed on its own) is not waited for past the timeout."""
+    waits = []
+
+    class Stuck(_FakeRay):
+        @staticmethod
+        def wait(refs, num_returns=1, timeout=None):
+            waits.append(timeout)
+            return [], list(refs)
+
+    monkeypatch.setattr(train_group, "ray", Stuck())
+    times = iter([0.0, 0.0, 31.0])
+    monkeypatch.setattr(train_group.time, "monotonic", lambda: next(times))
+    assert train_group._rank_died([_Ref(error=_peer_error()), _Ref()], timeout_s=30.0) is None
+    assert waits == [30.0]
