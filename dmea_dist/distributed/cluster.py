@@ -4,7 +4,7 @@
 * `reserve`: a placement group that is ready, or a clear error saying what holds the CPUs.
 * `worker_env` / `configure_threads`: CPU workers use CPU DeepSpeed and as many torch
   threads as the CPUs they reserved: more threads than cores makes every worker slower.
-* `gather`: results in submission order, progress as they finish in any order.
+* `gather`: results in submission order, progress as they finish in any order, the first failure at once.
 
 Embedded Ray runs its own dashboard on 127.0.0.1 where the run needs one
 (`ray.dashboard`; by default with `adapt_on: ray_train`) and tells every worker
@@ -217,11 +217,12 @@ def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, wha
 
 
 def gather(refs: list, *, label: str, progress: Progress | None) -> list:
-    """ray.get of `refs` in their order, reporting progress as they finish in any order."""
-    pending, done = list(refs), 0
+    """ray.get of `refs` in their order, reporting progress as they finish in any order. The first to fail
+    raises at once (a dead actor: its pool is rebuilt and the call redone now, not after the others end)."""
+    pending, values = list(refs), {}
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        done += len(ready)
+        values.update(zip(ready, ray.get(ready), strict=True))
         if progress:
-            progress(label, done, len(refs))
-    return ray.get(refs)
+            progress(label, len(values), len(refs))
+    return [values[ref] for ref in refs]

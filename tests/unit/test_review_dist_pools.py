@@ -130,3 +130,31 @@ def test_looking_for_a_dead_rank_gives_up_after_its_timeout(monkeypatch):
     monkeypatch.setattr(train_group.time, "monotonic", lambda: next(times))
     assert train_group._rank_died([_Ref(error=_peer_error()), _Ref()], timeout_s=30.0) is None
     assert waits == [30.0]
+
+
+def test_a_pool_call_fails_as_soon_as_one_of_its_actors_dies_not_after_the_others_finish(monkeypatch):
+    """`gather` waited for every ref before `ray.get` raised: an actor lost at the start of a long generation
+    or evaluation call held the pool's restart (and the redone call) until all the other actors had finished
+    their shards, doubling the call's time; the training group raises a dead rank at once."""
+    from dmea_dist.distributed import cluster
+
+    done = [_Ref(error=ActorDiedError()), _Ref("slow shard")]  # in the order they finish
+    waits = []
+
+    class Ray(_FakeRay):
+        @staticmethod
+        def wait(refs, num_returns=1, timeout=None):
+            waits.append(len(refs))
+            first = next(ref for ref in done if ref in refs)
+            return [first], [ref for ref in refs if ref is not first]
+
+    monkeypatch.setattr(cluster, "ray", Ray())
+    seen = []
+    with pytest.raises(ActorDiedError):
+        cluster.gather([done[1], done[0]], label="generate", progress=lambda *a: seen.append(a))
+    assert waits == [2] and seen == []  # raised at the first wait, the slow shard not waited for
+    # results still come in submission order, progress as they finish
+    done[0] = _Ref("fast shard")
+    assert cluster.gather([done[1], done[0]], label="evaluate", progress=lambda *a: seen.append(a)) == [
+        "slow shard", "fast shard"]
+    assert seen == [("evaluate", 1, 2), ("evaluate", 2, 2)]
