@@ -24,6 +24,7 @@ server address makes the answer come from our own cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -53,6 +54,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     env = {"TOKENIZERS_PARALLELISM": "false", **{var: "1" for var in OFFLINE_VARS}}  # workers download nothing
     if os.environ.get("DS_ACCELERATOR"):
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    for var in _job_env_vars():  # the job's own reach every worker; set again, ray.init refuses them
+        env.pop(var, None)
     # Worker logs stay in Ray's log folder unless asked for: the driver prints progress and results itself,
     # and errors come back through ray.get.
     logs = os.environ.get("DMEA_RAY_LOGS", "0") == "1"
@@ -72,6 +75,19 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
                            log_to_driver=logs)
     _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     return "local"
+
+
+def _job_env_vars() -> set[str]:
+    """The variables a Ray job's runtime env sets (`ray job submit --runtime-env-json '{"env_vars": ...}'`, a
+    RayJob's runtimeEnvYAML). Ray hands the job's entry point its runtime env in RAY_JOB_CONFIG_JSON_ENV_VAR
+    (ray/dashboard/modules/job/job_supervisor.py) and `ray.init` merges it with its own `runtime_env`, failing
+    on any variable both set, even to the same value (ray/runtime_env/runtime_env.py `_merge_runtime_env`):
+    a job that sets DS_ACCELERATOR=cpu on GPU nodes, or HF_HUB_OFFLINE, failed at connect."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):  # not what Ray writes: leave it to ray.init
+        return set()
 
 
 @contextlib.contextmanager

@@ -158,3 +158,32 @@ def test_a_pool_call_fails_as_soon_as_one_of_its_actors_dies_not_after_the_other
     assert cluster.gather([done[1], done[0]], label="evaluate", progress=lambda *a: seen.append(a)) == [
         "slow shard", "fast shard"]
     assert seen == [("evaluate", 1, 2), ("evaluate", 2, 2)]
+
+
+def test_a_ray_job_whose_runtime_env_sets_a_variable_the_run_sets_too_connects(monkeypatch):
+    """`ray job submit --runtime-env-json '{"env_vars": {"DS_ACCELERATOR": "cpu"}}'` (DESIGN: force it for CPU runs
+    on GPU nodes), or HF_HUB_OFFLINE for an offline cluster: `connect` passed ray.init its own env_vars with the same
+    keys, and Ray 2.60 refuses to merge a job's runtime env with a driver's that sets any variable again
+    ("Failed to merge the Job's runtime env ... because of a conflict"): the job failed before it started."""
+    import json
+
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from dmea_dist.distributed import cluster
+
+    job_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_USERNAME": "alice"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env, "metadata": {}}))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the job's env_vars are the entry point's environment
+    given = {}
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", lambda **kwargs: given.update(kwargs))
+    assert cluster.connect(None) == "127.0.0.1:6379"
+    assert _merge_runtime_env(job_env, given["runtime_env"]) is not None  # what ray.init does with them
+    merged = _merge_runtime_env(job_env, given["runtime_env"])["env_vars"]
+    assert merged["TRANSFORMERS_OFFLINE"] == "1" and merged["DS_ACCELERATOR"] == "cpu"  # the run's own still go
+    # outside a job, as before
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    cluster.connect(None)
+    assert given["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1" and given["runtime_env"]["env_vars"][
+        "DS_ACCELERATOR"] == "cpu"
