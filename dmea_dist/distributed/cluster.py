@@ -218,11 +218,15 @@ def reserve(n_bundles: int, *, cpus: float, strategy: str, timeout_s: float, wha
         return " and ".join(f"{available.get(key, 0.0):g} of {total.get(key, 0.0):g} {key}s" for key in bundle)
 
     first = min(RESERVE_QUIET_S, timeout_s)
-    ready = pg.wait(timeout_seconds=first)
-    if not ready and timeout_s > first:  # say why nothing happens (an autoscaler may still add nodes)
-        print(f"waiting for {n_bundles} x {{{shape}}} ({strategy}) for {what}: the cluster has {free()} free; "
-              f"giving up after {timeout_s:.0f}s", file=sys.stderr, flush=True)
-        ready = pg.wait(timeout_seconds=timeout_s - first)
+    try:
+        ready = pg.wait(timeout_seconds=first)
+        if not ready and timeout_s > first:  # say why nothing happens (an autoscaler may still add nodes)
+            print(f"waiting for {n_bundles} x {{{shape}}} ({strategy}) for {what}: the cluster has {free()} free; "
+                  f"giving up after {timeout_s:.0f}s", file=sys.stderr, flush=True)
+            ready = pg.wait(timeout_seconds=timeout_s - first)
+    except BaseException:  # Ctrl-C while it waits: a pending group left behind would take the CPUs when they free
+        remove_placement_group(pg)
+        raise
     if not ready:
         remove_placement_group(pg)
         raise ClusterTooSmall(  # a DmeaError: one line from the CLI, and the run resumes on a bigger cluster

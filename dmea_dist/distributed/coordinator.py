@@ -139,7 +139,11 @@ def launch_ranks(config: RunConfig) -> LaunchedRanks | None:
         return None
     group = TrainGroup(engine_settings(config), num_workers=sizes.num_train_workers, cpus_per_worker=sizes.train_cpus,
                        use_gpu=sizes.use_gpu, placement_strategy=sizes.placement_strategy)
-    group.launch()
+    try:
+        group.launch()
+    except BaseException:  # Ctrl-C or an error after its reservation: no ranks or CPUs held for nothing
+        group.shutdown()
+        raise
     return group.launched()
 
 
@@ -149,9 +153,14 @@ def ray_coordinator_factory(config: RunConfig, run_dir: str | Path, *, resume: b
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ranks = launch_ranks(config)
-    here = ray.get_runtime_context().get_node_id()
-    # two calls at once: a step, and the driver's polls of its progress (only those run beside a step)
-    actor = ray.remote(num_cpus=0, max_concurrency=2)(CoordinatorActor).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(config, str(Path(run_dir).resolve()), resume=resume, ranks=ranks)
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        # two calls at once: a step, and the driver's polls of its progress (only those run beside a step)
+        actor = ray.remote(num_cpus=0, max_concurrency=2)(CoordinatorActor).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(config, str(Path(run_dir).resolve()), resume=resume, ranks=ranks)
+    except BaseException:  # no coordinator for the driver to close: the ranks it launched are released here
+        if ranks is not None:
+            ranks.release()
+        raise
     return RemoteCoordinator(actor, progress=progress, ranks=ranks)

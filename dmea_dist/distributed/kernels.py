@@ -205,5 +205,9 @@ def ray_kernels(run, progress: Progress | None = None, ranks: LaunchedRanks | No
                          sizes=config.ray, storage_path=Path(run.run_dir).resolve() / "_ray_train",
                          full_finetune=run.policy.full_finetune, progress=progress, ranks=ranks)
     if config.ray.warm_up:  # None (not sized for a place, e.g. in a notebook): at first use
-        kernels.warm_up(run.model)
+        try:
+            kernels.warm_up(run.model)
+        except BaseException:  # a cluster too small for one role: release the roles started before it
+            kernels.close()
+            raise
     return kernels

@@ -187,3 +187,96 @@ def test_a_ray_job_whose_runtime_env_sets_a_variable_the_run_sets_too_connects(m
     cluster.connect(None)
     assert given["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1" and given["runtime_env"]["env_vars"][
         "DS_ACCELERATOR"] == "cpu"
+
+
+def test_ctrl_c_while_a_reservation_waits_withdraws_it(monkeypatch):
+    """`reserve` waits up to 120 s, saying so; Ctrl-C then left the pending placement group queued in Ray, owned
+    by the driver (a notebook, a library caller): it took the CPUs as soon as they freed, for nothing."""
+    from dmea_dist.distributed import cluster
+
+    removed = []
+
+    class Interrupted:
+        def wait(self, timeout_seconds):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster, "placement_group", lambda bundles, strategy: Interrupted())
+    monkeypatch.setattr(cluster, "remove_placement_group", removed.append)
+    with pytest.raises(KeyboardInterrupt):
+        cluster.reserve(2, cpus=1.0, strategy="PACK", timeout_s=120, what="the training group")
+    assert len(removed) == 1
+
+
+def test_ranks_launched_for_a_coordinator_that_never_came_are_released(monkeypatch):
+    """`ray_coordinator_factory` launches the training ranks, then the coordinator actor; the driver closes only
+    a coordinator it got. Ctrl-C (or an error) in between left the ranks and their CPUs held by the driver, and
+    one during the ranks' own launch left its placement group."""
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.distributed import coordinator
+
+    released = []
+
+    class Ranks:
+        def release(self):
+            released.append("ranks")
+
+    monkeypatch.setattr(coordinator, "launch_ranks", lambda config: Ranks())
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator.ray, "get_runtime_context", interrupted)
+    config = config_from_dict({"data": {"tasks": ["synth.restaurant.00"]}})
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.ray_coordinator_factory(config, "/nowhere")
+    assert released == ["ranks"]
+
+    monkeypatch.undo()
+
+    class Group:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def launch(self):
+            raise KeyboardInterrupt  # after its reservation was placed
+
+        def shutdown(self):
+            released.append("group")
+
+    monkeypatch.setattr(coordinator, "TrainGroup", Group)
+    with pytest.raises(KeyboardInterrupt):
+        coordinator.launch_ranks(config)
+    assert released == ["ranks", "group"]
+
+
+def test_kernels_whose_warm_up_fails_release_what_it_started(monkeypatch):
+    """With `ray.warm_up` every role is started when the kernels are built; a role that cannot be placed
+    (ClusterTooSmall after 120 s) failed `ray_kernels` with the roles started before it still holding their
+    placement groups and actors, which nobody could close (the kernels were never returned)."""
+    from types import SimpleNamespace
+
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.distributed import kernels as kernels_module
+    from dmea_dist.errors import ClusterTooSmall
+
+    closed = []
+
+    class Kernels:
+        def __init__(self, **kwargs):
+            pass
+
+        def warm_up(self, model):
+            raise ClusterTooSmall("could not reserve 2 x {CPU: 1} (SPREAD) for the training group")
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(kernels_module, "RayKernels", Kernels)
+    monkeypatch.setattr(kernels_module.ray, "is_initialized", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # what ray_kernels sets in its process, undone after the test
+    config = config_from_dict({"data": {"tasks": ["synth.restaurant.00"]}, "ray": {"warm_up": True}})
+    run = SimpleNamespace(config=config, tokenizer=None, formatter=SimpleNamespace(max_length=64), run_dir="/nowhere",
+                          policy=SimpleNamespace(full_finetune=False), model=None)
+    with pytest.raises(ClusterTooSmall):
+        kernels_module.ray_kernels(run)
+    assert closed == [True]
