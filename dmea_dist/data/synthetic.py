@@ -345,8 +345,9 @@ def realises(name: str, context: str, answer: str) -> bool:
     """Does `answer` realise input `context` the way task `name` maps inputs to outputs?
 
     The ground truth for pseudo-sample fidelity. Data-to-text: the context is an
-    MR in this task's form (`inform(name=...;slot=...)` with the name first and
-    only slots of this task, each once) and the answer mentions the entity name
+    MR in this task's form (`inform(name=...;slot=...)` with the name first, at
+    least one other slot, only slots of this task, each once, no empty value) and
+    the answer mentions the entity name
     and every slot value of the MR, each as whole words. Listops: the context is this task's
     operation on a list of words and the answer is exactly the result, in the
     task's format. An input the task could not have produced (another task's
@@ -377,10 +378,14 @@ def realises(name: str, context: str, answer: str) -> bool:
     allowed = {"name", *structure.values}
     if slots[0] != "name" or len(set(slots)) != len(slots) or not set(slots) <= allowed:
         return False
+    # the task never writes an input with the name alone, or an empty value: `inform(name='')` was realised
+    # by any answer, `inform(name='x')` by any sentence naming x, whatever else it says
+    if len(slots) < 2 or not all(p.group(2).strip() for p in pairs):
+        return False
     text = answer.lower()
     # each value as a whole word (hyphens included): certificate 'r' is not said by "river", nor 'pg' by "pg-13"
     return all(re.search(rf"(?<![\w-]){re.escape(p.group(2).strip().lower())}(?![\w-])", text)
-               for p in pairs if p.group(2).strip())
+               for p in pairs)
 
 
 def fidelity(name: str, rows: Sequence[dict]) -> float | None:

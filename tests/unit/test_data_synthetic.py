@@ -207,6 +207,23 @@ def test_realises_needs_each_value_as_a_word_not_inside_another_word():
     assert not realises(hotel, context, "grand inn serves a vegan breakfast.")  # the wifi left out
 
 
+def test_realises_refuses_inputs_the_task_never_writes_name_alone_or_empty_values():
+    """Every generated input has the name and at least one slot, none empty; a pseudo input without would be
+    realised by any answer (empty values: nothing to say) or by any sentence naming the entity."""
+    from dmea_dist.data.synthetic import fidelity, realises
+
+    name = "synth.restaurant.00"  # restaurant.00 has food, area, pricerange, near
+    # the model's own pseudo sample (quick start): the input says nothing of what is near
+    assert not realises(name, "inform(name='golden lion')", "golden lion is a restaurant that is close to the cathedral.")
+    assert not realises(name, "inform(name='')", "anything at all.")
+    assert not realises(name, "inform(name='';food='')", "anything at all.")
+    assert not realises(name, "inform(name='golden lion';food=' ')", "golden lion is a restaurant.")
+    assert realises(name, "inform(name='golden lion';food='thai')", "golden lion is a restaurant that serves thai food.")
+    for family in D2T:  # every generated input still passes, whatever the family
+        task = f"synth.{family}.02"
+        assert fidelity(task, load_synthetic_task(task, seed=1, sizes=(60, 5, 5))["train"].to_list()) == 1.0
+
+
 def test_fidelity_is_none_without_a_generator():
     from dmea_dist.data.synthetic import fidelity
 
