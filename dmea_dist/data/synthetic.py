@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import random
 import re
@@ -347,12 +348,14 @@ def realises(name: str, context: str, answer: str) -> bool:
     The ground truth for pseudo-sample fidelity. Data-to-text: the context is an
     MR in this task's form (`inform(name=...;slot=...)` with the name first, at
     least one other slot, only slots of this task, each once, no empty value) and
-    the answer mentions the entity name
-    and every slot value of the MR, each as whole words. Listops: the context is this task's
-    operation on a list of words and the answer is exactly the result, in the
-    task's format. An input the task could not have produced (another task's
-    form) is not realised; values are not checked against the task's value
-    lists: the question is whether the answer says what its own input says.
+    the answer mentions the entity name and every slot value of the MR, each as
+    whole words and not only inside a longer phrase of the family that contains
+    it (another value, or the fixed words of a phrasing: humidity 'high' is not
+    said by "very high"). Listops: the context is this task's operation on a
+    list of words and the answer is exactly the result, in the task's format.
+    An input the task could not have produced (another task's form) is not
+    realised; values are not checked against the task's value lists: the
+    question is whether the answer says what its own input says.
     """
     structure = task_structure(name)
     match = _MR.match(context.strip())
@@ -383,9 +386,35 @@ def realises(name: str, context: str, answer: str) -> bool:
     if len(slots) < 2 or not all(p.group(2).strip() for p in pairs):
         return False
     text = answer.lower()
-    # each value as a whole word (hyphens included): certificate 'r' is not said by "river", nor 'pg' by "pg-13"
-    return all(re.search(rf"(?<![\w-]){re.escape(p.group(2).strip().lower())}(?![\w-])", text)
-               for p in pairs)
+    return all(_said(p.group(2).strip().lower(), text, _phrases(structure.family)) for p in pairs)
+
+
+def _words(phrase: str) -> re.Pattern[str]:
+    # a phrase as whole words (hyphens included): certificate 'r' is not said by "river", nor 'pg' by "pg-13"
+    return re.compile(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])")
+
+
+@functools.cache
+def _phrases(family: str) -> tuple[str, ...]:
+    """A data-to-text family's fixed wording: its values and the words of its phrasings and frames."""
+    fam = _FAMILIES[family]
+    texts = [v for values, _ in fam.slots.values() for v in values]
+    templates = [t for _, phrasings in fam.slots.values() for t in phrasings]
+    templates += [f.replace("{noun}", fam.noun) for f in fam.frames]
+    texts += [piece.strip(" .,") for t in templates for piece in re.split(r"\{\w+\}", t)]
+    return tuple(sorted({t.lower() for t in texts if t.strip(" .,")}))
+
+
+def _said(value: str, text: str, phrases: Sequence[str]) -> bool:
+    """Is `value` in `text` as whole words, other than inside a longer phrase of the family that contains it?
+
+    As 'pg' is not said by "pg-13": humidity 'high' is not said by "very high humidity" nor by the
+    temperature's "has a high of", league 'last' not by "won its last match", parking 'no' not by pets
+    'no pets'.
+    """
+    longer = [m.span() for p in phrases if len(p) > len(value) and _words(value).search(p)
+              for m in _words(p).finditer(text)]
+    return any(not any(a <= m.start() and m.end() <= b for a, b in longer) for m in _words(value).finditer(text))
 
 
 def fidelity(name: str, rows: Sequence[dict]) -> float | None:

@@ -224,6 +224,30 @@ def test_realises_refuses_inputs_the_task_never_writes_name_alone_or_empty_value
         assert fidelity(task, load_synthetic_task(task, seed=1, sizes=(60, 5, 5))["train"].to_list()) == 1.0
 
 
+def test_realises_does_not_count_a_value_said_only_inside_a_longer_phrase_of_the_family():
+    """As 'pg' is not said by "pg-13": a value said only as part of another value, or of the fixed words of
+    another slot's phrasing, is not said (the family's only such cases, all four)."""
+    from dmea_dist.data.synthetic import realises
+
+    weather = "synth.weather.03"  # humidity (high, low, very high); temperature phrasing "has a high of {v}"
+    context = "inform(name='san wood';day='today';temperature='20 degrees';humidity='high')"
+    assert realises(weather, context, "the forecast for san wood is for today, reaches 20 degrees and shows high "
+                                      "humidity.")
+    assert realises(weather, context, "the forecast for san wood is for today, has a high of 20 degrees and "
+                                      "shows high humidity.")
+    assert not realises(weather, context, "the forecast for san wood is for today, reaches 20 degrees and shows "
+                                          "very high humidity.")  # another value
+    assert not realises(weather, context, "the forecast for san wood is for today and has a high of 20 degrees.")
+    sports = "synth.sports.02"  # league (fifth, first, last); result phrasing "{v} its last match"
+    context = "inform(name='river united';result='won';league='last')"
+    assert realises(sports, context, "river united won its last match and sits last in the league.")
+    assert not realises(sports, context, "river united won its last match.")
+    hotel = "synth.hotel.09"  # parking (free, no, valet), pets (cats, dogs, no pets)
+    context = "inform(name='grand inn';parking='no';pets='no pets')"
+    assert realises(hotel, context, "grand inn is a hotel that has no parking and welcomes no pets.")
+    assert not realises(hotel, context, "grand inn is a hotel that welcomes no pets.")
+
+
 def test_fidelity_is_none_without_a_generator():
     from dmea_dist.data.synthetic import fidelity
 
