@@ -123,12 +123,13 @@ def pretraining_samples(config: RunConfig, tasks: list[Task]) -> list[tuple[str,
     pre = config.model.tiny.pretrain
     families = sorted({parse_synthetic_name(t.task_id)[0] for t in tasks if t.task_id.startswith("synth.")})
     families = families or [f for f in FAMILIES if f != "listops"]
-    used = set(config.data.tasks)
+    # (family, index), not the name as typed: synth.restaurant.01000 is synth.restaurant.1000, the same data
+    used = {parse_synthetic_name(t) for t in config.data.tasks if t.startswith("synth.")}
     pairs = []
     for family in families:
         for k in range(pre.heldout_tasks):
             name = f"synth.{family}.{HELDOUT_INDEX + k}"
-            if name in used:
+            if (family, HELDOUT_INDEX + k) in used:
                 raise ConfigError(f"{name} is both in data.tasks and a held-out pretraining task; "
                                   f"use indices below {HELDOUT_INDEX} for sequence tasks")
             data = load_task(name, data_root=None, synth_seed=config.data.synth_seed,

@@ -253,3 +253,16 @@ def test_fidelity_is_none_without_a_generator():
 
     assert fidelity("e2e", [{"context": "name[x]", "answer": ["x"]}]) is None
     assert fidelity("synth.travel.00", []) is None
+
+
+@pytest.mark.parametrize("typed", ["synth.restaurant.1000", "synth.restaurant.01000"])
+def test_a_sequence_task_that_is_a_held_out_pretraining_task_is_refused_however_its_index_is_written(typed):
+    """synth.restaurant.01000 is synth.restaurant.1000 (same data): the backbone must not pretrain on it."""
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.errors import ConfigError
+    from dmea_dist.run import Task, pretraining_samples
+
+    config = config_from_dict({"name": "x", "data": {"tasks": [typed], "synth_sizes": [8, 2, 2]},
+                               "model": {"tiny": {"pretrain": {"heldout_tasks": 1}}}})
+    with pytest.raises(ConfigError, match="held-out pretraining task"):
+        pretraining_samples(config, [Task(typed, 0, {})])
