@@ -772,7 +772,8 @@ def _refuse_quoted_numbers(node: Any, key: str) -> None:
 
 # The top-level keys DeepSpeed's config reads (runtime/config.py, DeepSpeed 0.19-0.20, removed features included:
 # DeepSpeed says why it refuses those). Any other key DeepSpeed ignores: `zero_optimisation: {stage: 2}` trained at
-# ZeRO 1 without a word. tests/unit/test_review_config.py checks the list against the DeepSpeed installed.
+# ZeRO 1 without a word. tests/unit/test_review_config.py checks the list against the DeepSpeed installed
+# (sequence_parallel_size: read only once torch.distributed is initialised, so found in a full suite only).
 DEEPSPEED_KEYS = frozenset({
     "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
     "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
@@ -781,7 +782,8 @@ DEEPSPEED_KEYS = frozenset({
     "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
     "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
     "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
-    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sparse_attention",
+    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sequence_parallel_size",
+    "sparse_attention",
     "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
     "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size",
     "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",

@@ -73,9 +73,10 @@ def test_deepspeed_settings_the_engine_takes_still_load(tmp_path):
     assert load_config(path, ok).deepspeed["zero_optimization"]["stage"] == 3
 
 
-def test_the_deepspeed_key_lists_hold_every_key_the_installed_deepspeed_reads():
+def test_the_deepspeed_key_lists_hold_every_key_the_installed_deepspeed_reads(monkeypatch):
     """The lists are DeepSpeed 0.19's; a DeepSpeed that reads another key would have it refused."""
     pytest.importorskip("deepspeed")
+    import deepspeed.runtime.config as ds_config
     from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -116,8 +117,14 @@ def test_the_deepspeed_key_lists_hold_every_key_the_installed_deepspeed_reads():
         def __deepcopy__(self, memo):
             return self
 
-    DeepSpeedConfig(Recording({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
-                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}))
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    DeepSpeedConfig(Recording(config))
+    # with a process group DeepSpeed reads more (sequence_parallel_size): as after any engine this process built
+    monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: 1)
+    DeepSpeedConfig(Recording(config))
+    assert "sequence_parallel_size" in read
     assert read - DEEPSPEED_KEYS == set()
     fields = DeepSpeedZeroConfig.model_fields
     assert set(fields) | {f.alias for f in fields.values() if f.alias} <= DEEPSPEED_ZERO_KEYS
