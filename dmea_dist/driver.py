@@ -157,6 +157,15 @@ def check_resume(run_dir: str | Path, config: RunConfig) -> None:
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # the job's runtime_env, as Ray's job supervisor hands it the entry point
 
 
+def job_runtime_env(environ=os.environ) -> dict:
+    """The runtime env of the Ray job this driver is (`ray job submit --working-dir ... --runtime-env-json ...`),
+    {} outside a job or where the variable is not what Ray writes."""
+    try:
+        return json.loads(environ.get(RAY_JOB_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def check_job_paths(config: RunConfig, environ=os.environ) -> None:
     """Refuse a relative output_dir or sqlite tracking.uri in a `ray job submit --working-dir` job.
 
@@ -166,11 +175,7 @@ def check_job_paths(config: RunConfig, environ=os.environ) -> None:
     """
     from dmea_dist.tracking.common import sqlite_path
 
-    try:
-        runtime_env = json.loads(environ.get(RAY_JOB_ENV) or "{}").get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return
-    if not runtime_env.get("working_dir"):
+    if not job_runtime_env(environ).get("working_dir"):
         return
     db = sqlite_path(config.tracking.uri) if config.tracking.enabled else None
     relative = [("output_dir", config.output_dir, "/shared/runs")] if not Path(config.output_dir).is_absolute() else []

@@ -24,7 +24,6 @@ server address makes the answer come from our own cluster.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -83,11 +82,10 @@ def _job_env_vars() -> set[str]:
     (ray/dashboard/modules/job/job_supervisor.py) and `ray.init` merges it with its own `runtime_env`, failing
     on any variable both set, even to the same value (ray/runtime_env/runtime_env.py `_merge_runtime_env`):
     a job that sets DS_ACCELERATOR=cpu on GPU nodes, or HF_HUB_OFFLINE, failed at connect."""
-    try:
-        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-        return set((job.get("runtime_env") or {}).get("env_vars") or {})
-    except (ValueError, AttributeError):  # not what Ray writes: leave it to ray.init
-        return set()
+    from dmea_dist.driver import job_runtime_env
+
+    env_vars = job_runtime_env().get("env_vars")
+    return set(env_vars) if isinstance(env_vars, dict) else set()
 
 
 @contextlib.contextmanager
