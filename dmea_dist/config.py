@@ -32,6 +32,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -811,13 +812,13 @@ DEEPSPEED_ZERO_KEYS = frozenset({
 
 
 def _check_deepspeed(section: dict[str, Any]) -> None:
-    """The `deepspeed:` section's keys, and what the gradient-scaled step needs of it (engine._check_ds_config),
+    """The `deepspeed:` section's keys, and what the gradient-scaled step needs of it (`check_scaled_step`),
     checked when the config loads: DeepSpeed would ignore an unknown key, and the rest failed at the first
     adaptation, after the first task's search, in a run a resume cannot mend (deepspeed.* may not change on
     resume). The CPU-only rule (optimizer.params.torch_adam) stays with the engine, which knows the device."""
-    for key in ("zero_optimization", "optimizer", "fp16", "bf16", "bfloat16"):
-        if key in section and not isinstance(section[key], dict):
-            raise ConfigError(f"deepspeed.{key} must be a mapping, got {section[key]!r}")
+    check_scaled_step(section, name=lambda *keys: ".".join(("deepspeed",) + keys), default_stage=1)
+    if "optimizer" in section and not isinstance(section["optimizer"], dict):
+        raise ConfigError(f"deepspeed.optimizer must be a mapping, got {section['optimizer']!r}")
     for keys, known, where, fate in (
             (section, DEEPSPEED_KEYS, "deepspeed.", "ignore it"),
             (section.get("zero_optimization") or {}, DEEPSPEED_ZERO_KEYS, "deepspeed.zero_optimization.",
@@ -828,21 +829,30 @@ def _check_deepspeed(section: dict[str, Any]) -> None:
                 hint = f"; did you mean '{where}{close[0]}'?" if close else ""
                 raise ConfigError(f"unknown key '{where}{key}'{hint} (DeepSpeed would {fate}; its keys: "
                                   "https://www.deepspeed.ai/docs/config-json/)")
-    stage = (section.get("zero_optimization") or {}).get("stage", 1)  # 1: deepspeed_config's default
-    if isinstance(stage, bool) or stage not in (1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_optimization.stage={stage!r} is not accepted: the gradient-scaled step "
-                          f"needs ZeRO stage 1, 2 or 3 (DeepSpeed's coalesced gradient reduction)")
-    steps = section.get("gradient_accumulation_steps", 1)
-    if isinstance(steps, bool) or steps != 1:
-        raise ConfigError(f"deepspeed.gradient_accumulation_steps={steps!r} is not accepted: it must be 1, one "
-                          f"scaled step is one optimizer step over all its sub-batches (train.batch_size is the batch)")
-    for key in ("fp16", "bf16", "bfloat16"):
-        if (section.get(key) or {}).get("enabled", False):
-            raise ConfigError(f"deepspeed.{key}.enabled is set: the gradient-scaled step runs in fp32; remove the "
-                              f"'{key}' section (train.autocast: bf16 gives bf16 matmuls)")
     optimizer = section.get("optimizer")
     if optimizer is not None and "type" in optimizer and not isinstance(optimizer["type"], str):
         raise ConfigError(f"deepspeed.optimizer.type={optimizer['type']!r} must be the name of an optimizer, e.g. AdamW")
+
+
+def check_scaled_step(section: dict[str, Any], *, name: Callable[..., str], default_stage: int) -> None:
+    """What the gradient-scaled step needs of a DeepSpeed config, one rule set for the config's load
+    (`deepspeed.` keys, default_stage 1: `deepspeed_config`'s) and `engine.build_engine` (`ds_config[..]`
+    keys, default_stage 0: DeepSpeed's). name(*keys): how the caller's user writes the key."""
+    for key in ("zero_optimization", "fp16", "bf16", "bfloat16"):
+        if key in section and not isinstance(section[key], dict):
+            raise ConfigError(f"{name(key)} must be a mapping, got {section[key]!r}")
+    stage = section.get("zero_optimization", {}).get("stage", default_stage)
+    if isinstance(stage, bool) or stage not in (1, 2, 3):
+        raise ConfigError(f"{name('zero_optimization', 'stage')}={stage!r} is not accepted: the gradient-scaled step "
+                          f"needs ZeRO stage 1, 2 or 3 (DeepSpeed's coalesced gradient reduction)")
+    steps = section.get("gradient_accumulation_steps", 1)
+    if isinstance(steps, bool) or steps != 1:
+        raise ConfigError(f"{name('gradient_accumulation_steps')}={steps!r} is not accepted: it must be 1, one scaled "
+                          f"step is one optimizer step over all its sub-batches (train.batch_size is the batch)")
+    for key in ("fp16", "bf16", "bfloat16"):
+        if section.get(key, {}).get("enabled", False):
+            raise ConfigError(f"{name(key, 'enabled')} is set: the gradient-scaled step runs in fp32; remove the "
+                              f"'{key}' section (train.autocast: bf16 gives bf16 matmuls)")
 
 
 def _check_range(key: str, value: float, low: float, high: float) -> None:

@@ -91,6 +91,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dmea_dist.config import check_scaled_step
 from dmea_dist.errors import ConfigError
 from dmea_dist.method.scaling import (
     DEFAULT_CLAMP,
@@ -620,23 +621,7 @@ def _check_params(model: nn.Module, params: Sequence[nn.Parameter]) -> list[str]
 
 def _check_ds_config(ds_config: dict[str, Any], *, on_cpu: bool) -> dict[str, Any]:
     config = copy.deepcopy(ds_config)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2, 3):
-        raise ConfigError(
-            f"ds_config['zero_optimization']['stage'] is {stage!r}; the gradient-scaled step needs "
-            "ZeRO stage 1, 2 or 3 (DeepSpeed's coalesce_grad_reduction)"
-        )
-    if config.get("gradient_accumulation_steps", 1) != 1:
-        raise ConfigError(
-            "ds_config['gradient_accumulation_steps'] must be 1: one ScaledStepEngine.step is one "
-            "optimizer step over all its sub-batches"
-        )
-    for key in ("fp16", "bf16"):
-        if config.get(key, {}).get("enabled", False):
-            raise ConfigError(
-                f"ds_config['{key}']['enabled'] is set; the gradient-scaled step runs in fp32 "
-                f"(remove the '{key}' section)"
-            )
+    check_scaled_step(config, name=lambda *keys: "ds_config" + "".join(f"[{key!r}]" for key in keys), default_stage=0)
     optimizer = config.get("optimizer")
     if not isinstance(optimizer, dict) or "type" not in optimizer:
         raise ConfigError(

@@ -440,7 +440,10 @@ def test_checkpoint_holds_adapters_only_and_resumes(stage, spawned):
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda c: c["zero_optimization"].update(stage=0), r"\['stage'\] is 0"),
+    (lambda c: c["zero_optimization"].update(stage=0), r"ds_config\['zero_optimization'\]\['stage'\]=0 is not accepted"),
+    # one rule set with the config's load (config.check_scaled_step): True == 1, but no stage
+    (lambda c: c["zero_optimization"].update(stage=True), r"\['stage'\]=True is not accepted"),
+    (lambda c: c.update(bfloat16={"enabled": True}), r"ds_config\['bfloat16'\]\['enabled'\] is set"),
     (lambda c: c.update(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
     (lambda c: c.update(bf16={"enabled": True}), r"\['bf16'\]\['enabled'\]"),
     (lambda c: c.pop("optimizer"), "no 'optimizer' section"),
