@@ -112,7 +112,8 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     has just done it (before starting Ray). `saved`: the overrides written into the run's config.yaml for
     later resumes (default: all of `overrides`); the user's `--set`s, not the sizes a cluster gave them.
     """
-    from dmea_dist.state import load_state, write_text
+    from dmea_dist.files import write_text
+    from dmea_dist.state import load_state
 
     run_dir = Path(os.path.abspath(run_dir))  # `dmea resume .`: the run's own name, as when it started (run_sequence)
     state = load_state(run_dir)  # a clear error if this is no run directory
@@ -588,7 +589,7 @@ def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict
     `similarity` and `paths` are in the run's state, which the report reads.
     """
     from dmea_dist.evaluation.pages import write_report
-    from dmea_dist.state import write_bytes, write_text
+    from dmea_dist.files import write_bytes, write_text
 
     # atomic, like state.json: a run killed while writing them (or resumed, finished) keeps the previous ones
     buffer = io.BytesIO()

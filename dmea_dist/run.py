@@ -44,9 +44,9 @@ from dmea_dist.data.tokenizer import (
     train_bpe_tokenizer,
 )
 from dmea_dist.errors import ConfigError, DataError
+from dmea_dist.files import sync_tree, write_text
 from dmea_dist.method.policy import MethodPolicy, method_policy
 from dmea_dist.offline import OFFLINE
-from dmea_dist.state import write_text
 
 if TYPE_CHECKING:  # torch and the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is
     # built, so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
@@ -381,6 +381,8 @@ def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:
         with no_transformers_bars():
             backbone.save_pretrained(run_dir / "backbone")
         tokenizer.save_pretrained(run_dir / "tokenizer")
+        sync_tree(run_dir / "backbone")  # a resume rebuilds the model from them: on disk before any state
+        sync_tree(run_dir / "tokenizer")
         model = DMEAModel(backbone, bottleneck=m.bottleneck)
     return assemble_run(config, tasks, tokenizer, model, run_dir)
 

@@ -37,6 +37,7 @@ from dmea_dist.config import (
 from dmea_dist.data.formatting import BatchStream, collate, encode_task
 from dmea_dist.data.synthetic import fidelity
 from dmea_dist.evaluation.metrics import score_task
+from dmea_dist.files import atomic_path
 from dmea_dist.kernels import (
     AnswerRequest,
     GenerateRequest,
@@ -348,7 +349,8 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
         bases = [selection.subspace_basis(r, epsilon=ctx.settings.selection.epsilon)
                  for r in _representations(ctx, task)]
         file = ctx.task_dir(task) / "basis.safetensors"
-        save_file({f"layer{layer}": b.contiguous() for layer, b in enumerate(bases)}, str(file))
+        with atomic_path(file) as partial:
+            save_file({f"layer{layer}": b.contiguous() for layer, b in enumerate(bases)}, str(partial))
         ctx.task_state(task).basis = ctx.rel(file)
     rec = ctx.record(task)
     rec["series"].update({f"loss.{k}": v for k, v in result.losses.items()})

@@ -8,7 +8,7 @@ R matrix, similarities, selections, paths, MLflow run ids, and the names of
 the files that hold everything large. Those files are written by the stage
 that makes them, before the state that names them:
 
-    run_dir/state.json                       this state (atomic: temp file + rename)
+    run_dir/state.json                       this state (atomic and durable: dmea_dist.files)
     run_dir/state/modules-<k>.safetensors    the module pools after the latest stage that changed them
     run_dir/state/backbone-<k>/              the backbone after full fine-tuning (lamol, finetune)
     run_dir/tasks/NNN-<task>/record.json     the task's record (params, metrics, series, artifacts)
@@ -23,37 +23,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dmea_dist.errors import DmeaError
+from dmea_dist.files import write_text
 from dmea_dist.method.lifecycle import ORDER, Stage, next_state
 
 STATE_FILE = "state.json"
 FORMAT = "dmea-run-state"
 VERSION = 1
-
-
-def _umask() -> int:
-    """The process's umask: from /proc where it says it (Linux), else by setting it and back, which briefly
-    races files other threads create."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp makes 0600 files; run files get the mode a plain open() gives (colleagues on a shared filesystem read
-# them). Read once, at import.
-FILE_MODE = 0o666 & ~_umask()
 
 
 class StateError(DmeaError):
@@ -189,34 +169,8 @@ def load_state(run_dir: str | Path) -> RunState:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as JSON atomically and durably (`dmea_dist.files`)."""
     return write_text(path, json.dumps(_finite(data), indent=1, default=_plain) + "\n")
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` atomically: a reader sees the old file or the new one, never half of one."""
-    return _write_atomic(path, text, "w")
-
-
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    """`write_text` for bytes (R.npy)."""
-    return _write_atomic(path, data, "wb")
-
-
-def _write_atomic(path: str | Path, data: str | bytes, mode: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)  # not mkstemp's 0600
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def task_folder_order(folder: str) -> tuple[int, str]:

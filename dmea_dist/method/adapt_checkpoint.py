@@ -9,7 +9,8 @@ A checkpoint is a folder:
                                 and a digest of the job it belongs to
 
 `adapt_progress.json` is written last and atomically, after every rank has
-saved (`barrier`), so it only ever names a complete folder; older folders are
+saved and fsynced its files (`barrier`, `files.sync_tree`), so it only ever
+names a complete folder, a machine crash included; older folders are
 removed after it. Batches are a pure function of (seed, step) (`BatchStream`,
 `step_plan`), so weights, optimizer, RNG and the step are all a continuation
 needs: the resumed job trains exactly the steps the uninterrupted one would.
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dmea_dist.files import sync_tree
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult
 from dmea_dist.state import read_json, write_json
 
@@ -61,6 +63,9 @@ def save(engine, directory: Path, *, digest: str, steps: int, result: AdaptResul
     if torch.cuda.is_available():  # on a GPU dropout draws from the device's generator, not the CPU one
         rng["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(rng, str(directory / tag / f"rng-rank{rank}.safetensors"))
+    if barrier is not None:
+        barrier()  # every rank's files are written before any rank syncs them
+    sync_tree(directory / tag)  # each rank its node's files: durable before the progress file names them
     if barrier is not None:
         barrier()  # every rank's files are on disk before the progress file names them
     if rank == 0:

@@ -31,6 +31,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from dmea_dist.data.formatting import MALFORMED, Formatter, left_pad
+from dmea_dist.files import atomic_path
 
 PSEUDO_SCHEMA = pa.schema([
     ("task_id", pa.string()), ("context", pa.string()), ("question", pa.string()),
@@ -299,9 +300,9 @@ def _positions(model) -> int:
 def write_pseudo_samples(rows: Sequence[dict], path: str | Path) -> Path:
     """Write pseudo samples as Parquet with plain Arrow columns."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{k: r[k] for k in PSEUDO_SCHEMA.names} for r in rows], schema=PSEUDO_SCHEMA)
-    pq.write_table(table, path)
+    with atomic_path(path) as partial:  # the run's state names the file: whole and on disk first
+        pq.write_table(table, partial)
     return path
 
 

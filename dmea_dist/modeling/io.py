@@ -25,15 +25,15 @@ as a traceback or, worse, as a model that loads and answers wrongly:
   answers. Manifests written before it existed load without the check;
 - a truncated or foreign weights file (safetensors cannot parse it) and a
   manifest of another format or model shape are named as such;
-- both files are written to a temporary name and renamed, weights first,
-  manifest last, so a killed save never leaves a manifest over half a file.
+- both files are written atomically and durably (`dmea_dist.files`), weights
+  first, manifest last, so a killed save or a machine crash never leaves a
+  manifest over half a file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dmea_dist.errors import DmeaError
+from dmea_dist.files import atomic_path, sync_tree, write_text
 from dmea_dist.modeling.adapters import LayerModule, RoutedSublayer
 from dmea_dist.modeling.model import DMEAModel
 
@@ -206,7 +207,7 @@ def save_backbone(model: DMEAModel, directory: str | Path) -> Path:
                 break
         state[key] = tensor
     model.backbone.save_pretrained(directory, state_dict=state)
-    return Path(directory)
+    return sync_tree(directory)  # durable before the run's state or a record names it
 
 
 # ------------------------------------------------------------------- helpers
@@ -234,21 +235,12 @@ def _manifest(model: DMEAModel, *, kind: str, modules: dict[int, list[int]]) -> 
 
 def _write(model: DMEAModel, directory, manifest: dict, modules: dict[int, list[int]]) -> Path:
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = modules_state(model, modules, rows=manifest["rows"])
-    weights = directory / WEIGHTS
-    partial = weights.with_name(f".{WEIGHTS}.{os.getpid()}.tmp")
-    save_file(tensors, str(partial), metadata={"format": "pt"})
-    manifest["weights_sha256"] = _sha256(partial)
-    os.replace(partial, weights)
-    _write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with atomic_path(directory / WEIGHTS) as partial:  # weights first: the manifest names their checksum
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        manifest["weights_sha256"] = _sha256(partial)
+    write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def _write_text_atomic(file: Path, text: str) -> None:
-    partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    os.replace(partial, file)
 
 
 def _sha256(file: Path) -> str:

@@ -309,6 +309,33 @@ def test_a_coordinator_built_from_the_files_continues_where_the_run_stopped(tmp_
     assert any(key.startswith("replay:") for key, _, _ in kernels.adapt_jobs[0].sources)
 
 
+@pytest.mark.parametrize("method", ["dmea", "lamol"])
+def test_every_file_the_run_writes_survives_a_machine_crash(tmp_path, monkeypatch, method):
+    """A resume after a power loss reads the state and every file it names (snapshots, records, bases, pseudo
+    samples, a task's modules or backbone): each must be fsynced under its final name and its directory after
+    the name appeared, or the rename (or the data under it) can be lost while state.json names it."""
+    from tests.unit.disk_log import DiskLog
+
+    disk = DiskLog(monkeypatch)
+    coordinator, _ = _coordinator(tmp_path, method)
+    while not coordinator.state.done:
+        coordinator.step()
+    run_dir = tmp_path / method
+    made_by_the_test = {run_dir / "config.yaml", run_dir / "backbone", run_dir / "tokenizer"}  # `_run`, plainly
+    made_before = made_by_the_test | {p for d in made_by_the_test if d.is_dir() for p in d.rglob("*")}
+    written = sorted(p for p in run_dir.rglob("*") if p.is_file() and p not in made_before)
+    kinds = {p.name for p in written}
+    assert {"state.json", "record.json", "token_counts.json"} <= kinds
+    if method == "dmea":  # module snapshots and a task's modules, bases, pseudo samples
+        assert {"manifest.json", "modules.safetensors", "basis.safetensors"} <= kinds
+        assert any(p.suffix == ".parquet" for p in written)
+    else:  # the fine-tuned backbone, as snapshot and as a task's model
+        assert "model.safetensors" in kinds
+    assert [why for p in written if (why := disk.why_not_durable(p))] == []
+    folders = {p.parent for p in written} - {run_dir}
+    assert [f for f in sorted(folders) if f not in made_before and not disk.directory_synced(f.parent)] == []
+
+
 def test_eval_every_k_tasks_leaves_the_other_rows_empty(tmp_path):
     config = _config(tmp_path, "adapter")
     config = type(config)(**{**config.__dict__, "eval": type(config.eval)(**{**config.eval.__dict__, "every": 2})})
