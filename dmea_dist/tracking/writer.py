@@ -11,6 +11,7 @@ not interfere; `mlflow` is imported lazily (`enabled=False` never imports it).
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +62,7 @@ class Tracker:
         self._client = None
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
+        self._resumed = False  # the parent run may already hold this run's sequence metrics
         if enabled:
             connected = self._fetch(
                 f"connecting to {redact_uri(self.uri)} (experiment {experiment!r}); tracking is off",
@@ -130,7 +132,7 @@ class Tracker:
         experiment_id = self._fetch(f"resuming the sequence run {run_id}", reattach)
         if experiment_id is None:
             return None
-        self._experiment_id, self._parent_run_id = experiment_id, run_id
+        self._experiment_id, self._parent_run_id, self._resumed = experiment_id, run_id, True
         self._attempt(f"ending the task runs of {run_id} left running", lambda: self._end_unfinished(run_id))
         return run_id
 
@@ -141,14 +143,20 @@ class Tracker:
         *,
         step: int | None = None,
     ) -> None:
-        """Metrics (e.g. A_T, BWT; `step` = tasks done, optional) and artifacts of the parent run."""
+        """Metrics (e.g. A_T, BWT; `step` = tasks done, optional) and artifacts of the parent run.
+
+        In a resumed sequence a point the parent run already holds (same key, step and value: a finished run
+        resumed, or one killed after its final metrics were logged) is not logged again, so each metric's
+        history holds it once."""
         if self._client is None or not self._has_sequence("log_sequence_metrics"):
             return
         run_id = self._parent_run_id
-        self._attempt(
-            "logging sequence metrics",
-            lambda: self._log_metrics(run_id, metrics, {}, step=step or 0),
-        )
+
+        def log():
+            points = self._not_yet_logged(run_id, metrics, step or 0) if self._resumed else metrics
+            self._log_metrics(run_id, points, {}, step=step or 0)
+
+        self._attempt("logging sequence metrics", log)
         self._log_artifacts(run_id, artifacts or {}, "the sequence run")
 
     def finish_sequence(self, status: str = "FINISHED") -> None:
@@ -295,6 +303,24 @@ class Tracker:
             )
         for batch in _chunks(entities, METRICS_PER_BATCH):
             self._client.log_batch(run_id, metrics=batch)
+
+    def _not_yet_logged(self, run_id: str, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+        """`metrics` less the points the run's history already holds at `step` with the same value."""
+
+        def same(a, b) -> bool:
+            return a == b or (math.isnan(a) and math.isnan(b))
+
+        out = {}
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):  # not a number: `_log_metrics` warns about it
+                out[key] = value
+                continue
+            history = self._client.get_metric_history(run_id, mlflow_key(key))
+            if not any(m.step == step and same(m.value, number) for m in history):
+                out[key] = value
+        return out
 
     def _log_config(self, run_id: str, config: Mapping[str, Any]) -> None:
         import yaml

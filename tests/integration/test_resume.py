@@ -6,7 +6,7 @@ task's adaptation is between two epoch checkpoints; `dmea resume` of the
 killed run. The resumed run must finish with the uninterrupted run's paths
 and R matrix, continue the adaptation from its checkpoint (not from step 0),
 and leave MLflow with one parent run holding each task exactly once, nothing
-RUNNING.
+RUNNING. Beside them, in process: a finished run resumed records its sequence metrics once.
 """
 
 from __future__ import annotations
@@ -139,3 +139,26 @@ def test_resume_refuses_a_changed_config_and_a_folder_that_is_no_run(runs, tmp_p
     assert main(["resume", str(tmp_path), "--in-process"]) == 2
     assert "not a run directory" in capsys.readouterr().err
     assert (killed / "state.json").read_bytes() == before  # nothing of the run was touched
+
+
+def test_a_finished_run_resumed_records_each_sequence_metric_once(tmp_path):
+    """`dmea resume` of a finished run (to record a task a kill left out, or after a kill between the final
+    metrics and the end of the parent run) logged final_average, bwt, ... again: two points in each history."""
+    import mlflow
+
+    from dmea_dist.driver import resume_sequence, run_sequence
+
+    config = tiny_config(tmp_path, data={"tasks": ["synth.hotel.00", "synth.hotel.01"], "synth_sizes": [16, 8, 8]},
+                         model={"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 96, "vocab_size": 400,
+                                         "pretrain": {"steps": 5, "batch_size": 8, "seq_len": 48,
+                                                      "heldout_tasks": 1}}})
+    first = run_sequence(config, run_dir=tmp_path / "run", progress=False, echo=lambda line: None)
+    again = resume_sequence(tmp_path / "run", progress=False, echo=lambda line: None)
+    assert again.parent_run_id == first.parent_run_id and again.metrics == first.metrics
+    client = mlflow.MlflowClient(config.tracking.uri)
+    parent = client.get_run(first.parent_run_id)
+    assert {"final_average", "bwt", "forgetting"} <= set(parent.data.metrics)
+    points = {key: [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, key)]
+              for key in parent.data.metrics}
+    assert points == {key: [(0, value)] for key, value in parent.data.metrics.items()}
+    assert parent.info.status == "FINISHED"
