@@ -6,7 +6,8 @@ directory (new, unique, locked against a second driver), start the
 coordinator (in process, or as a Ray actor), open or reattach the MLflow
 parent run, step the stages (progress per stage and task), record every
 finished task in a nested MLflow run exactly once (the driver is the only
-process that talks to MLflow), and end with the R matrix, the
+process that talks to MLflow; a record cut short by a tracking failure is
+made again at the next resume), and end with the R matrix, the
 continual-learning metrics and a Markdown/HTML report in the run directory.
 
 Stops are safe: Ctrl-C stops after the stage in progress with the state
@@ -523,28 +524,34 @@ def _servable(tracker, config: RunConfig, rec: dict[str, Any]) -> Iterator[Any]:
 
 
 def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
-    """After a crash: record finished tasks the state has no MLflow run for, unless MLflow already has one."""
+    """After a crash: record each finished task that has no complete (FINISHED) MLflow run, the one readers
+    and `dmea generate RUN_ID` take. Its run is missing from the state (the driver died while recording it), or
+    the state names one that ended FAILED (a part failed to record) or was left RUNNING (its end call failed)
+    and then ended KILLED by `Tracker.resume_sequence`. A FINISHED run MLflow holds for the task is kept."""
     if not tracker.active or tracker.parent_run_id is None:
         return
-    known = coordinator.tracking()["tasks"]
-    missing = [rec for rec in coordinator.records() if known.get(rec["task_id"]) is None]
-    if not missing:
+    records = coordinator.records()
+    if not records:
         return
+    known = coordinator.tracking()["tasks"]
     from dmea_dist.tracking import find_task_runs, warn_failure
 
     try:
-        existing = {r["task_id"]: r["run_id"] for r in find_task_runs(
+        finished = {r["task_id"]: r["run_id"] for r in find_task_runs(
             uri=config.tracking.uri, experiment=config.tracking.experiment, parent_run_id=tracker.parent_run_id)}
     except Exception as err:  # unknown what MLflow holds: record nothing twice, try again at the next resume
-        warn_failure(f"looking up the records of {[rec['task_id'] for rec in missing]}", err,
-                     "they stay unrecorded until a later `dmea resume` finds the store; the run goes on",
-                     stacklevel=3)
+        missing = [rec["task_id"] for rec in records if known.get(rec["task_id"]) is None]
+        if missing:  # the runs the state names stay as they are
+            warn_failure(f"looking up the records of {missing}", err,
+                         "they stay unrecorded until a later `dmea resume` finds the store; the run goes on",
+                         stacklevel=3)
         return
-    for rec in missing:
-        if rec["task_id"] in existing:  # recorded just before the driver died: keep that one
-            coordinator.set_tracking(task_id=rec["task_id"], run_id=existing[rec["task_id"]])
-        else:
+    for rec in records:
+        run_id = finished.get(rec["task_id"])
+        if run_id is None:
             _record(tracker, coordinator, config, rec)
+        elif known.get(rec["task_id"]) != run_id:  # recorded just before the driver died: keep that one
+            coordinator.set_tracking(task_id=rec["task_id"], run_id=run_id)
 
 
 class StopRequest:

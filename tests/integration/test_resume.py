@@ -6,7 +6,8 @@ task's adaptation is between two epoch checkpoints; `dmea resume` of the
 killed run. The resumed run must finish with the uninterrupted run's paths
 and R matrix, continue the adaptation from its checkpoint (not from step 0),
 and leave MLflow with one parent run holding each task exactly once, nothing
-RUNNING. Beside them, in process: a finished run resumed records its sequence metrics once.
+RUNNING. Beside them, in process: a finished run resumed records its sequence metrics once, and a
+resume records again each task whose MLflow record did not finish.
 """
 
 from __future__ import annotations
@@ -148,10 +149,7 @@ def test_a_finished_run_resumed_records_each_sequence_metric_once(tmp_path):
 
     from dmea_dist.driver import resume_sequence, run_sequence
 
-    config = tiny_config(tmp_path, data={"tasks": ["synth.hotel.00", "synth.hotel.01"], "synth_sizes": [16, 8, 8]},
-                         model={"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 96, "vocab_size": 400,
-                                         "pretrain": {"steps": 5, "batch_size": 8, "seq_len": 48,
-                                                      "heldout_tasks": 1}}})
+    config = _tiny_two_tasks(tmp_path)
     first = run_sequence(config, run_dir=tmp_path / "run", progress=False, echo=lambda line: None)
     again = resume_sequence(tmp_path / "run", progress=False, echo=lambda line: None)
     assert again.parent_run_id == first.parent_run_id and again.metrics == first.metrics
@@ -162,3 +160,55 @@ def test_a_finished_run_resumed_records_each_sequence_metric_once(tmp_path):
               for key in parent.data.metrics}
     assert points == {key: [(0, value)] for key, value in parent.data.metrics.items()}
     assert parent.info.status == "FINISHED"
+
+
+def _tiny_two_tasks(tmp_path):
+    return tiny_config(tmp_path, data={"tasks": ["synth.hotel.00", "synth.hotel.01"], "synth_sizes": [16, 8, 8]},
+                       model={"tiny": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 96, "vocab_size": 400,
+                                       "pretrain": {"steps": 5, "batch_size": 8, "seq_len": 48,
+                                                    "heldout_tasks": 1}}})
+
+
+def test_a_resume_records_again_a_task_whose_record_did_not_finish(tmp_path, monkeypatch):
+    """MLflow failed at the first task's registration (its run ends FAILED) and at the second's end call (left
+    RUNNING, then ended KILLED by the resume). The state named both runs, so the resume recorded neither again,
+    and `dmea generate RUN_ID` (download_run, which takes FINISHED task runs) found no task of the run."""
+    import mlflow
+
+    from dmea_dist.driver import resume_sequence, run_sequence
+    from dmea_dist.tracking import TrackingWarning, download_run, find_task_runs
+
+    config = _tiny_two_tasks(tmp_path)
+    first_task, second_task = config.data.tasks
+    real_version, real_end = mlflow.MlflowClient.create_model_version, mlflow.MlflowClient.set_terminated
+    failed = []
+
+    def create_model_version(self, name, *args, tags=None, **kwargs):  # the store fails once, for task 0
+        if (tags or {}).get("task_id") == first_task and not failed:
+            failed.append("register")
+            raise mlflow.exceptions.MlflowException("registry unavailable")
+        return real_version(self, name, *args, tags=tags, **kwargs)
+
+    def set_terminated(self, run_id, status=None, *args, **kwargs):  # and once at task 1's end call
+        if self.get_run(run_id).data.tags.get("dmea.task_id") == second_task and "end" not in failed:
+            failed.append("end")
+            raise mlflow.exceptions.MlflowException("connection reset")
+        return real_end(self, run_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_model_version", create_model_version)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", set_terminated)
+    with pytest.warns(TrackingWarning):
+        first = run_sequence(config, run_dir=tmp_path / "run", progress=False, echo=lambda line: None)
+    assert failed == ["register", "end"]
+    uri, experiment, parent = config.tracking.uri, config.tracking.experiment, first.parent_run_id
+    assert find_task_runs(uri=uri, experiment=experiment, parent_run_id=parent) == []
+
+    resume_sequence(tmp_path / "run", progress=False, echo=lambda line: None)
+    found = find_task_runs(uri=uri, experiment=experiment, parent_run_id=parent)
+    assert [r["task_id"] for r in found] == [first_task, second_task]
+    assert [t["mlflow_run_id"] for t in _state(tmp_path / "run")["tasks"]] == [r["run_id"] for r in found]
+    folder, _ = download_run(uri=uri, run_id=parent, dst=tmp_path / "served")
+    assert sorted(p.name for p in (folder / "tasks").iterdir()) == [f"000-{first_task}", f"001-{second_task}"]
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    assert client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'") == []
