@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from dmea_dist.config import RunConfig, dump_yaml
 from dmea_dist.data.formatting import Formatter, encode_task
 from dmea_dist.data.lengths import check_lengths
-from dmea_dist.data.registry import load_task
+from dmea_dist.data.registry import load_task, normalize_user_tasks
 from dmea_dist.data.synthetic import FAMILIES, parse_synthetic_name
 from dmea_dist.data.tokenizer import (
     SpecialTokenIds,
@@ -43,6 +43,7 @@ from dmea_dist.data.tokenizer import (
     not_loadable,
     train_bpe_tokenizer,
 )
+from dmea_dist.data.user_tasks import locate_input
 from dmea_dist.errors import ConfigError, DataError
 from dmea_dist.files import sync_tree, write_text
 from dmea_dist.method.policy import MethodPolicy, method_policy
@@ -353,9 +354,15 @@ def check_max_length(config: RunConfig) -> int:
 def length_check(config: RunConfig, tasks: list[Task], *, positions: int) -> Callable[[Any], None]:
     """check_lengths of every task with a tokenizer, for tiny_backbone or a pretrained tokenizer."""
     rows = [(t.task_id, t.rows) for t in tasks]
+    specs = normalize_user_tasks(config.data.user_tasks)
+
+    def locate(task_id: str, split: str, row: dict) -> str | None:  # a user task's row: its file and line
+        spec = specs.get(task_id)
+        return locate_input(spec, split, context=row["context"], question=row["question"]) if spec else None
+
     return lambda tokenizer: check_lengths(Formatter(tokenizer, max_length=config.model.max_length), rows,
                                            train_references=config.data.train_references,
-                                           overlength=config.data.overlength, positions=positions)
+                                           overlength=config.data.overlength, positions=positions, locate=locate)
 
 
 def build_run(config: RunConfig, *, run_dir: str | Path) -> Run:

@@ -6,7 +6,8 @@ that differ only at their end (two E2E MRs that differ in their last
 attribute become one prompt with two answers), so a run must say so:
 `check_lengths` measures every task once, before training, and with
 `data.overlength: error` (the default) refuses the run naming the task,
-split, row and token count; with `truncate` it warns once per task with the
+split, row (a user task's row by its file and line, as `user_tasks` names
+rows) and token count; with `truncate` it warns once per task with the
 number of cut examples and of distinct inputs that became one prompt.
 
 What is measured is what the run encodes:
@@ -18,7 +19,7 @@ What is measured is what the run encodes:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dmea_dist.data.formatting import Formatter, _join
@@ -69,11 +70,14 @@ def measure_split(formatter: Formatter, rows: Sequence[Mapping], *, split: str, 
 
 
 def check_lengths(formatter: Formatter, tasks: Sequence[tuple[str, Mapping[str, Sequence[Mapping]]]], *,
-                  train_references: str, overlength: str, positions: int) -> None:
+                  train_references: str, overlength: str, positions: int,
+                  locate: Callable[[str, str, Mapping], str | None] | None = None) -> None:
     """Refuse (`overlength="error"`) or warn once per task about (`"truncate"`) examples that do not fit.
 
     `tasks`: (task_id, split -> rows) in sequence order; `positions`: the
-    model's, named in the fix (max_length may be raised up to it).
+    model's, named in the fix (max_length may be raised up to it). `locate`:
+    (task_id, split, row) -> where the row is in its file ('file:line'), or
+    None; the error names that place, else the row's index as loaded.
     """
     found = []
     for task_id, rows in tasks:
@@ -88,10 +92,13 @@ def check_lengths(formatter: Formatter, tasks: Sequence[tuple[str, Mapping[str, 
         for task_id, splits in found:
             warnings.warn(_truncate_message(task_id, splits, formatter.max_length), DataWarning, stacklevel=2)
         return
-    raise DataError(_error_message(found, formatter.max_length, positions))
+    task_id, splits = found[0]
+    first = next(s for s in splits if s.over)
+    place = locate(task_id, first.split, dict(tasks)[task_id][first.split][first.over[0][0]]) if locate else None
+    raise DataError(_error_message(found, formatter.max_length, positions, place=place))
 
 
-def _error_message(found, max_length: int, positions: int) -> str:
+def _error_message(found, max_length: int, positions: int, *, place: str | None) -> str:
     task_id, splits = found[0]
     first = next(s for s in splits if s.over)
     row, tokens = first.over[0]
@@ -101,8 +108,9 @@ def _error_message(found, max_length: int, positions: int) -> str:
     else:
         fix = f"shorten these inputs (model.max_length={max_length} is already all the model's {positions} positions)"
     start = first.first_input if len(first.first_input) <= 60 else first.first_input[:60] + "..."
-    return (f"task {task_id!r}, split {first.split!r}, row {row} (0-based, as loaded), input {start!r}: "
-            f"{tokens} tokens, longer than "
+    where = f"{place}: task {task_id!r}, split {first.split!r}" if place else \
+        f"task {task_id!r}, split {first.split!r}, row {row} (0-based, as loaded)"
+    return (f"{where}, input {start!r}: {tokens} tokens, longer than "
             f"model.max_length={max_length} (examples too long per task: {counts}); {fix}, or set "
             f"data.overlength: truncate to cut inputs from their end (inputs that then look the same merge)")
 

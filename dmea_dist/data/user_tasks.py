@@ -186,11 +186,24 @@ def read_task_file(path: str | Path, *, format: str | None = None) -> list[Sampl
     if not path.is_file():
         where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
         raise DataError(f"{path}: file not found{where}; check the user task's path")
-    readers = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}
-    samples = _merge_inputs(_validate(rec, where) for where, rec in readers[fmt](path))
+    samples = _merge_inputs(_validate(rec, where) for where, rec in _READERS[fmt](path))
     if not samples:
         raise DataError(f"{path}: no data rows; {_ROW_HELP}")
     return samples
+
+
+def locate_input(spec: UserTaskSpec, split: str, *, context: str, question: str) -> str | None:
+    """Where the input (`context`, `question`) of a loaded `split` row first appears in the user task's file, as
+    this module's errors name rows: 'file:line' (JSONL, CSV: 1-based, as an editor shows it) or 'file row N
+    (0-based)' (Parquet); None where no row has it. Loading merges repeated inputs and a one-file spec is shuffled
+    into splits, so a loaded row's index does not find it in the file: this reads the file again (for errors)."""
+    path = Path(spec.path if spec.path is not None else getattr(spec, split))
+    fmt = spec.format or _SUFFIX_FORMATS.get(path.suffix.lower())
+    for where, record in _READERS[fmt](path):
+        if isinstance(record, Mapping) and record.get("context") == context and \
+                (record.get("question") or "") == question:
+            return where
+    return None
 
 
 def _merge_inputs(samples: Iterable[Sample]) -> list[Sample]:
@@ -302,3 +315,6 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: missing column(s) {sorted(missing)}; {_ROW_HELP}")
     for index, record in enumerate(table.to_pylist()):
         yield f"{path} row {index} (0-based)", record
+
+
+_READERS = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}

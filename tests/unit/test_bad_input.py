@@ -260,8 +260,57 @@ def test_overlength_input_fails_before_training_naming_task_split_row(workspace,
     write_rows(root, "mine.jsonl", [*GOOD_ROWS, long_row])
     config = write_config(root, ["mine"], data=user_task(root, "mine", "data/mine.jsonl"))
     line = refused(["run", str(config), "--in-process"], capsys, root, before)
-    assert "task 'mine', split " in line and "row " in line and "tokens, longer than model.max_length=64" in line
+    # the row by its place in the file (line 21), as every other bad-row error names it
+    assert f"{root / 'data' / 'mine.jsonl'}:21: task 'mine', split " in line
+    assert "tokens, longer than model.max_length=64" in line
     assert "shorten these inputs" in line and "data.overlength: truncate" in line
+
+
+LONG = " ".join(f"word{i}" for i in range(80))
+
+
+def _csv_file(path: Path) -> None:
+    """A header, a quoted answer over two lines, a blank line, an emptied spreadsheet row: the long input is on
+    line 26 of the file, and 22nd of the rows."""
+    rows = [f"{r['context']},{r['answer']}" for r in GOOD_ROWS]
+    lines = ["context,answer", *rows[:3], 'name[x] area[y],"x is\nin y"', "", *rows[3:18], ",", *rows[18:], f"{LONG},short"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _jsonl_file(path: Path) -> None:
+    """Blank lines between rows, the long input twice (merged into one input on loading): its first line is 24."""
+    lines = [json.dumps(r) for r in GOOD_ROWS[:10]] + ["", "  "] + [json.dumps(r) for r in GOOD_ROWS[10:]]
+    lines += ["", json.dumps({"context": LONG, "answer": "short"}), json.dumps({"context": LONG, "answer": "other"})]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _parquet_file(path: Path) -> None:
+    contexts = [r["context"] for r in GOOD_ROWS]
+    contexts.insert(7, LONG)
+    pq.write_table(pa.table({"context": contexts, "answer": ["a"] * len(contexts)}), path)
+
+
+@pytest.mark.parametrize("name, write, place", [
+    ("mine.csv", _csv_file, ":26"), ("mine.jsonl", _jsonl_file, ":24"), ("mine.parquet", _parquet_file, " row 7 (0-based)"),
+])
+@pytest.mark.parametrize("layout", ["one file", "per-split files"])
+def test_an_overlength_row_of_a_user_file_is_named_by_its_file_and_line(workspace, capsys, name, write, place, layout):
+    """The error named the row's index as loaded (inputs merged, one file shuffled into splits): no line of the
+    file. It names the file and line an editor shows, as the other errors about a row of these files do."""
+    root, before = workspace
+    (root / "data").mkdir()
+    path = root / "data" / name
+    write(path)
+    if layout == "one file":
+        spec = user_task(root, "mine", f"data/{name}")
+    else:  # the long row in the test split's file; train and validation plain
+        plain = write_rows(root, "plain.jsonl", GOOD_ROWS)
+        spec = {"user_tasks": {"mine": {"train": str(plain), "validation": str(plain), "test": str(path)}}}
+    config = write_config(root, ["mine"], data=spec)
+    line = refused(["run", str(config), "--in-process"], capsys, root, before)
+    split = "'test'" if layout == "per-split files" else "'"
+    assert f"error: {path}{place}: task 'mine', split {split}" in line, line
+    assert "tokens, longer than model.max_length=64" in line and "as loaded" not in line
 
 
 def _tokenizer():
