@@ -40,7 +40,14 @@ def png(figure: Figure) -> bytes:
 
 
 def _short(name: str, width: int = 22) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
+    """A task, stream or run name cut to `width` characters, drawn as the literal text it is.
+
+    Every user string reaches matplotlib through here: matplotlib reads text between two `$` as mathtext,
+    which garbles a name like "from $5 to $10" and fails the whole figure (the report) on one that is no valid
+    expression, so `$` is escaped; and a legend leaves out labels that start with `_`, so those get a space.
+    """
+    text = (name if len(name) <= width else name[: width - 1] + "…").replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def _draw_heatmap(ax, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, vmin: float, vmax: float,

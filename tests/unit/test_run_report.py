@@ -23,6 +23,7 @@ from PIL import Image
 
 from dmea_dist.cli import main
 from dmea_dist.data.synthetic import task_relatedness
+from dmea_dist.evaluation import plots
 from dmea_dist.evaluation.pages import write_report
 from dmea_dist.evaluation.run_data import (
     NEW,
@@ -130,6 +131,32 @@ def test_a_stopped_run_evaluated_every_other_task_gets_metrics_after_its_last_ev
     n = float("nan")  # 4 tasks, stopped after task 3: A is over R[3][0..3], not the stale row 1
     R4 = np.array([[n] * 4, [70.0, 40.0, n, n], [n] * 4, [60.0, 30.0, 50.0, 80.0]])
     assert sequence_metrics(R4) == {"final_average": pytest.approx(55.0)}
+
+
+@pytest.mark.parametrize("name", ["cost $\\frac$ z", "from $5 to $10", "$x^2$"])
+def test_figures_draw_a_name_with_dollar_signs_as_its_text(name):
+    """matplotlib reads text between two `$` as mathtext: a user task named so garbled the labels or, where it is
+    no valid expression, failed every figure and so the whole report (and the finished run's report)."""
+    names = [name, "e2e"]
+    figures = [plots.heatmap_figure(np.array([[1.0, np.nan], [2.0, 3.0]]), names, title="R", xlabel="i", ylabel="j"),
+               plots.curves_figure({name: {f"replay:{name}": [1.0, 2.0]}}, title="eta", ylabel="eta"),
+               plots.comparison_figure([f"{name} (dmea)"], names, [np.array([1.0, 2.0])], [np.array([1.0, 1.5])])]
+    for figure in figures:
+        assert plots.png(figure).startswith(b"\x89PNG")  # drawn, not a mathtext ValueError
+    texts = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
+    texts += [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()]
+    texts += [t.get_text() for t in figures[2].axes[0].get_legend().get_texts()]
+    # every `$` escaped (matplotlib draws `\$` as a plain `$`), so the label reads as the name
+    assert all(not re.search(r"(?<!\\)\$", text) for text in texts), texts
+    assert texts[0].replace("\\$", "$") == name
+
+
+def test_comparison_legend_names_a_run_whose_name_starts_with_an_underscore():
+    """matplotlib leaves legend labels starting with `_` out: such a run's bars had no entry."""
+    figure = plots.comparison_figure(["_scratch (dmea)", "base (acm)"], ["a", "b"],
+                                     [np.array([1.0, 2.0])] * 2, [np.array([1.0, 1.5])] * 2)
+    assert [t.get_text().strip() for t in figure.axes[0].get_legend().get_texts()] == ["_scratch (dmea)",
+                                                                                        "base (acm)"]
 
 
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
