@@ -323,7 +323,7 @@ def render_markdown(title: str, runs: list[RunData], summary: list[list[str]], s
                     images: dict[tuple[str, int], Path], out: Path) -> str:
     lines = [f"# {_md(title)}", "", "## What happened", ""]
     for run, said in zip(runs, summary, strict=True):
-        lines += [f"**{_md(run.name)} ({_md(run.method)})**: " + " ".join(said), ""]
+        lines += [f"**{_md(run.name)} ({_md(run.method)})**: " + " ".join(_md(line) for line in said), ""]
     for section in sections:
         lines += [f"## {section.title}", "", f"_{section.caption}_", ""]
         for k, panel in enumerate(section.panels):
@@ -333,8 +333,8 @@ def render_markdown(title: str, runs: list[RunData], summary: list[list[str]], s
                 lines += [f"![{section.title}]({images[(section.key, k)].relative_to(out).as_posix()})", ""]
             elif panel.table is not None:
                 header, rows = panel.table
-                lines += _md_table([html.unescape(h) for h in header],
+                lines += _md_table([_md(html.unescape(h)) for h in header],
                                    [[_md(html.unescape(c)) for c in row] for row in rows]) + [""]
             else:
-                lines += [panel.note, ""]
+                lines += [_md(panel.note), ""]
     return "\n".join(lines)

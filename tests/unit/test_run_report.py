@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -42,35 +43,37 @@ PATHS = {TASKS[0]: [0, 0, 0, 0], TASKS[1]: [1, 0, 1, 1], TASKS[2]: [0, 2, 1, 0]}
 R = [[85.9, None, None], [85.0, 36.4, None], [86.4, 30.0, 80.8]]
 
 
-def make_run(root: Path, *, method: str = "dmea", finished: bool = True, R=R) -> Path:
-    """A run directory as `dmea run` leaves it (without the module weights, which the report never reads)."""
+def make_run(root: Path, *, method: str = "dmea", finished: bool = True, R=R, tasks=TASKS) -> Path:
+    """A run directory as `dmea run` leaves it (without the module weights, which the report never reads);
+    `tasks`: other names for the three tasks."""
+    paths = dict(zip(tasks, PATHS.values(), strict=True))
     run = root / f"quickstart-20260101-000000-{method}"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({
         "name": "quickstart", "method": {"name": method, "adaptation": {"eta_clamp": [0.1, 10.0]}},
-        "eval": {"metric": "rouge"}, "data": {"tasks": TASKS}}))
+        "eval": {"metric": "rouge"}, "data": {"tasks": tasks}}))
     history = [{"task": t, "task_index": i, "stage": s, "seconds": sec}
-               for i, t in enumerate(TASKS) for s, sec in (("expand", 2.0 * i), ("adapt", 5.0), ("evaluate", 1.0))]
+               for i, t in enumerate(tasks) for s, sec in (("expand", 2.0 * i), ("adapt", 5.0), ("evaluate", 1.0))]
     state = {"format": "dmea-run-state", "version": 1, "task_index": 2, "stage": "done" if finished else "adapt",
              "status": "finished" if finished else "failed", "R": R,
              "similarity": [[None] * 3, [0.55, None, None], [0.96, 0.32, None]], "history": history,
-             "tasks": [{"task_id": t, "index": i, "path": PATHS[t], "selected": [TASKS[0]] if i else []}
-                       for i, t in enumerate(TASKS)]}
+             "tasks": [{"task_id": t, "index": i, "path": paths[t], "selected": [tasks[0]] if i else []}
+                       for i, t in enumerate(tasks)]}
     (run / "state.json").write_text(json.dumps(state))
-    for i, task in enumerate(TASKS):
+    for i, task in enumerate(tasks):
         folder = run / "tasks" / f"{i:03d}-{task}"
         (folder / "modules").mkdir(parents=True)
         (folder / "modules" / "manifest.json").write_text(json.dumps({"d_model": 64, "bottleneck": 32}))
-        rec = {"task_id": task, "task_index": i, "params": {"replay": [TASKS[0]] if i == 2 else [],
-                                                             "transfer": [TASKS[0]] if i else []},
+        rec = {"task_id": task, "task_index": i, "params": {"replay": [tasks[0]] if i == 2 else [],
+                                                             "transfer": [tasks[0]] if i else []},
                "metrics": {}, "series": {"loss.new": list(np.linspace(2, 1, 30))}}
         if i:
-            rec["params"]["token_similarity"] = {TASKS[0]: 0.9 if i == 2 else 0.2}
-            rec["metrics"].update({f"pseudo.yield.{TASKS[0]}": 1.0, f"pseudo.fidelity.{TASKS[0]}": 0.5 + 0.1 * i,
-                                   f"pseudo.kept.{TASKS[0]}": 32.0, f"pseudo.requested.{TASKS[0]}": 32.0})
+            rec["params"]["token_similarity"] = {tasks[0]: 0.9 if i == 2 else 0.2}
+            rec["metrics"].update({f"pseudo.yield.{tasks[0]}": 1.0, f"pseudo.fidelity.{tasks[0]}": 0.5 + 0.1 * i,
+                                   f"pseudo.kept.{tasks[0]}": 32.0, f"pseudo.requested.{tasks[0]}": 32.0})
         if i == 2:
-            rec["series"][f"eta.replay:{TASKS[0]}"] = [10.0, 3.0, 1.5, 1.2, 1.0, 1.0]
-            rec["metrics"][f"pseudo.real_fidelity.{TASKS[0]}"] = 0.8
+            rec["series"][f"eta.replay:{tasks[0]}"] = [10.0, 3.0, 1.5, 1.2, 1.0, 1.0]
+            rec["metrics"][f"pseudo.real_fidelity.{tasks[0]}"] = 0.8
         (folder / "record.json").write_text(json.dumps(rec))
     if finished:
         (run / "metrics.json").write_text(json.dumps({"final_average": 65.7, "bwt": -2.7, "forgetting": 3.2}))
@@ -206,6 +209,51 @@ def test_comparison_of_two_runs_side_by_side(tmp_path, capsys):
 def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+ODD_NAMES = ["a|b <b>x & y", "cost [link](x) *z* `c`", "line\nbreak _u_ ~~s~~ &amp;"]  # no `/`: task names can't
+
+
+class _Markup(HTMLParser):
+    """Tags, and the text of each table cell, of HTML that a Markdown renderer made."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.cells, self.text, self._cell = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.cells.append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_markdown_report_shows_task_and_run_names_as_written(tmp_path):
+    """A user task or run folder named with Markdown or HTML in it: the summary paragraph, the comparison's
+    header and the notes passed it through raw (a `<b>` bolded, a `[..](..)` linked, a `|` split the header);
+    checked by rendering the file with a CommonMark + GFM-tables renderer."""
+    markdown_it = pytest.importorskip("markdown_it")
+    first = make_run(tmp_path / "a", tasks=ODD_NAMES)
+    second = make_run(tmp_path / "b", tasks=ODD_NAMES, method="acm").rename(tmp_path / "b" / "<i>old | run")
+    out = write_report([first, second], out=tmp_path / "cmp").markdown
+    page = _Markup()
+    page.feed(markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(out.read_text()))
+    shown = [name.replace("\n", " ") for name in ODD_NAMES]
+    assert not {"b", "i", "a", "code", "s", "del"} & set(page.tags), set(page.tags)
+    text = "".join(page.text)
+    assert f"on 3 tasks ({', '.join(shown)})" in text  # the summary sentence, as written
+    assert f"t1 chose {shown[0]}" in text
+    assert "<i>old | run (acm)" in page.cells  # a column of the comparison table, not two
+    assert [f"t{i} {name}" for i, name in enumerate(shown)] == [c for c in page.cells if c.startswith("t") and c[1:2].isdigit()][:3]
 
 
 # ------------------------------------------------------------------ a real browser
