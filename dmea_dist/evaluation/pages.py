@@ -40,6 +40,7 @@ from dmea_dist.evaluation.run_data import (
     series,
     stage_seconds,
 )
+from dmea_dist.files import make_dirs, write_bytes, write_text
 
 METRIC_NOTES = {
     "final_average": "A_T: mean score over all tasks after the last one (the papers' number)",
@@ -92,17 +93,19 @@ def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = Non
                                  Path.cwd() / f"dmea-report-{time.strftime('%Y%m%d-%H%M%S')}")
     sections = ([comparison_section(runs)] if len(runs) > 1 else []) + run_sections(runs)
     figures = out / "report_files"
-    figures.mkdir(parents=True, exist_ok=True)
+    make_dirs(figures)
     images: dict[tuple[str, int], Path] = {}
     for section in sections:
         for k, panel in enumerate(section.panels):
             if panel.image is not None:
                 images[(section.key, k)] = figures / f"{section.key}-{k}.png"
-                images[(section.key, k)].write_bytes(panel.image)
+                write_bytes(images[(section.key, k)], panel.image)
     title = "dmea-dist report: " + " vs ".join(f"{r.name} ({r.method})" for r in runs)
     summary = [summary_lines(r) for r in runs]
-    (out / "report.md").write_text(render_markdown(title, runs, summary, sections, images, out))
-    (out / "report.html").write_text(render_html(title, runs, summary, sections))
+    # atomic, like the run's other files: a report rewritten over an older one (`dmea report` again, a resumed
+    # run finishing) that is killed half-way leaves the older one whole, never a truncated page
+    write_text(out / "report.md", render_markdown(title, runs, summary, sections, images, out))
+    write_text(out / "report.html", render_html(title, runs, summary, sections))
     return ReportFiles(html=out / "report.html", markdown=out / "report.md", figures=figures,
                        images=list(images.values()))
 

@@ -37,6 +37,7 @@ from dmea_dist.evaluation.run_data import (
     series,
     stage_seconds,
 )
+from tests.unit.disk_log import DiskLog
 
 TASKS = ["synth.restaurant.00", "synth.listops.00", "synth.restaurant.01"]
 PATHS = {TASKS[0]: [0, 0, 0, 0], TASKS[1]: [1, 0, 1, 1], TASKS[2]: [0, 2, 1, 0]}
@@ -192,6 +193,18 @@ def test_report_is_self_contained_with_every_figure(tmp_path):
     markdown = written.markdown.read_text()
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)
     assert len(links) == len(images) and all((run_dir / link).is_file() for link in links)
+
+
+def test_report_files_are_written_atomically_and_durably(tmp_path, monkeypatch):
+    """`dmea report` rewrites report.html over the previous one: a plain write truncated it first, so a report
+    killed half-way (or a machine crash after it) left a cut page; now each file is renamed into place."""
+    run_dir = make_run(tmp_path)
+    disk = DiskLog(monkeypatch)
+    written = write_report([run_dir])
+    assert written.images
+    for file in [written.html, written.markdown, *written.images]:
+        assert disk.why_not_durable(file) is None
+    assert disk.directory_synced(run_dir)  # report_files/ itself is in the run folder once the call returns
 
 
 def test_comparison_of_two_runs_side_by_side(tmp_path, capsys):
