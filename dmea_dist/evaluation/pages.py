@@ -33,6 +33,7 @@ from dmea_dist.evaluation.report import _fmt, _html_table, _md, _md_table
 from dmea_dist.evaluation.run_data import (
     RunData,
     ground_truth,
+    last_evaluated,
     load_run,
     params_added,
     path_grid,
@@ -142,6 +143,8 @@ def run_sections(runs: list[RunData]) -> list[Section]:
 
 def metrics_panel(run: RunData) -> Panel:
     rows = [[_html_safe(METRIC_NOTES.get(k, k)), _fmt(v, 2)] for k, v in run.metrics.items()]
+    if rows and (partial := _partial(run)):  # "the last task" of every definition is the last one done
+        rows.insert(0, ["measured", _html_safe(partial)])
     if rows and "bwt" not in run.metrics and run.status == "finished" and (why := why_no_bwt(run.R)):
         what, _, because = why.partition(": ")
         rows.append([_html_safe(what), _html_safe(because)])
@@ -159,7 +162,8 @@ def task_panel(run: RunData) -> Panel:
     added = params_added(run.paths, run.tasks, run.module_params)
     grid = dict(zip([t for t in run.tasks if t in run.paths], path_grid(run.paths, run.tasks), strict=True))
     seconds = stage_seconds(run.history, run.tasks)
-    last = run.R.shape[0] - 1
+    done = tasks_done(run)
+    last = done - 1 if done else run.R.shape[0] - 1  # a stopped run: its latest scores, not the empty last row
     rows = []
     for i, task in enumerate(run.tasks):
         new = sum(kind == "new" for _, kind, _ in grid[task]) if task in grid else None
@@ -168,7 +172,8 @@ def task_panel(run: RunData) -> Panel:
                      "-" if added.get(task) is None else f"{added[task]:,}",
                      _html_safe(", ".join(run.selected.get(task, [])) or "-"),
                      f"{sum(seconds[task].values()):.1f}s"])
-    header = ["task", "own", "final", "change", "new modules", "params added", "selected", "time"]
+    final = "final" if done == len(run.tasks) or not done else f"after t{last}"
+    header = ["task", "own", final, "change", "new modules", "params added", "selected", "time"]
     return Panel(table=(header, rows))
 
 
@@ -225,7 +230,10 @@ def time_panel(run: RunData) -> Panel:
 def comparison_section(runs: list[RunData]) -> Section:
     """The runs' metrics side by side, and their scores when they ran the same tasks."""
     keys = list(dict.fromkeys(k for r in runs for k in r.metrics))
-    rows = [[_html_safe(k)] + [_fmt(r.metrics.get(k), 2) for r in runs] for k in keys]
+    # how much of its sequence each run's numbers cover: a stopped run's are over the tasks it did
+    rows = [["tasks done"] + [f"{tasks_done(r)} of {len(r.tasks)}" + ("" if tasks_done(r) == len(r.tasks) else
+                                                                     f" (run {_html_safe(r.status)})") for r in runs]]
+    rows += [[_html_safe(k)] + [_fmt(r.metrics.get(k), 2) for r in runs] for k in keys]
     panels = [Panel(table=(["metric"] + [_html_safe(f"{r.name} ({r.method})") for r in runs], rows))]
     if all(r.tasks == runs[0].tasks for r in runs):
         partial = [r.name for r in runs if np.isnan(np.diag(r.R)).any()]
@@ -252,7 +260,9 @@ def summary_lines(run: RunData) -> list[str]:
     m = run.metrics
     lines = [f"{run.method} on {len(run.tasks)} tasks ({', '.join(run.tasks)}); run status: {run.status}."]
     if "final_average" in m:
-        lines.append(f"Final average {run.metric_name} {m['final_average']:.1f}"
+        partial = _partial(run)
+        lines.append(("Average" if partial else "Final average") + f" {run.metric_name} {m['final_average']:.1f}"
+                     + (f" {partial}" if partial else "")
                      + (f"; BWT {m['bwt']:+.2f} (negative = forgetting)" if _ok(m.get("bwt")) else "")
                      + (f"; forgetting {m['forgetting']:.2f}" if _ok(m.get("forgetting")) else "") + ".")
     if run.paths:
@@ -274,6 +284,23 @@ def summary_lines(run: RunData) -> list[str]:
         slowest = max(by_stage, key=by_stage.get)
         lines.append(f"{total:.0f}s of stage time; {slowest} took {by_stage[slowest] / total:.0%}.")
     return lines
+
+
+def tasks_done(run: RunData) -> int:
+    """How many tasks the run's scores and metrics cover: all for a finished run; for a stopped one those up
+    to the last task evaluated right after its training, where its metrics are computed (run_data.sequence_metrics)."""
+    if run.status == "finished":
+        return len(run.tasks)
+    last = last_evaluated(run.R)
+    return 0 if last is None else last + 1
+
+
+def _partial(run: RunData) -> str:
+    """'' when the run's numbers cover its whole sequence, else which part, e.g. "after t1 (2 of 3 tasks; run failed)"."""
+    done = tasks_done(run)
+    if done == len(run.tasks) or not done:
+        return ""
+    return f"after t{done - 1} ({done} of {len(run.tasks)} tasks; run {run.status})"
 
 
 def _ok(value) -> bool:

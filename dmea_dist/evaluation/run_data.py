@@ -99,16 +99,22 @@ def _task_value(task: str, task_states: dict[str, dict], records: dict[str, dict
     return records.get(task, {}).get("params", {}).get(key)
 
 
+def last_evaluated(R: np.ndarray) -> int | None:
+    """The last task j evaluated right after its training (R[j][j] measured), None before any: the row a
+    stopped run's metrics and latest scores are read from. The last task for a finished run; eval.every > 1
+    leaves earlier rows empty, so it is the last such row, not the count of them."""
+    evaluated = np.flatnonzero(~np.isnan(np.diag(R)))
+    return int(evaluated[-1]) if evaluated.size else None
+
+
 def sequence_metrics(R: np.ndarray) -> dict[str, float]:
     """A_T, BWT and forgetting where R has what they need (a stopped run: over the tasks done)."""
     from dmea_dist.evaluation import continual
 
-    # the tasks up to the last one evaluated (eval.every > 1 leaves earlier rows empty: counting them would stop short)
-    evaluated = np.flatnonzero(~np.isnan(np.diag(R)))
-    if evaluated.size == 0:
+    last = last_evaluated(R)
+    if last is None:
         return {}
-    done = int(evaluated[-1]) + 1
-    sub = R[:done, :done]
+    sub = R[: last + 1, : last + 1]
     out = {}
     for name, fn in (("final_average", continual.final_average), ("bwt", continual.backward_transfer),
                      ("forgetting", continual.forgetting)):

@@ -25,7 +25,13 @@ from PIL import Image
 from dmea_dist.cli import main
 from dmea_dist.data.synthetic import task_relatedness
 from dmea_dist.evaluation import plots
-from dmea_dist.evaluation.pages import write_report
+from dmea_dist.evaluation.pages import (
+    comparison_section,
+    metrics_panel,
+    summary_lines,
+    task_panel,
+    write_report,
+)
 from dmea_dist.evaluation.run_data import (
     NEW,
     REUSED,
@@ -161,6 +167,26 @@ def test_comparison_legend_names_a_run_whose_name_starts_with_an_underscore():
                                      [np.array([1.0, 2.0])] * 2, [np.array([1.0, 1.5])] * 2)
     assert [t.get_text().strip() for t in figure.axes[0].get_legend().get_texts()] == ["_scratch (dmea)",
                                                                                         "base (acm)"]
+
+
+def test_a_stopped_runs_report_says_what_its_numbers_cover(tmp_path):
+    """Its metrics are over the tasks it did (A over R[1][0..1] here), but the summary called them "Final", the
+    per-task table's "final" column read R's empty last row ("-" everywhere) and the comparison put them beside a
+    finished run's with nothing to tell them apart."""
+    stopped = load_run(make_run(tmp_path / "a", finished=False, R=[[80.0, None, None], [70.0, 40.0, None],
+                                                                   [None] * 3]))
+    finished = load_run(make_run(tmp_path / "b"))
+    said = " ".join(summary_lines(stopped))
+    assert "Final average" not in said and "Average rouge 55.0 after t1 (2 of 3 tasks; run failed)" in said
+    assert "Final average rouge 65.7" in " ".join(summary_lines(finished))
+    header, rows = task_panel(stopped).table
+    assert header[2] == "after t1" and task_panel(finished).table[0][2] == "final"
+    assert [row[1:4] for row in rows] == [["80.0", "70.0", "-10.0"], ["40.0", "40.0", "0.0"], ["-", "-", "-"]]
+    assert metrics_panel(stopped).table[1][0] == ["measured", "after t1 (2 of 3 tasks; run failed)"]
+    assert metrics_panel(finished).table[1][0][0] != "measured"
+    header, rows = comparison_section([stopped, finished]).panels[0].table
+    assert rows[0] == ["tasks done", "2 of 3 (run failed)", "3 of 3"]
+    assert rows[1] == ["final_average", "55.00", "65.70"]
 
 
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
