@@ -90,6 +90,8 @@ def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = Non
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     runs = [load_run(d) for d in run_dirs]
+    for run, name in zip(runs, distinct_names(run_dirs), strict=True):
+        run.name = name
     out = Path(out) if out else (Path(run_dirs[0]) if len(runs) == 1 else
                                  Path.cwd() / f"dmea-report-{time.strftime('%Y%m%d-%H%M%S')}")
     sections = ([comparison_section(runs)] if len(runs) > 1 else []) + run_sections(runs)
@@ -109,6 +111,17 @@ def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = Non
     write_text(out / "report.html", render_html(title, runs, summary, sections))
     return ReportFiles(html=out / "report.html", markdown=out / "report.md", figures=figures,
                        images=list(images.values()))
+
+
+def distinct_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    """What the report calls each run: its folder's name, with as many parent folders as it takes to tell runs
+    apart (two copies of one run, or runs of one name from two machines, compared side by side)."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return names  # one folder given twice: the same name twice
 
 
 # ------------------------------------------------------------------ sections

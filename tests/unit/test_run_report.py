@@ -245,6 +245,18 @@ def test_comparison_of_two_runs_side_by_side(tmp_path, capsys):
     assert 'id="fig-compare-0"' in page  # the metrics table, one column per run
 
 
+def test_runs_of_one_folder_name_are_told_apart(tmp_path):
+    """Two runs whose folders share a name (copies from two machines, `runs/old/x` vs `runs/new/x`): every
+    heading and column named both the same, so a reader could not tell which numbers were whose."""
+    first, second = make_run(tmp_path / "old"), make_run(tmp_path / "new")
+    assert first.name == second.name
+    page = write_report([first, second], out=tmp_path / "cmp").html.read_text()
+    assert f"old/{first.name} (dmea) vs new/{first.name} (dmea)" in page
+    assert page.count(f"<h3>old/{first.name} (dmea)</h3>") == page.count(f"<h3>new/{first.name} (dmea)</h3>") > 5
+    assert f"<h3>{first.name} (dmea)</h3>" not in page
+    assert write_report([first]).html.read_text().count(f"<h3>{first.name} (dmea)</h3>") == 1  # alone: its name
+
+
 def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
