@@ -123,16 +123,18 @@ def forgetting(R) -> float:
     return float(np.mean(drops))
 
 
-def why_no_bwt(R) -> str:
+def why_no_bwt(R, *, method: str | None = None) -> str:
     """Why BWT and forgetting are missing from a finished run's metrics ('' when they can be computed):
-    they need each earlier task's score right after it was trained, R's diagonal, which eval.every > 1 skips."""
+    they need each earlier task's score right after it was trained, R's diagonal, which eval.every > 1 skips,
+    and which `method` multitask never has (it trains once, on every task, at the end)."""
     matrix = as_matrix(R)
     missing = [f"R[{i}][{i}]" for i in range(matrix.shape[0] - 1) if math.isnan(matrix[i, i])]
     if not missing:
         return ""
+    cause = ("multitask trains once, on every task together, after the last: there is no earlier training to "
+             "forget" if method == "multitask" else "eval.every > 1 evaluates only every n-th task and the last")
     return (f"bwt and forgetting not measured: they need each earlier task's score right after it was trained, "
-            f"and {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not evaluated (eval.every > 1 "
-            f"evaluates only every n-th task and the last)")
+            f"and {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
 
 
 def summarize(R, *, baseline=None) -> dict[str, float]:

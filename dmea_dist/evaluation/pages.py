@@ -158,7 +158,7 @@ def metrics_panel(run: RunData) -> Panel:
     rows = [[_html_safe(METRIC_NOTES.get(k, k)), _fmt(v, 2)] for k, v in run.metrics.items()]
     if rows and (partial := _partial(run)):  # "the last task" of every definition is the last one done
         rows.insert(0, ["measured", _html_safe(partial)])
-    if rows and "bwt" not in run.metrics and run.status == "finished" and (why := why_no_bwt(run.R)):
+    if rows and "bwt" not in run.metrics and run.status == "finished" and (why := why_no_bwt(run.R, method=run.method)):
         what, _, because = why.partition(": ")
         rows.append([_html_safe(what), _html_safe(because)])
     return Panel(table=(["metric", "value"], rows)) if rows else Panel(note="no metrics: no task finished")
@@ -256,8 +256,8 @@ def comparison_section(runs: list[RunData]) -> Section:
                 [average_trajectory(r.R) for r in runs]))))
         else:
             panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every task "
-                                     f"right after training it (a stopped run, or eval.every > 1): compare their "
-                                     f"sections below"))
+                                     f"right after training it (a stopped run, eval.every > 1, or multitask, which "
+                                     f"trains once at the end): compare their sections below"))
             if all(np.isfinite(r.R[-1]).all() for r in runs):  # eval.every > 1 still evaluates all after the last
                 panels.append(Panel(table=(["final score", *(_html_safe(f"{r.name} ({r.method})") for r in runs)],
                                            [[f"t{i} {_html_safe(task)}", *(_fmt(r.R[-1, i], 1) for r in runs)]

@@ -15,6 +15,7 @@ from dmea_dist.evaluation.continual import (
     forgetting,
     forward_transfer,
     summarize,
+    why_no_bwt,
 )
 
 NAN = float("nan")
@@ -130,3 +131,13 @@ def test_summarize_with_baseline():
     result = summarize(FULL, baseline=[NAN, 9.0, 15.0])
     assert result == pytest.approx(
         {"final_average": 70.0, "bwt": -10.0, "forgetting": 12.5, "fwt": 47.5})
+
+
+def test_why_no_bwt_names_multitask_not_eval_every_for_a_multitask_run():
+    """multitask trains once, at the end, so R has only its last row; the reason given was eval.every > 1,
+    a setting the user never changed."""
+    R = [[NAN, NAN, NAN], [NAN, NAN, NAN], [70.0, 60.0, 50.0]]
+    why = why_no_bwt(R, method="multitask")
+    assert "R[0][0], R[1][1] were not evaluated" in why and "multitask trains once" in why
+    assert "eval.every" not in why
+    assert "eval.every" in why_no_bwt(R) and why_no_bwt(FULL, method="multitask") == ""

@@ -189,6 +189,15 @@ def test_a_stopped_runs_report_says_what_its_numbers_cover(tmp_path):
     assert rows[1] == ["final_average", "55.00", "65.70"]
 
 
+def test_a_multitask_runs_report_says_why_it_has_no_bwt(tmp_path):
+    """multitask is evaluated once, after training on every task at the end: its report blamed eval.every > 1."""
+    run_dir = make_run(tmp_path, method="multitask", R=[[None] * 3, [None] * 3, [86.4, 30.0, 80.8]])
+    (run_dir / "metrics.json").write_text(json.dumps({"final_average": 65.7}))
+    rows = metrics_panel(load_run(run_dir)).table[1]
+    assert rows[-1][0] == "bwt and forgetting not measured" and "multitask trains once" in rows[-1][1]
+    assert "eval.every" not in rows[-1][1]
+
+
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
     truth = ground_truth(TASKS)
     assert truth[2, 0] == task_relatedness(TASKS[0], TASKS[2]) > truth[2, 1] == 0.0
