@@ -42,6 +42,7 @@ from dmea_dist.evaluation.run_data import (
     stage_seconds,
 )
 from dmea_dist.files import make_dirs, write_bytes, write_text
+from dmea_dist.method.policy import MethodPolicy, method_policy
 
 METRIC_NOTES = {
     "final_average": "A_T: mean score over all tasks after the last one (the papers' number)",
@@ -196,14 +197,23 @@ def similarity_panel(run: RunData) -> Panel:
                                           ("ground truth (generator)", ground_truth(run.tasks)))
               if m is not None and not np.isnan(m).all()]
     if not panels:
-        return Panel(note=f"no similarity recorded ({run.method} neither selects nor searches)")
+        policy = _policy(run)
+        if policy is None or policy.search or policy.selection != "none":  # it measures similarity: why not here
+            why = ("the run has one task: nothing earlier to compare with" if len(run.tasks) < 2 else
+                   f"the run has not expanded a second task yet; run {run.status}")
+        else:
+            why = f"{run.method} neither selects nor searches"
+        return Panel(note=f"no similarity recorded ({why})")
     return Panel(image=plots.png(plots.similarity_figure(panels, run.tasks)))
 
 
 def paths_panel(run: RunData) -> Panel:
     tasks = [t for t in run.tasks if t in run.paths]
     if not tasks:
-        return Panel(note=f"no paths: {run.method} fine-tunes the whole backbone")
+        policy = _policy(run)
+        if policy is not None and policy.full_finetune:
+            return Panel(note=f"no paths: {run.method} fine-tunes the whole backbone")
+        return Panel(note=f"no paths recorded yet: no task has chosen its modules (run {run.status})")
     added = params_added(run.paths, run.tasks, run.module_params)
     return Panel(image=plots.png(plots.path_figure(path_grid(run.paths, run.tasks), tasks,
                                                    [added[t] for t in tasks])))
@@ -297,6 +307,15 @@ def summary_lines(run: RunData) -> list[str]:
         slowest = max(by_stage, key=by_stage.get)
         lines.append(f"{total:.0f}s of stage time; {slowest} took {by_stage[slowest] / total:.0%}.")
     return lines
+
+
+def _policy(run: RunData) -> MethodPolicy | None:
+    """What the run's method does (None for a method this checkout does not know), to tell a missing piece the
+    method never makes from one the run stopped before making."""
+    try:
+        return method_policy(run.method)
+    except ValueError:
+        return None
 
 
 def tasks_done(run: RunData) -> int:

@@ -28,6 +28,8 @@ from dmea_dist.evaluation import plots
 from dmea_dist.evaluation.pages import (
     comparison_section,
     metrics_panel,
+    paths_panel,
+    similarity_panel,
     summary_lines,
     task_panel,
     write_report,
@@ -196,6 +198,28 @@ def test_a_multitask_runs_report_says_why_it_has_no_bwt(tmp_path):
     rows = metrics_panel(load_run(run_dir)).table[1]
     assert rows[-1][0] == "bwt and forgetting not measured" and "multitask trains once" in rows[-1][1]
     assert "eval.every" not in rows[-1][1]
+
+
+def test_a_run_stopped_early_is_not_said_to_use_a_method_that_makes_no_paths(tmp_path):
+    """dmea stopped in its first task has no paths and no similarity yet: the notes said "dmea fine-tunes the
+    whole backbone" and "dmea neither selects nor searches", which is what finetune and adapter do."""
+    tasks = ["e2e", "rnnlg.hotel", "rnnlg.tv"]  # not synthetic: no ground truth to show instead
+    run_dir = make_run(tmp_path, finished=False, R=[[None] * 3] * 3, tasks=tasks)
+    state = json.loads((run_dir / "state.json").read_text())
+    state.update(status="stopped", similarity=[], tasks=[{"task_id": t, "index": i} for i, t in enumerate(tasks)])
+    (run_dir / "state.json").write_text(json.dumps(state))
+    for record in run_dir.glob("tasks/*/record.json"):
+        record.unlink()
+    run = load_run(run_dir)
+    assert paths_panel(run).note == "no paths recorded yet: no task has chosen its modules (run stopped)"
+    assert similarity_panel(run).note == "no similarity recorded (the run has not expanded a second task yet; " \
+                                         "run stopped)"
+    run.method = "finetune"  # the method is why: said so
+    assert paths_panel(run).note == "no paths: finetune fine-tunes the whole backbone"
+    assert similarity_panel(run).note == "no similarity recorded (finetune neither selects nor searches)"
+    run.method, run.tasks, run.status = "dmea", tasks[:1], "finished"
+    assert similarity_panel(run).note == "no similarity recorded (the run has one task: nothing earlier to " \
+                                         "compare with)"
 
 
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
