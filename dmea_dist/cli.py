@@ -281,7 +281,12 @@ def _generate_task_and_inputs(args) -> tuple[str | None, list[str]]:
 def cmd_report(args) -> int:
     from dmea_dist.evaluation.pages import write_report
 
-    written = write_report([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None)
+    try:
+        written = write_report([Path(p) for p in args.run_dirs], out=Path(args.out) if args.out else None)
+    except OSError as err:  # a read-only run folder (a colleague's, an archive), --out naming a file, a full disk
+        where = err.filename or args.out or args.run_dirs[0]
+        raise DmeaError(f"could not write the report: {err.strerror or err}: {where}; pass --out DIR to write it "
+                        f"to another folder") from err
     print(f"report: {written.html}\n        {written.markdown} ({len(written.images)} figures in {written.figures})")
     return 0
 

@@ -60,6 +60,9 @@ class RunData:
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory; a DmeaError names what is missing when it is no run directory at all."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DmeaError(f"{run_dir} is not a run directory ({'a file' if run_dir.exists() else 'no such folder'}); "
+                        f"pass the folder `dmea run` printed")
     config = _read_yaml(run_dir / "config.yaml")
     # state.json; runs written before it existed have lifecycle.json (position and history) and the records
     state = _read_json(run_dir / "state.json") or _read_json(run_dir / "lifecycle.json") or {}

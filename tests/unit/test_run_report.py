@@ -340,6 +340,27 @@ def test_markdown_report_shows_task_and_run_names_as_written(tmp_path):
     assert [f"t{i} {name}" for i, name in enumerate(shown)] == [c for c in page.cells if c.startswith("t") and c[1:2].isdigit()][:3]
 
 
+def test_report_that_cannot_be_written_names_where_and_the_way_out(tmp_path, capsys):
+    """--out naming a file (or a read-only run folder, a full disk): an OSError traceback, not a message."""
+    run_dir = make_run(tmp_path)
+    blocked = tmp_path / "notes.txt"
+    blocked.write_text("mine")
+    assert main(["report", str(run_dir), "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the report" in err and str(blocked) in err and "--out DIR" in err
+    assert "Traceback" not in err and blocked.read_text() == "mine"
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_report_of_a_path_that_is_no_folder_says_so(tmp_path, capsys, what):
+    path = tmp_path / "run"
+    if what == "file":
+        path.write_text("x")
+    assert main(["report", str(path)]) == 2
+    assert f"{path} is not a run directory ({'a file' if what == 'file' else 'no such folder'})" in \
+        capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ a real browser
 
 BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "chrome")
