@@ -256,9 +256,15 @@ def comparison_section(runs: list[RunData]) -> Section:
     # how much of its sequence each run's numbers cover: a stopped run's are over the tasks it did
     rows = [["tasks done"] + [f"{tasks_done(r)} of {len(r.tasks)}" + ("" if tasks_done(r) == len(r.tasks) else
                                                                      f" (run {_html_safe(r.status)})") for r in runs]]
+    scorers = list(dict.fromkeys(r.metric_name for r in runs))
+    if len(scorers) > 1:  # eval.metric differs: rouge beside bleu
+        rows.append(["scored by"] + [_html_safe(r.metric_name) for r in runs])
     rows += [[_html_safe(k)] + [_fmt(r.metrics.get(k), 2) for r in runs] for k in keys]
     panels = [Panel(table=(["metric"] + [_html_safe(f"{r.name} ({r.method})") for r in runs], rows))]
-    if all(r.tasks == runs[0].tasks for r in runs):
+    if len(scorers) > 1:
+        panels.append(Panel(note=f"the runs score with different metrics (eval.metric: {', '.join(scorers)}): "
+                                 f"their numbers do not compare; no side-by-side figure"))
+    elif all(r.tasks == runs[0].tasks for r in runs):
         partial = [r.name for r in runs if np.isnan(np.diag(r.R)).any()]
         if not partial:
             panels.append(Panel(image=plots.png(plots.comparison_figure(

@@ -290,6 +290,18 @@ def test_runs_of_one_folder_name_are_told_apart(tmp_path):
     assert write_report([first]).html.read_text().count(f"<h3>{first.name} (dmea)</h3>") == 1  # alone: its name
 
 
+def test_runs_scored_by_different_metrics_are_not_drawn_side_by_side(tmp_path):
+    """eval.metric rouge beside bleu: the comparison put their numbers in one table and one bar chart, unlabelled."""
+    rouge, bleu = load_run(make_run(tmp_path / "a")), load_run(make_run(tmp_path / "b", method="acm"))
+    bleu.metric_name = "bleu"
+    section = comparison_section([rouge, bleu])
+    header, rows = section.panels[0].table
+    assert ["scored by", "rouge", "bleu"] in rows
+    assert [p.image for p in section.panels] == [None, None]
+    assert "different metrics (eval.metric: rouge, bleu)" in section.panels[1].note
+    assert comparison_section([rouge, load_run(make_run(tmp_path / "c", method="acm"))]).panels[1].image
+
+
 def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
