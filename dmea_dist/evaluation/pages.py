@@ -269,7 +269,7 @@ def comparison_section(runs: list[RunData]) -> Section:
         if not partial:
             panels.append(Panel(image=plots.png(plots.comparison_figure(
                 [f"{r.name} ({r.method})" for r in runs], runs[0].tasks, [r.R[-1] for r in runs],
-                [average_trajectory(r.R) for r in runs]))))
+                [average_trajectory(r.R) for r in runs], metric=runs[0].metric_name))))
         else:
             panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every task "
                                      f"right after training it (a stopped run, eval.every > 1, or multitask, which "

@@ -215,8 +215,9 @@ def stage_figure(seconds: dict[str, dict[str, float]]) -> Figure:
 
 
 def comparison_figure(runs: Sequence[str], tasks: Sequence[str], finals: Sequence[np.ndarray],
-                      trajectories: Sequence[np.ndarray]) -> Figure:
-    """Runs side by side: the final score of every task (bars) and the average so far after each task (lines)."""
+                      trajectories: Sequence[np.ndarray], *, metric: str = "score") -> Figure:
+    """Runs side by side: the final score of every task (bars) and the average so far after each task (lines);
+    both y axes name the `metric` the scores are."""
     figure = Figure(figsize=(min(20.0, 5.0 + 0.9 * len(tasks) * max(1, len(runs) / 2)), 3.8), layout="constrained")
     bars, lines = figure.subplots(1, 2, width_ratios=[2, 1])
     width = 0.8 / len(runs)
@@ -226,6 +227,8 @@ def comparison_figure(runs: Sequence[str], tasks: Sequence[str], finals: Sequenc
         lines.plot(np.arange(len(trajectory)), trajectory, marker="o", label=_short(run, 40))
     bars.set_xticks(x, [f"t{i} {_short(t, 24)}" for i, t in enumerate(tasks)], rotation=30, ha="right", fontsize=7)
     bars.set_title("Final score per task (last row of R)", fontsize=10)
+    bars.set_ylabel(_short(metric), fontsize=8)
+    lines.set_ylabel(_short(metric), fontsize=8)
     bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(2, len(runs)), frameon=False)
     lines.set_xticks(range(len(tasks)), [f"t{i}" for i in range(len(tasks))], fontsize=7)
     lines.set_title("Average over tasks seen, after each task", fontsize=10)

@@ -222,6 +222,18 @@ def test_a_run_stopped_early_is_not_said_to_use_a_method_that_makes_no_paths(tmp
                                          "compare with)"
 
 
+def test_comparison_figure_names_the_metric_on_its_axes(tmp_path, monkeypatch):
+    """The side-by-side bars and lines had no y label: a reader could not tell rouge from bleu or a share."""
+    drawn = []
+    real = plots.comparison_figure
+    monkeypatch.setattr(plots, "comparison_figure", lambda *a, **kw: drawn.append(real(*a, **kw)) or drawn[-1])
+    runs = [load_run(make_run(tmp_path / "a")), load_run(make_run(tmp_path / "b", method="acm"))]
+    for run in runs:
+        run.metric_name = "bleu"
+    assert comparison_section(runs).panels[1].image
+    assert [ax.get_ylabel() for ax in drawn[0].axes] == ["bleu", "bleu"]
+
+
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
     truth = ground_truth(TASKS)
     assert truth[2, 0] == task_relatedness(TASKS[0], TASKS[2]) > truth[2, 1] == 0.0
