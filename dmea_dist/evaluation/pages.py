@@ -288,6 +288,9 @@ def summary_lines(run: RunData) -> list[str]:
     """What happened, in sentences a reader understands without the code."""
     m = run.metrics
     lines = [f"{run.method} on {len(run.tasks)} tasks ({', '.join(run.tasks)}); run status: {run.status}."]
+    if run.unreadable:  # damaged, not missing: what they hold is absent below, not never made
+        lines.append(f"Could not read {'; '.join(run.unreadable)}: what "
+                     f"{'it holds' if len(run.unreadable) == 1 else 'they hold'} is missing from this report.")
     if "final_average" in m:
         partial = _partial(run)
         lines.append(("Average" if partial else "Final average") + f" {run.metric_name} {m['final_average']:.1f}"

@@ -55,6 +55,7 @@ class RunData:
     history: list[dict[str, Any]] = field(default_factory=list)
     module_params: int | None = None  # parameters of one module (two adapters)
     eta_clamp: tuple[float, float] | None = None
+    unreadable: list[str] = field(default_factory=list)  # run files there but damaged: what the report lacks
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -65,15 +66,17 @@ def load_run(run_dir: str | Path) -> RunData:
                         f"pass the folder `dmea run` printed")
     config = _read_yaml(run_dir / "config.yaml")
     # state.json; runs written before it existed have lifecycle.json (position and history) and the records
-    state = _read_json(run_dir / "state.json") or _read_json(run_dir / "lifecycle.json") or {}
+    unreadable: list[str] = []
+    state = _read_json(run_dir / "state.json", unreadable) or _read_json(run_dir / "lifecycle.json", unreadable) or {}
     if not config and not state:
-        raise DmeaError(f"{run_dir} is not a run directory (no config.yaml, no state.json); pass the folder "
-                        f"`dmea run` printed")
+        damaged = "".join(f"; could not read {file.name}: {why}" for file, why in unreadable)
+        raise DmeaError(f"{run_dir} is not a run directory (no config.yaml, no state.json{damaged}); pass the "
+                        f"folder `dmea run` printed")
     tasks = [t["task_id"] if isinstance(t, dict) else str(t) for t in state.get("tasks", [])] or \
         list(config.get("data", {}).get("tasks", []))
     records = {}
     for file in sorted(run_dir.glob("tasks/*-*/record.json"), key=lambda p: task_folder_order(p.parent.name)):
-        rec = _read_json(file)
+        rec = _read_json(file, unreadable)
         if rec and rec.get("task_id") in tasks:
             records[rec["task_id"]] = rec
     task_states = {t["task_id"]: t for t in state.get("tasks", []) if isinstance(t, dict)}
@@ -83,7 +86,7 @@ def load_run(run_dir: str | Path) -> RunData:
     method = config.get("method", {})
     return RunData(
         name=run_dir.resolve().name, method=str(method.get("name", "?")), config_name=str(config.get("name", "?")),
-        tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json") or sequence_metrics(R),
+        tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json", unreadable) or sequence_metrics(R),
         metric_name=str(config.get("eval", {}).get("metric", "rouge")),
         status=str(state.get("status") or ("finished" if state.get("stage") == "done" else "?")),
         similarity=_matrix(state["similarity"], len(tasks)) if state.get("similarity") else
@@ -92,7 +95,8 @@ def load_run(run_dir: str | Path) -> RunData:
         paths={t: list(p) for t in tasks if isinstance(p := _task_value(t, task_states, records, "path"), list)},
         selected={t: list(_task_value(t, task_states, records, "selected") or []) for t in tasks},
         records=records, history=list(state.get("history") or []), module_params=_module_params(run_dir),
-        eta_clamp=tuple(method.get("adaptation", {}).get("eta_clamp", ())) or None)
+        eta_clamp=tuple(method.get("adaptation", {}).get("eta_clamp", ())) or None,
+        unreadable=[f"{file.relative_to(run_dir)} ({why})" for file, why in unreadable])
 
 
 def _task_value(task: str, task_states: dict[str, dict], records: dict[str, dict], key: str):
@@ -245,13 +249,23 @@ def _finite(value) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file (state, record, metrics, manifest); None when missing, unreadable or not an object."""
+def _read_json(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> dict[str, Any] | None:
+    """A JSON object file (state, record, metrics, manifest); None when missing, unreadable or not an object.
+    A file that is there but cannot be used is added to `unreadable` with why: the report says so, rather
+    than showing a run whose state.json is damaged as one that never started."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return data if isinstance(data, dict) else None
+    except (OSError, ValueError) as err:
+        why = str(err)
+    else:
+        if isinstance(data, dict):
+            return data
+        why = f"a JSON {type(data).__name__}, not an object"
+    if unreadable is not None:
+        unreadable.append((path, why))
+    return None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from dmea_dist.cli import main
 from dmea_dist.data.synthetic import task_relatedness
+from dmea_dist.errors import DmeaError
 from dmea_dist.evaluation import plots
 from dmea_dist.evaluation.pages import (
     comparison_section,
@@ -232,6 +233,22 @@ def test_comparison_figure_names_the_metric_on_its_axes(tmp_path, monkeypatch):
         run.metric_name = "bleu"
     assert comparison_section(runs).panels[1].image
     assert [ax.get_ylabel() for ax in drawn[0].axes] == ["bleu", "bleu"]
+
+
+def test_a_damaged_state_file_is_reported_not_taken_for_a_run_that_never_started(tmp_path):
+    """state.json cut short (a copy interrupted, a full disk): read as missing, the report said "run status: ?"
+    and "no task was evaluated yet" for a run that did everything; it now says which file it could not read."""
+    run_dir = make_run(tmp_path)
+    (run_dir / "state.json").write_text('{"format": "dmea-run-state", "R": [[85.9')
+    (run_dir / "tasks" / f"001-{TASKS[1]}" / "record.json").write_text("[]")
+    run = load_run(run_dir)
+    said = " ".join(summary_lines(run))
+    assert "Could not read state.json (Expecting" in said and "is missing from this report" in said
+    assert f"tasks/001-{TASKS[1]}/record.json (a JSON list, not an object)" in said
+    assert "Could not read" not in " ".join(summary_lines(load_run(make_run(tmp_path / "ok"))))
+    (run_dir / "config.yaml").unlink()
+    with pytest.raises(DmeaError, match="no state.json; could not read state.json: Expecting"):
+        load_run(run_dir)
 
 
 def test_ground_truth_is_the_generators_relatedness_for_synthetic_tasks_only():
