@@ -101,15 +101,15 @@ def _fmt(value, precision: int) -> str:
     return str(value)
 
 
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|&~])")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|&~$])")
 _MD_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
 
 def _md(text: str) -> str:
     """Escape a string for Markdown text or a table cell: it shows as written, on one line.
 
-    Backslash-escapes what would otherwise start markup (emphasis, code, links, strikethrough), raw HTML or
-    an entity (`<`, `&`), or end a table cell (`|`); line breaks become spaces. `_` only at a word's edge,
+    Backslash-escapes what would otherwise start markup (emphasis, code, links, strikethrough, GitHub's `$`
+    math), raw HTML or an entity (`<`, `&`), or end a table cell (`|`); line breaks become spaces. `_` only at a word's edge,
     where it can open emphasis, so snake_case names stay readable in the raw file.
     """
     text = _MD_SPECIAL.sub(r"\\\1", re.sub(r"\s*[\r\n]+\s*", " ", str(text)))

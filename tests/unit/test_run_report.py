@@ -336,7 +336,7 @@ def test_report_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
 
 
-ODD_NAMES = ["a|b <b>x & y", "cost [link](x) *z* `c`", "line\nbreak _u_ ~~s~~ &amp;"]  # no `/`: task names can't
+ODD_NAMES = ["a|b <b>x & y", "cost [link](x) *z* `c` $x$", "line\nbreak _u_ ~~s~~ &amp;"]  # no `/`: task names can't
 
 
 class _Markup(HTMLParser):
@@ -378,6 +378,7 @@ def test_markdown_report_shows_task_and_run_names_as_written(tmp_path):
     assert f"on 3 tasks ({', '.join(shown)})" in text  # the summary sentence, as written
     assert f"t1 chose {shown[0]}" in text
     assert "<i>old | run (acm)" in page.cells  # a column of the comparison table, not two
+    assert not re.search(r"(?<!\\)\$", out.read_text())  # GitHub reads $..$ as math: escaped as \$
     assert [f"t{i} {name}" for i, name in enumerate(shown)] == [c for c in page.cells if c.startswith("t") and c[1:2].isdigit()][:3]
 
 
