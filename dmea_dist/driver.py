@@ -428,7 +428,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
     tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
     tracker.finish_sequence(status="FINISHED")
 
-    print_results(echo, names, R, metrics, metric=config.eval.metric)
+    print_results(echo, names, R, metrics, metric=config.eval.metric, method=config.method.name)
     echo(where_line(run_dir, config))
     if tracker.active:
         name = registered_model_name(config.name, config.method.name, run_dir.name)
@@ -612,12 +612,12 @@ def write_reports(run_dir: Path, config: RunConfig, R: np.ndarray, metrics: dict
 
 
 def print_results(echo: Callable[[str], None], names: list[str], R: np.ndarray, metrics: dict[str, float], *,
-                  metric: str) -> None:
+                  metric: str, method: str | None = None) -> None:
     """The end of a run: R as a table, the metrics, and why BWT and forgetting are missing when they are."""
     echo(f"\nR matrix ({metric}, row j = after training task j):")
     echo(report.format_matrix_table(names, R))
     echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
-    if "bwt" not in metrics and (why := continual.why_no_bwt(R)):
+    if "bwt" not in metrics and (why := continual.why_no_bwt(R, method=method)):
         echo(why)
 
 

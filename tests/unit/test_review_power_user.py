@@ -94,7 +94,11 @@ def test_the_end_of_a_run_prints_why_bwt_is_missing(capsys):
     assert set(metrics) == {"final_average"}
     lines = []
     driver.print_results(lines.append, ["a", "b", "c"], R, metrics, metric="rouge")
-    assert any("bwt and forgetting not measured" in line for line in lines), lines
+    assert any("bwt and forgetting not measured" in line and "eval.every > 1" in line for line in lines), lines
+    # multitask trains once, at the end: its own reason, not eval.every's (as the report says)
+    lines = []
+    driver.print_results(lines.append, ["a", "b", "c"], R, metrics, metric="rouge", method="multitask")
+    assert any("multitask trains once" in line for line in lines) and not any("eval.every" in line for line in lines)
 
 
 # ------------------------------------------------------------------ dmea resume --set tracking.uri=...
