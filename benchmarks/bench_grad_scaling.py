@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads per rank (1 gives steadier timings on a shared machine)")
     args = parser.parse_args(argv)
 
-    from dmea_dist.engine import free_port
+    from dmea_dist.rendezvous import free_port
 
     if args.world_size == 1:
         _bench(0, args, free_port())

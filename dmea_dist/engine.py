@@ -82,7 +82,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,6 +99,7 @@ from dmea_dist.method.scaling import (
     matched_sq_norms,
     raw_scale_factors,
 )
+from dmea_dist.rendezvous import open_store
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -649,11 +649,15 @@ def _import_deepspeed():
 
 def _init_distributed(deepspeed, dist_backend: str) -> None:
     if not dist.is_initialized() and os.environ.get("WORLD_SIZE", "1") == "1":
-        # A single process (tests, debugging, a Ray actor): a one-rank group on a fresh free local port.
-        # Fresh, not inherited: a process started from one that already ran an engine (a Ray worker of
-        # the driver) inherits MASTER_PORT, which that first process still listens on.
+        # A single process (tests, debugging, a Ray actor): a one-rank group on its own store, on a port the
+        # OS picks and the store holds (dmea_dist/rendezvous.py: a port found free and bound later by DeepSpeed
+        # could be taken in between on a busy node). Its own, not inherited: a process started from one that
+        # already ran an engine (a Ray worker of the driver) inherits MASTER_PORT, which that first process
+        # still listens on. The variables are for DeepSpeed, which looks for them before it sees the group.
+        store = open_store()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+                          MASTER_PORT=str(store.port))
+        dist.init_process_group(dist_backend, store=store, rank=0, world_size=1)
     if deepspeed.get_accelerator().device_name() == "cpu":
         _no_shared_memory_op(deepspeed)
     deepspeed.init_distributed(dist_backend=dist_backend)
@@ -672,9 +676,3 @@ def _no_shared_memory_op(deepspeed) -> None:
     if "__compatible_ops__" not in vars(ops):  # DeepSpeed fills it on first access and keeps it there
         ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for a local rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

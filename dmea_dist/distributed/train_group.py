@@ -6,7 +6,9 @@ for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
 
 * `launch`: N `TrainWorker` actors in a placement group (PACK by default),
   each with a model replica; they join one gloo (CPU) or nccl (GPU) process
-  group over a TCP rendezvous that rank 0 offers. DeepSpeed finds the group
+  group over a TCP rendezvous that rank 0 offers: its TCPStore, opened on a
+  port the OS picks and held from the start (dmea_dist/rendezvous.py), so no
+  other process on a busy node can take the port before the group joins. DeepSpeed finds the group
   initialised and joins it (`engine.build_engine`). `dmea run` launches the
   ranks from the driver right after Ray is up, before any model exists
   (`launch_ranks`): their processes, imports and process group then come up
@@ -48,11 +50,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dmea_dist.distributed.cluster import (
     RESERVE_TIMEOUT_S,
     configure_threads,
-    free_port,
     reserve,
     worker_env,
 )
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
+from dmea_dist.rendezvous import connect_store, open_store
 from dmea_dist.settings import EngineSettings
 
 RANK_DEATH_WAIT_S = 30.0  # how long a rank's error waits for word of another rank's death (`_rank_died`)
@@ -77,6 +79,7 @@ class TrainWorker:
         self.model = build_model(snapshot) if snapshot is not None else None  # None: `load` gives it
         self.engine = engine
         self.rank = self.world = None
+        self.store = None  # rank 0's rendezvous store (`address`); the process group keeps it after `join`
 
     def load(self, snapshot: dict[str, Any]) -> None:
         """The replica, for a rank launched before the model existed (`launch_ranks`)."""
@@ -85,16 +88,25 @@ class TrainWorker:
         self.model = build_model(snapshot)
 
     def address(self) -> tuple[str, int]:
-        """Where rank 0 offers the rendezvous: this node's IP and a free port."""
-        return ray.util.get_node_ip_address(), free_port()
+        """Where rank 0 offers the rendezvous: this node's IP and the port of the store it opens now, on a port
+        the OS picks, and holds from then on (dmea_dist/rendezvous.py: no other process can take the port
+        before the group has joined)."""
+        self.store = open_store()
+        return ray.util.get_node_ip_address(), self.store.port
 
     def join(self, rank: int, world: int, master: tuple[str, int], backend: str) -> str:
-        """Join the process group (once per group); returns this worker's node id."""
+        """Join the process group (once per group) through rank 0's store (`address`, called on rank 0 first);
+        returns this worker's node id."""
         import torch.distributed as dist
 
+        if rank == 0 and self.store is None:
+            raise RuntimeError("join(rank=0) before address(): rank 0 hosts the rendezvous store that address() "
+                               "opens; call address() on rank 0 first and give its result to every join")
+        store = self.store if rank == 0 else connect_store(*master)
+        # DeepSpeed looks for these before it sees the group initialised (engine.build_engine)
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR=master[0],
                           MASTER_PORT=str(master[1]))
-        dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
         self.rank, self.world = rank, world
         return ray.get_runtime_context().get_node_id()
 

@@ -303,7 +303,7 @@ def _jobs_worker(rank, world_size, port, jobs, out_dir):
 
 def _run_engine(jobs, world_size, tmp_path):
     """Spawn `world_size` ranks that run `jobs`; per job, per rank, what its worker saved."""
-    from dmea_dist.engine import free_port
+    from dmea_dist.rendezvous import free_port
 
     mp.spawn(_jobs_worker, args=(world_size, free_port(), jobs, str(tmp_path)), nprocs=world_size, join=True)
     return [[torch.load(tmp_path / str(i) / f"rank{r}.pt") for r in range(world_size)] for i in range(len(jobs))]
@@ -546,7 +546,7 @@ def test_virtual_shards_train_the_same_bits_on_any_rank_count(stage, worlds, spa
 
 
 def test_virtual_shards_must_be_a_multiple_of_the_ranks(tmp_path):
-    from dmea_dist.engine import free_port
+    from dmea_dist.rendezvous import free_port
 
     mp.spawn(_bad_pieces_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -332,6 +332,39 @@ def test_a_group_launched_ahead_trains_the_model_as_it_is_at_its_first_job(ray_s
                     trained_state(reference, first.trainable)["modules"]) <= 1e-5
 
 
+def test_the_ranks_join_though_another_process_goes_for_the_port_rank_0_offered(ray_session, tiny):
+    """Rank 0 offers the rendezvous (`TrainWorker.address`) and the ranks join it later (`join`). The port
+    offered was one found free and closed again, for rank 0 to bind at its join: any process on the node could
+    take it in between, and the group's start failed (EADDRINUSE). Here another process goes for the port right
+    after the offer: rank 0 holds it already, and the ranks join."""
+    import socket
+
+    from dmea_dist.distributed.train_group import TrainWorker
+
+    cls = ray.remote(TrainWorker).options(num_cpus=1)
+    workers = [cls.remote(None, engine=engine_settings(tiny[0]), cpus=1) for _ in range(2)]
+    thief = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        host, port = ray.get(workers[0].address.remote())
+        try:
+            thief.bind(("0.0.0.0", port))
+            thief.listen()
+            taken = True
+        except OSError:
+            taken = False
+        joins = [w.join.remote(rank, 2, (host, port), "gloo") for rank, w in enumerate(workers)]
+        pending, deadline = joins, 180.0
+        while pending:  # the first join to fail raises at once (a rank whose store went to the thief would hang)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=deadline)
+            assert ready, "the ranks did not join within 180 s"
+            ray.get(ready)
+        assert not taken  # the port was rank 0's from the offer on
+    finally:
+        thief.close()
+        for worker in workers:
+            ray.kill(worker)
+
+
 def in_turn_kernels(cfg, tmp_path):
     """(sizes, the other RayKernels arguments) for `tiny` with ray.warm_up off, every role fitting in 2 CPUs."""
     from dmea_dist.config import RayConfig
