@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sys
 from collections.abc import Callable, Iterator
 
@@ -35,6 +34,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from dmea_dist.errors import ClusterTooSmall
 from dmea_dist.offline import OFFLINE_VARS
+from dmea_dist.rendezvous import free_port
 
 Progress = Callable[[str, int, int], None]
 _dashboard_url: str | None = None  # of the embedded Ray `connect` started, if it has a dashboard
@@ -109,13 +109,6 @@ def ray_dashboard_url() -> str | None:
     """Where the dashboard of the embedded Ray that `connect` started listens (http://127.0.0.1:PORT), if it
     started one, while it runs."""
     return _dashboard_url if ray.is_initialized() else None
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def machine_cores() -> int:
