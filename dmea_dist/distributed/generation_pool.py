@@ -340,8 +340,19 @@ class GenerationPool:
         raise AssertionError("unreachable")
 
     def node_ids(self) -> list[str]:
-        """The node each actor runs on (starts nothing: empty if the pool is not started)."""
-        return ray.get([a.node_id.remote() for a in self.actors])
+        """The node each live actor runs on (starts nothing: empty if the pool is not started).
+
+        Bookkeeping (the run's placement record), asked after a call has returned its results: an actor that
+        died since (its process killed, its node lost) is left out, not raised, so the finished call's
+        results stand; the next call meets the death and rebuilds the pool (`_run`).
+        """
+        nodes = []
+        for ref in [actor.node_id.remote() for actor in self.actors]:
+            try:
+                nodes.append(ray.get(ref))
+            except RayActorError:
+                pass
+        return nodes
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -362,3 +362,32 @@ def test_a_generation_actor_killed_mid_call_has_its_work_redone(kernels2, env):
         killer.cancel()
     assert kernels2.pool.restarts == restarts + 1
     assert got == want  # every range is a function of its request and seed: the redone call is the same
+
+
+def test_a_generation_actor_that_dies_after_its_call_returned_leaves_the_calls_results_standing(kernels2, env,
+                                                                                               monkeypatch):
+    """After a pool call the kernels ask the actors for their nodes (the run's placement record). An actor
+    that died in between (its process killed, its node lost) made that question raise ActorDiedError: the
+    stage failed although its pseudo samples were in hand. They stand now; the next call rebuilds the pool."""
+    run = env.run
+    requests = pseudo_requests(run, n=8, seed=5)
+    want = kernels2.generate(run.model, requests)
+    pool, generate = kernels2.pool, kernels2.pool.generate
+    restarts = pool.restarts
+
+    def generate_then_lose_an_actor(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        victim = pool.actors[0]
+        ray.kill(victim)
+        while True:  # until Ray reports the death: the question for its node now meets it for sure
+            try:
+                ray.get(victim.node_id.remote(), timeout=60)
+            except ray.exceptions.RayActorError:
+                break
+        return out
+
+    monkeypatch.setattr(pool, "generate", generate_then_lose_an_actor)
+    assert kernels2.generate(run.model, requests) == want
+    monkeypatch.undo()
+    assert kernels2.generate(run.model, requests) == want  # the next call finds the death and rebuilds
+    assert pool.restarts == restarts + 1

@@ -280,3 +280,26 @@ def test_kernels_whose_warm_up_fails_release_what_it_started(monkeypatch):
     with pytest.raises(ClusterTooSmall):
         kernels_module.ray_kernels(run)
     assert closed == [True]
+
+
+def test_an_actor_that_died_after_a_pool_call_does_not_fail_the_stage(monkeypatch):
+    """`RayKernels.generate` / `answer` record the actors' nodes after the pool call returned: an actor that
+    died in between raised there (ActorDiedError), failing a stage whose work was done. The node ids are
+    bookkeeping: the live actors' are recorded, the result stands, the next call rebuilds the pool."""
+    from dmea_dist.distributed import generation_pool, kernels
+
+    class Actor:
+        def __init__(self, ref):
+            self.node_id = _Method(lambda: ref)
+
+    monkeypatch.setattr(generation_pool, "ray", _FakeRay())
+    monkeypatch.setattr(kernels, "require_ray", lambda: None)
+    pool = generation_pool.GenerationPool(tokenizer=None, max_length=8, decoding=None, num_actors=2)
+    pool.actors = [Actor(_Ref("node-a")), Actor(_Ref(error=ActorDiedError()))]
+    monkeypatch.setattr(pool, "generate", lambda model, requests, progress=None: ["pseudo samples"])
+    monkeypatch.setattr(pool, "answer", lambda model, requests, progress=None: [["answers"]])
+    ray_kernels = kernels.RayKernels.__new__(kernels.RayKernels)  # only what generate / answer use
+    ray_kernels.pool, ray_kernels.progress, ray_kernels.placement = pool, None, kernels.Placement()
+    assert ray_kernels.generate(object(), []) == ["pseudo samples"]
+    assert ray_kernels.answer(object(), []) == [["answers"]]
+    assert ray_kernels.placement.generation == {"node-a"}
