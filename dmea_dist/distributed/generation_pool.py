@@ -29,6 +29,12 @@ Key decisions:
 - If an actor dies mid-call (process or node lost), the pool is rebuilt and
   the call redone (`retries`); any other failure tears the pool down and is
   raised (a restarted actor would miss the state synced before its failure).
+  An actor whose constructor raised (a bad snapshot, a missing file) fails its
+  calls with ActorDiedError too, with `actor_init_failed` and the
+  constructor's traceback in its message (Ray 2.60 restarts no actor for that,
+  max_restarts or not, ray-project/ray#46746): it would fail again, so it is
+  raised at once. Only actors started after other refs (`start(after=...)`),
+  whose failure reads the same, get one rebuild, without them.
 """
 
 from __future__ import annotations
@@ -251,6 +257,7 @@ class GenerationPool:
         self.restarts = 0  # calls redone because a replica died
         self.actors: list = []
         self._pg = None
+        self._after = False  # the actors were started after other refs (`start(after=...)`)
         self._checksum: tuple[float, ...] | None = None  # of the backbone the replicas hold
 
     @property
@@ -270,7 +277,7 @@ class GenerationPool:
             .remote(model_ref, files_ref, *after, max_length=self.max_length, cpus=self.cpus, decoding=self.decoding)
             for i in range(self.num_actors)
         ]
-        self._checksum = backbone_checksum(model)
+        self._checksum, self._after = backbone_checksum(model), bool(after)
 
     def sync(self, model) -> None:
         """Bring every replica to `model`'s state (starting the pool if needed)."""
@@ -329,9 +336,11 @@ class GenerationPool:
                 self.sync(model)
                 outs = gather([submit(s) for s in work], label=label, progress=progress)
                 return dict(zip(work, outs, strict=True))
-            except RayActorError:
+            except RayActorError as err:
+                # a constructor's error would recur (module docstring), unless the refs the actors waited on failed
+                constructor = err.actor_init_failed and not self._after
                 self.shutdown()  # a dead replica: start the pool afresh from `model` and redo the call
-                if attempt == self.retries:
+                if constructor or attempt == self.retries:
                     raise
                 self.restarts += 1
             except Exception:
@@ -361,4 +370,4 @@ class GenerationPool:
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
-        self._checksum = None
+        self._checksum, self._after = None, False

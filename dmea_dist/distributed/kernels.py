@@ -131,8 +131,10 @@ class RayKernels:
         once those are up, the search actors (module docstring: in turn)."""
         try:
             self.group.start(model)
-        except RayActorError:  # a rank died before its first job: the job launches a fresh group
+        except RayActorError as err:  # a rank died before its first job: the job launches a fresh group
             self.group.shutdown()
+            if err.actor_init_failed:  # its constructor raised: a fresh group's would too
+                raise
         if not self.pool.started:
             self.pool.start(model)
         if not self.search_pool.started:

@@ -31,7 +31,9 @@ for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
   ranks' collectives fail too (gloo: "Connection closed by peer"), often
   before Ray reports the death: a rank's error is taken as a rank's death when
   one of the ranks died (`_rank_died`). Any other failure tears the group down
-  (ranks may be stuck in a collective) and is raised, as the generation pool does.
+  (ranks may be stuck in a collective) and is raised, as the generation pool does;
+  so is a rank whose constructor raised (ActorDiedError with `actor_init_failed`):
+  a fresh group would meet it again (distributed/generation_pool.py).
 """
 
 from __future__ import annotations
@@ -265,10 +267,10 @@ class TrainGroup:
                 self._sync(model)
                 outs = self._adapt(job, str(checkpoint_dir) if checkpoint_dir else None)
                 break
-            except RayActorError:
+            except RayActorError as err:
                 self.shutdown()  # a dead rank: a fresh group continues from the last checkpoint
-                if attempt == self.max_failures:
-                    raise
+                if err.actor_init_failed or attempt == self.max_failures:
+                    raise  # a rank's constructor raised: a fresh group's would too
                 self.restarts += 1
             except Exception:
                 self.shutdown()  # ranks may be stuck in a collective the failed one left: start afresh next call

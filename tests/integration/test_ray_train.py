@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from dmea_dist.config import config_from_dict
 from dmea_dist.coordinator import engine_settings
 from dmea_dist.data.formatting import encode_task
+from dmea_dist.distributed.train_group import TrainWorker
 from dmea_dist.distributed.train_workers import (
     RESULT_FILE,
     WEIGHT_FILES,
@@ -339,8 +340,6 @@ def test_the_ranks_join_though_another_process_goes_for_the_port_rank_0_offered(
     after the offer: rank 0 holds it already, and the ranks join."""
     import socket
 
-    from dmea_dist.distributed.train_group import TrainWorker
-
     cls = ray.remote(TrainWorker).options(num_cpus=1)
     workers = [cls.remote(None, engine=engine_settings(tiny[0]), cpus=1) for _ in range(2)]
     thief = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -363,6 +362,35 @@ def test_the_ranks_join_though_another_process_goes_for_the_port_rank_0_offered(
         thief.close()
         for worker in workers:
             ray.kill(worker)
+
+
+class _UnbuildableRank(TrainWorker):
+    """A training rank whose constructor raises, as on a bad setting or a missing file (TrainGroup's actor class
+    for one test)."""
+
+    def __init__(self, *args, **kwargs):
+        raise FileNotFoundError("no such file: /nowhere/ds_config.json")
+
+
+def test_a_group_whose_ranks_fail_to_construct_raises_their_error_at_once(ray_session, tiny, monkeypatch):
+    """Ray raises ActorDiedError (actor_init_failed) for the calls of a rank whose __init__ raised, and restarts
+    it never. The group took that for a dead rank and launched itself again max_failures times (each rank
+    importing DeepSpeed and building a replica) before the error came out; now the first one comes out."""
+    from dmea_dist.distributed import train_group
+
+    cfg, model, first, _ = tiny
+    monkeypatch.setattr(train_group, "TrainWorker", _UnbuildableRank)
+    group = train_group.TrainGroup(engine_settings(cfg), num_workers=1, cpus_per_worker=1, max_failures=2)
+    launches = []
+    launch = group.launch
+    monkeypatch.setattr(group, "launch", lambda model=None: launches.append(True) or launch(model))
+    try:
+        with pytest.raises(ray.exceptions.ActorDiedError, match="no such file: /nowhere/ds_config.json") as raised:
+            group(copy.deepcopy(model), first)
+    finally:
+        group.shutdown()
+    assert raised.value.actor_init_failed
+    assert len(launches) == 1 and group.restarts == 0
 
 
 def in_turn_kernels(cfg, tmp_path):

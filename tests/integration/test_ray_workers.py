@@ -41,7 +41,7 @@ import torch
 from dmea_dist import stages
 from dmea_dist.config import config_from_dict
 from dmea_dist.coordinator import decoding_settings, engine_settings, in_process_kernels
-from dmea_dist.distributed.generation_pool import plan_shards
+from dmea_dist.distributed.generation_pool import GenerationWorker, plan_shards
 from dmea_dist.distributed.kernels import RayKernels
 from dmea_dist.kernels import AnswerRequest, GenerateRequest, run_search_job
 from dmea_dist.method import expansion
@@ -391,3 +391,32 @@ def test_a_generation_actor_that_dies_after_its_call_returned_leaves_the_calls_r
     monkeypatch.undo()
     assert kernels2.generate(run.model, requests) == want  # the next call finds the death and rebuilds
     assert pool.restarts == restarts + 1
+
+
+class _UnbuildableWorker(GenerationWorker):
+    """A generation actor whose constructor raises, as on a bad snapshot or a missing file."""
+
+    def __init__(self, *args, **kwargs):
+        raise FileNotFoundError("no such file: /nowhere/tokenizer.json")
+
+
+def test_a_pool_whose_actors_fail_to_construct_raises_their_error_at_once(ray_local, env, monkeypatch):
+    """Ray raises ActorDiedError (actor_init_failed) for the calls of an actor whose __init__ raised, and
+    restarts it never (max_restarts or not). The pool took that for a death, and reserved and built its
+    replicas again before the same error came out; now the first one comes out, with the constructor's message."""
+    from dmea_dist.distributed import generation_pool
+
+    reservations = []
+    reserve = generation_pool.reserve
+    monkeypatch.setattr(generation_pool, "reserve", lambda *a, **k: reservations.append(k) or reserve(*a, **k))
+    run = env.run
+    pool = generation_pool.GenerationPool(tokenizer=run.tokenizer, max_length=run.formatter.max_length,
+                                          decoding=decoding_settings(run.config), num_actors=1, retries=2)
+    pool.worker_class = _UnbuildableWorker
+    try:
+        with pytest.raises(ray.exceptions.ActorDiedError, match="no such file: /nowhere/tokenizer.json") as raised:
+            pool.generate(run.model, pseudo_requests(run))
+    finally:
+        pool.shutdown()
+    assert raised.value.actor_init_failed
+    assert len(reservations) == 1 and pool.restarts == 0  # built once, not again per retry

@@ -303,3 +303,76 @@ def test_an_actor_that_died_after_a_pool_call_does_not_fail_the_stage(monkeypatc
     assert ray_kernels.generate(object(), []) == ["pseudo samples"]
     assert ray_kernels.answer(object(), []) == [["answers"]]
     assert ray_kernels.placement.generation == {"node-a"}
+
+
+def _constructor_error(cls: str = "GenerationWorker") -> ActorDiedError:
+    """What Ray 2.60 raises for the calls of an actor whose __init__ raised: ActorDiedError, actor_init_failed,
+    the constructor's traceback in its message (checked on embedded Ray; not restarted, max_restarts or not)."""
+    error = FileNotFoundError("no such file: /nowhere/tokenizer.json")
+    traceback = f'Traceback (most recent call last):\n  File "x.py", line 1, in __init__\nFileNotFoundError: {error}'
+    return ActorDiedError.from_task_error(RayTaskError(f"{cls}.__init__", traceback, error,
+                                                       proctitle=f"ray::{cls}.__init__()"))
+
+
+def test_a_pool_whose_actors_fail_to_construct_raises_at_once_not_after_a_rebuild(monkeypatch):
+    """An actor's constructor that raises (a bad snapshot, a missing file) fails every call with ActorDiedError,
+    which the pool took for a death: it tore itself down, reserved and built every replica again and redid the
+    call, to meet the same error. Raised at once now, with the constructor's message; a pool whose actors waited
+    on other refs (`start(after=...)`: those refs' failure reads as a constructor's too) is still rebuilt once,
+    without them."""
+    from dmea_dist.distributed import generation_pool
+
+    pool = generation_pool.GenerationPool(tokenizer=None, max_length=8, decoding=None, num_actors=1, retries=2)
+    syncs, shutdowns = [], []
+
+    def shutdown():  # as the pool's: the next sync starts fresh actors, without `after`
+        shutdowns.append(True)
+        pool._after = False
+
+    def broken(model):  # every constructor raises
+        syncs.append(pool._after)
+        raise _constructor_error()
+
+    def waited_on_failed_refs(model):  # only the actors started after other refs fail (those refs failed)
+        syncs.append(pool._after)
+        if pool._after:
+            raise _constructor_error()
+
+    pool._after = False  # started without `after` (as `start` records)
+    monkeypatch.setattr(pool, "shutdown", shutdown)
+    monkeypatch.setattr(pool, "sync", broken)
+    with pytest.raises(ActorDiedError, match="no such file: /nowhere/tokenizer.json"):
+        pool._run(object(), [0], lambda item: None, label="generate", progress=None)
+    assert (syncs, len(shutdowns), pool.restarts) == ([False], 1, 0)
+
+    syncs.clear()
+    pool._after = True  # started after other refs (`RayKernels._start_the_rest`): rebuilt once, without them
+    monkeypatch.setattr(pool, "sync", waited_on_failed_refs)
+    monkeypatch.setattr(generation_pool, "gather", lambda refs, label, progress: ["out"])
+    assert pool._run(object(), [0], lambda item: None, label="generate", progress=None) == {0: "out"}
+    assert syncs == [True, False] and pool.restarts == 1
+
+
+def test_a_training_group_whose_ranks_fail_to_construct_raises_at_once(monkeypatch):
+    """The same for the training group: a rank whose constructor raised was taken for a dead rank, and the group
+    was launched again max_failures times (each rank importing DeepSpeed and building a replica) before the
+    error came out; and at the first adaptation without warm_up, `_start_the_rest` dropped it before that."""
+    from dmea_dist.distributed import kernels
+
+    group = train_group.TrainGroup(engine=None, num_workers=2, cpus_per_worker=1.0, max_failures=2)
+    shutdowns = []
+    monkeypatch.setattr(group, "shutdown", lambda: shutdowns.append(True))
+
+    def sync(model):
+        raise _constructor_error("TrainWorker")
+
+    monkeypatch.setattr(group, "_sync", sync)
+    with pytest.raises(ActorDiedError, match="no such file"):
+        group(object(), object())
+    assert group.restarts == 0 and shutdowns == [True]
+
+    monkeypatch.setattr(group, "start", sync)
+    ray_kernels = kernels.RayKernels.__new__(kernels.RayKernels)  # only what _start_the_rest uses first
+    ray_kernels.group = group
+    with pytest.raises(ActorDiedError, match="no such file"):
+        ray_kernels._start_the_rest(object())
