@@ -21,7 +21,10 @@ jobs are exactly the ones the stage builds. Then:
   pseudo samples, each as in process;
 * after the coordinator's model changes (new module, new path, perturbed
   module and backbone weights, then a module dropped again) the pool's next
-  call matches the in-process kernels on the changed model.
+  call matches the in-process kernels on the changed model;
+* a pool whose actors' constructor raises fails its first call with that
+  error, without rebuilding; a call whose actor dies right after it returned
+  keeps its results, and the next call rebuilds the pool.
 
 Test order matters on 2 CPUs: the 2-actor pool (module fixture, 2 CPUs) is
 created after the search and the 1-actor tests have released their CPUs.
@@ -265,6 +268,35 @@ def test_shared_replicas_search_and_generate_on_one_pool(ray_local, env):
         kernels.close()
 
 
+class _UnbuildableWorker(GenerationWorker):
+    """A generation actor whose constructor raises, as on a bad snapshot or a missing file."""
+
+    def __init__(self, *args, **kwargs):
+        raise FileNotFoundError("no such file: /nowhere/tokenizer.json")
+
+
+def test_a_pool_whose_actors_fail_to_construct_raises_their_error_at_once(ray_local, env, monkeypatch):
+    """Ray raises ActorDiedError (actor_init_failed) for the calls of an actor whose __init__ raised, and
+    restarts it never (max_restarts or not). The pool took that for a death, and reserved and built its
+    replicas again before the same error came out; now the first one comes out, with the constructor's message."""
+    from dmea_dist.distributed import generation_pool
+
+    reservations = []
+    reserve = generation_pool.reserve
+    monkeypatch.setattr(generation_pool, "reserve", lambda *a, **k: reservations.append(k) or reserve(*a, **k))
+    run = env.run
+    pool = generation_pool.GenerationPool(tokenizer=run.tokenizer, max_length=run.formatter.max_length,
+                                          decoding=decoding_settings(run.config), num_actors=1, retries=2)
+    pool.worker_class = _UnbuildableWorker
+    try:
+        with pytest.raises(ray.exceptions.ActorDiedError, match="no such file: /nowhere/tokenizer.json") as raised:
+            pool.generate(run.model, pseudo_requests(run))
+    finally:
+        pool.shutdown()
+    assert raised.value.actor_init_failed
+    assert len(reservations) == 1 and pool.restarts == 0  # built once, not again per retry
+
+
 def test_pool_size_does_not_change_pseudo_samples(kernels2, env):
     """Pieces are seeded by what they are (call, piece), not by which actor runs them."""
     run = env.run
@@ -391,32 +423,3 @@ def test_a_generation_actor_that_dies_after_its_call_returned_leaves_the_calls_r
     monkeypatch.undo()
     assert kernels2.generate(run.model, requests) == want  # the next call finds the death and rebuilds
     assert pool.restarts == restarts + 1
-
-
-class _UnbuildableWorker(GenerationWorker):
-    """A generation actor whose constructor raises, as on a bad snapshot or a missing file."""
-
-    def __init__(self, *args, **kwargs):
-        raise FileNotFoundError("no such file: /nowhere/tokenizer.json")
-
-
-def test_a_pool_whose_actors_fail_to_construct_raises_their_error_at_once(ray_local, env, monkeypatch):
-    """Ray raises ActorDiedError (actor_init_failed) for the calls of an actor whose __init__ raised, and
-    restarts it never (max_restarts or not). The pool took that for a death, and reserved and built its
-    replicas again before the same error came out; now the first one comes out, with the constructor's message."""
-    from dmea_dist.distributed import generation_pool
-
-    reservations = []
-    reserve = generation_pool.reserve
-    monkeypatch.setattr(generation_pool, "reserve", lambda *a, **k: reservations.append(k) or reserve(*a, **k))
-    run = env.run
-    pool = generation_pool.GenerationPool(tokenizer=run.tokenizer, max_length=run.formatter.max_length,
-                                          decoding=decoding_settings(run.config), num_actors=1, retries=2)
-    pool.worker_class = _UnbuildableWorker
-    try:
-        with pytest.raises(ray.exceptions.ActorDiedError, match="no such file: /nowhere/tokenizer.json") as raised:
-            pool.generate(run.model, pseudo_requests(run))
-    finally:
-        pool.shutdown()
-    assert raised.value.actor_init_failed
-    assert len(reservations) == 1 and pool.restarts == 0  # built once, not again per retry
