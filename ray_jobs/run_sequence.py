@@ -4,6 +4,11 @@
         python ray_jobs/run_sequence.py configs/rnnlg_e2e_abcde_tiny.yaml [--set key=value ...]
     ray job submit ... -- python ray_jobs/run_sequence.py --resume RUN_DIR     (continue a stopped run)
 
+Under `--working-dir`, `output_dir` and a sqlite `tracking.uri` must be absolute
+(`--set output_dir=/shared/runs --set tracking.uri=sqlite:////shared/mlflow.db`):
+the job refuses relative ones, which would land in Ray's temporary copy of the
+repository (launch/README.md).
+
 Inside a job Ray is already running: `connect` joins it (RAY_ADDRESS is set
 by the job supervisor). The story, top to bottom: load and validate the
 config, join Ray, start the lifecycle coordinator actor and step it, record
