@@ -126,9 +126,10 @@ def load_task_model(source: str | Path, task: str | None = None, *, tasks: Seque
     `source`: a run directory, an MLflow run id (sequence or task run; also
     `runs:/ID`), or a registered task model `models:/NAME@ALIAS` /
     `models:/NAME/VERSION`. `task`: the default task of inputs (implied by a
-    task run id or a models:/ URI). `tasks`: the tasks to load (default:
-    every recorded task of a run; for models:/, the other tasks are found by
-    their aliases in the same registered model). `tracking_uri`: the MLflow
+    task run id or a models:/ URI). `tasks`: more tasks to load beside it (for
+    models:/, found by their aliases in the same registered model). Loaded:
+    `task` and `tasks`; with neither given nor implied, every recorded task
+    of the run. `tracking_uri`: the MLflow
     store of a run id or models:/ URI (default $MLFLOW_TRACKING_URI, else
     sqlite:///mlflow.db). Each task answers with the weights its folder
     recorded, as it does alone; `latest`: a module several loaded tasks share
