@@ -28,6 +28,7 @@ COPY configs ./configs
 COPY ray_jobs ./ray_jobs
 COPY launch ./launch
 
-# DS_ACCELERATOR=cpu keeps CPU runs on CPU even on GPU nodes; unset it for GPU training.
+# DS_ACCELERATOR=cpu keeps CPU runs on CPU even on GPU nodes; GPU training ranks (ray.use_gpu) set cuda
+# for themselves (dmea_dist/distributed/cluster.py worker_env).
 ENV DS_ACCELERATOR=cpu
 CMD ["dmea", "run", "configs/quickstart.yaml"]

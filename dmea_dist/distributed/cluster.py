@@ -181,9 +181,14 @@ def require_ray() -> None:
                            "Ray kernels, e.g. ray.init(num_cpus=2) on a laptop")
 
 
-def worker_env(cpus: float) -> dict[str, str]:
-    """Environment of every worker process: CPU DeepSpeed, threads = the CPU share."""
-    return {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, int(cpus))), "TOKENIZERS_PARALLELISM": "false"}
+def worker_env(cpus: float, *, gpu: bool = False) -> dict[str, str]:
+    """Environment of every worker process: threads = the CPU share, and DeepSpeed's accelerator said outright,
+    CUDA for a rank that holds a GPU (`gpu`), else CPU. Said, not left to DeepSpeed or to the job: a worker
+    inherits the driver's DS_ACCELERATOR (`connect`), `cpu` where the driver runs on the project's image or
+    from the Makefile, which would have GPU ranks build CPU engines; an actor's own env_vars win over the
+    job's (checked on Ray 2.60)."""
+    return {"DS_ACCELERATOR": "cuda" if gpu else "cpu", "OMP_NUM_THREADS": str(max(1, int(cpus))),
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def configure_threads(cpus: float | None = None) -> None:

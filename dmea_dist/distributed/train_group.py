@@ -200,7 +200,7 @@ class TrainGroup:
         bundle = {"CPU": float(self.cpus), **({"GPU": 1.0} if self.use_gpu else {})}
         self._pg = reserve(self.num_workers, cpus=self.cpus, strategy=self.strategy, timeout_s=self.ready_timeout_s,
                            what="the training group", bundle=bundle)
-        env = worker_env(self.cpus) if not self.use_gpu else {"OMP_NUM_THREADS": str(max(1, int(self.cpus)))}
+        env = worker_env(self.cpus, gpu=self.use_gpu)
         snapshot = checksum = None
         if model is not None:
             from dmea_dist.distributed.generation_pool import backbone_checksum, model_snapshot

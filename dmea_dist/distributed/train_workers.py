@@ -58,6 +58,7 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
+from dmea_dist.distributed.cluster import worker_env
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
 from dmea_dist.errors import ConfigError
 from dmea_dist.method.adaptation import (
@@ -130,9 +131,9 @@ class RayTrainAdapter:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        env = {"OMP_NUM_THREADS": str(self._threads())}
-        if not self.use_gpu:
-            env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed must not pick CUDA on a GPU node (DESIGN section 4)
+        # DeepSpeed's accelerator said outright: cpu on a GPU node for CPU runs (DESIGN section 4), cuda for GPU
+        # ranks, which would inherit a driver's DS_ACCELERATOR=cpu otherwise (worker_env)
+        env = worker_env(self._threads(), gpu=self.use_gpu)
         loop_config = {"model": ray.put(model), "job": ray.put(job), "engine": self.engine,
                        "threads": self._threads(), "use_gpu": self.use_gpu,
                        "progress": self._relay.queue() if self._relay is not None else None}

@@ -64,7 +64,8 @@ def tiny_config(output_dir, deepspeed=None):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # one declared GPU (no device behind it): a GPU rank is scheduled, so its environment can be read
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -362,6 +363,33 @@ def test_the_ranks_join_though_another_process_goes_for_the_port_rank_0_offered(
         thief.close()
         for worker in workers:
             ray.kill(worker)
+
+
+def test_gpu_ranks_run_deepspeed_on_cuda_though_the_driver_says_cpu(ray_session, tiny, monkeypatch):
+    """A worker inherits the driver's DS_ACCELERATOR (here `cpu`, as conftest, the Makefile and the project's
+    image set it; `cluster.connect` passes it on to a job's workers too). GPU ranks left it alone, so they would
+    build CPU engines beside their GPUs. Their own environment says cuda now, in both adaptation paths (CPU
+    ranks' says cpu, as before)."""
+    from dmea_dist.distributed.train_group import TrainGroup
+
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    seen = {}
+    for use_gpu in (True, False):
+        group = TrainGroup(engine_settings(tiny[0]), num_workers=1, cpus_per_worker=1, use_gpu=use_gpu)
+        group.launch()  # no model: the rank starts, and its join fails on a GPU rank here (no NCCL)
+        try:
+            seen[use_gpu] = ray.get(group.workers[0].__ray_call__.remote(lambda self: os.environ["DS_ACCELERATOR"]))
+        finally:
+            group.shutdown()
+    assert seen == {True: "cuda", False: "cpu"}
+
+    captured = {}  # Ray Train: the runtime env its workers get (the trainer itself is Ray Train's)
+    monkeypatch.setattr("ray.train.torch.TorchTrainer", lambda *a, run_config, **k: captured.update(
+        env=run_config.worker_runtime_env["env_vars"]))
+    for use_gpu in (True, False):
+        RayTrainAdapter(engine_settings(tiny[0]), num_workers=1, cpus_per_worker=1, storage_path="/tmp",
+                        use_gpu=use_gpu)._trainer(tiny[1], tiny[2])
+        assert captured["env"]["DS_ACCELERATOR"] == ("cuda" if use_gpu else "cpu")
 
 
 class _UnbuildableRank(TrainWorker):
