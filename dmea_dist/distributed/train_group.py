@@ -4,7 +4,7 @@ Ray Train builds a trainer, a placement group, worker processes, a process
 group and a DeepSpeed build for every `fit`: ~13-33 s per task on a laptop,
 for a second of compute (issue 9's measurement). `TrainGroup` pays that once:
 
-* `launch`: N `TrainWorker` actors in a placement group (PACK by default),
+* `launch`: N `TrainWorker` actors in a placement group (`ray.placement_strategy`, SPREAD by default),
   each with a model replica; they join one gloo (CPU) or nccl (GPU) process
   group over a TCP rendezvous that rank 0 offers: its TCPStore, opened on a
   port the OS picks and held from the start (dmea_dist/rendezvous.py), so no
