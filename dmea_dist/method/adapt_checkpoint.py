@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmea_dist.files import sync_tree
-from dmea_dist.method.adaptation import AdaptJob, AdaptResult
+from dmea_dist.method.adaptation import AdaptJob, AdaptResult, cuda_in_use
 from dmea_dist.state import read_json, write_json
 
 PROGRESS = "adapt_progress.json"
@@ -60,7 +60,7 @@ def save(engine, directory: Path, *, digest: str, steps: int, result: AdaptResul
     tag = f"step{steps:07d}"
     engine.save_checkpoint(directory, tag=tag)
     rng = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available():  # on a GPU dropout draws from the device's generator, not the CPU one
+    if cuda_in_use():  # on a GPU dropout draws from the device's generator, not the CPU one
         rng["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(rng, str(directory / tag / f"rng-rank{rank}.safetensors"))
     if barrier is not None:
@@ -107,7 +107,7 @@ def restore(engine, directory: Path, *, digest: str, rank: int, world: int = 1) 
     rng = directory / progress["tag"] / f"rng-rank{rank}.safetensors"
     states = load_file(str(rng))
     torch.set_rng_state(states["rng"])
-    if "cuda_rng" in states and torch.cuda.is_available():
+    if "cuda_rng" in states and cuda_in_use():  # the engine is built: a GPU rank's CUDA is up
         torch.cuda.set_rng_state(states["cuda_rng"])
     return int(progress["steps"]), AdaptResult(**progress["result"])
 

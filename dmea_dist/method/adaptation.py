@@ -291,12 +291,26 @@ def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tupl
     isolate = getattr(engine_factory, "partitions_model", False)
     target = copy.deepcopy(model) if isolate else model
     params = set_trainable(target, job.trainable, job.rows)
-    # dropout draws from a generator seeded by the job and rank, not by whatever ran before
-    with torch.random.fork_rng():
+    # dropout draws from a generator seeded by the job and rank, not by whatever ran before; on a GPU rank
+    # whose CUDA is not up yet the seed reaches the CUDA generator when DeepSpeed moves the model there
+    # (torch queues it), so only the CPU's and those of a CUDA already in use need forking (`cuda_in_use`)
+    with torch.random.fork_rng(devices=cuda_in_use(), device_type="cuda"):
         torch.manual_seed(job.seed + shard[0])
         return _run(model, target, params, job, engine_factory=engine_factory, shard=shard, on_step=on_step,
                     isolate=isolate, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
                     checkpoint_every=checkpoint_every, barrier=barrier, after_checkpoint=after_checkpoint)
+
+
+def cuda_in_use() -> list[int]:
+    """The CUDA devices whose generators this process draws from: every visible one once CUDA is up here
+    (a GPU rank, after its first job), none before.
+
+    Not `torch.cuda.is_available()`: Ray leaves a node's GPUs visible to actors that reserve none, so a CPU
+    training rank on a GPU node sees them too. Reading or setting a CUDA generator there creates a CUDA
+    context on every visible GPU (memory taken beside the GPU ranks', and a failure where the GPUs are in
+    exclusive-process mode), for generators its CPU training never uses.
+    """
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step, isolate: bool,

@@ -1,0 +1,114 @@
+"""Review of the GPU path, on a machine without one: each test shows one bug, fixed, with fakes at the
+torch.cuda boundary (what a process on a GPU node sees) instead of a GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+
+class _SGDEngine:
+    """Engine fake: plain SGD on the job's parameters; a checkpoint is a folder (DeepSpeed's contract)."""
+
+    virtual_shards = 0
+
+    def __init__(self, model, params):
+        self.module, self.params = model, list(params)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def step(self, sub_batches, *, progress, scale, unscaled):
+        from dmea_dist.engine import StepStats
+
+        losses = {}
+        for key, closure in sub_batches:
+            loss = closure()
+            loss.backward()
+            losses[key] = float(loss.detach())
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+                    p.grad = None
+        return StepStats(losses=losses, etas={}, clamped={}, sq_norms={}, matched_sq_norms={}, scaled=False)
+
+    def save_checkpoint(self, directory, tag):
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+
+    def load_checkpoint(self, directory, tag):
+        assert (directory / tag).is_dir()
+
+
+def _tiny_job(config):
+    from dmea_dist.data.formatting import Example
+    from dmea_dist.method.adaptation import AdaptJob
+    from dmea_dist.modeling.model import DMEAModel
+
+    model = DMEAModel.from_config(config, bottleneck=4, seed=0)
+    path = model.add_modules(generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    examples = [Example(ids, [-100] + ids[1:]) for ids in (torch.randint(0, 90, (8,), generator=g).tolist()
+                                                           for _ in range(8))]
+    job = AdaptJob(sources=[("new", (examples, examples), path)], trainable=path, epochs=2, lm_lambda=0.25,
+                   scale=False, progress="epochs", batch_size=4, pad_id=95, seed=0)  # 4 steps, a checkpoint at 2
+    return model, job
+
+
+def test_a_cpu_training_rank_on_a_gpu_node_creates_no_cuda_context(tmp_path, tiny_gpt2_config, monkeypatch):
+    """Ray leaves a node's GPUs visible to actors that reserve none, so a CPU training rank (`ray.use_gpu`
+    off, DS_ACCELERATOR=cpu) on a GPU node sees `torch.cuda.is_available()`. The adaptation forked the RNG of
+    every visible GPU (`fork_rng()`) and its checkpoints read the CUDA generator: each creates a CUDA context
+    on the GPUs (memory beside the GPU ranks'; an error where they are in exclusive-process mode) for
+    generators CPU training never draws from. Now CUDA is touched only where it is in use."""
+    from dmea_dist.method.adaptation import run_adapt_job
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU rank touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "init"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    model, job = _tiny_job(tiny_gpt2_config)
+
+    def factory(target, params):
+        return _SGDEngine(target, params)
+
+    def stop_at_3(done, total, **info):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a checkpoint at step 2 is saved, then the job stops
+        run_adapt_job(copy.deepcopy(model), job, engine_factory=factory, checkpoint_dir=tmp_path, on_step=stop_at_3)
+    resumed = run_adapt_job(copy.deepcopy(model), job, engine_factory=factory, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 2
+
+
+def test_a_gpu_rank_gets_its_cuda_generator_back_after_a_job(tiny_gpt2_config, monkeypatch):
+    """Where CUDA is in use (a GPU rank after its first job), the job still forks the CUDA generator: the
+    state before the job is the state after it, as for the CPU one."""
+    from dmea_dist.method.adaptation import run_adapt_job
+
+    model, job = _tiny_job(tiny_gpt2_config)
+    state = {0: torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state[0].clone())  # one GPU
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": state.__setitem__(0, s.clone()))
+
+    def seed_all(seed):  # what torch.manual_seed does to the CUDA generators
+        state[0] = torch.tensor([seed % 256] * 3, dtype=torch.uint8)
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seed_all)
+    seen = []
+
+    def on_step(done, total, **info):
+        seen.append(state[0].tolist())
+
+    run_adapt_job(model, job, engine_factory=lambda target, params: _SGDEngine(target, params), on_step=on_step)
+    assert seen[0] == [0, 0, 0]  # seeded by the job (seed 0, rank 0) while it runs
+    assert state[0].tolist() == [1, 2, 3]
