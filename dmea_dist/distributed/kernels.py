@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import RayActorError
 
 from dmea_dist.config import RayConfig
@@ -46,6 +47,7 @@ from dmea_dist.distributed.generation_pool import GenerationPool
 from dmea_dist.distributed.search import SearchPool, check_resources
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
 from dmea_dist.distributed.train_workers import RayTrainAdapter
+from dmea_dist.errors import ConfigError
 from dmea_dist.kernels import AnswerRequest, GenerateRequest, SearchData, SearchJob
 from dmea_dist.method.adaptation import AdaptJob, AdaptResult, run_adapt_job
 from dmea_dist.method.expansion import CandidateResult
@@ -194,12 +196,28 @@ class RayKernels:
             self.trainer.close()
 
 
+def coordinator_accelerator(sizes: RayConfig) -> str:
+    """DeepSpeed's accelerator in the coordinator's process, said outright as `worker_env` says it for the ranks.
+
+    The coordinator trains only with `adapt_on: coordinator`: on its node's GPU with `use_gpu` (an actor that
+    reserves none still sees its node's GPUs), else on the CPU, GPU node or not. Left to the environment, it
+    was the driver's DS_ACCELERATOR (`cpu` on the project's image and from the Makefile), and `use_gpu` then
+    trained on the CPU without a word.
+    """
+    if not (sizes.use_gpu and sizes.adapt_on == "coordinator"):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError("ray.use_gpu with ray.adapt_on: coordinator trains in the coordinator, on the driver's "
+                          "node, and it has no GPU: run adaptation on GPU ranks (ray.adapt_on: train_group, "
+                          "one GPU each), or set ray.use_gpu=false")
+    return "cuda"
+
+
 def ray_kernels(run, progress: Progress | None = None, ranks: LaunchedRanks | None = None) -> RayKernels:
     """The kernels of `run` on the Ray this process is connected to (sizes from its `ray:` section); `ranks`:
     training ranks the driver launched ahead (`launch_ranks`)."""
     config = run.config
-    if not config.ray.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU runs stay on CPU on GPU nodes too
+    os.environ["DS_ACCELERATOR"] = coordinator_accelerator(config.ray)
     if not ray.is_initialized():
         raise RuntimeError("ray_kernels needs a connected Ray (dmea_dist.distributed.cluster.connect)")
     kernels = RayKernels(tokenizer=run.tokenizer, max_length=run.formatter.max_length,

@@ -112,3 +112,51 @@ def test_a_gpu_rank_gets_its_cuda_generator_back_after_a_job(tiny_gpt2_config, m
     run_adapt_job(model, job, engine_factory=lambda target, params: _SGDEngine(target, params), on_step=on_step)
     assert seen[0] == [0, 0, 0]  # seeded by the job (seed 0, rank 0) while it runs
     assert state[0].tolist() == [1, 2, 3]
+
+
+def _ray_kernels_of(monkeypatch, **ray_section):
+    """`ray_kernels` of a run with this `ray:` section, its RayKernels a stub (no actors)."""
+    from types import SimpleNamespace
+
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.distributed import kernels as kernels_module
+
+    class Kernels:
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(kernels_module, "RayKernels", Kernels)
+    monkeypatch.setattr(kernels_module.ray, "is_initialized", lambda: True)
+    config = config_from_dict({"data": {"tasks": ["synth.restaurant.00"]}, "ray": {"warm_up": False, **ray_section}})
+    run = SimpleNamespace(config=config, tokenizer=None, formatter=SimpleNamespace(max_length=64), run_dir="/nowhere",
+                          policy=SimpleNamespace(full_finetune=False), model=None)
+    return kernels_module.ray_kernels(run)
+
+
+@pytest.mark.parametrize(("use_gpu", "adapt_on", "driver", "expected"), [
+    (True, "coordinator", "cpu", "cuda"),  # the project's image and the Makefile set cpu for the driver
+    (False, "coordinator", "cuda", "cpu"),
+    (True, "train_group", "cpu", "cpu"),  # the coordinator trains nothing; the ranks say cuda (worker_env)
+])
+def test_adaptation_in_the_coordinator_runs_where_use_gpu_says(monkeypatch, use_gpu, adapt_on, driver, expected):
+    """`ray.adapt_on: coordinator` runs DeepSpeed in the coordinator's process, whose DS_ACCELERATOR was the
+    driver's: `cpu` on the project's image, so `use_gpu` trained on the CPU without a word (the bug
+    worker_env fixed for the training ranks), and a driver's `cuda` put a CPU run on a GPU. The coordinator
+    now says its accelerator outright, from the config."""
+    import os
+
+    monkeypatch.setenv("DS_ACCELERATOR", driver)  # undone after the test, as what ray_kernels sets
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the coordinator's node has a GPU
+    _ray_kernels_of(monkeypatch, use_gpu=use_gpu, adapt_on=adapt_on)
+    assert os.environ["DS_ACCELERATOR"] == expected
+
+
+def test_gpu_adaptation_in_a_coordinator_without_a_gpu_is_refused_in_one_line(monkeypatch):
+    """Forced onto CUDA where the coordinator's node has none (the head of launch/cluster-gpu.yaml), DeepSpeed
+    would fail at the first adaptation, after the first task's search; the kernels refuse it when built."""
+    from dmea_dist.errors import ConfigError
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="adapt_on: train_group"):
+        _ray_kernels_of(monkeypatch, use_gpu=True, adapt_on="coordinator")
