@@ -160,3 +160,45 @@ def test_gpu_adaptation_in_a_coordinator_without_a_gpu_is_refused_in_one_line(mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="adapt_on: train_group"):
         _ray_kernels_of(monkeypatch, use_gpu=True, adapt_on="coordinator")
+
+
+# Facts of PyTorch's wheel indexes and of the bases, for the CUDA image's recipe (checked 2026; no Docker daemon
+# and no route to download.pytorch.org here, so the image was not built):
+# - the CUDA builds of each torch release (pytorch/pytorch RELEASE.md, "PyTorch CUDA Support Matrix": CUDA 12.6.3,
+#   13.0.2 and 13.2.1 for releases 2.12 to 2.14, pytorch/pytorch#197555); cu124 has no torch after 2.6
+#   (pytorch/pytorch#155790) and cu128 none for 2.13;
+# - the Python each Ubuntu release ships (its python3 package).
+TORCH_CUDA_BUILDS = {"2.12": {"cu126", "cu130", "cu132"}, "2.13": {"cu126", "cu130", "cu132"},
+                     "2.14": {"cu126", "cu130", "cu132"}}
+UBUNTU_PYTHON = {"20.04": "3.8", "22.04": "3.10", "24.04": "3.12"}
+
+
+def test_the_cuda_image_recipe_installs_the_tested_stack():
+    """The Dockerfile's CUDA recipe named the cu124 index, which holds no torch after 2.6 (the tested one is
+    2.13: a pinned build failed, an unpinned one got torch 2.6), on Ubuntu 22.04, whose Python 3.10 the
+    tested transformers (5.25: >= 3.11) does not install on. It now names an index that holds the Makefile's
+    torch, a base of the same CUDA, a Python the installed stack accepts, and a virtualenv (Ubuntu 24.04's
+    Python refuses pip, PEP 668)."""
+    import re
+    from importlib.metadata import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    from tests.conftest import REPO_ROOT
+
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    recipe = " ".join(line.lstrip("# ").rstrip(" \\") for line in dockerfile.splitlines()
+                      if line.startswith("#") and "--build-arg" in line)
+    args = dict(re.findall(r"--build-arg (\w+)=(\S+)", recipe))
+    tested = re.search(r"^TORCH_VERSION \?= (\S+)", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert args.get("TORCH_VERSION") == tested, f"the recipe pins torch {args.get('TORCH_VERSION')}, not {tested}"
+    index = args["TORCH_INDEX"].rstrip("/").rsplit("/", 1)[1]
+    assert index in TORCH_CUDA_BUILDS[tested.rsplit(".", 1)[0]], f"{index} holds no torch {tested}"
+    base = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\S*-ubuntu(\d+\.\d+)", args["BASE"])
+    assert base, args["BASE"]
+    assert f"cu{base[1]}{base[2]}" == index, f"base CUDA {base[1]}.{base[2]} with the {index} index"
+    python = UBUNTU_PYTHON[base[3]]
+    for package in ("torch", "transformers", "ray", "deepspeed"):
+        needs = metadata(package).get("Requires-Python") or ""
+        assert python in SpecifierSet(needs), f"{package} needs Python {needs}; ubuntu{base[3]} has {python}"
+    assert "-m venv /opt/venv" in dockerfile and "ENV PATH=/opt/venv/bin:$PATH" in dockerfile
