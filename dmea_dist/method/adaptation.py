@@ -302,15 +302,15 @@ def run_adapt_job(model, job: AdaptJob, *, engine_factory: Callable, shard: tupl
 
 
 def cuda_in_use() -> list[int]:
-    """The CUDA devices whose generators this process draws from: every visible one once CUDA is up here
-    (a GPU rank, after its first job), none before.
+    """The CUDA devices whose generators this process's training draws from: the current one (DeepSpeed's,
+    `set_device(LOCAL_RANK)`) once CUDA is up here (a GPU rank, after its first job), none before.
 
     Not `torch.cuda.is_available()`: Ray leaves a node's GPUs visible to actors that reserve none, so a CPU
     training rank on a GPU node sees them too. Reading or setting a CUDA generator there creates a CUDA
     context on every visible GPU (memory taken beside the GPU ranks', and a failure where the GPUs are in
     exclusive-process mode), for generators its CPU training never uses.
     """
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
 
 
 def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step, isolate: bool,

@@ -71,7 +71,7 @@ def test_a_cpu_training_rank_on_a_gpu_node_creates_no_cuda_context(tmp_path, tin
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "init"):
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "init", "current_device"):
         monkeypatch.setattr(torch.cuda, name, touched)
     model, job = _tiny_job(tiny_gpt2_config)
 
@@ -90,14 +90,21 @@ def test_a_cpu_training_rank_on_a_gpu_node_creates_no_cuda_context(tmp_path, tin
 
 def test_a_gpu_rank_gets_its_cuda_generator_back_after_a_job(tiny_gpt2_config, monkeypatch):
     """Where CUDA is in use (a GPU rank after its first job), the job still forks the CUDA generator: the
-    state before the job is the state after it, as for the CPU one."""
+    state before the job is the state after it, as for the CPU one. Only the device it trains on: forking
+    every visible one (an in-process run on a machine of 2 GPUs) created a context on each."""
     from dmea_dist.method.adaptation import run_adapt_job
 
     model, job = _tiny_job(tiny_gpt2_config)
     state = {0: torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state[0].clone())  # one GPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def get_rng_state(device="cuda"):
+        assert device in ("cuda", 0), f"GPU {device}, which the job does not train on, was touched"
+        return state[0].clone()
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": state.__setitem__(0, s.clone()))
 
     def seed_all(seed):  # what torch.manual_seed does to the CUDA generators

@@ -36,7 +36,7 @@ def test_an_adaptation_checkpoint_carries_the_cuda_rng_that_draws_dropout_on_a_g
     cuda = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a GPU rank: DeepSpeed put the model there
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: cuda["state"].clone())
 
     def set_rng_state(state, *a, **k):
