@@ -401,12 +401,14 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         stop = StopRequest()
+        stepped = False
         try:
             parent = _open_tracking(tracker, coordinator, config, run_dir)
             _record_unrecorded(tracker, coordinator, config)
             with stop.on_sigint(echo):
                 _step_until_done(coordinator, tracker, config, bar, stop, echo)
             results = coordinator.results()
+            stepped = True
         except BaseException as err:
             # SystemExit: SIGTERM (`ray job stop`, a scheduler), which Ray's driver handler turns into sys.exit
             stopped = isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
@@ -418,15 +420,27 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
                  f"stage; continue with: {resume_command(run_dir)}")
             raise
         finally:
+            if not stepped:
+                _try(coordinator.close)
+        # every stage is done; what is left (closing the workers, R, the report, the sequence metrics) takes 1-3 s,
+        # and a Ctrl-C or SIGTERM there must not leave the parent run RUNNING either, nor end without a word
+        try:
             _try(coordinator.close)
-    bar.close()
-    R, names = results["R"], config.data.tasks
-    metrics = sequence_metrics(R, baseline=results.get("baseline"))
-    figures = write_reports(run_dir, config, R, metrics, similarity=results["similarity"], paths=results["paths"])
-    reports = {"report": run_dir / "report.md", "report_html": run_dir / "report.html",
-               "report/report_files": figures} if figures else {}
-    tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
-    tracker.finish_sequence(status="FINISHED")
+            bar.close()
+            R, names = results["R"], config.data.tasks
+            metrics = sequence_metrics(R, baseline=results.get("baseline"))
+            figures = write_reports(run_dir, config, R, metrics, similarity=results["similarity"],
+                                    paths=results["paths"])
+            reports = {"report": run_dir / "report.md", "report_html": run_dir / "report.html",
+                       "report/report_files": figures} if figures else {}
+            tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
+            tracker.finish_sequence(status="FINISHED")
+        except BaseException as err:
+            stopped = isinstance(err, KeyboardInterrupt | SystemExit)
+            tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
+            echo(f"{'stopped' if stopped else 'failed'} while writing the results of {run_dir}: every task is done "
+                 f"and saved; write them with: {resume_command(run_dir)}")
+            raise
 
     print_results(echo, names, R, metrics, metric=config.eval.metric, method=config.method.name)
     echo(where_line(run_dir, config))
