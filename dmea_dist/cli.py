@@ -169,21 +169,23 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from dmea_dist.driver import check_resume, resume_config, resume_sequence
+    from dmea_dist.driver import check_resume, resume_config, resume_sequence, run_lock
     from dmea_dist.state import load_state
 
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts
     check_resume(args.run_dir, config)
-    factory, overrides = None, list(args.set)
-    # a finished run has no stage left: its results (and any record a kill left out) need no Ray
-    if not args.in_process and not load_state(args.run_dir).done:
-        from dmea_dist.distributed.cluster import size_overrides
+    # a run still running (another `dmea run` or `dmea resume` of it) is refused now, not after Ray started
+    with run_lock(Path(args.run_dir), resume=True):
+        factory, overrides = None, list(args.set)
+        # a finished run has no stage left: its results (and any record a kill left out) need no Ray
+        if not args.in_process and not load_state(args.run_dir).done:
+            from dmea_dist.distributed.cluster import size_overrides
 
-        sized, factory = _ray(args.address or config.ray.address, config)
-        overrides += size_overrides(config.ray, sized.ray)  # a run started in process has no sizes yet
-    with _tracking_reported(config):
-        resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory,
-                        check=False, saved=list(args.set))  # not the sizes this cluster gave unset keys
+            sized, factory = _ray(args.address or config.ray.address, config)
+            overrides += size_overrides(config.ray, sized.ray)  # a run started in process has no sizes yet
+        with _tracking_reported(config):
+            resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory,
+                            check=False, saved=list(args.set))  # not the sizes this cluster gave unset keys
     return 0
 
 

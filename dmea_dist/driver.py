@@ -123,16 +123,18 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     if check:
         check_resume(run_dir, config)
     saved = list(overrides or []) if saved is None else list(saved)
-    kept = with_absolute_paths(resume_config(run_dir, saved, note=False))
-    if kept != with_absolute_paths(resume_config(run_dir, [], note=False)):
-        # what this resume moved (the store, the corpus, the sizes asked for) holds for the rest of the run: a
-        # later plain `dmea resume` would go back to the old store and split the run's records between two
-        write_text(run_dir / "config.yaml", dump_yaml(kept.to_dict()))
-        echo(f"{run_dir / 'config.yaml'} now records {', '.join(saved)}")
-    echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
-         f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
-    return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
-                  echo=echo)
+    with run_lock(run_dir, resume=True):  # a running run's config.yaml is not rewritten by a second resume
+        state = load_state(run_dir)  # as the lock's holder left it
+        kept = with_absolute_paths(resume_config(run_dir, saved, note=False))
+        if kept != with_absolute_paths(resume_config(run_dir, [], note=False)):
+            # what this resume moved (the store, the corpus, the sizes asked for) holds for the rest of the run: a
+            # later plain `dmea resume` would go back to the old store and split the run's records between two
+            write_text(run_dir / "config.yaml", dump_yaml(kept.to_dict()))
+            echo(f"{run_dir / 'config.yaml'} now records {', '.join(saved)}")
+        echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
+             f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
+        return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
+                      echo=echo)
 
 
 def check_resume(run_dir: str | Path, config: RunConfig) -> None:
@@ -346,9 +348,24 @@ def new_run_dir(config: RunConfig) -> Path:
             continue
 
 
+_LOCKED: dict[Path, int] = {}  # the run directories this process holds the lock of, and how many times
+
+
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir/.lock` for this driver: a second one on the same run fails instead of mixing files."""
+def run_lock(run_dir: Path, *, resume: bool = False) -> Iterator[None]:
+    """Hold `run_dir/.lock` for this driver: a second one on the same run fails instead of mixing files.
+
+    Reentrant in one process: `dmea resume` takes it before it starts Ray or rewrites the run's config.yaml,
+    so a second resume of a running run is refused at once, and the run takes it again. `resume`: the refusal
+    suggests stopping the other one, not another --run-dir (a resume has none)."""
+    run_dir = Path(os.path.abspath(run_dir))
+    if _LOCKED.get(run_dir):
+        _LOCKED[run_dir] += 1
+        try:
+            yield
+        finally:
+            _LOCKED[run_dir] -= 1
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
     try:
@@ -357,14 +374,18 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.seek(0)
         owner = handle.read().strip() or "another process"
         handle.close()
-        raise DmeaError(f"{run_dir} is in use by {owner}; wait for it to end or choose another --run-dir") from None
+        instead = "or stop it first" if resume else "or choose another --run-dir"
+        raise DmeaError(f"{run_dir} is in use by {owner}, a `dmea run` or `dmea resume` of it still running; "
+                        f"wait for it to end {instead}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"dmea pid {os.getpid()}\n")
     handle.flush()
+    _LOCKED[run_dir] = 1
     try:
         yield
     finally:
+        del _LOCKED[run_dir]
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
 

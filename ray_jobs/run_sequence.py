@@ -20,6 +20,7 @@ artifacts (launch/README.md): this driver's local disk is not shared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ from dmea_dist.driver import (
     report_error,
     resume_config,
     resume_sequence,
+    run_lock,
     run_sequence,
 )
 from dmea_dist.errors import DmeaError
@@ -66,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             check_input(config)  # bad input fails here, in one line, before the cluster does any work
         else:  # as `dmea resume`: a store that cannot be used fails now, not silently
             check_resume(args.resume, config)
-        if args.resume and load_state(args.resume).done:  # as `dmea resume`: its results need no Ray
-            result = resume_sequence(args.resume, overrides=args.set, check=False)
-        else:
-            result = _on_ray(args, config)
+        # as `dmea resume`: a run still running is refused now, not once Ray is joined
+        with run_lock(Path(args.resume), resume=True) if args.resume else contextlib.nullcontext():
+            if args.resume and load_state(args.resume).done:  # as `dmea resume`: its results need no Ray
+                result = resume_sequence(args.resume, overrides=args.set, check=False)
+            else:
+                result = _on_ray(args, config)
     except DmeaError as err:
         return report_error(err)  # an error of the coordinator actor as its cause, in one line, as `dmea` does
     except ray.exceptions.RayError as err:  # `ray stop`, a dead node: the run's hint (if any) is printed already

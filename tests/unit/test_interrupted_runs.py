@@ -78,3 +78,73 @@ def test_a_stop_while_the_results_are_written_ends_the_parent_run_and_says_how_t
     out = capsys.readouterr().out
     assert f"{said} while writing the results of {run_dir}" in out
     assert f"dmea resume {run_dir}" in out
+
+
+def _stopped_run(tmp_path):
+    """A run directory as a stopped run leaves it: config.yaml and state.json at task 1's first stage."""
+    import yaml
+
+    from dmea_dist.state import RunState, save_state
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False},
+                               "output_dir": str(tmp_path)})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    save_state(RunState.new(["synth.hotel.00"]), run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("entry", ["dmea", "ray job"])
+def test_a_second_resume_of_a_running_run_is_refused_before_ray_starts_or_its_config_changes(
+        tmp_path, monkeypatch, capsys, entry):
+    """`dmea resume RUN` while a resume of RUN runs: it started an embedded Ray (12 s and two cores' worth on a
+    2-core machine, beside the run), printed `resuming RUN at task ...`, rewrote the run's config.yaml with its
+    --set, and only then was refused, suggesting a --run-dir that resume does not have."""
+    import fcntl
+    import importlib.util
+    from pathlib import Path
+
+    from dmea_dist import cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started for a resume of a run that is running")
+
+    if entry == "dmea":
+        monkeypatch.setattr(cli, "_ray", no_ray)
+        main = cli.main
+    else:
+        spec = importlib.util.spec_from_file_location("run_sequence_job", Path(__file__).parents[2] / "ray_jobs" /
+                                                      "run_sequence.py")
+        job = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(job)
+        monkeypatch.setattr(job, "connect", no_ray)
+        main = lambda argv: job.main(["--resume", *argv[1:]])  # noqa: E731
+    run_dir = _stopped_run(tmp_path)
+    config_before = (run_dir / "config.yaml").read_text()
+    with open(run_dir / ".lock", "a+") as running:  # the running driver's lock: another open file, as another process's
+        fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        running.write("dmea pid 4242\n")
+        running.flush()
+        assert main(["resume", str(run_dir), "--set", "ray.num_generation_actors=1"]) == 2
+    out, err = capsys.readouterr()
+    assert "resuming" not in out and "now records" not in out
+    assert err == (f"error: {run_dir} is in use by dmea pid 4242, a `dmea run` or `dmea resume` of it still "
+                   f"running; wait for it to end or stop it first\n")
+    assert (run_dir / "config.yaml").read_text() == config_before
+
+
+def test_the_run_lock_is_taken_again_by_the_process_that_holds_it_and_released_by_the_outermost(tmp_path):
+    """`dmea resume` holds the lock from before Ray starts; the run it drives takes it again (reentrant), and once
+    both are done another process may take it."""
+    import fcntl
+
+    from dmea_dist.driver import run_lock
+
+    with run_lock(tmp_path, resume=True):
+        with run_lock(tmp_path):
+            pass
+        with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held after the inner one ended
+    with open(tmp_path / ".lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
