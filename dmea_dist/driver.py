@@ -119,7 +119,8 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
     run_dir = Path(os.path.abspath(run_dir))  # `dmea resume .`: the run's own name, as when it started (run_sequence)
     state = load_state(run_dir)  # a clear error if this is no run directory
     # an override's relative path (`--set data.root=../corpora`) from here, as `dmea run` resolves the config's
-    config = with_absolute_paths(resume_config(run_dir, overrides or []))
+    # its note on other threads or ranks only where the caller has not said it (`dmea resume` checked first)
+    config = with_absolute_paths(resume_config(run_dir, overrides or [], note=check))
     if check:
         check_resume(run_dir, config)
     saved = list(overrides or []) if saved is None else list(saved)

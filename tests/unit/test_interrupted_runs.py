@@ -148,3 +148,18 @@ def test_the_run_lock_is_taken_again_by_the_process_that_holds_it_and_released_b
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held after the inner one ended
     with open(tmp_path / ".lock") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_dmea_resume_says_its_note_on_other_ranks_once(tmp_path, monkeypatch, capsys):
+    """`dmea resume RUN --set ray.num_train_workers=2` printed its note (not bit for bit from here on) twice: once
+    when the command checked the --set, again when the resume read the config."""
+    import dmea_dist.distributed.cluster as cluster
+    import dmea_dist.driver as driver
+    from dmea_dist import cli
+
+    monkeypatch.setattr(cli, "_ray", lambda address, config: (config, None))  # Ray, as it sized the run: unneeded
+    monkeypatch.setattr(cluster, "size_overrides", lambda before, after: [])
+    monkeypatch.setattr(driver, "_drive", lambda *args, **kwargs: None)
+    run_dir = _stopped_run(tmp_path)
+    assert cli.main(["resume", str(run_dir), "--set", "ray.num_train_workers=2"]) == 0
+    assert capsys.readouterr().err.count("note: resuming with ray.num_train_workers=2") == 1
