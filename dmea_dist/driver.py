@@ -334,7 +334,34 @@ def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> 
               f"{', '.join(str(before.get(k)) for k in threads)}): the remaining tasks compute in other "
               f"floating-point sums, so they may differ in the last bits, and onwards, from an uninterrupted run",
               file=sys.stderr)
+    ranks = {k: 1 if c.get("ray.adapt_on") == "coordinator" else c.get("ray.num_train_workers")
+             for k, c in (("before", before), ("after", after))}
+    if note and ranks["before"] != ranks["after"] and (steps := _checkpointed_steps(run_dir)):
+        # the checkpoint holds each rank's optimizer shard and generator: a job of another world size cannot take it
+        print(f"note: the adaptation the run stopped in starts again from its first step on {ranks['after']} "
+              f"training rank(s): its checkpoint (step {steps}) is of {ranks['before']} and continues only on as "
+              f"many (resume without changing them to continue from it)", file=sys.stderr)
     return config
+
+
+def _checkpointed_steps(run_dir: Path) -> int | None:
+    """The steps the epoch checkpoint of the adaptation `run_dir`'s run stopped in holds, if it stopped in one
+    (read here without torch: the driver does not import it)."""
+    from dmea_dist.method.lifecycle import Stage
+    from dmea_dist.state import StateError, load_state
+
+    try:
+        state = load_state(run_dir)
+    except StateError:
+        return None
+    if state.done or state.stage is not Stage.ADAPT:
+        return None
+    task = state.tasks[state.task_index]
+    progress = run_dir / "tasks" / f"{task.index:03d}-{task.task_id}" / "adapt_checkpoint" / "adapt_progress.json"
+    try:
+        return int(json.loads(progress.read_text())["steps"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def new_run_dir(config: RunConfig) -> Path:

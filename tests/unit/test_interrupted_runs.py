@@ -163,3 +163,29 @@ def test_dmea_resume_says_its_note_on_other_ranks_once(tmp_path, monkeypatch, ca
     run_dir = _stopped_run(tmp_path)
     assert cli.main(["resume", str(run_dir), "--set", "ray.num_train_workers=2"]) == 0
     assert capsys.readouterr().err.count("note: resuming with ray.num_train_workers=2") == 1
+
+
+def test_resume_on_other_ranks_says_the_adaptation_it_stopped_in_starts_again(tmp_path, capsys):
+    """An adaptation's epoch checkpoint holds each rank's optimizer shard and generator, so a resume on another
+    number of training ranks starts that adaptation from its first step: it did so without a word (the quick
+    start stopped at step 10 of 30, resumed with ray.num_train_workers=2, showed `adapt 1/30`)."""
+    import json
+
+    from dmea_dist.driver import resume_config
+    from dmea_dist.method.lifecycle import Stage
+    from dmea_dist.state import load_state, save_state
+
+    run_dir = _stopped_run(tmp_path)
+    state = load_state(run_dir)
+    state.stage = Stage.ADAPT
+    save_state(state, run_dir)
+    checkpoint = run_dir / "tasks" / "000-synth.hotel.00" / "adapt_checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapt_progress.json").write_text(json.dumps({"format": "dmea-adapt-progress", "steps": 10}))
+    resume_config(run_dir, ["ray.num_generation_actors=2"])  # the ranks as they were: it continues from step 10
+    assert "starts again" not in capsys.readouterr().err
+    resume_config(run_dir, ["ray.num_train_workers=2"])
+    assert ("the adaptation the run stopped in starts again from its first step on 2 training rank(s): its "
+            "checkpoint (step 10) is of 1") in capsys.readouterr().err
+    resume_config(run_dir, ["ray.num_train_workers=2"], note=False)
+    assert capsys.readouterr().err == ""
