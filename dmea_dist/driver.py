@@ -71,7 +71,10 @@ def report_error(err: DmeaError) -> int:
     (130 for a stopped run, 2 for the rest). An error raised in a Ray task comes back as
     RayTaskError(<its class>), whose str is a traceback; the error itself is its `cause`."""
     err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
-    print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
+    if isinstance(err, RunStopped) and str(err).startswith("stopped"):  # "stopped by Ctrl-C ...", not "stopped: stopped"
+        print(err, file=sys.stderr)
+    else:
+        print(f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}", file=sys.stderr)
     return 130 if isinstance(err, RunStopped) else 2
 
 

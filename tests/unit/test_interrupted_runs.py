@@ -189,3 +189,10 @@ def test_resume_on_other_ranks_says_the_adaptation_it_stopped_in_starts_again(tm
             "checkpoint (step 10) is of 1") in capsys.readouterr().err
     resume_config(run_dir, ["ray.num_train_workers=2"], note=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_run_stopped_by_ctrl_c_says_where_in_one_line_without_stopped_twice(capsys):
+    from dmea_dist.driver import RunStopped, report_error
+
+    assert report_error(RunStopped("stopped by Ctrl-C before stage evaluate of task 2/3 (synth.listops.00)")) == 130
+    assert capsys.readouterr().err == "stopped by Ctrl-C before stage evaluate of task 2/3 (synth.listops.00)\n"
