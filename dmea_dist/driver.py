@@ -324,9 +324,10 @@ def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> 
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     unsafe = [k for k in changed if not k.startswith(SAFE_TO_CHANGE)]
     if unsafe:
-        raise DmeaError(f"resuming {run_dir} with a changed config is refused for {unsafe}: they change what the "
-                        f"run computes; only {', '.join(p + '*' for p in SAFE_TO_CHANGE)} may change on resume "
-                        f"(start a new run for the rest)")
+        allowed = ", ".join(p + "*" if p.endswith(".") else p for p in SAFE_TO_CHANGE)  # ray.*, data.root, ...
+        raise DmeaError(f"resuming {run_dir} with a changed config is refused for {unsafe}: a resume continues the "
+                        f"run as it started, and only where and how big the work runs and where its files are may "
+                        f"change ({allowed}); start a new run for the rest")
     # the roles' cores are their torch threads, whose count changes floating-point sums; the ranks' count
     # changes them too (the same global batch, summed in shares), as do a GPU's kernels and adaptation moved to
     # the coordinator (its threads, one rank): allowed, but the rest is not bit for bit

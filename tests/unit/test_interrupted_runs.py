@@ -196,3 +196,17 @@ def test_a_run_stopped_by_ctrl_c_says_where_in_one_line_without_stopped_twice(ca
 
     assert report_error(RunStopped("stopped by Ctrl-C before stage evaluate of task 2/3 (synth.listops.00)")) == 130
     assert capsys.readouterr().err == "stopped by Ctrl-C before stage evaluate of task 2/3 (synth.listops.00)\n"
+
+
+def test_a_refused_resume_names_what_may_change_as_the_keys_are_written(tmp_path):
+    """The refusal listed `data.root*, output_dir*, tracking.uri*` (no such keys) and said `name` or
+    `tracking.experiment` would change what the run computes."""
+    from dmea_dist.driver import resume_config
+    from dmea_dist.errors import DmeaError
+
+    run_dir = _stopped_run(tmp_path)
+    with pytest.raises(DmeaError) as refused:
+        resume_config(run_dir, ["tracking.experiment=other"])
+    assert "refused for ['tracking.experiment']" in str(refused.value)
+    assert "(ray.*, data.root, output_dir, tracking.uri)" in str(refused.value)
+    assert "computes" not in str(refused.value)
