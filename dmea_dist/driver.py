@@ -313,6 +313,9 @@ def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> 
     from dmea_dist.tracking import flatten
 
     source = run_dir / "config.yaml"
+    if not run_dir.is_dir():  # a mistyped path, or one relative to another directory
+        raise DmeaError(f"{run_dir} does not exist{'' if run_dir.is_absolute() else f' (in {os.getcwd()})'}; "
+                        f"pass the run directory `dmea run` printed")
     if not source.is_file():
         raise DmeaError(f"{run_dir} has no config.yaml: not a run directory; pass the folder `dmea run` printed")
     saved = yaml.safe_load(source.read_text())

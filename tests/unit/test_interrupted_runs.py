@@ -210,3 +210,14 @@ def test_a_refused_resume_names_what_may_change_as_the_keys_are_written(tmp_path
     assert "refused for ['tracking.experiment']" in str(refused.value)
     assert "(ray.*, data.root, output_dir, tracking.uri)" in str(refused.value)
     assert "computes" not in str(refused.value)
+
+
+def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, monkeypatch, capsys):
+    """A mistyped run directory was `has no config.yaml: not a run directory`, as if the folder were there."""
+    from dmea_dist import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["resume", "runs/quickstart-20261207-083234-e28"]) == 2
+    assert capsys.readouterr().err == (f"error: runs/quickstart-20261207-083234-e28 does not exist (in {tmp_path}); "
+                                       f"pass the run directory `dmea run` printed\n")
+    assert not (tmp_path / "runs").exists()
