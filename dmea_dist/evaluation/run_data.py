@@ -88,7 +88,7 @@ def load_run(run_dir: str | Path) -> RunData:
         name=run_dir.resolve().name, method=str(method.get("name", "?")), config_name=str(config.get("name", "?")),
         tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json", unreadable) or sequence_metrics(R),
         metric_name=str(config.get("eval", {}).get("metric", "rouge")),
-        status=str(state.get("status") or ("finished" if state.get("stage") == "done" else "?")),
+        status=_status(run_dir, state),
         similarity=_matrix(state["similarity"], len(tasks)) if state.get("similarity") else
         _record_matrix(tasks, records, "subspace_similarity"),
         token_similarity=_record_matrix(tasks, records, "token_similarity"),
@@ -227,6 +227,22 @@ def ground_truth(tasks: list[str]) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------- files
+
+
+def _status(run_dir: Path, state: dict[str, Any]) -> str:
+    """The state's status, but "interrupted" for a run that says "running" while no driver holds its lock: its
+    driver died without a word (SIGKILL, a crash, the terminal closed), and `dmea resume` continues it."""
+    status = str(state.get("status") or ("finished" if state.get("stage") == "done" else "?"))
+    if status != "running":
+        return status
+    import fcntl
+
+    try:
+        with open(run_dir / ".lock") as lock:  # read only: a report may read a folder it cannot write
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as the file closes
+    except OSError:  # held (BlockingIOError), or no lock file (a run from before it): as the state says
+        return status
+    return "interrupted"
 
 
 def _matrix(rows, n: int) -> np.ndarray:

@@ -221,3 +221,22 @@ def test_resume_of_a_folder_that_does_not_exist_says_so(tmp_path, monkeypatch, c
     assert capsys.readouterr().err == (f"error: runs/quickstart-20261207-083234-e28 does not exist (in {tmp_path}); "
                                        f"pass the run directory `dmea run` printed\n")
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_report_of_a_run_whose_driver_was_killed_says_interrupted_not_running(tmp_path):
+    """A SIGKILLed driver (or a crash, a closed terminal) leaves state.json at "running"; `dmea report` said
+    `run status: running` for a run nothing runs. No driver holds its lock: "interrupted"."""
+    import fcntl
+
+    from dmea_dist.evaluation.pages import summary_lines
+    from dmea_dist.evaluation.run_data import load_run
+
+    run_dir = _stopped_run(tmp_path)  # state.json: status running, as a killed driver leaves it
+    assert load_run(run_dir).status == "running"  # no lock file (a run from before it): as the state says
+    (run_dir / ".lock").write_text("dmea pid 4242\n")
+    run = load_run(run_dir)
+    assert run.status == "interrupted"
+    assert "run status: interrupted" in summary_lines(run)[0]
+    with open(run_dir / ".lock", "a+") as driver:  # a driver running it
+        fcntl.flock(driver, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert load_run(run_dir).status == "running"
