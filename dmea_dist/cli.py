@@ -394,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if argv is None:  # the `dmea` command, whose process exits next (not a caller passing its own argv)
             _skip_final_collection()
+            if args.command in ("run", "resume"):  # Ray's shutdown follows: Ctrl-C pressed on would cut it short
+                from dmea_dist.driver import hold_off_ctrl_c
+
+                hold_off_ctrl_c()
 
 
 def _skip_final_collection() -> None:

@@ -466,18 +466,21 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             results = coordinator.results()
             stepped = True
         except BaseException as err:
-            # SystemExit: SIGTERM (`ray job stop`, a scheduler), which Ray's driver handler turns into sys.exit
-            stopped = isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
-            bar.close(ended="stopped" if stopped else "failed")
-            message = "stopped by SIGTERM" if isinstance(err, SystemExit) else str(err) or type(err).__name__
-            _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
-            tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
-            echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "
-                 f"stage; continue with: {resume_command(run_dir)}")
+            with ctrl_c_grace():  # Ctrl-C pressed again and again: the stop is recorded all the same
+                # SystemExit: SIGTERM (`ray job stop`, a scheduler), which Ray's driver handler turns into sys.exit
+                stopped = isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
+                bar.close(ended="stopped" if stopped else "failed")
+                message = ("stopped by SIGTERM" if isinstance(err, SystemExit) else "stopped by Ctrl-C"
+                           if isinstance(err, KeyboardInterrupt) else str(err) or type(err).__name__)
+                _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
+                tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
+                echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "
+                     f"stage; continue with: {resume_command(run_dir)}")
             raise
         finally:
             if not stepped:
-                _try(coordinator.close)
+                with ctrl_c_grace():
+                    _try(coordinator.close)
         # every stage is done; what is left (closing the workers, R, the report, the sequence metrics) takes 1-3 s,
         # and a Ctrl-C or SIGTERM there must not leave the parent run RUNNING either, nor end without a word
         try:
@@ -492,10 +495,11 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
             tracker.finish_sequence(status="FINISHED")
         except BaseException as err:
-            stopped = isinstance(err, KeyboardInterrupt | SystemExit)
-            tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
-            echo(f"{'stopped' if stopped else 'failed'} while writing the results of {run_dir}: every task is done "
-                 f"and saved; write them with: {resume_command(run_dir)}")
+            with ctrl_c_grace():
+                stopped = isinstance(err, KeyboardInterrupt | SystemExit)
+                tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
+                echo(f"{'stopped' if stopped else 'failed'} while writing the results of {run_dir}: every task is "
+                     f"done and saved; write them with: {resume_command(run_dir)}")
             raise
 
     print_results(echo, names, R, metrics, metric=config.eval.metric, method=config.method.name)
@@ -647,6 +651,41 @@ class StopRequest:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+GRACE_S = 3.0  # Ctrl-C presses this soon after a stop began are taken for the same stop
+
+
+@contextmanager
+def ctrl_c_grace(seconds: float = GRACE_S) -> Iterator[None]:
+    """Ignore Ctrl-C for `seconds` from now (in the main thread), then let it interrupt again.
+
+    For the moments a stop is recorded (the state marked, the MLflow runs ended, the workers released: well under
+    a second) and the command exits (Ray's shutdown): a user pressing Ctrl-C again and again cut them short, which
+    left the parent run RUNNING, said nothing of how to resume, printed Ray's shutdown traceback and left Ray's
+    agents behind. A press after `seconds` (the tracking server hangs) still stops at once.
+    """
+    previous = hold_off_ctrl_c(seconds)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def hold_off_ctrl_c(seconds: float = GRACE_S) -> Any:
+    """Ctrl-C ignored for `seconds` from now, then a KeyboardInterrupt again (`ctrl_c_grace`); the handler it
+    replaced, None off the main thread (where none can be set). `dmea run` and `dmea resume` call it as they exit."""
+    started = time.monotonic()
+
+    def handler(signum, frame):
+        if time.monotonic() - started >= seconds:
+            raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
 
 
 def _try(call: Callable[[], Any]) -> None:

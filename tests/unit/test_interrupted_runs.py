@@ -240,3 +240,52 @@ def test_the_report_of_a_run_whose_driver_was_killed_says_interrupted_not_runnin
     with open(run_dir / ".lock", "a+") as driver:  # a driver running it
         fcntl.flock(driver, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert load_run(run_dir).status == "running"
+
+
+def test_ctrl_c_pressed_again_and_again_still_ends_the_mlflow_run_and_says_how_to_resume(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A user hammering Ctrl-C: the second press stops at once, the third lands while the stop is recorded. It cut
+    that short: the MLflow parent run stayed RUNNING, no `continue with: dmea resume` line, and Ray's shutdown
+    printed a traceback (seen on the quick start, presses 0.05 s apart)."""
+    import os
+    import signal
+
+    import dmea_dist.tracking
+
+    ends, marks = [], []
+    monkeypatch.setattr(dmea_dist.tracking, "Tracker", lambda **kwargs: _Tracker(ends))
+
+    class Stepping(_Done):
+        def state_position(self):
+            return {"done": False, "next": (0, "adapt")}
+
+        def step(self):
+            raise KeyboardInterrupt  # the second Ctrl-C, mid-stage
+
+        def mark(self, status, message):
+            os.kill(os.getpid(), signal.SIGINT)  # the third, while the stop is recorded
+            marks.append((status, message))
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]},
+                               "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_sequence(config, run_dir=run_dir, coordinator_factory=lambda *a, **k: Stepping(), progress=False,
+                     check=False)
+    assert marks == [("stopped", "stopped by Ctrl-C")] and ends == ["KILLED"]
+    assert f"continue with: dmea resume {run_dir}" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C stops at once again after
+
+
+def test_ctrl_c_after_the_grace_interrupts_again():
+    import os
+    import signal
+
+    from dmea_dist.driver import ctrl_c_grace
+
+    with ctrl_c_grace(seconds=60):
+        os.kill(os.getpid(), signal.SIGINT)  # ignored
+    with pytest.raises(KeyboardInterrupt), ctrl_c_grace(seconds=0):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the handler runs between two bytecodes of the main thread
+            pass
