@@ -95,7 +95,7 @@ def _stopped_run(tmp_path):
     return run_dir
 
 
-@pytest.mark.parametrize("entry", ["dmea", "ray job"])
+@pytest.mark.parametrize("entry", ["dmea", "dmea --in-process", "ray job"])
 def test_a_second_resume_of_a_running_run_is_refused_before_ray_starts_or_its_config_changes(
         tmp_path, monkeypatch, capsys, entry):
     """`dmea resume RUN` while a resume of RUN runs: it started an embedded Ray (12 s and two cores' worth on a
@@ -110,9 +110,9 @@ def test_a_second_resume_of_a_running_run_is_refused_before_ray_starts_or_its_co
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started for a resume of a run that is running")
 
-    if entry == "dmea":
+    if entry.startswith("dmea"):
         monkeypatch.setattr(cli, "_ray", no_ray)
-        main = cli.main
+        main = lambda argv: cli.main([*argv, *entry.split()[1:]])  # noqa: E731
     else:
         spec = importlib.util.spec_from_file_location("run_sequence_job", Path(__file__).parents[2] / "ray_jobs" /
                                                       "run_sequence.py")
@@ -126,7 +126,7 @@ def test_a_second_resume_of_a_running_run_is_refused_before_ray_starts_or_its_co
         fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
         running.write("dmea pid 4242\n")
         running.flush()
-        assert main(["resume", str(run_dir), "--set", "ray.num_generation_actors=1"]) == 2
+        assert main(["resume", str(run_dir), "--set", "ray.num_generation_actors=3"]) == 2
     out, err = capsys.readouterr()
     assert "resuming" not in out and "now records" not in out
     assert err == (f"error: {run_dir} is in use by dmea pid 4242, a `dmea run` or `dmea resume` of it still "
