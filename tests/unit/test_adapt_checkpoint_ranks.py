@@ -120,23 +120,31 @@ class _SGDEngine:
                 p.copy_(saved[str(k)])
 
 
-def test_an_adaptation_stopped_after_a_checkpoint_continues_from_it(tmp_path, tiny_gpt2_config):
-    """A job killed in its second epoch and started again on the same folder loads the epoch-1 checkpoint
-    (weights and the result so far) and runs only the steps that were left: its losses are, step for step,
-    those of a job that never stopped."""
-    import copy
-
+def tiny_job(config):
+    """(model, job): one new path trained 2 epochs of 2 steps (a checkpoint after step 2), no scaling."""
     from dmea_dist.data.formatting import Example
-    from dmea_dist.method.adaptation import AdaptJob, run_adapt_job
+    from dmea_dist.method.adaptation import AdaptJob
     from dmea_dist.modeling.model import DMEAModel
 
-    model = DMEAModel.from_config(tiny_gpt2_config, bottleneck=4, seed=0)
+    model = DMEAModel.from_config(config, bottleneck=4, seed=0)
     path = model.add_modules(generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     examples = [Example(ids, [-100] + ids[1:]) for ids in (torch.randint(0, 90, (8,), generator=g).tolist()
                                                            for _ in range(8))]
     job = AdaptJob(sources=[("new", (examples, examples), path)], trainable=path, epochs=2, lm_lambda=0.25,
                    scale=False, progress="epochs", batch_size=4, pad_id=95, seed=0)  # 4 steps, a checkpoint at 2
+    return model, job
+
+
+def test_an_adaptation_stopped_after_a_checkpoint_continues_from_it(tmp_path, tiny_gpt2_config):
+    """A job killed in its second epoch and started again on the same folder loads the epoch-1 checkpoint
+    (weights and the result so far) and runs only the steps that were left: its losses are, step for step,
+    those of a job that never stopped."""
+    import copy
+
+    from dmea_dist.method.adaptation import run_adapt_job
+
+    model, job = tiny_job(tiny_gpt2_config)
     engines = []
 
     def factory(target, params):

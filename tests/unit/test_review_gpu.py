@@ -8,53 +8,10 @@ import copy
 import pytest
 import torch
 
-
-class _SGDEngine:
-    """Engine fake: plain SGD on the job's parameters; a checkpoint is a folder (DeepSpeed's contract)."""
-
-    virtual_shards = 0
-
-    def __init__(self, model, params):
-        self.module, self.params = model, list(params)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def step(self, sub_batches, *, progress, scale, unscaled):
-        from dmea_dist.engine import StepStats
-
-        losses = {}
-        for key, closure in sub_batches:
-            loss = closure()
-            loss.backward()
-            losses[key] = float(loss.detach())
-        with torch.no_grad():
-            for p in self.params:
-                if p.grad is not None:
-                    p -= 0.5 * p.grad
-                    p.grad = None
-        return StepStats(losses=losses, etas={}, clamped={}, sq_norms={}, matched_sq_norms={}, scaled=False)
-
-    def save_checkpoint(self, directory, tag):
-        (directory / tag).mkdir(parents=True, exist_ok=True)
-
-    def load_checkpoint(self, directory, tag):
-        assert (directory / tag).is_dir()
-
-
-def _tiny_job(config):
-    from dmea_dist.data.formatting import Example
-    from dmea_dist.method.adaptation import AdaptJob
-    from dmea_dist.modeling.model import DMEAModel
-
-    model = DMEAModel.from_config(config, bottleneck=4, seed=0)
-    path = model.add_modules(generator=torch.Generator().manual_seed(0))
-    g = torch.Generator().manual_seed(1)
-    examples = [Example(ids, [-100] + ids[1:]) for ids in (torch.randint(0, 90, (8,), generator=g).tolist()
-                                                           for _ in range(8))]
-    job = AdaptJob(sources=[("new", (examples, examples), path)], trainable=path, epochs=2, lm_lambda=0.25,
-                   scale=False, progress="epochs", batch_size=4, pad_id=95, seed=0)  # 4 steps, a checkpoint at 2
-    return model, job
+from tests.unit.test_adapt_checkpoint_ranks import (
+    _SGDEngine,  # plain SGD; checkpoints hold the parameters
+    tiny_job,
+)
 
 
 def test_a_cpu_training_rank_on_a_gpu_node_creates_no_cuda_context(tmp_path, tiny_gpt2_config, monkeypatch):
@@ -73,7 +30,7 @@ def test_a_cpu_training_rank_on_a_gpu_node_creates_no_cuda_context(tmp_path, tin
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all", "init", "current_device"):
         monkeypatch.setattr(torch.cuda, name, touched)
-    model, job = _tiny_job(tiny_gpt2_config)
+    model, job = tiny_job(tiny_gpt2_config)
 
     def factory(target, params):
         return _SGDEngine(target, params)
@@ -94,7 +51,7 @@ def test_a_gpu_rank_gets_its_cuda_generator_back_after_a_job(tiny_gpt2_config, m
     every visible one (an in-process run on a machine of 2 GPUs) created a context on each."""
     from dmea_dist.method.adaptation import run_adapt_job
 
-    model, job = _tiny_job(tiny_gpt2_config)
+    model, job = tiny_job(tiny_gpt2_config)
     state = {0: torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
