@@ -62,6 +62,17 @@ def tiny_config(output_dir, deepspeed=None):
     })
 
 
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """Ray Train's `fit` in a main thread installs its own SIGINT handler (to abort the run) and leaves it
+    installed: put back what was there, so later tests of Ctrl-C see Python's."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     # one declared GPU (no device behind it): a GPU rank is scheduled, so its environment can be read

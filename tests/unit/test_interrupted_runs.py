@@ -243,7 +243,7 @@ def test_the_report_of_a_run_whose_driver_was_killed_says_interrupted_not_runnin
 
 
 def test_ctrl_c_pressed_again_and_again_still_ends_the_mlflow_run_and_says_how_to_resume(tmp_path, monkeypatch,
-                                                                                         capsys):
+                                                                                         capsys, request):
     """A user hammering Ctrl-C: the second press stops at once, the third lands while the stop is recorded. It cut
     that short: the MLflow parent run stayed RUNNING, no `continue with: dmea resume` line, and Ray's shutdown
     printed a traceback (seen on the quick start, presses 0.05 s apart)."""
@@ -252,6 +252,9 @@ def test_ctrl_c_pressed_again_and_again_still_ends_the_mlflow_run_and_says_how_t
 
     import dmea_dist.tracking
 
+    # Python's own handler, whatever an earlier test left (Ray Train's fit installs one and keeps it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     ends, marks = [], []
     monkeypatch.setattr(dmea_dist.tracking, "Tracker", lambda **kwargs: _Tracker(ends))
 
