@@ -355,7 +355,7 @@ def _checkpointed_steps(run_dir: Path) -> int | None:
     """The steps the epoch checkpoint of the adaptation `run_dir`'s run stopped in holds, if it stopped in one
     (read here without torch: the driver does not import it)."""
     from dmea_dist.method.lifecycle import Stage
-    from dmea_dist.state import StateError, load_state
+    from dmea_dist.state import StateError, load_state, task_folder
 
     try:
         state = load_state(run_dir)
@@ -364,7 +364,7 @@ def _checkpointed_steps(run_dir: Path) -> int | None:
     if state.done or state.stage is not Stage.ADAPT:
         return None
     task = state.tasks[state.task_index]
-    progress = run_dir / "tasks" / f"{task.index:03d}-{task.task_id}" / "adapt_checkpoint" / "adapt_progress.json"
+    progress = run_dir / "tasks" / task_folder(task.index, task.task_id) / "adapt_checkpoint" / "adapt_progress.json"
     try:
         return int(json.loads(progress.read_text())["steps"]) or None
     except (OSError, ValueError, KeyError, TypeError):

@@ -58,7 +58,7 @@ from dmea_dist.method.lifecycle import Stage
 from dmea_dist.method.policy import replay_tasks
 from dmea_dist.modeling.io import save_backbone, save_path_modules
 from dmea_dist.run import Run, Task
-from dmea_dist.state import RunState, TaskState, read_json, write_json
+from dmea_dist.state import RunState, TaskState, read_json, task_folder, write_json
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class RunContext:
         return None if self.run.policy.full_finetune else self.run.model.path_of(task_id)
 
     def task_dir(self, task: Task) -> Path:
-        return self.run_dir / "tasks" / f"{task.index:03d}-{task.task_id}"
+        return self.run_dir / "tasks" / task_folder(task.index, task.task_id)
 
     def task_state(self, task: Task) -> TaskState:
         return self.state.tasks[task.index]

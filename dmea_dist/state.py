@@ -173,6 +173,11 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(_finite(data), indent=1, default=_plain) + "\n")
 
 
+def task_folder(index: int, task_id: str) -> str:
+    """The name of a task's folder under `run_dir/tasks/` (its record, modules, checkpoints): `NNN-<task>`."""
+    return f"{index:03d}-{task_id}"
+
+
 def task_folder_order(folder: str) -> tuple[int, str]:
     """Sort key of a `tasks/NNN-<task>` folder name: by task index, as strings 1000-x would come before 101-x."""
     index = folder.split("-", 1)[0]

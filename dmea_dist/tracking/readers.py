@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from dmea_dist.state import task_folder
 from dmea_dist.tracking.common import (
     MODEL_VERSION_TAG,
     MODULES_ARTIFACT,
@@ -133,7 +134,7 @@ def download_run(*, uri: str, run_id: str, dst: str | Path) -> tuple[Path, str |
             if name in present:
                 client.download_artifacts(parent_id, name, str(dst.resolve()))
         for index, task_run in sorted(tasks.items()):
-            folder = dst / "tasks" / f"{index:03d}-{task_run.data.tags.get(TASK_ID_TAG, task_run.info.run_name)}"
+            folder = dst / "tasks" / task_folder(index, task_run.data.tags.get(TASK_ID_TAG, task_run.info.run_name))
             folder.mkdir(parents=True, exist_ok=True)
             client.download_artifacts(task_run.info.run_id, MODULES_ARTIFACT, str(folder.resolve()))
     except TrackingError:
