@@ -45,7 +45,7 @@ from dmea_dist.data.tokenizer import (
 )
 from dmea_dist.data.user_tasks import locate_input
 from dmea_dist.errors import ConfigError, DataError
-from dmea_dist.files import sync_tree, write_text
+from dmea_dist.files import make_dirs, sync_directory, sync_tree, umask, write_text
 from dmea_dist.method.policy import MethodPolicy, method_policy
 from dmea_dist.offline import OFFLINE
 
@@ -293,16 +293,24 @@ def tiny_tokenizer(config: RunConfig, tasks: list[Task], pairs: list[tuple[str, 
 def _publish(folder: Path, write: Callable[[Path], Any]) -> None:
     """Write a cache folder whole or not at all: `write` fills a private folder beside it, which is then
     renamed into place. A run killed mid-write leaves no half cache, and of two runs that fill the same
-    cache at once (same key, same content) the first rename wins and the other's copy is dropped."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    cache at once (same key, same content) the first rename wins and the other's copy is dropped.
+
+    Durable like a run's files (`dmea_dist.files`): the folder's files are fsynced before the rename and the
+    parent after it, else a machine crash could leave a cache whose weights are empty under the real name,
+    which every later run would load. The folder gets the mode a plain mkdir gives (mkdtemp's is 0700)."""
+    make_dirs(folder.parent)
     private = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
+        os.chmod(private, 0o777 & ~umask())
         write(private)
+        sync_tree(private)
         try:
-            os.rename(private, folder)
+            os.replace(private, folder)  # a folder onto a non-empty one: refused (ENOTEMPTY), never merged
         except OSError:
             if not (folder / "model.safetensors").is_file():
                 raise
+        else:
+            sync_directory(folder.parent)
     finally:
         shutil.rmtree(private, ignore_errors=True)
 

@@ -122,3 +122,23 @@ def test_an_adaptation_checkpoint_is_on_disk_before_the_progress_file_names_it(t
     for name in ("mp_rank_00_model_states.pt", "rng-rank0.safetensors"):
         assert ("fsync", str(tmp_path / "step0000004" / name)) in before, name
     assert ("fsync", str(tmp_path)) in before  # the tag folder's own entry
+
+
+def test_the_backbone_cache_is_on_disk_before_its_name_and_its_name_after(tmp_path, monkeypatch):
+    """A cache folder renamed into place before its files reached the disk can come back from a machine crash as
+    a folder of empty weights under the real name, which every later run of that config would load."""
+    from dmea_dist.run import _publish
+
+    disk = DiskLog(monkeypatch)
+    cache = tmp_path / "_cache" / "backbone-0123"
+    _publish(cache, lambda folder: ((folder / "model.safetensors").write_bytes(b"weights"),
+                                    (folder / "config.json").write_text("{}")))
+    renamed = next(i for i, e in enumerate(disk.events) if e[0] == "replace" and e[2] == str(cache))
+    private = disk.events[renamed][1]
+    for name in ("model.safetensors", "config.json"):
+        assert ("fsync", f"{private}/{name}") in disk.events[:renamed], name
+    assert ("fsync", str(cache.parent)) in disk.events[renamed:]
+    assert disk.directory_synced(tmp_path)  # _cache/ made for it
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert os.stat(cache).st_mode == os.stat(plain).st_mode
