@@ -104,6 +104,10 @@ def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = Non
             if panel.image is not None:
                 images[(section.key, k)] = figures / f"{section.key}-{k}.png"
                 write_bytes(images[(section.key, k)], panel.image)
+    # a report written again into the same folder (`dmea report --out` reused, a comparison of fewer runs) with
+    # fewer figures: the older ones would stay beside the page and go to MLflow with report_files/
+    for stale in set(figures.glob("*.png")) - set(images.values()):
+        stale.unlink(missing_ok=True)
     title = "dmea-dist report: " + " vs ".join(f"{r.name} ({r.method})" for r in runs)
     summary = [summary_lines(r) for r in runs]
     # atomic, like the run's other files: a report rewritten over an older one (`dmea report` again, a resumed

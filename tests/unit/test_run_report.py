@@ -307,6 +307,17 @@ def test_comparison_of_two_runs_side_by_side(tmp_path, capsys):
     assert 'id="fig-compare-0"' in page  # the metrics table, one column per run
 
 
+def test_a_report_written_again_into_its_folder_keeps_only_its_own_figures(tmp_path):
+    """`--out` reused for a comparison of fewer runs: the first comparison's extra figures stayed beside the new
+    page (and a run's report_files/ goes to MLflow whole)."""
+    runs = [make_run(tmp_path / name) for name in ("a", "b", "c")]
+    out = tmp_path / "cmp"
+    first = write_report(runs, out=out)
+    second = write_report(runs[:2], out=out)
+    assert len(second.images) < len(first.images)
+    assert sorted((out / "report_files").glob("*.png")) == sorted(second.images)
+
+
 def test_runs_of_one_folder_name_are_told_apart(tmp_path):
     """Two runs whose folders share a name (copies from two machines, `runs/old/x` vs `runs/new/x`): every
     heading and column named both the same, so a reader could not tell which numbers were whose."""
