@@ -400,7 +400,9 @@ class EvalConfig:
     all_tasks: bool = False  # also evaluate tasks not yet seen (forward transfer)
     metric: Literal["rouge", "bleu", "em"] = "rouge"
     batch_size: int = 32
-    # evaluate after every `every`-th task and after the last (long sequences); rows in between stay empty in R
+    # score every seen task after every `every`-th task and after the last (long sequences); after the others only
+    # the task just trained (R's diagonal: BWT and forgetting) and, with all_tasks, the next (FWT); the rest of
+    # those rows stays empty in R
     every: int = 1
 
     def __post_init__(self):

@@ -487,7 +487,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             _try(coordinator.close)
             bar.close()
             R, names = results["R"], config.data.tasks
-            metrics = sequence_metrics(R, baseline=results.get("baseline"))
+            metrics = sequence_metrics(R, baseline=results.get("baseline"), every=config.eval.every)
             figures = write_reports(run_dir, config, R, metrics, similarity=results["similarity"],
                                     paths=results["paths"])
             reports = {"report": run_dir / "report.md", "report_html": run_dir / "report.html",
@@ -730,13 +730,14 @@ def print_results(echo: Callable[[str], None], names: list[str], R: np.ndarray, 
         echo(why)
 
 
-def sequence_metrics(R: np.ndarray, *, baseline: np.ndarray | None = None) -> dict[str, float]:
+def sequence_metrics(R: np.ndarray, *, baseline: np.ndarray | None = None, every: int = 1) -> dict[str, float]:
     """Final average, BWT and forgetting where the R matrix has what they need; FWT when tasks were
-    also evaluated before they were trained (`eval.all_tasks`) against the untrained `baseline`."""
+    also evaluated before they were trained (`eval.all_tasks`) against the untrained `baseline`.
+    `every`: eval.every (the rows that scored only the task just trained)."""
     out = {"final_average": continual.final_average(R)}
     if not np.isnan(np.diag(R)).any():
         out["bwt"] = continual.backward_transfer(R)
-        out["forgetting"] = continual.forgetting(R)
+        out["forgetting"] = continual.forgetting(R, every=every)
     n = R.shape[0]
     above = [R[i - 1, i] for i in range(1, n)]
     if n > 1 and baseline is not None and not np.isnan(above).any() and not np.isnan(baseline[1:]).any():

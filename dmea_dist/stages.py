@@ -414,9 +414,11 @@ def evaluate(ctx: RunContext, task: Task) -> dict[str, Any]:
     ev, last = ctx.settings.eval, task.index == len(ctx.run.tasks) - 1
     if ctx.run.policy.joint and not last:
         return {"skipped": "multitask is evaluated once, after joint training"}
-    if (task.index + 1) % ev.every and not last:  # R's row j stays empty: not evaluated
-        return {"skipped": f"eval.every={ev.every}"}
     targets = ctx.run.tasks if ev.all_tasks else ctx.run.tasks[: task.index + 1]
+    if (task.index + 1) % ev.every and not last:
+        # between eval.every's full rows: the task just trained (R[j][j], which BWT and forgetting read) and, with
+        # all_tasks, the next one (R[j][j+1], which FWT reads): the cost of one or two tasks, not of the row
+        targets = [t for t in targets if t.index in (task.index, task.index + 1)]
     # every target's test rows in one request, each row along its task's path (unseen tasks, for forward
     # transfer, along the newest path): batches fill across tasks, and the pool shards one request
     rows = [_test_rows(ctx, t) for t in targets]

@@ -9,7 +9,8 @@ forward transfer).
 Key decisions:
 - Each function checks exactly the entries it reads and raises a ValueError
   listing the missing ones (`R[j][i]`) rather than silently skipping NaN: a
-  missing evaluation is a bug in the run, not a value.
+  missing evaluation is a bug in the run, not a value. Entries a schedule
+  leaves out on purpose (eval.every > 1) are not read: forgetting is told it.
 - Metrics over earlier tasks (BWT, FWT, forgetting) are undefined with a
   single task and return NaN.
 - Forgetting follows Chaudhry et al. 2018 (Riemannian Walk), at the end of the
@@ -105,21 +106,29 @@ def forward_transfer(R, baseline) -> float:
     return float(np.mean([matrix[i - 1, i] - base[i] for i in range(1, n)]))
 
 
-def forgetting(R) -> float:
+def forgetting(R, *, every: int = 1) -> float:
     """Average forgetting at the end (Chaudhry et al. 2018).
 
     f_i = max_{i <= l < T-1} R[l][i] - R[T-1][i] for each i < T-1, averaged:
     how far each earlier task fell below its best score after it was learned.
     Scores measured before task i was trained (l < i) are ignored. Positive
     means forgetting.
+    `every`: the run's eval.every. Row l scored every seen task only when l+1
+    is a multiple of it (and the last row); the rows between scored task l
+    alone, so a task's best is taken over the rows that scored it: R[i][i],
+    the full rows after it, never the entries a schedule skipped.
     """
     matrix = as_matrix(R)
     last = matrix.shape[0] - 1
     if last == 0:
         return float("nan")
-    entries = [(j, i) for i in range(last) for j in range(i, last + 1)]
+
+    def scored(row: int, task: int) -> bool:
+        return row == task or row == last or (row + 1) % every == 0
+
+    entries = [(j, i) for i in range(last) for j in range(i, last + 1) if scored(j, i)]
     _require(matrix, entries, "forgetting")
-    drops = [matrix[i:last, i].max() - matrix[last, i] for i in range(last)]
+    drops = [max(matrix[j, i] for j in range(i, last) if scored(j, i)) - matrix[last, i] for i in range(last)]
     return float(np.mean(drops))
 
 
@@ -132,7 +141,8 @@ def why_no_bwt(R, *, method: str | None = None) -> str:
     if not missing:
         return ""
     cause = ("multitask trains once, on every task together, after the last: there is no earlier training to "
-             "forget" if method == "multitask" else "eval.every > 1 evaluates only every n-th task and the last")
+             "forget" if method == "multitask" else "eval.every > 1 in a run from before every task was scored "
+             "right after its training")
     return (f"bwt and forgetting not measured: they need each earlier task's score right after it was trained, "
             f"and {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
 

@@ -32,6 +32,7 @@ from dmea_dist.evaluation.continual import average_trajectory, why_no_bwt
 from dmea_dist.evaluation.report import _fmt, _html_table, _md, _md_table
 from dmea_dist.evaluation.run_data import (
     RunData,
+    full_rows,
     ground_truth,
     last_evaluated,
     load_run,
@@ -269,15 +270,15 @@ def comparison_section(runs: list[RunData]) -> Section:
         panels.append(Panel(note=f"the runs score with different metrics (eval.metric: {', '.join(scorers)}): "
                                  f"their numbers do not compare; no side-by-side figure"))
     elif all(r.tasks == runs[0].tasks for r in runs):
-        partial = [r.name for r in runs if np.isnan(np.diag(r.R)).any()]
+        partial = [r.name for r in runs if not full_rows(r.R).all()]
         if not partial:
             panels.append(Panel(image=plots.png(plots.comparison_figure(
                 [f"{r.name} ({r.method})" for r in runs], runs[0].tasks, [r.R[-1] for r in runs],
                 [average_trajectory(r.R) for r in runs], metric=runs[0].metric_name))))
         else:
-            panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every task "
-                                     f"right after training it (a stopped run, eval.every > 1, or multitask, which "
-                                     f"trains once at the end): compare their sections below"))
+            panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every "
+                                     f"task after each task (a stopped run, eval.every > 1, or multitask, which trains "
+                                     f"once at the end): compare their sections below"))
             if all(np.isfinite(r.R[-1]).all() for r in runs):  # eval.every > 1 still evaluates all after the last
                 panels.append(Panel(table=(["final score", *(_html_safe(f"{r.name} ({r.method})") for r in runs)],
                                            [[f"t{i} {_html_safe(task)}", *(_fmt(r.R[-1, i], 1) for r in runs)]

@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path) -> RunData:
     method = config.get("method", {})
     return RunData(
         name=run_dir.resolve().name, method=str(method.get("name", "?")), config_name=str(config.get("name", "?")),
-        tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json", unreadable) or sequence_metrics(R),
+        tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json", unreadable) or sequence_metrics(R, every=_every(config)),
         metric_name=str(config.get("eval", {}).get("metric", "rouge")),
         status=_status(run_dir, state),
         similarity=_matrix(state["similarity"], len(tasks)) if state.get("similarity") else
@@ -99,6 +99,13 @@ def load_run(run_dir: str | Path) -> RunData:
         unreadable=[f"{file.relative_to(run_dir)} ({why})" for file, why in unreadable])
 
 
+def _every(config: dict) -> int:
+    try:
+        return max(1, int((config.get("eval") or {}).get("every", 1)))
+    except (TypeError, ValueError):  # a hand-edited config.yaml: the strict reading
+        return 1
+
+
 def _task_value(task: str, task_states: dict[str, dict], records: dict[str, dict], key: str):
     """A task's `key` from the state, else from its record's params (older runs)."""
     if task_states.get(task, {}).get(key) is not None:
@@ -106,16 +113,23 @@ def _task_value(task: str, task_states: dict[str, dict], records: dict[str, dict
     return records.get(task, {}).get("params", {}).get(key)
 
 
+def full_rows(R: np.ndarray) -> np.ndarray:
+    """(T,) bool: whether row j scored every task seen by then (R[j][0..j] measured). eval.every > 1 scores only
+    the task just trained in the rows between (older runs: nothing), and a stopped run has none past its stop."""
+    return np.array([not np.isnan(R[j, : j + 1]).any() for j in range(R.shape[0])], dtype=bool)
+
+
 def last_evaluated(R: np.ndarray) -> int | None:
-    """The last task j evaluated right after its training (R[j][j] measured), None before any: the row a
-    stopped run's metrics and latest scores are read from. The last task for a finished run; eval.every > 1
-    leaves earlier rows empty, so it is the last such row, not the count of them."""
-    evaluated = np.flatnonzero(~np.isnan(np.diag(R)))
+    """The last task j after which every seen task was scored, None before any: the row a stopped run's
+    metrics and latest scores are read from. The last task for a finished run; eval.every > 1 scores only the
+    new task in the rows between, so it is the last full row, not the count of them."""
+    evaluated = np.flatnonzero(full_rows(R))
     return int(evaluated[-1]) if evaluated.size else None
 
 
-def sequence_metrics(R: np.ndarray) -> dict[str, float]:
-    """A_T, BWT and forgetting where R has what they need (a stopped run: over the tasks done)."""
+def sequence_metrics(R: np.ndarray, *, every: int = 1) -> dict[str, float]:
+    """A_T, BWT and forgetting where R has what they need (a stopped run: over the tasks done); `every`: the run's
+    eval.every."""
     from dmea_dist.evaluation import continual
 
     last = last_evaluated(R)
@@ -124,7 +138,7 @@ def sequence_metrics(R: np.ndarray) -> dict[str, float]:
     sub = R[: last + 1, : last + 1]
     out = {}
     for name, fn in (("final_average", continual.final_average), ("bwt", continual.backward_transfer),
-                     ("forgetting", continual.forgetting)):
+                     ("forgetting", lambda m: continual.forgetting(m, every=every))):
         try:
             out[name] = fn(sub)
         except ValueError:  # entries it needs were not evaluated

@@ -107,6 +107,29 @@ def test_forgetting_against_loops_on_random_matrix():
         sum(R[T - 1][i] - R[i][i] for i in range(T - 1)) / (T - 1))
 
 
+def test_forgetting_with_eval_every_against_loops_over_the_rows_scored():
+    """eval.every 3 of 7 tasks: rows 2, 5 and 6 score every seen task, the others only their own; a task's best is
+    taken over the rows that scored it. An entry of a full row still has to be there."""
+    rng = np.random.default_rng(1)
+    T, every = 7, 3
+    R = rng.uniform(0, 100, size=(T, T))
+    full = {j for j in range(T) if (j + 1) % every == 0 or j == T - 1}
+    for j in range(T):
+        for i in range(T):
+            if i > j or (j not in full and i != j):
+                R[j][i] = NAN
+    drops = []
+    for i in range(T - 1):
+        best = max(R[j][i] for j in range(i, T - 1) if j == i or j in full)
+        drops.append(best - R[T - 1][i])
+    assert forgetting(R, every=every) == pytest.approx(sum(drops) / len(drops))
+    with pytest.raises(ValueError, match=r"R\[1\]\[0\]"):
+        forgetting(R)  # read as every row full: the skipped entries are missing
+    R[5][1] = NAN
+    with pytest.raises(ValueError, match=r"R\[5\]\[1\]"):
+        forgetting(R, every=every)
+
+
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"square.*\(2, 3\)"):
         final_average(np.zeros((2, 3)))

@@ -33,6 +33,7 @@ from dmea_dist.evaluation.pages import (
     similarity_panel,
     summary_lines,
     task_panel,
+    tasks_done,
     write_report,
 )
 from dmea_dist.evaluation.run_data import (
@@ -144,6 +145,15 @@ def test_a_stopped_run_evaluated_every_other_task_gets_metrics_after_its_last_ev
     n = float("nan")  # 4 tasks, stopped after task 3: A is over R[3][0..3], not the stale row 1
     R4 = np.array([[n] * 4, [70.0, 40.0, n, n], [n] * 4, [60.0, 30.0, 50.0, 80.0]])
     assert sequence_metrics(R4) == {"final_average": pytest.approx(55.0)}
+
+
+def test_a_stopped_run_evaluated_every_other_task_reads_its_last_full_row(tmp_path):
+    """eval.every=2 scores task 2 alone after its training (R[2][2]); a run stopped there has its numbers from
+    row 1, the last that scored every seen task, not from row 2's one score."""
+    run = load_run(make_run(tmp_path, finished=False, R=[[70.0, None, None], [60.0, 40.0, None], [None, None, 50.0]]))
+    assert tasks_done(run) == 2
+    assert run.metrics == {"final_average": pytest.approx(50.0), "bwt": pytest.approx(-10.0),
+                           "forgetting": pytest.approx(10.0)}
 
 
 @pytest.mark.parametrize("name", ["cost $\\frac$ z", "from $5 to $10", "$x^2$"])

@@ -336,17 +336,28 @@ def test_every_file_the_run_writes_survives_a_machine_crash(tmp_path, monkeypatc
     assert [f for f in sorted(folders) if f not in made_before and not disk.directory_synced(f.parent)] == []
 
 
-def test_eval_every_k_tasks_leaves_the_other_rows_empty(tmp_path):
+@pytest.mark.parametrize("all_tasks", [False, True])
+def test_eval_every_k_tasks_scores_only_the_new_task_in_the_rows_between(tmp_path, all_tasks):
+    """eval.every 2 of 3 tasks: row 0 scores task 0 alone (R's diagonal: BWT and forgetting; with all_tasks also
+    task 1 before its training: FWT), rows 1 and 2 every task. Row 0 was left empty, and with it every run's
+    BWT and forgetting, the figures a long run is for."""
+    from dmea_dist.driver import sequence_metrics
+
     config = _config(tmp_path, "adapter")
-    config = type(config)(**{**config.__dict__, "eval": type(config.eval)(**{**config.eval.__dict__, "every": 2})})
+    config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, every=2, all_tasks=all_tasks))
     run_dir = tmp_path / "every"
     coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: FakeKernels(run),
                               run=_run(config, run_dir))
     while not coordinator.state.done:
         coordinator.step()
-    R = coordinator.results()["R"]
-    assert (R[0] != R[0]).all()  # task 1 of 3: not a multiple of 2, not the last
-    assert list(R[1, :2]) == [100.0, 100.0] and list(R[2]) == [100.0, 100.0, 100.0]  # every 2nd, and the last
+    results = coordinator.results()
+    R = np.nan_to_num(results["R"], nan=-1.0)
+    scored = 100.0
+    assert list(R[0]) == [scored, scored if all_tasks else -1.0, -1.0]  # task 1 of 3: not a multiple of 2
+    assert list(R[1]) == [scored, scored, scored if all_tasks else -1.0] and list(R[2]) == [scored] * 3
+    metrics = sequence_metrics(results["R"], baseline=results.get("baseline"), every=2)
+    assert metrics["bwt"] == 0.0 and metrics["forgetting"] == 0.0
+    assert ("fwt" in metrics) == all_tasks
 
 
 class HalfParsedKernels(FakeKernels):
