@@ -601,7 +601,8 @@ def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
     """After a crash: record each finished task that has no complete (FINISHED) MLflow run, the one readers
     and `dmea generate RUN_ID` take. Its run is missing from the state (the driver died while recording it), or
     the state names one that ended FAILED (a part failed to record) or was left RUNNING (its end call failed)
-    and then ended KILLED by `Tracker.resume_sequence`. A FINISHED run MLflow holds for the task is kept."""
+    and then ended KILLED by `Tracker.resume_sequence`; `Tracker.record_task` records it into that run again.
+    A FINISHED run MLflow holds for the task is kept."""
     if not tracker.active or tracker.parent_run_id is None:
         return
     records = coordinator.records()

@@ -43,7 +43,11 @@ from dmea_dist.tracking.common import (
     redact_uri,
     resolve_uri,
 )
-from dmea_dist.tracking.registry import ServableTask, log_task_model, register_task_model
+from dmea_dist.tracking.registry import (
+    ServableTask,
+    log_task_model,
+    register_task_model,
+)
 
 
 class Tracker:
@@ -116,7 +120,8 @@ class Tracker:
         """Reattach to an existing parent run (after a crash) and mark it RUNNING again.
 
         A task run still RUNNING under it was being recorded when the driver died (only the driver records,
-        one at a time): it is ended KILLED, and the task is recorded anew (`driver._record_unrecorded`)."""
+        one at a time): it is ended KILLED, and the task is recorded again into it (`driver._record_unrecorded`,
+        `record_task`)."""
         if self._client is None:
             return None
 
@@ -153,8 +158,7 @@ class Tracker:
         run_id = self._parent_run_id
 
         def log():
-            points = self._not_yet_logged(run_id, metrics, step or 0) if self._resumed else metrics
-            self._log_metrics(run_id, points, {}, step=step or 0)
+            self._log_metrics(run_id, metrics, {}, step=step or 0, only_new=self._resumed)
 
         self._attempt("logging sequence metrics", log)
         self._log_artifacts(run_id, artifacts or {}, "the sequence run")
@@ -188,6 +192,10 @@ class Tracker:
     ) -> str | None:
         """One nested run for a finished task; ends FAILED if any part could not be recorded.
 
+        In a resumed sequence, a run of the task that an earlier attempt left FAILED or KILLED is recorded into
+        again (`_start_task_run`), with the metric points it holds left out: one run per task, however often
+        its record failed.
+
         `params` values that are not scalars are logged as JSON; each `series` is
         one metric with steps 0..n-1; `artifacts` maps an artifact sub-path to a
         local file or folder; `model_dir` is logged under `modules/`. With
@@ -206,12 +214,10 @@ class Tracker:
                 TASK_INDEX_TAG: task_index,
             }
         )
-        run = self._fetch(
-            f"creating the run of {what}",
-            lambda: self._client.create_run(self._experiment_id, run_name=task_id, tags=run_tags),
-        )
-        if run is None:
+        started = self._fetch(f"creating the run of {what}", lambda: self._start_task_run(task_index, task_id, run_tags))
+        if started is None:
             return None
+        run, again = started
         run_id = run.info.run_id
         task_params = {str(k): param_value(v) for k, v in params.items()}
         ok = [
@@ -220,7 +226,7 @@ class Tracker:
             ),
             self._attempt(
                 f"logging metrics of {what}",
-                lambda: self._log_metrics(run_id, metrics, series or {}),
+                lambda: self._log_metrics(run_id, metrics, series or {}, only_new=again),
             ),
             self._log_artifacts(run_id, artifacts or {}, what),
         ]
@@ -261,6 +267,26 @@ class Tracker:
             client, self.experiment, default_artifact_location(self.uri, self.experiment)
         )
 
+    def _start_task_run(self, task_index: int, task_id: str, tags: Mapping[str, str]) -> tuple[Any, bool]:
+        """(the task's run, whether it is an earlier attempt's): in a resumed sequence, the run an earlier attempt
+        to record the task left FAILED or KILLED is started again, so a record that keeps failing stays one run
+        per task (not one more at each resume), and a model version it registered stays its only version."""
+        earlier = None
+        if self._resumed:
+            from dmea_dist.tracking.readers import _search_runs
+
+            earlier = max(_search_runs(self._client, self._experiment_id,
+                                       f"tags.`{PARENT_TAG}` = '{self._parent_run_id}' and tags.`{TASK_INDEX_TAG}` = "
+                                       f"'{task_index}' and attributes.status != 'FINISHED'"),
+                          key=lambda run: run.info.start_time, default=None)
+        if earlier is None:
+            return self._client.create_run(self._experiment_id, run_name=task_id, tags=tags), False
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(earlier.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self._client.update_run(earlier.info.run_id, status="RUNNING")
+        return earlier, True
+
     def _end_unfinished(self, parent_run_id: str) -> None:
         from dmea_dist.tracking.readers import _search_runs
 
@@ -283,7 +309,10 @@ class Tracker:
         metrics: Mapping[str, float],
         series: Mapping[str, Sequence[float]],
         step: int = 0,
+        *,
+        only_new: bool = False,
     ) -> None:
+        """`only_new`: leave out the points the run's history already holds (a resumed run logging again)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -301,26 +330,19 @@ class Tracker:
                 TrackingWarning,
                 stacklevel=3,
             )
+        if only_new:
+            entities = self._not_yet_logged(run_id, entities)
         for batch in _chunks(entities, METRICS_PER_BATCH):
             self._client.log_batch(run_id, metrics=batch)
 
-    def _not_yet_logged(self, run_id: str, metrics: Mapping[str, float], step: int) -> dict[str, float]:
-        """`metrics` less the points the run's history already holds at `step` with the same value."""
+    def _not_yet_logged(self, run_id: str, entities: list) -> list:
+        """The metric points of `entities` that the run's history does not hold (same key, step and value)."""
 
-        def same(a, b) -> bool:
-            return a == b or (math.isnan(a) and math.isnan(b))
+        def point(m) -> tuple:
+            return m.key, m.step, "nan" if math.isnan(m.value) else m.value  # NaN != NaN
 
-        out = {}
-        for key, value in metrics.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):  # not a number: `_log_metrics` warns about it
-                out[key] = value
-                continue
-            history = self._client.get_metric_history(run_id, mlflow_key(key))
-            if not any(m.step == step and same(m.value, number) for m in history):
-                out[key] = value
-        return out
+        logged = {point(h) for key in {m.key for m in entities} for h in self._client.get_metric_history(run_id, key)}
+        return [m for m in entities if point(m) not in logged]
 
     def _log_config(self, run_id: str, config: Mapping[str, Any]) -> None:
         import yaml

@@ -7,7 +7,7 @@ killed run. The resumed run must finish with the uninterrupted run's paths
 and R matrix, continue the adaptation from its checkpoint (not from step 0),
 and leave MLflow with one parent run holding each task exactly once, nothing
 RUNNING. Beside them, in process: a finished run resumed records its sequence metrics once, and a
-resume records again each task whose MLflow record did not finish.
+resume records again, into the same MLflow run, each task whose record did not finish.
 """
 
 from __future__ import annotations
@@ -212,3 +212,7 @@ def test_a_resume_records_again_a_task_whose_record_did_not_finish(tmp_path, mon
     client = mlflow.MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     assert client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'") == []
+    # recorded again into the runs the first attempts left, not beside them: one run per task
+    task_runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.info.run_id for r in task_runs) == sorted(r["run_id"] for r in found)
+

@@ -52,3 +52,55 @@ def test_a_resumed_sequence_logs_each_final_metric_once(tmp_path):
     points = {key: [m.value for m in client.get_metric_history(parent, key)] for key in ("final_average", "bwt")}
     assert points == {"final_average": [50.0], "bwt": [-2.5, -3.0]}
     assert len(client.get_metric_history(parent, "fwt")) == 1
+
+
+def _task_runs(client, experiment_id: str, parent: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_a_task_record_that_keeps_failing_stays_one_run_across_resumes(tmp_path, monkeypatch):
+    """The registry failed (a full disk) at every attempt to record task a: each resume added one more FAILED run
+    of it, and the experiment filled with duplicates. Each resume now records into the same run, logs no metric
+    point twice, and the attempt that succeeds finishes that run with one model version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from dmea_dist.tracking import Tracker, TrackingWarning
+
+    uri, modules = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "modules"
+    modules.mkdir()
+    (modules / "w.txt").write_text("weights")
+    real_version = MlflowClient.create_model_version
+
+    def full_disk(self, *args, **kwargs):
+        raise mlflow.exceptions.MlflowException("No space left on device")
+
+    def record(tracker):
+        return tracker.record_task(task_index=0, task_id="a", params={"seed": 1}, metrics={"score": 0.5},
+                                   series={"loss": [3.0, 2.0]}, model_dir=modules, registered_model="m")
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", full_disk)
+    first = Tracker(uri=uri, experiment="exp")
+    parent = first.start_sequence(run_name="seq", config={"a": 1}, tasks=["a"])
+    with pytest.warns(TrackingWarning, match="No space left"):
+        failed = record(first)
+    for _ in range(2):  # `dmea resume`, twice, with the disk still full
+        again = Tracker(uri=uri, experiment="exp")
+        again.resume_sequence(parent)
+        with pytest.warns(TrackingWarning, match="No space left"):
+            assert record(again) == failed
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    assert [r.info.run_id for r in _task_runs(client, experiment_id, parent)] == [failed]
+    assert client.get_run(failed).info.status == "FAILED"
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", real_version)
+    last = Tracker(uri=uri, experiment="exp")
+    last.resume_sequence(parent)
+    assert record(last) == failed
+    assert [r.info.run_id for r in _task_runs(client, experiment_id, parent)] == [failed]
+    assert client.get_run(failed).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(failed, "loss")] == [(0, 3.0), (1, 2.0)]
+    assert [m.value for m in client.get_metric_history(failed, "score")] == [0.5]
+    assert [v.run_id for v in client.search_model_versions("name = 'm'")] == [failed]
+
