@@ -133,7 +133,7 @@ def register_task_model(client, name: str, run, *, task_id: str, task_index: int
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(
+    version = version_of_run(client, name, run.info.run_id) or client.create_model_version(
         name, source=f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}", run_id=run.info.run_id,
         tags=_tags({"task_id": task_id, "task_index": task_index, "dmea.task_id": task_id,
                     "dmea.path": json.dumps(servable.path), "dmea.alias": servable.alias,
@@ -142,3 +142,14 @@ def register_task_model(client, name: str, run, *, task_id: str, task_index: int
     client.set_tag(run.info.run_id, MODEL_VERSION_TAG, f"{name}/{version.version}")
     client.set_tag(run.info.run_id, ALIAS_TAG, f"models:/{name}@{servable.alias}")
     return version
+
+
+def version_of_run(client, name: str, run_id: str):
+    """The version of `name` that `run_id` already registered, or None.
+
+    A driver killed between registering a task's version and ending its run leaves that version; the resume
+    records the task into the same run again (`Tracker.record_task`) and takes this version, whose source is
+    that run's model folder, logged anew just before: one version per task, its alias on it.
+    """
+    return max((v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == name),
+               key=lambda v: int(v.version), default=None)

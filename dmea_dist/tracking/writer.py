@@ -47,6 +47,7 @@ from dmea_dist.tracking.registry import (
     ServableTask,
     log_task_model,
     register_task_model,
+    version_of_run,
 )
 
 
@@ -381,7 +382,7 @@ class Tracker:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         source = f"{run.info.artifact_uri.rstrip('/')}/{MODULES_ARTIFACT}"
-        version = self._client.create_model_version(
+        version = version_of_run(self._client, name, run.info.run_id) or self._client.create_model_version(
             name,
             source=source,
             run_id=run.info.run_id,

@@ -7,7 +7,7 @@ killed run. The resumed run must finish with the uninterrupted run's paths
 and R matrix, continue the adaptation from its checkpoint (not from step 0),
 and leave MLflow with one parent run holding each task exactly once, nothing
 RUNNING. Beside them, in process: a finished run resumed records its sequence metrics once, and a
-resume records again, into the same MLflow run, each task whose record did not finish.
+resume records again, into the same MLflow run and model version, each task whose record did not finish.
 """
 
 from __future__ import annotations
@@ -212,7 +212,48 @@ def test_a_resume_records_again_a_task_whose_record_did_not_finish(tmp_path, mon
     client = mlflow.MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     assert client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'") == []
-    # recorded again into the runs the first attempts left, not beside them: one run per task
+    # recorded again into the runs the first attempts left, not beside them: one run and one version per task
     task_runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(r.info.run_id for r in task_runs) == sorted(r["run_id"] for r in found)
+    versions = client.search_model_versions(f"name = '{found[0]['model_version'].split('/')[0]}'")
+    assert sorted(v.run_id for v in versions) == sorted(r["run_id"] for r in found)
 
+
+def test_a_resume_keeps_the_version_a_driver_killed_before_ending_a_task_run_registered(tmp_path, monkeypatch):
+    """The driver died after registering the second task's model version, before setting its alias and ending
+    its run: the resume recorded the task in a new run and registered a second version beside the one of the
+    killed run. It now records into that run again and keeps its version, aliased, served by its alias."""
+    import mlflow
+
+    from dmea_dist.driver import resume_sequence, run_sequence
+    from dmea_dist.tracking import download_registered_model
+
+    class Killed(BaseException):  # as SIGKILL: no guard of the tracker catches it
+        pass
+
+    config = _tiny_two_tasks(tmp_path)
+    real_alias = mlflow.MlflowClient.set_registered_model_alias
+
+    def set_registered_model_alias(self, name, alias, version):
+        if alias == "synth-hotel-01":
+            raise Killed
+        return real_alias(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", set_registered_model_alias)
+    with pytest.raises(Killed):
+        run_sequence(config, run_dir=tmp_path / "run", progress=False, echo=lambda line: None)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real_alias)
+    client = mlflow.MlflowClient(config.tracking.uri)
+    [name] = [m.name for m in client.search_registered_models()]
+    stale = {v.tags["task_id"]: v for v in client.search_model_versions(f"name = '{name}'")}
+
+    resume_sequence(tmp_path / "run", progress=False, echo=lambda line: None)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.version for v in versions) == sorted(v.version for v in stale.values())
+    task_runs = [t["mlflow_run_id"] for t in _state(tmp_path / "run")["tasks"]]
+    assert [stale[task].run_id for task in config.data.tasks] == task_runs
+    assert {client.get_run(run_id).info.status for run_id in task_runs} == {"FINISHED"}
+    assert client.get_registered_model(name).aliases == {"synth-hotel-00": 1, "synth-hotel-01": 2}
+    _, task = download_registered_model(uri=config.tracking.uri, model_uri=f"models:/{name}@synth-hotel-01",
+                                        dst=tmp_path / "served")
+    assert task == "synth.hotel.01"

@@ -104,3 +104,49 @@ def test_a_task_record_that_keeps_failing_stays_one_run_across_resumes(tmp_path,
     assert [m.value for m in client.get_metric_history(failed, "score")] == [0.5]
     assert [v.run_id for v in client.search_model_versions("name = 'm'")] == [failed]
 
+
+@pytest.mark.parametrize("killed_at", ["set_registered_model_alias", "set_terminated"])
+def test_a_driver_killed_between_registering_and_ending_a_task_run_leaves_one_version(tmp_path, monkeypatch,
+                                                                                      killed_at):
+    """Killed after the task's model version was registered, before its run ended: the registry kept a version
+    of an unfinished run, and the resume registered a second one for the task. The resume now records the task
+    into that run again and keeps its version (its source is that run's `model/`, logged anew), with the alias."""
+    from mlflow import MlflowClient
+
+    from dmea_dist.tracking import Tracker
+    from dmea_dist.tracking.registry import ServableTask
+
+    class Killed(BaseException):  # as SIGKILL: nothing of the tracker's guards catches it
+        pass
+
+    uri, folder = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("name: t\n")
+    servable = ServableTask(folder=folder, alias="a", path=[0])
+    real = getattr(MlflowClient, killed_at)
+
+    def kill(self, *args, **kwargs):
+        if args[0] != parent:  # the task's alias or its run's end, not the sequence's
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    first = Tracker(uri=uri, experiment="exp")
+    parent = first.start_sequence(run_name="seq", config={"a": 1}, tasks=["a"])
+    monkeypatch.setattr(MlflowClient, killed_at, kill)
+    with pytest.raises(Killed):
+        first.record_task(task_index=0, task_id="a", params={}, metrics={"score": 0.5}, servable=servable,
+                          registered_model="m")
+    monkeypatch.setattr(MlflowClient, killed_at, real)
+    client = MlflowClient(uri)
+    [stale] = client.search_model_versions("name = 'm'")
+
+    second = Tracker(uri=uri, experiment="exp")
+    second.resume_sequence(parent)
+    run_id = second.record_task(task_index=0, task_id="a", params={}, metrics={"score": 0.5}, servable=servable,
+                                registered_model="m")
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    assert [r.info.run_id for r in _task_runs(client, experiment_id, parent)] == [run_id] == [stale.run_id]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [v.version for v in client.search_model_versions("name = 'm'")] == [stale.version]
+    assert client.get_model_version_by_alias("m", "a").version == stale.version
+    assert client.get_run(run_id).data.tags["dmea.model_version"] == f"m/{stale.version}"
