@@ -150,3 +150,22 @@ def test_a_driver_killed_between_registering_and_ending_a_task_run_leaves_one_ve
     assert [v.version for v in client.search_model_versions("name = 'm'")] == [stale.version]
     assert client.get_model_version_by_alias("m", "a").version == stale.version
     assert client.get_run(run_id).data.tags["dmea.model_version"] == f"m/{stale.version}"
+
+
+def test_dmea_generate_of_a_task_run_whose_record_failed_says_so(tmp_path):
+    """`dmea generate TASK_RUN_ID` of a task whose record ended FAILED rebuilt the run without that task (only
+    FINISHED task runs are taken) and then failed with '/tmp/dmea-serve-.../run has no task': a folder the user
+    never saw, and no word of the failed record or of the fix."""
+    from dmea_dist.tracking import Tracker, TrackingError, TrackingWarning, download_run
+
+    uri, modules = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "modules"
+    modules.mkdir()
+    (modules / "w.txt").write_text("weights")
+    tracker = Tracker(uri=uri, experiment="exp")
+    tracker.start_sequence(run_name="seq", config={"a": 1}, tasks=["a", "b"])
+    with pytest.warns(TrackingWarning):
+        failed = tracker.record_task(task_index=0, task_id="a", params={}, metrics={}, model_dir=modules,
+                                     artifacts={"missing": tmp_path / "nope.txt"})
+    tracker.record_task(task_index=1, task_id="b", params={}, metrics={}, model_dir=modules)
+    with pytest.raises(TrackingError, match=r"\(a\) .* is FAILED, not FINISHED.*dmea resume RUN_DIR"):
+        download_run(uri=uri, run_id=failed, dst=tmp_path / "served")
