@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmea_dist.config import RunConfig, load_config
+from dmea_dist.config import RunConfig, load_config, parse_yaml
 from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.lengths import prompt_length
 from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
@@ -157,12 +157,30 @@ def _run_folder(source: str, wanted: list[str] | None, uri: str) -> Iterator[tup
         if source.startswith("models:/"):
             yield _registered_folder(source, wanted, uri, Path(tmp))
         elif RUN_ID.fullmatch(source):
-            yield tracking.download_run(uri=uri, run_id=RUN_ID.fullmatch(source).group(1), dst=Path(tmp) / "run")
+            run_id = RUN_ID.fullmatch(source).group(1)
+            folder, implied = tracking.download_run(uri=uri, run_id=run_id, dst=Path(tmp) / "run")
+            _check_downloaded(folder, wanted, f"MLflow run {run_id}")
+            yield folder, implied
         elif Path(source).exists():
             raise DmeaError(f"{source} is not a run directory (no config.yaml); pass the folder `dmea run` printed")
         else:
             raise DmeaError(f"{source} does not exist; pass the run directory `dmea run` printed, an MLflow run "
                             f"id, or models:/NAME@ALIAS")
+
+
+def _check_downloaded(folder: Path, wanted: list[str] | None, what: str) -> None:
+    """Each `wanted` task has modules in `folder`, a run rebuilt from MLflow from its FINISHED task runs; else an
+    error about the MLflow run, not about the temporary folder (which the user never saw)."""
+    recorded = recorded_tasks(folder)
+    for task_id in wanted or []:
+        if task_id in recorded:
+            continue
+        config = parse_yaml((folder / "config.yaml").read_text()) or {}
+        if task_id in ((config.get("data") or {}).get("tasks") or []):
+            raise DmeaError(f"{what} has no finished record of task {task_id!r} (recorded: {recorded}): its record "
+                            f"failed, or the run has not finished the task yet; `dmea resume RUN_DIR` records it "
+                            f"again, and `dmea generate RUN_DIR {task_id} ...` serves it from the run directory")
+        raise DmeaError(f"{what} has no task {task_id!r}; recorded tasks: {recorded}")
 
 
 def _registered_folder(model_uri: str, wanted: list[str] | None, uri: str, tmp: Path) -> tuple[Path, str]:

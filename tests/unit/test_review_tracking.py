@@ -169,3 +169,28 @@ def test_dmea_generate_of_a_task_run_whose_record_failed_says_so(tmp_path):
     tracker.record_task(task_index=1, task_id="b", params={}, metrics={}, model_dir=modules)
     with pytest.raises(TrackingError, match=r"\(a\) .* is FAILED, not FINISHED.*dmea resume RUN_DIR"):
         download_run(uri=uri, run_id=failed, dst=tmp_path / "served")
+
+
+def test_dmea_generate_of_a_sequence_run_whose_task_record_failed_names_the_run_not_a_temporary_folder(tmp_path):
+    """`dmea generate PARENT_RUN_ID TASK` where TASK's record ended FAILED: the run is rebuilt from its FINISHED
+    task runs, without TASK, and the error named '/tmp/dmea-serve-.../run', a folder the user never saw."""
+    from dmea_dist.errors import DmeaError
+    from dmea_dist.serving import load_task_model
+    from dmea_dist.tracking import Tracker, TrackingWarning
+
+    uri, modules = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "modules"
+    modules.mkdir()
+    (modules / "w.txt").write_text("weights")
+    tracker = Tracker(uri=uri, experiment="exp")
+    parent = tracker.start_sequence(run_name="seq", config={"data": {"tasks": ["a", "b"]}}, tasks=["a", "b"])
+    with pytest.warns(TrackingWarning):
+        tracker.record_task(task_index=0, task_id="a", params={}, metrics={}, model_dir=modules,
+                            artifacts={"missing": tmp_path / "nope.txt"})
+    tracker.record_task(task_index=1, task_id="b", params={}, metrics={}, model_dir=modules)
+    with pytest.raises(DmeaError) as failed:
+        load_task_model(parent, "a", tracking_uri=uri)
+    said = str(failed.value)
+    assert f"MLflow run {parent} has no finished record of task 'a'" in said and "dmea resume RUN_DIR" in said, said
+    assert "dmea-serve-" not in said
+    with pytest.raises(DmeaError, match=f"MLflow run {parent} has no task 'c'; recorded tasks: \\['b'\\]"):
+        load_task_model(parent, "c", tracking_uri=uri)
