@@ -115,7 +115,7 @@ def _task_runs(client, experiment_id: str, parent_run_id: str) -> dict[int, Any]
 def download_run(*, uri: str, run_id: str, dst: str | Path) -> tuple[Path, str | None]:
     """Rebuild a run folder from MLflow; returns (folder, the task of `run_id` if it is a task run).
 
-    `run_id`: the sequence (parent) run or any of its FINISHED task runs. The folder
+    `run_id`: the sequence (parent) run or a task run of a task with a FINISHED run. The folder
     holds what `dmea generate` reads from a run directory: the sequence run's
     config.yaml, tokenizer/ and backbone/ (those it has), and every finished
     task's modules/ under tasks/NNN-<task>/.
@@ -127,12 +127,15 @@ def download_run(*, uri: str, run_id: str, dst: str | Path) -> tuple[Path, str |
         run = client.get_run(run_id)
         parent_id = run.data.tags.get(PARENT_TAG) or run_id
         task = run.data.tags.get(TASK_ID_TAG) if parent_id != run_id else None
-        if task is not None and run.info.status != "FINISHED":  # its modules may be missing: not served
+        tasks = _task_runs(client, run.info.experiment_id, parent_id)
+        # a task run that did not finish may miss its modules: not served, unless another run of its task finished
+        # (an older resume recorded the task into a new run), which the folder takes, as for any task run id
+        index = int(run.data.tags.get(TASK_INDEX_TAG, -1))
+        if task is not None and run.info.status != "FINISHED" and index not in tasks:
             raise TrackingError(f"task run {run_id} ({task}) at {redact_uri(uri)} is {run.info.status}, not "
                                 f"FINISHED: part of its record failed, or the driver stopped while recording it; "
                                 f"`dmea resume RUN_DIR` records it again, and `dmea generate RUN_DIR {task} ...` "
                                 f"serves it from the run directory meanwhile")
-        tasks = _task_runs(client, run.info.experiment_id, parent_id)
         present = {a.path for a in client.list_artifacts(parent_id)}
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("config.yaml", "tokenizer", "backbone"):

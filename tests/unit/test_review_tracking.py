@@ -194,3 +194,24 @@ def test_dmea_generate_of_a_sequence_run_whose_task_record_failed_names_the_run_
     assert "dmea-serve-" not in said
     with pytest.raises(DmeaError, match=f"MLflow run {parent} has no task 'c'; recorded tasks: \\['b'\\]"):
         load_task_model(parent, "c", tracking_uri=uri)
+
+
+def test_dmea_generate_of_a_failed_task_run_serves_the_task_a_later_run_recorded(tmp_path):
+    """Before a resume recorded into the failed run of a task, it recorded the task into a new run: such a run has a
+    FAILED and a FINISHED run of one task. The FAILED one's id (the MLflow UI lists both) was then refused with
+    'dmea resume RUN_DIR records it again', which it never does (the task has a finished record); the folder is
+    rebuilt from the FINISHED runs either way, so it serves the task, as it did before."""
+    from dmea_dist.tracking import Tracker, TrackingWarning, download_run
+
+    uri, modules = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "modules"
+    modules.mkdir()
+    (modules / "w.txt").write_text("weights")
+    tracker = Tracker(uri=uri, experiment="exp")
+    tracker.start_sequence(run_name="seq", config={"a": 1}, tasks=["a"])
+    with pytest.warns(TrackingWarning):
+        failed = tracker.record_task(task_index=0, task_id="a", params={}, metrics={}, model_dir=modules,
+                                     artifacts={"missing": tmp_path / "nope.txt"})
+    again = tracker.record_task(task_index=0, task_id="a", params={}, metrics={}, model_dir=modules)
+    assert again != failed  # the older code's resume: a second run of the task
+    folder, task = download_run(uri=uri, run_id=failed, dst=tmp_path / "served")
+    assert task == "a" and (folder / "tasks" / "000-a" / "modules" / "w.txt").read_text() == "weights"
