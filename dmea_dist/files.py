@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def umask() -> int:
+def _umask() -> int:
     """The process's umask: from /proc where it says it (Linux), else by setting it and back, which briefly
     races files other threads create."""
     try:
@@ -40,7 +40,7 @@ def umask() -> int:
 
 # mkstemp makes 0600 files; run files get the mode a plain open() gives (colleagues on a shared filesystem read
 # them). Read once, at import.
-FILE_MODE = 0o666 & ~umask()
+FILE_MODE = 0o666 & ~_umask()
 
 
 @contextmanager

@@ -22,8 +22,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +45,7 @@ from dmea_dist.data.tokenizer import (
 )
 from dmea_dist.data.user_tasks import locate_input
 from dmea_dist.errors import ConfigError, DataError
-from dmea_dist.files import make_dirs, sync_directory, sync_tree, umask, write_text
+from dmea_dist.files import make_dirs, sync_directory, sync_tree, write_text
 from dmea_dist.method.policy import MethodPolicy, method_policy
 from dmea_dist.offline import OFFLINE
 
@@ -297,11 +297,12 @@ def _publish(folder: Path, write: Callable[[Path], Any]) -> None:
 
     Durable like a run's files (`dmea_dist.files`): the folder's files are fsynced before the rename and the
     parent after it, else a machine crash could leave a cache whose weights are empty under the real name,
-    which every later run would load. The folder gets the mode a plain mkdir gives (mkdtemp's is 0700)."""
+    which every later run would load. The folder is made by a plain mkdir, so it has what one gives: the umask's
+    mode (mkdtemp's is 0700), and a shared folder's setgid bit and default ACLs, which a chmod would reset."""
     make_dirs(folder.parent)
-    private = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    private = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    private.mkdir()  # FileExistsError rather than a folder another writer fills
     try:
-        os.chmod(private, 0o777 & ~umask())
         write(private)
         sync_tree(private)
         try:

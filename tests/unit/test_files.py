@@ -142,3 +142,22 @@ def test_the_backbone_cache_is_on_disk_before_its_name_and_its_name_after(tmp_pa
     plain = tmp_path / "plain"
     plain.mkdir()
     assert os.stat(cache).st_mode == os.stat(plain).st_mode
+
+
+def test_the_backbone_cache_keeps_the_group_a_shared_folder_gives_its_subfolders(tmp_path):
+    """A team's output_dir is often setgid, so that whatever anyone writes in it belongs to the team's group. A
+    plain mkdir inherits the bit; `_publish` reset mkdtemp's 0700 with a chmod that cleared it, so the cache and
+    the weights written into it took the writer's own group."""
+    import stat
+
+    from dmea_dist.run import _publish
+
+    shared = tmp_path / "_cache"
+    shared.mkdir()
+    os.chmod(shared, os.stat(shared).st_mode | stat.S_ISGID)
+    plain = shared / "plain"
+    plain.mkdir()
+    assert os.stat(plain).st_mode & stat.S_ISGID  # the filesystem passes it on (as ext4, XFS, NFS do)
+    _publish(shared / "backbone-0123", lambda folder: (folder / "model.safetensors").write_bytes(b"weights"))
+    assert os.stat(shared / "backbone-0123").st_mode == os.stat(plain).st_mode
+    assert sorted(p.name for p in shared.iterdir()) == ["backbone-0123", "plain"]
