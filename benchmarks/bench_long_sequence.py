@@ -9,7 +9,8 @@ another, into OUT/M. Per task (from the run's state.json): seconds per stage, th
 new modules, the module parameters in the pools and the pool sizes after the task; then the growth ratios
 the issue asks for (the last task against task 5, and the mean of the last five against tasks 5-9: compute
 without evaluation; peak memory; evaluation seconds per task scored, the scores in that task's row of R:
-the tasks seen, or every task with `eval.all_tasks`, none where `eval.every` skips it), the final average
+the tasks seen, or every task with `eval.all_tasks`; between `eval.every`'s full rows the task just trained,
+and with `eval.all_tasks` the next), the final average
 and BWT per method, and, for synthetic sequences, selection precision@K against the generator's ground
 truth (`task_relatedness > 0`: the same family): per task with an earlier task of its family, the selected
 tasks of its family over min(K, such earlier tasks), averaged.

@@ -134,8 +134,9 @@ def forgetting(R, *, every: int = 1) -> float:
 
 def why_no_bwt(R, *, method: str | None = None) -> str:
     """Why BWT and forgetting are missing from a finished run's metrics ('' when they can be computed):
-    they need each earlier task's score right after it was trained, R's diagonal, which eval.every > 1 skips,
-    and which `method` multitask never has (it trains once, on every task, at the end)."""
+    they need each earlier task's score right after it was trained, R's diagonal, which eval.every > 1 skipped
+    in runs begun before every task was scored after its training, and which `method` multitask never has (it
+    trains once, on every task, at the end)."""
     matrix = as_matrix(R)
     missing = [f"R[{i}][{i}]" for i in range(matrix.shape[0] - 1) if math.isnan(matrix[i, i])]
     if not missing:

@@ -334,7 +334,8 @@ def _policy(run: RunData) -> MethodPolicy | None:
 
 def tasks_done(run: RunData) -> int:
     """How many tasks the run's scores and metrics cover: all for a finished run; for a stopped one those up
-    to the last task evaluated right after its training, where its metrics are computed (run_data.sequence_metrics)."""
+    to the last task after which every seen task was scored (run_data.last_evaluated), where its metrics are
+    computed (run_data.sequence_metrics)."""
     if run.status == "finished":
         return len(run.tasks)
     last = last_evaluated(run.R)
