@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -340,7 +341,10 @@ class Tracker:
         """The metric points of `entities` that the run's history does not hold (same key, step and value)."""
 
         def point(m) -> tuple:
-            return m.key, m.step, "nan" if math.isnan(m.value) else m.value  # NaN != NaN
+            if math.isnan(m.value):  # NaN != NaN
+                return m.key, m.step, "nan"
+            # MLflow's SQL store keeps +-inf as +-the largest float: a loss that overflowed reads back as that
+            return m.key, m.step, math.copysign(sys.float_info.max, m.value) if math.isinf(m.value) else m.value
 
         logged = {point(h) for key in {m.key for m in entities} for h in self._client.get_metric_history(run_id, key)}
         return [m for m in entities if point(m) not in logged]

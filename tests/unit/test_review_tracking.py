@@ -215,3 +215,31 @@ def test_dmea_generate_of_a_failed_task_run_serves_the_task_a_later_run_recorded
     assert again != failed  # the older code's resume: a second run of the task
     folder, task = download_run(uri=uri, run_id=failed, dst=tmp_path / "served")
     assert task == "a" and (folder / "tasks" / "000-a" / "modules" / "w.txt").read_text() == "weights"
+
+
+def test_an_infinite_metric_point_is_logged_once_across_resumes(tmp_path):
+    """A loss that overflowed (fp16 autocast) is an infinite point of the task's series. MLflow's SQL store keeps
+    +-inf as +-1.7976931348623157e308, which compared unequal to inf: each resume recording the task again added
+    the point once more."""
+    from mlflow import MlflowClient
+
+    from dmea_dist.tracking import Tracker, TrackingWarning
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = Tracker(uri=uri, experiment="exp")
+    parent = first.start_sequence(run_name="seq", config={"a": 1}, tasks=["a"])
+
+    def record(tracker):  # the missing artifact fails the record, so each resume records it again
+        with pytest.warns(TrackingWarning):
+            return tracker.record_task(task_index=0, task_id="a", params={}, metrics={"overflow": float("-inf")},
+                                       series={"loss": [float("inf"), 2.0]},
+                                       artifacts={"missing": tmp_path / "nope.txt"})
+
+    run_id = record(first)
+    for _ in range(2):
+        again = Tracker(uri=uri, experiment="exp")
+        again.resume_sequence(parent)
+        assert record(again) == run_id
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1]
+    assert len(client.get_metric_history(run_id, "overflow")) == 1
