@@ -157,7 +157,8 @@ def test_the_backbone_cache_keeps_the_group_a_shared_folder_gives_its_subfolders
     os.chmod(shared, os.stat(shared).st_mode | stat.S_ISGID)
     plain = shared / "plain"
     plain.mkdir()
-    assert os.stat(plain).st_mode & stat.S_ISGID  # the filesystem passes it on (as ext4, XFS, NFS do)
+    if not os.stat(plain).st_mode & stat.S_ISGID:  # ext4, XFS, tmpfs and NFS pass it on; a folder of another group not
+        pytest.skip("this filesystem or folder does not pass a setgid bit on to subfolders")
     _publish(shared / "backbone-0123", lambda folder: (folder / "model.safetensors").write_bytes(b"weights"))
     assert os.stat(shared / "backbone-0123").st_mode == os.stat(plain).st_mode
     assert sorted(p.name for p in shared.iterdir()) == ["backbone-0123", "plain"]
