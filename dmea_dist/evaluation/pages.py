@@ -105,16 +105,17 @@ def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = Non
             if panel.image is not None:
                 images[(section.key, k)] = figures / f"{section.key}-{k}.png"
                 write_bytes(images[(section.key, k)], panel.image)
-    # a report written again into the same folder (`dmea report --out` reused, a comparison of fewer runs) with
-    # fewer figures: the older ones would stay beside the page and go to MLflow with report_files/
-    for stale in set(figures.glob("*.png")) - set(images.values()):
-        stale.unlink(missing_ok=True)
     title = "dmea-dist report: " + " vs ".join(f"{r.name} ({r.method})" for r in runs)
     summary = [summary_lines(r) for r in runs]
     # atomic, like the run's other files: a report rewritten over an older one (`dmea report` again, a resumed
     # run finishing) that is killed half-way leaves the older one whole, never a truncated page
     write_text(out / "report.md", render_markdown(title, runs, summary, sections, images, out))
     write_text(out / "report.html", render_html(title, runs, summary, sections))
+    # a report written again into the same folder (`dmea report --out` reused, a comparison of fewer runs) with
+    # fewer figures: the older ones would stay beside the page and go to MLflow with report_files/. Removed once
+    # the new pages are written, so a report killed half-way leaves the old page's images
+    for stale in set(figures.glob("*.png")) - set(images.values()):
+        stale.unlink(missing_ok=True)
     return ReportFiles(html=out / "report.html", markdown=out / "report.md", figures=figures,
                        images=list(images.values()))
 

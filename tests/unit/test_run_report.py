@@ -328,6 +328,27 @@ def test_a_report_written_again_into_its_folder_keeps_only_its_own_figures(tmp_p
     assert sorted((out / "report_files").glob("*.png")) == sorted(second.images)
 
 
+def test_a_report_that_fails_to_rewrite_its_page_keeps_the_old_pages_images(tmp_path, monkeypatch):
+    """The stale figures go once the new pages are written: a full disk at report.html left the old page whole
+    but its extra images already deleted."""
+    import dmea_dist.evaluation.pages as pages
+
+    runs = [make_run(tmp_path / name) for name in ("a", "b", "c")]
+    out = tmp_path / "cmp"
+    first = write_report(runs, out=out)
+    real = pages.write_text
+
+    def full_disk(path, text):
+        if path.name == "report.html":
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(pages, "write_text", full_disk)
+    with pytest.raises(OSError):
+        write_report(runs[:2], out=out)
+    assert all(image.is_file() for image in first.images)
+
+
 def test_runs_of_one_folder_name_are_told_apart(tmp_path):
     """Two runs whose folders share a name (copies from two machines, `runs/old/x` vs `runs/new/x`): every
     heading and column named both the same, so a reader could not tell which numbers were whose."""
