@@ -346,7 +346,9 @@ class Tracker:
             # MLflow's SQL store keeps +-inf as +-the largest float: a loss that overflowed reads back as that
             return m.key, m.step, math.copysign(sys.float_info.max, m.value) if math.isinf(m.value) else m.value
 
-        logged = {point(h) for key in {m.key for m in entities} for h in self._client.get_metric_history(run_id, key)}
+        held = self._client.get_run(run_id).data.metrics  # the keys it has: one history call each, not one per key given
+        logged = {point(h) for key in {m.key for m in entities} & set(held)
+                  for h in self._client.get_metric_history(run_id, key)}
         return [m for m in entities if point(m) not in logged]
 
     def _log_config(self, run_id: str, config: Mapping[str, Any]) -> None:
