@@ -11,10 +11,11 @@ made again at the next resume), and end with the R matrix, the
 continual-learning metrics and a Markdown/HTML report in the run directory.
 
 Stops are safe: Ctrl-C stops after the stage in progress with the state
-saved; a failure leaves the state at the last finished stage; either way the
-MLflow runs are marked (KILLED, FAILED), never left RUNNING, and the message
-says how to resume. A killed driver leaves the state on disk too: `dmea
-resume RUN_DIR` continues in the same parent run.
+saved, SIGTERM at once, as a second Ctrl-C; a failure leaves the state at
+the last finished stage; either way the MLflow runs are marked (KILLED,
+FAILED), never left RUNNING, and the message says how to resume. A killed
+driver leaves the state on disk too: `dmea resume RUN_DIR` continues in the
+same parent run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -438,7 +439,8 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
     nothing was recorded, and a folder left "running" at task 1 would only look like a live run."""
     from dmea_dist.tracking import Tracker, registered_model_name, task_aliases
 
-    with run_lock(run_dir):
+    stop = StopRequest()
+    with run_lock(run_dir), stop.on_termination():
         bar = StageProgress(config.data.tasks, enabled=progress)
         coordinator = None
         try:
@@ -456,7 +458,6 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             if remove_unstarted:
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        stop = StopRequest()
         stepped = False
         try:
             parent = _open_tracking(tracker, coordinator, config, run_dir)
@@ -466,11 +467,10 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             results = coordinator.results()
             stepped = True
         except BaseException as err:
-            with ctrl_c_grace():  # Ctrl-C pressed again and again: the stop is recorded all the same
-                # SystemExit: SIGTERM (`ray job stop`, a scheduler), which Ray's driver handler turns into sys.exit
-                stopped = isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
+            with stop.recording():  # Ctrl-C pressed again and again, a second SIGTERM: recorded all the same
+                stopped = stop.signal is not None or isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
                 bar.close(ended="stopped" if stopped else "failed")
-                message = ("stopped by SIGTERM" if isinstance(err, SystemExit) else "stopped by Ctrl-C"
+                message = (f"stopped by {stop.signal.name}" if stop.signal else "stopped by Ctrl-C"
                            if isinstance(err, KeyboardInterrupt) else str(err) or type(err).__name__)
                 _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
                 tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
@@ -479,7 +479,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             raise
         finally:
             if not stepped:
-                with ctrl_c_grace():
+                with stop.recording():
                     _try(coordinator.close)
         # every stage is done; what is left (closing the workers, R, the report, the sequence metrics) takes 1-3 s,
         # and a Ctrl-C or SIGTERM there must not leave the parent run RUNNING either, nor end without a word
@@ -495,8 +495,8 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             tracker.log_sequence_metrics(metrics, artifacts={**reports, "R": run_dir / "R.npy"})
             tracker.finish_sequence(status="FINISHED")
         except BaseException as err:
-            with ctrl_c_grace():
-                stopped = isinstance(err, KeyboardInterrupt | SystemExit)
+            with stop.recording():
+                stopped = stop.signal is not None or isinstance(err, KeyboardInterrupt | SystemExit)
                 tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
                 echo(f"{'stopped' if stopped else 'failed'} while writing the results of {run_dir}: every task is "
                      f"done and saved; write them with: {resume_command(run_dir)}")
@@ -630,10 +630,13 @@ def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
 
 
 class StopRequest:
-    """Ctrl-C once: stop after the stage in progress (state saved). Twice: stop now."""
+    """Ctrl-C once: stop after the stage in progress (state saved). Twice: stop now. SIGTERM: stop now
+    (`on_termination`)."""
 
     def __init__(self):
         self.requested = False
+        self.signal: signal.Signals | None = None  # the SIGTERM that stopped the run
+        self._recording = False
 
     @contextmanager
     def on_sigint(self, echo: Callable[[str], None]) -> Iterator[None]:
@@ -652,6 +655,52 @@ class StopRequest:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+    @contextmanager
+    def on_termination(self) -> Iterator[None]:
+        """SIGTERM (`kill`, `ray job stop`, a scheduler) stops the run at once, as a second Ctrl-C does, and the
+        command exits with 128 + the signal, as a shell reports a command the signal killed. A signal ignored when
+        the command started stays ignored.
+
+        On Ray, this replaces Ray's driver handler for SIGTERM (`sys.exit(15)`, which `ray.get` turns
+        into SystemExit(1)) and the C++ one Ray's core worker installs beneath it, which printed `*** SIGTERM
+        received ...` and a stack (ray/_private/worker.py `init`; Ray's logging.cc): `signal.signal` sets
+        Python's own handler in the process again. A second signal, or one while a stop or failure is recorded
+        (`recording`), is taken for the same stop: the handler stays in place once one has stopped the run.
+        """
+        def handler(signum, frame):
+            if self.signal is not None:
+                return
+            self.signal = signal.Signals(signum)
+            if not self._recording:
+                raise SystemExit(128 + signum)
+
+        replaced = {}
+        with suppress(ValueError):  # not the main thread: no handlers, as Ray sets none there
+            for signum in (signal.SIGTERM,):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    replaced[signum] = signal.signal(signum, handler)
+        try:
+            yield
+        except BaseException as err:
+            if self.signal is None:
+                raise
+            raise SystemExit(128 + self.signal) from err  # not Ray's SystemExit(1), nor a failure it cut short
+        finally:
+            if self.signal is None:
+                for signum, previous in replaced.items():
+                    signal.signal(signum, previous)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """While a stop or failure is recorded: Ctrl-C held off (`ctrl_c_grace`), a SIGTERM noted for the exit status
+        but not raised into the record."""
+        self._recording = True
+        try:
+            with ctrl_c_grace():
+                yield
+        finally:
+            self._recording = False
 
 
 GRACE_S = 3.0  # Ctrl-C presses this soon after a stop began are taken for the same stop

@@ -292,3 +292,57 @@ def test_ctrl_c_after_the_grace_interrupts_again():
         os.kill(os.getpid(), signal.SIGINT)
         for _ in range(100):  # the handler runs between two bytecodes of the main thread
             pass
+
+
+@pytest.fixture
+def termination_handlers():
+    """SIGTERM's handler put back after the test: a run stopped by one keeps its own installed, to take a second
+    for the same stop as the command exits."""
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM,)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_sigterm_on_ray_stops_the_run_with_exit_status_143_not_rays_1(tmp_path, monkeypatch, capsys,
+                                                                      termination_handlers):
+    """`kill PID` of a `dmea run` on Ray: Ray's driver handler (sys.exit(15), set by ray.init) raised SystemExit in
+    the middle of a `ray.get`, which Ray turned into SystemExit(1): the command exited 1, as if it had failed, after
+    Ray's C++ handler printed `*** SIGTERM received ...` and a stack."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import dmea_dist.tracking
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init leaves
+    ends, marks = [], []
+    monkeypatch.setattr(dmea_dist.tracking, "Tracker", lambda **kwargs: _Tracker(ends))
+
+    class OnRay(_Done):
+        def state_position(self):
+            return {"done": False, "next": (0, "adapt")}
+
+        def step(self):  # a ray.get of the coordinator actor's step
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            except SystemExit:  # _raylet.pyx check_signals: UnexpectedSystemExit, raised again as sys.exit(1)
+                raise SystemExit(1) from None
+
+        def mark(self, status, message):
+            marks.append((status, message))
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]},
+                               "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        run_sequence(config, run_dir=run_dir, coordinator_factory=lambda *a, **k: OnRay(), progress=False,
+                     check=False)
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert marks == [("stopped", "stopped by SIGTERM")] and ends == ["KILLED"]
+    assert f"stopped: the state of {run_dir} is saved" in capsys.readouterr().out
+
