@@ -388,8 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `dmea data show ... | head`: the reader closed the pipe; what it read is the answer
+        from dmea_dist.driver import to_devnull
+
         with contextlib.suppress(AttributeError, OSError, ValueError):  # no flush of the rest at exit either
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            to_devnull(sys.stdout)
         return 141  # 128 + SIGPIPE, what the shell reports for a command the pipe stopped
     finally:
         if argv is None:  # the `dmea` command, whose process exits next (not a caller passing its own argv)

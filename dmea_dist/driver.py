@@ -11,11 +11,11 @@ made again at the next resume), and end with the R matrix, the
 continual-learning metrics and a Markdown/HTML report in the run directory.
 
 Stops are safe: Ctrl-C stops after the stage in progress with the state
-saved, SIGTERM at once, as a second Ctrl-C; a failure leaves the state at
-the last finished stage; either way the MLflow runs are marked (KILLED,
-FAILED), never left RUNNING, and the message says how to resume. A killed
-driver leaves the state on disk too: `dmea resume RUN_DIR` continues in the
-same parent run.
+saved, SIGTERM and SIGHUP (a closed terminal) at once, as a second Ctrl-C; a
+failure leaves the state at the last finished stage; either way the MLflow
+runs are marked (KILLED, FAILED), never left RUNNING, and the message says
+how to resume. A killed driver leaves the state on disk too: `dmea resume
+RUN_DIR` continues in the same parent run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -467,7 +468,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             results = coordinator.results()
             stepped = True
         except BaseException as err:
-            with stop.recording():  # Ctrl-C pressed again and again, a second SIGTERM: recorded all the same
+            with stop.recording():  # Ctrl-C pressed again and again, a SIGHUP after a SIGTERM: recorded all the same
                 stopped = stop.signal is not None or isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
                 bar.close(ended="stopped" if stopped else "failed")
                 message = (f"stopped by {stop.signal.name}" if stop.signal else "stopped by Ctrl-C"
@@ -482,7 +483,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
                 with stop.recording():
                     _try(coordinator.close)
         # every stage is done; what is left (closing the workers, R, the report, the sequence metrics) takes 1-3 s,
-        # and a Ctrl-C or SIGTERM there must not leave the parent run RUNNING either, nor end without a word
+        # and a Ctrl-C, SIGTERM or SIGHUP there must not leave the parent run RUNNING either, nor end without a word
         try:
             _try(coordinator.close)
             bar.close()
@@ -630,12 +631,12 @@ def _record_unrecorded(tracker, coordinator, config: RunConfig) -> None:
 
 
 class StopRequest:
-    """Ctrl-C once: stop after the stage in progress (state saved). Twice: stop now. SIGTERM: stop now
+    """Ctrl-C once: stop after the stage in progress (state saved). Twice: stop now. SIGTERM or SIGHUP: stop now
     (`on_termination`)."""
 
     def __init__(self):
         self.requested = False
-        self.signal: signal.Signals | None = None  # the SIGTERM that stopped the run
+        self.signal: signal.Signals | None = None  # the SIGTERM or SIGHUP that stopped the run
         self._recording = False
 
     @contextmanager
@@ -658,11 +659,12 @@ class StopRequest:
 
     @contextmanager
     def on_termination(self) -> Iterator[None]:
-        """SIGTERM (`kill`, `ray job stop`, a scheduler) stops the run at once, as a second Ctrl-C does, and the
-        command exits with 128 + the signal, as a shell reports a command the signal killed. A signal ignored when
-        the command started stays ignored.
+        """SIGTERM (`kill`, `ray job stop`, a scheduler) and SIGHUP (the terminal closed, ssh dropped) stop the run
+        at once, as a second Ctrl-C does, and the command exits with 128 + the signal, as a shell reports a command
+        the signal killed. A signal ignored when the command started (`nohup`) stays ignored.
 
-        On Ray, this replaces Ray's driver handler for SIGTERM (`sys.exit(15)`, which `ray.get` turns
+        SIGHUP's default killed the driver on the spot: the state said "running", the MLflow parent run stayed
+        RUNNING. On Ray, this replaces Ray's driver handler for SIGTERM (`sys.exit(15)`, which `ray.get` turns
         into SystemExit(1)) and the C++ one Ray's core worker installs beneath it, which printed `*** SIGTERM
         received ...` and a stack (ray/_private/worker.py `init`; Ray's logging.cc): `signal.signal` sets
         Python's own handler in the process again. A second signal, or one while a stop or failure is recorded
@@ -672,12 +674,14 @@ class StopRequest:
             if self.signal is not None:
                 return
             self.signal = signal.Signals(signum)
+            if signum == signal.SIGHUP:
+                mute_lost_output()
             if not self._recording:
                 raise SystemExit(128 + signum)
 
         replaced = {}
         with suppress(ValueError):  # not the main thread: no handlers, as Ray sets none there
-            for signum in (signal.SIGTERM,):
+            for signum in (signal.SIGTERM, signal.SIGHUP):
                 if signal.getsignal(signum) is not signal.SIG_IGN:
                     replaced[signum] = signal.signal(signum, handler)
         try:
@@ -693,14 +697,34 @@ class StopRequest:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        """While a stop or failure is recorded: Ctrl-C held off (`ctrl_c_grace`), a SIGTERM noted for the exit status
-        but not raised into the record."""
+        """While a stop or failure is recorded: Ctrl-C held off (`ctrl_c_grace`), a SIGTERM or SIGHUP noted for the
+        exit status but not raised into the record."""
         self._recording = True
         try:
             with ctrl_c_grace():
                 yield
         finally:
             self._recording = False
+
+
+def mute_lost_output() -> None:
+    """After a hangup: stdout and stderr to /dev/null where they are a terminal or a pipe. The terminal is gone (a
+    write, Python's flush at exit too, raises EIO) and a pipe's reader (`| tee run.log`) had the same SIGHUP
+    (BrokenPipeError). Either broke the stop's record or ended the command in a traceback. A file (`> run.log`)
+    keeps what follows, the stop's line."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(AttributeError, OSError, ValueError):  # no file behind it (pytest's), closed
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                to_devnull(stream)
+
+
+def to_devnull(stream) -> None:
+    """What `stream` writes from now on, and its flush at exit, goes to /dev/null: its reader is gone."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
 
 
 GRACE_S = 3.0  # Ctrl-C presses this soon after a stop began are taken for the same stop

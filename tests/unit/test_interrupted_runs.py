@@ -296,11 +296,11 @@ def test_ctrl_c_after_the_grace_interrupts_again():
 
 @pytest.fixture
 def termination_handlers():
-    """SIGTERM's handler put back after the test: a run stopped by one keeps its own installed, to take a second
-    for the same stop as the command exits."""
+    """SIGTERM's and SIGHUP's handlers put back after the test: a run stopped by one keeps its own installed, to
+    take a second for the same stop as the command exits."""
     import signal
 
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM,)}
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
@@ -345,4 +345,61 @@ def test_sigterm_on_ray_stops_the_run_with_exit_status_143_not_rays_1(tmp_path, 
     assert exited.value.code == 128 + signal.SIGTERM
     assert marks == [("stopped", "stopped by SIGTERM")] and ends == ["KILLED"]
     assert f"stopped: the state of {run_dir} is saved" in capsys.readouterr().out
+
+
+HANGUP = """
+import os, signal, sys, time
+
+sys.path.insert(0, sys.argv[1])
+import dmea_dist.tracking
+from dmea_dist.config import config_from_dict
+from dmea_dist.driver import run_sequence
+from tests.unit.test_interrupted_runs import _Done, _Tracker
+
+ends = []
+dmea_dist.tracking.Tracker = lambda **kwargs: _Tracker(ends)
+terminal, tty = os.openpty()
+os.dup2(tty, 1)  # stdout is the terminal, line-buffered as Python makes a terminal's; stderr a file the test reads
+sys.stdout = open(1, "w", buffering=1, closefd=False)
+
+
+class Hungup(_Done):
+    def state_position(self):
+        return {"done": False, "next": (0, "adapt")}
+
+    def step(self):
+        os.close(terminal)  # the terminal window closed: a write to it raises EIO
+        os.kill(os.getpid(), signal.SIGHUP)  # and the shell sends SIGHUP to the job
+        time.sleep(10)
+
+    def mark(self, status, message):
+        print(f"{status}: {message}", file=sys.stderr)
+
+
+def on_exit():
+    print(f"ended {ends}", file=sys.stderr)
+
+
+import atexit
+
+atexit.register(on_exit)
+config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]}, "tracking": {"enabled": False}})
+run_sequence(config, run_dir=sys.argv[2], coordinator_factory=lambda *a, **k: Hungup(), progress=False, check=False)
+"""
+
+
+def test_a_closed_terminal_stops_the_run_as_sigterm_does_and_exits_129(tmp_path):
+    """The terminal closed (a window, an ssh connection dropped): SIGHUP's default killed the driver on the spot,
+    with the state at "running" and the MLflow parent run RUNNING until a later resume, and no word. The terminal
+    is gone by then: a write to it raises EIO, which must not cut the stop's record short or end in a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as err:
+        done = subprocess.run([sys.executable, "-c", HANGUP, str(Path(__file__).parents[2]), str(tmp_path / "run")],
+                              stdout=subprocess.DEVNULL, stderr=err, timeout=60)
+    assert done.returncode == 129, stderr.read_text()
+    assert stderr.read_text() == "stopped: stopped by SIGHUP\nended ['KILLED']\n"
 
