@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 
@@ -68,12 +69,26 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API only
     # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
     # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
-    with _quiet_token_notice():
+    with _quiet_token_notice(), _hangup_blocked():
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env},
                            log_to_driver=logs)
     _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     return "local"
+
+
+@contextlib.contextmanager
+def _hangup_blocked() -> Iterator[None]:
+    """SIGHUP blocked in the processes an embedded Ray starts now (a blocked signal stays blocked across fork and
+    exec), as Ray blocks SIGINT in them (ray/_private/services.py `start_ray_process`): its GCS, raylet and agents
+    are in the driver's process group, to which the shell sends SIGHUP when the terminal closes, and died of it
+    before the driver could mark the run stopped through its coordinator actor. They end with the driver, as
+    before. A SIGHUP to the driver meanwhile waits, and arrives as this ends."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _job_env_vars() -> set[str]:

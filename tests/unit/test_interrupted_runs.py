@@ -403,3 +403,27 @@ def test_a_closed_terminal_stops_the_run_as_sigterm_does_and_exits_129(tmp_path)
     assert done.returncode == 129, stderr.read_text()
     assert stderr.read_text() == "stopped: stopped by SIGHUP\nended ['KILLED']\n"
 
+
+def test_the_processes_an_embedded_ray_starts_outlive_a_closed_terminal(monkeypatch):
+    """Ray's GCS, raylet and agents are in the driver's process group, to which the shell sends SIGHUP when the
+    terminal closes: they died of it, and the driver could not mark the run stopped through its coordinator actor
+    (Ray blocks SIGINT in them for Ctrl-C likewise). The driver itself still gets SIGHUP."""
+    import signal
+    import subprocess
+    import sys
+
+    from dmea_dist.distributed import cluster
+
+    blocked = "import signal; print(signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, []))"
+    started = []
+
+    def init(**kwargs):  # what ray.init does here: start Ray's processes
+        started.append(subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True).stdout.strip())
+        return type("Context", (), {"dashboard_url": None})()
+
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.connect(None) == "local"
+    assert started == ["True"]
+    assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
