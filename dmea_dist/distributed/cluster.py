@@ -5,6 +5,8 @@
 * `worker_env` / `configure_threads`: CPU workers use CPU DeepSpeed and as many torch
   threads as the CPUs they reserved: more threads than cores makes every worker slower.
 * `gather`: results in submission order, progress as they finish in any order, the first failure at once.
+* `raise_constructor_error`: the error an actor's constructor raised, where it is ours, instead of Ray's
+  ActorDiedError.
 
 Embedded Ray runs its own dashboard on 127.0.0.1 where the run needs one
 (`ray.dashboard`; by default with `adapt_on: ray_train`) and tells every worker
@@ -31,9 +33,10 @@ import sys
 from collections.abc import Callable, Iterator
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from dmea_dist.errors import ClusterTooSmall
+from dmea_dist.errors import ClusterTooSmall, DmeaError
 from dmea_dist.offline import OFFLINE_VARS
 from dmea_dist.rendezvous import free_port
 
@@ -257,3 +260,14 @@ def gather(refs: list, *, label: str, progress: Progress | None) -> list:
         if progress:
             progress(label, len(values), len(refs))
     return [values[ref] for ref in refs]
+
+
+def raise_constructor_error(err: RayActorError) -> None:
+    """Raise the DmeaError an actor's constructor raised, where `err` is the ActorDiedError (`actor_init_failed`)
+    its calls failed with; return for any other death or error. It is then the CLI's one `error:` line, where
+    the ActorDiedError was a traceback. Ray 2.60 keeps the error only as the `cause` of the creation task's
+    RayTaskError, the ActorDiedError's one argument (ray/exceptions.py `ActorDiedError.__init__`); its message
+    is that traceback."""
+    cause = getattr(err.args[0], "cause", None) if err.actor_init_failed and err.args else None
+    if isinstance(cause, DmeaError):
+        raise cause from err

@@ -33,7 +33,8 @@ Key decisions:
   calls with ActorDiedError too, with `actor_init_failed` and the
   constructor's traceback in its message (Ray 2.60 restarts no actor for that,
   max_restarts or not, ray-project/ray#46746): it would fail again, so it is
-  raised at once. Only actors started after other refs (`start(after=...)`),
+  raised at once, as the constructor's own error where that is ours (a
+  DmeaError: `raise_constructor_error`). Only actors started after other refs (`start(after=...)`),
   whose failure reads the same, get one rebuild, without them.
 """
 
@@ -60,6 +61,7 @@ from dmea_dist.distributed.cluster import (
     RESERVE_TIMEOUT_S,
     configure_threads,
     gather,
+    raise_constructor_error,
     reserve,
     worker_env,
 )
@@ -341,6 +343,7 @@ class GenerationPool:
                 constructor = err.actor_init_failed and not self._after
                 self.shutdown()  # a dead replica: start the pool afresh from `model` and redo the call
                 if constructor or attempt == self.retries:
+                    raise_constructor_error(err)  # ours in one line, else Ray's error as it came
                     raise
                 self.restarts += 1
             except Exception:

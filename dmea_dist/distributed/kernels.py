@@ -42,7 +42,12 @@ import torch
 from ray.exceptions import RayActorError
 
 from dmea_dist.config import RayConfig
-from dmea_dist.distributed.cluster import RESERVE_TIMEOUT_S, Progress, require_ray
+from dmea_dist.distributed.cluster import (
+    RESERVE_TIMEOUT_S,
+    Progress,
+    raise_constructor_error,
+    require_ray,
+)
 from dmea_dist.distributed.generation_pool import GenerationPool
 from dmea_dist.distributed.search import SearchPool, check_resources
 from dmea_dist.distributed.train_group import LaunchedRanks, TrainGroup
@@ -136,6 +141,7 @@ class RayKernels:
         except RayActorError as err:  # a rank died before its first job: the job launches a fresh group
             self.group.shutdown()
             if err.actor_init_failed:  # its constructor raised: a fresh group's would too
+                raise_constructor_error(err)
                 raise
         if not self.pool.started:
             self.pool.start(model)

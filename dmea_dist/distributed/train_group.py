@@ -52,6 +52,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from dmea_dist.distributed.cluster import (
     RESERVE_TIMEOUT_S,
     configure_threads,
+    raise_constructor_error,
     reserve,
     worker_env,
 )
@@ -270,7 +271,8 @@ class TrainGroup:
             except RayActorError as err:
                 self.shutdown()  # a dead rank: a fresh group continues from the last checkpoint
                 if err.actor_init_failed or attempt == self.max_failures:
-                    raise  # a rank's constructor raised: a fresh group's would too
+                    raise_constructor_error(err)  # a rank's constructor raised: a fresh group's would too
+                    raise
                 self.restarts += 1
             except Exception:
                 self.shutdown()  # ranks may be stuck in a collective the failed one left: start afresh next call

@@ -305,11 +305,11 @@ def test_an_actor_that_died_after_a_pool_call_does_not_fail_the_stage(monkeypatc
     assert ray_kernels.placement.generation == {"node-a"}
 
 
-def _constructor_error(cls: str = "GenerationWorker") -> ActorDiedError:
+def _constructor_error(cls: str = "GenerationWorker", error: Exception | None = None) -> ActorDiedError:
     """What Ray 2.60 raises for the calls of an actor whose __init__ raised: ActorDiedError, actor_init_failed,
     the constructor's traceback in its message (checked on embedded Ray; not restarted, max_restarts or not)."""
-    error = FileNotFoundError("no such file: /nowhere/tokenizer.json")
-    traceback = f'Traceback (most recent call last):\n  File "x.py", line 1, in __init__\nFileNotFoundError: {error}'
+    error = error or FileNotFoundError("no such file: /nowhere/tokenizer.json")
+    traceback = f'Traceback (most recent call last):\n  File "x.py", line 1, in __init__\n{type(error).__name__}: {error}'
     return ActorDiedError.from_task_error(RayTaskError(f"{cls}.__init__", traceback, error,
                                                        proctitle=f"ray::{cls}.__init__()"))
 
@@ -376,3 +376,47 @@ def test_a_training_group_whose_ranks_fail_to_construct_raises_at_once(monkeypat
     ray_kernels.group = group
     with pytest.raises(ActorDiedError, match="no such file"):
         ray_kernels._start_the_rest(object())
+
+
+def test_our_error_in_a_replicas_or_ranks_constructor_comes_out_as_itself_not_as_actor_died(monkeypatch, capsys):
+    """A DmeaError raised in a pool replica's or training rank's constructor (a GPU rank whose torch sees no GPU)
+    came out as Ray's ActorDiedError, whose message is the constructor's traceback: `dmea run` printed it as a
+    traceback, where our errors are one `error:` line. The pools, the group and `_start_the_rest` raise the error
+    itself now; another constructor's error (a bug) stays Ray's, with its traceback."""
+    from dmea_dist.distributed import generation_pool, kernels
+    from dmea_dist.driver import report_error
+    from dmea_dist.errors import ConfigError
+
+    ours = ConfigError("ray.use_gpu: a training rank on node 10.0.0.7 holds one of the GPUs Ray counts there, but "
+                       "torch there sees none")
+
+    def constructor_raised(model, error=ours):
+        raise _constructor_error("TrainWorker", error)
+
+    pool = generation_pool.GenerationPool(tokenizer=None, max_length=8, decoding=None, num_actors=1, retries=2)
+    monkeypatch.setattr(pool, "shutdown", lambda: None)
+    monkeypatch.setattr(pool, "sync", constructor_raised)
+    with pytest.raises(ConfigError) as raised:
+        pool._run(object(), [0], lambda item: None, label="generate", progress=None)
+    assert raised.value is ours and pool.restarts == 0
+
+    group = train_group.TrainGroup(engine=None, num_workers=1, cpus_per_worker=1.0, max_failures=2)
+    monkeypatch.setattr(group, "shutdown", lambda: None)
+    monkeypatch.setattr(group, "_sync", constructor_raised)
+    with pytest.raises(ConfigError):
+        group(object(), object())
+    monkeypatch.setattr(group, "start", constructor_raised)
+    ray_kernels = kernels.RayKernels.__new__(kernels.RayKernels)  # only what _start_the_rest uses first
+    ray_kernels.group = group
+    with pytest.raises(ConfigError):
+        ray_kernels._start_the_rest(object())
+
+    # on to the driver: an error of the coordinator actor's step, the CLI's one line
+    through_coordinator = RayTaskError("CoordinatorActor.call", "Traceback ...", raised.value).as_instanceof_cause()
+    assert report_error(through_coordinator) == 2
+    assert capsys.readouterr().err == f"error: {ours}\n"
+
+    monkeypatch.setattr(pool, "sync", lambda model: constructor_raised(model, FileNotFoundError("no such file")))
+    with pytest.raises(ActorDiedError, match="no such file"):  # not ours: Ray's error and its traceback
+        pool._run(object(), [0], lambda item: None, label="generate", progress=None)
+
