@@ -57,6 +57,7 @@ from dmea_dist.distributed.cluster import (
     worker_env,
 )
 from dmea_dist.distributed.progress_relay import ProgressRelay, throttled
+from dmea_dist.errors import ConfigError
 from dmea_dist.rendezvous import connect_store, open_store
 from dmea_dist.settings import EngineSettings
 
@@ -69,11 +70,25 @@ if TYPE_CHECKING:
     from dmea_dist.method.adaptation import AdaptJob, AdaptResult
 
 
+def check_gpu() -> None:
+    """Refuse a GPU rank (`worker_env` says cuda) whose torch sees no GPU: Ray counts the GPUs a node declares
+    (`ray start --num-gpus`, a pod's resources), not what torch there can use (a CPU build of torch, no driver).
+    Only the rank can tell; it failed later at its process group's join (no NCCL) or its engine, a traceback."""
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"ray.use_gpu: a training rank on node {ray.util.get_node_ip_address()} holds one of "
+                          f"the GPUs Ray counts there, but torch {torch.__version__} there sees none (CUDA build: "
+                          f"{torch.version.cuda or 'no, a CPU build'}): give the GPU nodes a CUDA build of torch and "
+                          f"their driver, or run with ray.use_gpu=false")
+
+
 class TrainWorker:
     """One rank of the group (a Ray actor; a plain class, so it also runs in-process)."""
 
     def __init__(self, snapshot: dict[str, Any] | None, *, engine: EngineSettings, cpus: float):
         configure_threads(cpus)
+        check_gpu()
         import deepspeed  # noqa: F401 - imported now, while the run starts, not in the first job
 
         from dmea_dist.distributed import train_workers  # noqa: F401 - likewise (the ZeRO-3 gathering)

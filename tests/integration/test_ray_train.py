@@ -380,19 +380,26 @@ def test_gpu_ranks_run_deepspeed_on_cuda_though_the_driver_says_cpu(ray_session,
     """A worker inherits the driver's DS_ACCELERATOR (here `cpu`, as conftest, the Makefile and the project's
     image set it; `cluster.connect` passes it on to a job's workers too). GPU ranks left it alone, so they would
     build CPU engines beside their GPUs. Their own environment says cuda now, in both adaptation paths (CPU
-    ranks' says cpu, as before)."""
+    ranks' says cpu, as before). Here the GPU is one Ray counts with no device behind it: the GPU rank's
+    constructor, finding cuda in its environment, refuses it, and that ConfigError comes out as itself, not as
+    Ray's ActorDiedError (a traceback from the CLI)."""
     from dmea_dist.distributed.train_group import TrainGroup
+    from dmea_dist.errors import ConfigError
 
     assert os.environ["DS_ACCELERATOR"] == "cpu"
-    seen = {}
-    for use_gpu in (True, False):
-        group = TrainGroup(engine_settings(tiny[0]), num_workers=1, cpus_per_worker=1, use_gpu=use_gpu)
-        group.launch()  # no model: the rank starts, and its join fails on a GPU rank here (no NCCL)
-        try:
-            seen[use_gpu] = ray.get(group.workers[0].__ray_call__.remote(lambda self: os.environ["DS_ACCELERATOR"]))
-        finally:
-            group.shutdown()
-    assert seen == {True: "cuda", False: "cpu"}
+    cfg, model, first, _ = tiny
+    group = TrainGroup(engine_settings(cfg), num_workers=1, cpus_per_worker=1, use_gpu=True)
+    try:
+        with pytest.raises(ConfigError, match="ray.use_gpu: a training rank on node .* torch .* there sees none"):
+            group(copy.deepcopy(model), first)
+    finally:
+        group.shutdown()
+    group = TrainGroup(engine_settings(cfg), num_workers=1, cpus_per_worker=1, use_gpu=False)
+    group.launch()
+    try:
+        assert ray.get(group.workers[0].__ray_call__.remote(lambda self: os.environ["DS_ACCELERATOR"])) == "cpu"
+    finally:
+        group.shutdown()
 
     captured = {}  # Ray Train: the runtime env its workers get (the trainer itself is Ray Train's)
     monkeypatch.setattr("ray.train.torch.TorchTrainer", lambda *a, run_config, **k: captured.update(

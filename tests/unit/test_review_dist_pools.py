@@ -420,3 +420,18 @@ def test_our_error_in_a_replicas_or_ranks_constructor_comes_out_as_itself_not_as
     with pytest.raises(ActorDiedError, match="no such file"):  # not ours: Ray's error and its traceback
         pool._run(object(), [0], lambda item: None, label="generate", progress=None)
 
+
+def test_a_gpu_rank_whose_torch_sees_no_gpu_says_so(monkeypatch):
+    """A node that declares GPUs torch cannot use (a CPU build of torch, no driver): Ray gave its rank a GPU,
+    which failed at the process group's join (no NCCL), a traceback. The rank's constructor refuses it in one line."""
+    from dmea_dist.errors import ConfigError
+
+    monkeypatch.setattr(train_group.ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # a CPU rank: nothing to check
+    train_group.check_gpu()
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # what worker_env gives a GPU rank
+    with pytest.raises(ConfigError, match=r"ray.use_gpu: a training rank on node 10.0.0.7 holds one of the GPUs Ray "
+                                          r"counts there, but torch .* there sees none"):
+        train_group.check_gpu()
+
