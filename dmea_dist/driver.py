@@ -68,11 +68,16 @@ class RunStopped(DmeaError):
     """The run was stopped (Ctrl-C) at a stage boundary; its state is saved and it can be resumed."""
 
 
+def own_error(err: BaseException) -> BaseException:
+    """`err`, or the DmeaError it is on Ray: an error raised in a Ray task comes back as RayTaskError(<its
+    class>), whose str is a traceback; the error itself is its `cause`."""
+    return err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
+
+
 def report_error(err: DmeaError) -> int:
     """Print `err` in one line on stderr, as `dmea` and the Ray job entry point do; returns the exit code
-    (130 for a stopped run, 2 for the rest). An error raised in a Ray task comes back as
-    RayTaskError(<its class>), whose str is a traceback; the error itself is its `cause`."""
-    err = err.cause if isinstance(getattr(err, "cause", None), DmeaError) else err
+    (130 for a stopped run, 2 for the rest). On Ray, the error itself (`own_error`)."""
+    err = own_error(err)
     if isinstance(err, RunStopped) and str(err).startswith("stopped"):  # "stopped by Ctrl-C ...", not "stopped: stopped"
         print(err, file=sys.stderr)
     else:
@@ -472,7 +477,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
                 stopped = stop.signal is not None or isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
                 bar.close(ended="stopped" if stopped else "failed")
                 message = (f"stopped by {stop.signal.name}" if stop.signal else "stopped by Ctrl-C"
-                           if isinstance(err, KeyboardInterrupt) else str(err) or type(err).__name__)
+                           if isinstance(err, KeyboardInterrupt) else str(own_error(err)) or type(err).__name__)
                 _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
                 tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
                 echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "

@@ -427,3 +427,34 @@ def test_the_processes_an_embedded_ray_starts_outlive_a_closed_terminal(monkeypa
     assert cluster.connect(None) == "local"
     assert started == ["True"]
     assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_run_failed_by_our_error_on_ray_records_its_message_not_rays_traceback(tmp_path, monkeypatch):
+    """Our error from the coordinator actor's step (a GPU rank whose torch sees no GPU) comes back as
+    RayTaskError(ConfigError), whose str is Ray's traceback, with colour codes: the state's failure message held
+    that, where the command's `error:` line says the error."""
+    from ray.exceptions import RayTaskError
+
+    import dmea_dist.tracking
+    from dmea_dist.errors import ConfigError
+
+    ends, marks = [], []
+    monkeypatch.setattr(dmea_dist.tracking, "Tracker", lambda **kwargs: _Tracker(ends))
+    ours = ConfigError("ray.use_gpu: a training rank on node 10.0.0.7 holds one of the GPUs Ray counts there")
+
+    class OnRay(_Done):
+        def state_position(self):
+            return {"done": False, "next": (0, "adapt")}
+
+        def step(self):
+            raise RayTaskError("CoordinatorActor.call", "Traceback ...", ours).as_instanceof_cause()
+
+        def mark(self, status, message):
+            marks.append((status, message))
+
+    config = config_from_dict({"data": {"tasks": ["synth.hotel.00"]},
+                               "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    with pytest.raises(ConfigError):
+        run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=lambda *a, **k: OnRay(), progress=False,
+                     check=False)
+    assert marks == [("failed", str(ours))] and ends == ["FAILED"]
