@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `dmea data show ... | head`: the reader closed the pipe; what it read is the answer
-        from dmea_dist.driver import to_devnull
+        from dmea_dist.stops import to_devnull
 
         with contextlib.suppress(AttributeError, OSError, ValueError):  # no flush of the rest at exit either
             to_devnull(sys.stdout)
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None:  # the `dmea` command, whose process exits next (not a caller passing its own argv)
             _skip_final_collection()
             if args.command in ("run", "resume"):  # Ray's shutdown follows: Ctrl-C pressed on would cut it short
-                from dmea_dist.driver import hold_off_ctrl_c
+                from dmea_dist.stops import hold_off_ctrl_c
 
                 hold_off_ctrl_c()
 

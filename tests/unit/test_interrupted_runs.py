@@ -284,7 +284,7 @@ def test_ctrl_c_after_the_grace_interrupts_again():
     import os
     import signal
 
-    from dmea_dist.driver import ctrl_c_grace
+    from dmea_dist.stops import ctrl_c_grace
 
     with ctrl_c_grace(seconds=60):
         os.kill(os.getpid(), signal.SIGINT)  # ignored
