@@ -475,7 +475,10 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             with stop.recording():  # Ctrl-C pressed again and again, a SIGHUP after a SIGTERM: recorded all the same
                 stopped = stop.signal is not None or isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
                 bar.close(ended="stopped" if stopped else "failed")
-                message = (f"stopped by {stop.signal.name}" if stop.signal else "stopped by Ctrl-C"
+                # SystemExit with no signal noted: Ray's own SIGTERM handler (sys.exit), where ours was not set (a
+                # signal before the run was driven, a driver off the main thread)
+                message = (f"stopped by {stop.signal.name}" if stop.signal else "stopped by SIGTERM"
+                           if isinstance(err, SystemExit) else "stopped by Ctrl-C"
                            if isinstance(err, KeyboardInterrupt) else str(own_error(err)) or type(err).__name__)
                 _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
                 tracker.finish_sequence(status="KILLED" if stopped else "FAILED")

@@ -350,6 +350,7 @@ def test_sigterm_on_ray_stops_the_run_with_exit_status_143_not_rays_1(tmp_path, 
 HANGUP = """
 import os, signal, sys, time
 
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # started from a terminal, not under nohup (as a CI may run the suite)
 sys.path.insert(0, sys.argv[1])
 import dmea_dist.tracking
 from dmea_dist.config import config_from_dict
