@@ -132,10 +132,12 @@ def download_run(*, uri: str, run_id: str, dst: str | Path) -> tuple[Path, str |
         # (an older resume recorded the task into a new run), which the folder takes, as for any task run id
         index = int(run.data.tags.get(TASK_INDEX_TAG, -1))
         if task is not None and run.info.status != "FINISHED" and index not in tasks:
+            why = ("the run's driver is recording it now (try again when it is done), or was stopped while "
+                   "recording it" if run.info.status == "RUNNING" else "part of its record failed, or the driver "
+                   "stopped while recording it")
             raise TrackingError(f"task run {run_id} ({task}) at {redact_uri(uri)} is {run.info.status}, not "
-                                f"FINISHED: part of its record failed, or the driver stopped while recording it; "
-                                f"`dmea resume RUN_DIR` records it again, and `dmea generate RUN_DIR {task} ...` "
-                                f"serves it from the run directory meanwhile")
+                                f"FINISHED: {why}; `dmea resume RUN_DIR` (of a run nothing runs) records it again, "
+                                f"and `dmea generate RUN_DIR {task} ...` serves it from the run directory meanwhile")
         present = {a.path for a in client.list_artifacts(parent_id)}
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("config.yaml", "tokenizer", "backbone"):

@@ -170,6 +170,17 @@ def test_dmea_generate_of_a_task_run_whose_record_failed_says_so(tmp_path):
     with pytest.raises(TrackingError, match=r"\(a\) .* is FAILED, not FINISHED.*dmea resume RUN_DIR"):
         download_run(uri=uri, run_id=failed, dst=tmp_path / "served")
 
+    # a task run its driver is recording now: resume is refused while the driver runs, so the advice says wait
+    from mlflow import MlflowClient
+
+    from dmea_dist.tracking.common import PARENT_TAG, TASK_ID_TAG, TASK_INDEX_TAG
+
+    client = MlflowClient(tracking_uri=uri)
+    live = client.create_run(client.get_run(failed).info.experiment_id,
+                             tags={PARENT_TAG: tracker.parent_run_id, TASK_ID_TAG: "c", TASK_INDEX_TAG: "2"})
+    with pytest.raises(TrackingError, match=r"\(c\) .* is RUNNING, not FINISHED: the run's driver is recording it now"):
+        download_run(uri=uri, run_id=live.info.run_id, dst=tmp_path / "served-live")
+
 
 def test_dmea_generate_of_a_sequence_run_whose_task_record_failed_names_the_run_not_a_temporary_folder(tmp_path):
     """`dmea generate PARENT_RUN_ID TASK` where TASK's record ended FAILED: the run is rebuilt from its FINISHED
