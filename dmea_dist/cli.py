@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dmea_dist.errors import DataError, DmeaError
 from dmea_dist.offline import no_downloads
+from dmea_dist.stops import exit_on_termination
 
 DEFAULT_DATA_ROOT = "../shared/data"
 
@@ -380,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     no_downloads()
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with exit_on_termination():
+            return args.func(args)
     except DmeaError as err:
         from dmea_dist.driver import report_error
 

@@ -459,3 +459,43 @@ def test_a_run_failed_by_our_error_on_ray_records_its_message_not_rays_traceback
         run_sequence(config, run_dir=tmp_path / "run", coordinator_factory=lambda *a, **k: OnRay(), progress=False,
                      check=False)
     assert marks == [("failed", str(ours))] and ends == ["FAILED"]
+
+
+KILLED_WHILE_PRETRAINING = """
+import os, signal, sys, time
+from pathlib import Path
+
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+sys.path.insert(0, sys.argv[1])
+import dmea_dist.driver
+from dmea_dist.cli import main
+from dmea_dist.run import _publish
+
+
+def check_input(config):  # a cold run's pretraining, killed while it writes the backbone cache
+    def write(folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    _publish(Path(sys.argv[2]) / "_cache" / "backbone-0123", write)
+
+
+dmea_dist.driver.check_input = check_input
+sys.exit(main(["run", "configs/quickstart.yaml", "--in-process", "--set", f"output_dir={sys.argv[2]}"]))
+"""
+
+
+def test_a_run_killed_before_it_is_driven_leaves_no_half_made_files(tmp_path):
+    """SIGTERM (or SIGHUP) during a cold run's ~45 s of pretraining, before the driver's own handlers: the default
+    action ended the process on the spot, leaving the backbone cache's private folder (half a model) behind in
+    runs/_cache. Now the command exits by SystemExit(143), and the folder is removed on the way out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_PRETRAINING, str(root), str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert list((tmp_path / "_cache").iterdir()) == []
