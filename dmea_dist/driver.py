@@ -673,7 +673,8 @@ def print_results(echo: Callable[[str], None], names: list[str], R: np.ndarray, 
                   metric: str, method: str | None = None) -> None:
     """The end of a run: R as a table, the metrics, and why BWT and forgetting are missing when they are."""
     echo(f"\nR matrix ({metric}, row j = after training task j):")
-    echo(report.format_matrix_table(names, R))
+    # as wide as the terminal (a log: 120 columns); a longer sequence gets one line per task, not 50 columns
+    echo(report.format_matrix_table(names, R, width=shutil.get_terminal_size((120, 24)).columns))
     echo("\n" + "  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     if "bwt" not in metrics and (why := continual.why_no_bwt(R, method=method)):
         echo(why)

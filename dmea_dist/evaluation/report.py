@@ -136,18 +136,43 @@ def _finite_range(matrix: np.ndarray) -> tuple[float, float] | None:
     return (float(finite.min()), float(finite.max())) if finite.size else None
 
 
-def format_matrix_table(task_names: Sequence[str], R, *, precision: int = 1) -> str:
-    """R as aligned terminal text: rows `j name`, columns task indices, '-' for NaN."""
+def format_matrix_table(task_names: Sequence[str], R, *, precision: int = 1, width: int | None = None) -> str:
+    """R as aligned terminal text: rows `j name`, columns task indices, '-' for NaN.
+
+    `width`: the terminal's columns. A table wider than that (a long sequence: 50 tasks take ~320 columns,
+    wrapped into an unreadable block) is summarised as one line per task instead: its score right after its
+    training (R[j][j]), its final score (R's last row) and the change (`format_task_scores`)."""
     names = _check_names(task_names)
     matrix = as_matrix(R, n_tasks=len(names))
     labels = [f"{j} {name}" for j, name in enumerate(names)]
     cells = [[_fmt(v, precision) for v in row] for row in matrix]
-    width = max(len(str(len(names) - 1)), *(len(c) for row in cells for c in row))
+    cell = max(len(str(len(names) - 1)), *(len(c) for row in cells for c in row))
     label_width = max(len("after \\ task"), *(len(label) for label in labels))
+    if width is not None and label_width + (cell + 2) * len(names) > width:
+        return format_task_scores(names, matrix, precision=precision)
     lines = ["after \\ task".ljust(label_width) + "".join(
-        f"  {i:>{width}}" for i in range(len(names)))]
+        f"  {i:>{cell}}" for i in range(len(names)))]
     for label, row in zip(labels, cells, strict=True):
-        lines.append(label.ljust(label_width) + "".join(f"  {c:>{width}}" for c in row))
+        lines.append(label.ljust(label_width) + "".join(f"  {c:>{cell}}" for c in row))
+    return "\n".join(lines)
+
+
+def format_task_scores(task_names: Sequence[str], R, *, precision: int = 1) -> str:
+    """One aligned line per task: `j name  own  final  change` (own: R[j][j]; final: R's last row), the
+    (T, T) matrix's diagonal and last row, which a long sequence's terminal can show."""
+    names = _check_names(task_names)
+    matrix = as_matrix(R, n_tasks=len(names))
+    labels = [f"{j} {name}" for j, name in enumerate(names)]
+    rows = [[_fmt(matrix[i, i], precision), _fmt(matrix[-1, i], precision),
+             _fmt(matrix[-1, i] - matrix[i, i], precision)] for i in range(len(names))]
+    header = ["own", "final", "change"]
+    cell = max(len("change"), *(len(c) for row in rows for c in row))
+    label_width = max(len("task"), *(len(label) for label in labels))
+    lines = [f"{len(names)} tasks, one line each (own: after its training; final: after the last task);",
+             "the full matrix is in the run's report.html and R.npy.",
+             "task".ljust(label_width) + "".join(f"  {h:>{cell}}" for h in header)]
+    lines += [label.ljust(label_width) + "".join(f"  {c:>{cell}}" for c in row) for label, row in zip(labels, rows,
+                                                                                                   strict=True)]
     return "\n".join(lines)
 
 
