@@ -230,7 +230,7 @@ def eta_panel(run: RunData) -> Panel:
     if not eta:
         return Panel(note=f"no eta recorded: {run.method} does not scale gradients, or nothing was replayed")
     return Panel(image=plots.png(plots.curves_figure(eta, title="eta per replayed task", ylabel="eta (log)",
-                                                     log=True, bounds=run.eta_clamp)))
+                                                     log=True, bounds=run.eta_clamp, tasks=run.tasks)))
 
 
 def loss_panel(run: RunData) -> Panel:
@@ -238,7 +238,7 @@ def loss_panel(run: RunData) -> Panel:
     if not loss:
         return Panel(note="no adaptation losses recorded")
     return Panel(image=plots.png(plots.curves_figure(loss, title="adaptation loss per stream", ylabel="loss",
-                                                     smooth=5)))
+                                                     smooth=5, tasks=run.tasks)))
 
 
 def pseudo_panel(run: RunData) -> Panel:

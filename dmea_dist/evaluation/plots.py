@@ -31,6 +31,7 @@ NEW_COLOUR, REUSED_COLOUR, NAN_COLOUR = "#f28e2b", "#a0c4e8", "#e6e6e6"
 STAGE_COLOURS = {"expand": "#4e79a7", "select": "#bab0ac", "generate": "#59a14f", "adapt": "#e15759",
                  "evaluate": "#f28e2b", "record": "#9c755f"}
 DPI = 100
+SMALL_MULTIPLES = 12  # tasks up to which each gets its own panel of curves; a longer run's share one
 
 
 def png(figure: Figure) -> bytes:
@@ -134,9 +135,23 @@ def path_figure(grid: Sequence[Sequence[tuple[int, str, int]]], tasks: Sequence[
     return figure
 
 
+def _smoothed(values: list[float], smooth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) with a moving average over `smooth` steps where there are enough: per-step values are
+    noisy."""
+    y = np.asarray(values, dtype=float)
+    if smooth > 1 and len(y) > 2 * smooth:
+        return np.arange(len(y) - smooth + 1) + smooth - 1, np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+    return np.arange(len(y)), y
+
+
 def curves_figure(curves: dict[str, dict[str, list[float]]], *, title: str, ylabel: str, log: bool = False,
-                  bounds: tuple[float, float] | None = None, smooth: int = 1) -> Figure:
-    """One panel per task, one line per stream (e.g. eta per replayed task); dashed `bounds` (the clamp)."""
+                  bounds: tuple[float, float] | None = None, smooth: int = 1,
+                  tasks: Sequence[str] | None = None) -> Figure:
+    """One panel per task, one line per stream (e.g. eta per replayed task); dashed `bounds` (the clamp).
+    More than SMALL_MULTIPLES tasks: `sequence_curves_figure` (`tasks`: the run's, for the t<index> labels)."""
+    if len(curves) > SMALL_MULTIPLES:
+        return sequence_curves_figure(curves, title=title, ylabel=ylabel, log=log, bounds=bounds, smooth=smooth,
+                                      tasks=tasks)
     tasks = list(curves)
     cols = min(3, len(tasks))
     rows = math.ceil(len(tasks) / cols)
@@ -144,11 +159,7 @@ def curves_figure(curves: dict[str, dict[str, list[float]]], *, title: str, ylab
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     for ax, task in zip(axes, tasks, strict=False):
         for stream, values in sorted(curves[task].items()):
-            y = np.asarray(values, dtype=float)
-            if smooth > 1 and len(y) > 2 * smooth:  # a moving average: per-step values are noisy
-                y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
-            ax.plot(np.arange(len(y)) + (smooth - 1 if len(y) < len(values) else 0), y, label=_short(stream, 30),
-                    linewidth=1.2)
+            ax.plot(*_smoothed(values, smooth), label=_short(stream, 30), linewidth=1.2)
         if bounds:
             for bound in bounds:
                 ax.axhline(bound, linestyle="--", linewidth=0.8, color="#888")
@@ -162,6 +173,51 @@ def curves_figure(curves: dict[str, dict[str, list[float]]], *, title: str, ylab
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
     figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def sequence_curves_figure(curves: dict[str, dict[str, list[float]]], *, title: str, ylabel: str,
+                           log: bool = False, bounds: tuple[float, float] | None = None, smooth: int = 1,
+                           tasks: Sequence[str] | None = None) -> Figure:
+    """A long run's curves in one panel: the tasks' adaptations one after another along x (a grey line between
+    tasks, `t<index>` under each), a colour per kind of stream (new, replay, transfer), not per stream.
+
+    One panel per task made 50 panels, a 14 x 53 inch image that took ~8 s to draw; this one takes a fraction
+    of a second and shows what a long run asks of it: whether the curves settle task after task."""
+    from matplotlib.lines import Line2D
+
+    order = list(tasks) if tasks is not None else list(curves)
+    figure = Figure(figsize=(14.0, 4.2), layout="constrained")
+    ax = figure.add_subplot()
+    kinds: dict[str, str] = {}
+    colours = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1"]
+    start, centres, labels = 0, [], []
+    for task, streams in curves.items():
+        length = max(len(values) for values in streams.values())
+        for stream, values in sorted(streams.items()):
+            kind = stream.split(":", 1)[0]
+            colour = kinds.setdefault(kind, colours[len(kinds) % len(colours)])
+            steps, y = _smoothed(values, smooth)
+            ax.plot(start + steps, y, color=colour, linewidth=0.9, alpha=0.85)
+        if start:
+            ax.axvline(start - 0.5, color="#ccc", linewidth=0.6)
+        centres.append(start + length / 2)
+        labels.append(f"t{order.index(task)}" if task in order else _short(task, 8))
+        start += length
+    if bounds:
+        for bound in bounds:
+            ax.axhline(bound, linestyle="--", linewidth=0.8, color="#888")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlim(-0.5, start - 0.5)
+    ax.set_xticks(centres, labels, rotation=90, fontsize=7)
+    ax.tick_params(axis="x", length=0)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("adaptation steps, task after task (t<index>: the task learnt)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(handles=[Line2D([], [], color=c, label=_short(kind, 30)) for kind, c in kinds.items()], fontsize=7,
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), frameon=False)  # above: off the data
+    ax.set_title(title, fontsize=10)
     return figure
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from dmea_dist import driver
+from dmea_dist.evaluation import plots
 from dmea_dist.evaluation.report import format_matrix_table
-from dmea_dist.evaluation.run_data import sequence_metrics
-from tests.unit.long_run import SYNTH50, long_r
+from dmea_dist.evaluation.run_data import load_run, sequence_metrics, series
+from tests.unit.long_run import SYNTH50, long_r, make_long_run
 
 
 def test_the_end_of_a_long_run_fits_the_terminal(monkeypatch):
@@ -32,3 +33,37 @@ def test_the_end_of_a_long_run_fits_the_terminal(monkeypatch):
     short = np.array([[80.0, np.nan, np.nan], [70.0, 60.0, np.nan], [65.0, 55.0, 90.0]])
     assert format_matrix_table(["a", "b", "c"], short, width=80) == format_matrix_table(["a", "b", "c"], short)
     assert format_matrix_table(["a", "b", "c"], short).splitlines()[3].split() == ["2", "c", "65.0", "55.0", "90.0"]
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _overlapping(figure, labels) -> list[tuple[str, str]]:
+    """Pairs of visible, non-empty labels whose drawn boxes overlap (the figure drawn as the report draws it)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    shown = [(t.get_text(), t.get_window_extent(renderer)) for t in labels if t.get_visible() and t.get_text()]
+    return [(a, b) for k, (a, box) in enumerate(shown) for b, other in shown[k + 1:] if box.overlaps(other)]
+
+
+def _axes_shown(figure):
+    return [ax for ax in figure.axes if ax.get_visible()]
+
+
+def test_curves_of_a_long_run_are_one_panel_along_the_sequence(tmp_path):
+    """One panel per task: 49 eta and 50 loss panels, 14 x 53 inch images that took ~8 s each to draw (a 50-task
+    report took 18 s, 17 of them these two). A long run gets one panel with the tasks one after another."""
+    run = load_run(make_long_run(tmp_path))
+    for prefix, kinds in (("eta", ["replay"]), ("loss", ["new", "replay"])):
+        figure = plots.curves_figure(series(run.records, prefix), title=prefix, ylabel=prefix, tasks=run.tasks,
+                                     log=prefix == "eta")
+        assert len(_axes_shown(figure)) == 1 and figure.get_size_inches()[1] <= 5
+        ax = figure.axes[0]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == kinds  # a colour per kind, not 98 entries
+        labels = ax.get_xticklabels()
+        assert [t.get_text() for t in labels] == [f"t{i}" for i in range(prefix == "eta", 50)]
+        assert not _overlapping(figure, labels)
+    short = plots.curves_figure({"a": {"new": [1.0, 0.5]}, "b": {"new": [1.0, 0.4]}}, title="x", ylabel="y")
+    assert len(_axes_shown(short)) == 2  # a short run keeps a panel per task
