@@ -245,7 +245,7 @@ def pseudo_panel(run: RunData) -> Panel:
     rows = pseudo_samples(run.records, run.tasks)
     if not rows:
         return Panel(note=f"no pseudo samples: {run.method} generates none, or the run has one task")
-    return Panel(image=plots.png(plots.pseudo_figure(rows)))
+    return Panel(image=plots.png(plots.pseudo_figure(rows, run.tasks)))
 
 
 def time_panel(run: RunData) -> Panel:

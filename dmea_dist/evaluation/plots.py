@@ -58,8 +58,12 @@ def _draw_heatmap(ax, matrix: np.ndarray, rows: Sequence[str], cols: Sequence[st
 
     cmap = colormaps["viridis"].with_extremes(bad=NAN_COLOUR)
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(cols)), [_short(c) for c in cols], rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), [_short(r) for r in rows], fontsize=8)
+    if len(cols) > SMALL_MULTIPLES:  # names slanted under columns a fifth of an inch wide overlap: t<index>
+        ax.set_xticks(range(len(cols)), [f"t{i}" for i in range(len(cols))], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(rows)), [f"t{j} {_short(r)}" for j, r in enumerate(rows)], fontsize=7)
+    else:
+        ax.set_xticks(range(len(cols)), [_short(c) for c in cols], rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), [_short(r) for r in rows], fontsize=8)
     if matrix.size <= 400:  # values in the cells while they fit
         span = (vmax - vmin) or 1.0
         for (j, i), value in np.ndenumerate(matrix):
@@ -91,8 +95,13 @@ def heatmap_figure(matrix: np.ndarray, tasks: Sequence[str], *, title: str, xlab
 def similarity_figure(panels: Sequence[tuple[str, np.ndarray]], tasks: Sequence[str]) -> Figure:
     """Similarity matrices side by side, all on 0..1: what DMEA measured beside what the generator knows."""
     side = min(8.0, 2.5 + 0.45 * len(tasks))
-    figure = Figure(figsize=((side + 0.6) * len(panels), side + 0.4), layout="constrained")
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    if len(tasks) > SMALL_MULTIPLES:  # side by side, a long run's panels were 26 inches wide, shrunk to the page
+        side = min(10.0, 2.5 + 0.2 * len(tasks))
+        figure = Figure(figsize=(side + 1.2, (side + 0.4) * len(panels)), layout="constrained")
+        axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+    else:
+        figure = Figure(figsize=((side + 0.6) * len(panels), side + 0.4), layout="constrained")
+        axes = figure.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (title, matrix) in zip(axes, panels, strict=True):
         image = _draw_heatmap(ax, matrix, tasks, tasks, vmin=0.0, vmax=1.0, precision=2)
@@ -118,9 +127,14 @@ def path_figure(grid: Sequence[Sequence[tuple[int, str, int]]], tasks: Sequence[
     labels = []
     for x, task in enumerate(tasks):
         new = sum(kind == "new" for _, kind, _ in grid[x])
+        if n_tasks > SMALL_MULTIPLES:  # columns under half an inch: names and counts overlapped into one smear;
+            labels.append(f"t{x}\n+{new}")  # the per-task table beside names each task and its parameters
+            continue
         grown = f"+{new} modules" + (f"\n+{added[x]:,} params" if added[x] is not None else "")
         labels.append(f"t{x} {_short(task, 20)}\n{grown}")
     ax.set_xticks(range(n_tasks), labels, fontsize=7 if n_tasks > 8 else 8)
+    if n_tasks > SMALL_MULTIPLES:
+        ax.set_xlabel("task t<index>, + the modules it added", fontsize=8)
     ax.set_yticks(range(n_layers), [f"layer {layer}" for layer in range(n_layers)], fontsize=8)
     ax.set_xlim(-0.6, n_tasks - 0.4)
     ax.set_ylim(-0.6, n_layers - 0.4)
@@ -221,10 +235,18 @@ def sequence_curves_figure(curves: dict[str, dict[str, list[float]]], *, title: 
     return figure
 
 
-def pseudo_figure(rows: Sequence[dict]) -> Figure:
-    """Yield and fidelity of every pseudo-sample batch (0..1), with kept/requested above the bars."""
-    labels = [f"{_short(r['of'], 24)}\nfor {_short(r['task'], 24)}" + (f"\n({r['role']})" if r["role"] else "")
-              for r in rows]
+def pseudo_figure(rows: Sequence[dict], tasks: Sequence[str] | None = None) -> Figure:
+    """Yield and fidelity of every pseudo-sample batch (0..1), with kept/requested above the bars.
+
+    More than 2 * SMALL_MULTIPLES batches (a long run: two per task) and the run's `tasks`: each batch is
+    labelled `t<earlier>→t<new>` upright, and only a batch kept short of its request says so (98 batches in
+    20 inches overlapped every name and every "32/32 kept" into one smear)."""
+    many = len(rows) > 2 * SMALL_MULTIPLES and tasks is not None
+    if many:
+        labels = [f"t{tasks.index(r['of'])}→t{tasks.index(r['task'])}" for r in rows]
+    else:
+        labels = [f"{_short(r['of'], 24)}\nfor {_short(r['task'], 24)}" + (f"\n({r['role']})" if r["role"] else "")
+                  for r in rows]
     x = np.arange(len(rows))
     figure = Figure(figsize=(min(20.0, 3.0 + 1.6 * len(rows)), 3.8))
     ax = figure.add_subplot()
@@ -239,12 +261,18 @@ def pseudo_figure(rows: Sequence[dict]) -> Figure:
         ax.scatter([x[i] + 0.2 for i, _ in real], [v for _, v in real], marker="_", s=300, color="black", zorder=3,
                    label="fidelity of its answers to real inputs")
     for i, r in enumerate(rows):
-        if r["kept"] is not None and r["requested"] is not None:
-            ax.text(i, 1.03, f"{int(r['kept'])}/{int(r['requested'])} kept", ha="center", fontsize=7)
-    ax.set_xticks(x, labels, fontsize=7)
+        if r["kept"] is not None and r["requested"] is not None and not (many and r["kept"] >= r["requested"]):
+            ax.text(i, 1.03, f"{int(r['kept'])}/{int(r['requested'])} kept", ha="center", fontsize=7,
+                    rotation=90 if many else 0, va="bottom" if many else "baseline")
+    if many:
+        ax.set_xticks(x, labels, fontsize=7, rotation=90)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_xlabel("earlier task → new task it was generated for; kept/requested shown where short", fontsize=8)
+    else:
+        ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("share", fontsize=8)
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.38 if many else -0.3), frameon=False)
     ax.set_title("Pseudo samples of earlier tasks", fontsize=10)
     return figure
 

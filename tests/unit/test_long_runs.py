@@ -11,7 +11,15 @@ import numpy as np
 from dmea_dist import driver
 from dmea_dist.evaluation import plots
 from dmea_dist.evaluation.report import format_matrix_table
-from dmea_dist.evaluation.run_data import load_run, sequence_metrics, series
+from dmea_dist.evaluation.run_data import (
+    ground_truth,
+    load_run,
+    params_added,
+    path_grid,
+    pseudo_samples,
+    sequence_metrics,
+    series,
+)
 from tests.unit.long_run import SYNTH50, long_r, make_long_run
 
 
@@ -67,3 +75,27 @@ def test_curves_of_a_long_run_are_one_panel_along_the_sequence(tmp_path):
         assert not _overlapping(figure, labels)
     short = plots.curves_figure({"a": {"new": [1.0, 0.5]}, "b": {"new": [1.0, 0.4]}}, title="x", ylabel="y")
     assert len(_axes_shown(short)) == 2  # a short run keeps a panel per task
+
+
+def test_long_runs_figures_label_every_task_without_overlap(tmp_path):
+    """50 tasks: the heatmaps' slanted names ran into each other, the path diagram's and the pseudo samples'
+    labels were one smear, and the three similarity panels side by side made a 26-inch image the page shrank
+    to 58% (its labels to 5 px). Every tick label is now apart, and the similarity fits the page's width."""
+    run = load_run(make_long_run(tmp_path, every=5))
+    added = params_added(run.paths, run.tasks, run.module_params)
+    heat = plots.heatmap_figure(run.R, run.tasks, title="R", xlabel="task i", ylabel="after training task j")
+    similarity = plots.similarity_figure([("a", run.similarity), ("b", run.token_similarity),
+                                          ("c", ground_truth(run.tasks))], run.tasks)
+    paths = plots.path_figure(path_grid(run.paths, run.tasks), run.tasks, [added[t] for t in run.tasks])
+    rows = pseudo_samples(run.records, run.tasks)
+    pseudo = plots.pseudo_figure(rows, run.tasks)
+    for figure in (heat, similarity, paths, pseudo):
+        for ax in _axes_shown(figure):
+            for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+                assert not _overlapping(figure, labels), (ax.get_title(), _overlapping(figure, labels)[:3])
+    assert similarity.get_size_inches()[0] <= 15  # the page is 1500 px wide, at 100 dpi
+    assert [t.get_text() for t in heat.axes[0].get_xticklabels()][:3] == ["t0", "t1", "t2"]
+    assert heat.axes[0].get_yticklabels()[13].get_text() == "t13 synth.listops.01"
+    new = sum(kind == "new" for _, kind, _ in path_grid(run.paths, run.tasks)[1])
+    assert paths.axes[0].get_xticklabels()[1].get_text() == f"t1\n+{new}"
+    assert pseudo.axes[0].get_xticklabels()[0].get_text() == f"t{run.tasks.index(rows[0]['of'])}→t1"
