@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dmea_dist.evaluation import plots
-from dmea_dist.evaluation.continual import average_trajectory, why_no_bwt
+from dmea_dist.evaluation.continual import why_no_bwt
 from dmea_dist.evaluation.report import _fmt, _html_table, _md, _md_table
 from dmea_dist.evaluation.run_data import (
     RunData,
@@ -272,22 +272,30 @@ def comparison_section(runs: list[RunData]) -> Section:
                                  f"their numbers do not compare; no side-by-side figure"))
     elif all(r.tasks == runs[0].tasks for r in runs):
         partial = [r.name for r in runs if not full_rows(r.R).all()]
-        if not partial:
+        if all(np.isfinite(r.R[-1]).all() for r in runs):  # eval.every > 1 still evaluates all after the last
+            # the average so far where a run scored every seen task: each task, or each eval.every-th (a long
+            # run's usual setting, which had no figure at all)
             panels.append(Panel(image=plots.png(plots.comparison_figure(
                 [f"{r.name} ({r.method})" for r in runs], runs[0].tasks, [r.R[-1] for r in runs],
-                [average_trajectory(r.R) for r in runs], metric=runs[0].metric_name))))
-        else:
-            panels.append(Panel(note=f"no side-by-side figure: {', '.join(partial)} did not evaluate every "
-                                     f"task after each task (a stopped run, eval.every > 1, or multitask, which trains "
-                                     f"once at the end): compare their sections below"))
-            if all(np.isfinite(r.R[-1]).all() for r in runs):  # eval.every > 1 still evaluates all after the last
+                [_trajectory(r.R) for r in runs], metric=runs[0].metric_name))))
+            if partial:
                 panels.append(Panel(table=(["final score", *(_html_safe(f"{r.name} ({r.method})") for r in runs)],
                                            [[f"t{i} {_html_safe(task)}", *(_fmt(r.R[-1, i], 1) for r in runs)]
                                             for i, task in enumerate(runs[0].tasks)])))
+        else:
+            short = [r.name for r in runs if not np.isfinite(r.R[-1]).all()]
+            panels.append(Panel(note=f"no side-by-side figure: {', '.join(short)} did not score every task after "
+                                     f"the last (a stopped run): compare their sections below"))
     else:
         panels.append(Panel(note="the runs trained different task sequences: compare their sections below"))
     return Section("compare", "Comparison", "Metrics of each run; final scores and the average over tasks seen "
                    "so far, run by run.", panels)
+
+
+def _trajectory(R: np.ndarray) -> np.ndarray:
+    """(T,) the average over tasks seen after each task, NaN after a task whose row did not score them all."""
+    full = full_rows(R)
+    return np.array([R[j, : j + 1].mean() if full[j] else np.nan for j in range(R.shape[0])])
 
 
 def summary_lines(run: RunData) -> list[str]:

@@ -300,21 +300,39 @@ def stage_figure(seconds: dict[str, dict[str, float]]) -> Figure:
 
 def comparison_figure(runs: Sequence[str], tasks: Sequence[str], finals: Sequence[np.ndarray],
                       trajectories: Sequence[np.ndarray], *, metric: str = "score") -> Figure:
-    """Runs side by side: the final score of every task (bars) and the average so far after each task (lines);
-    both y axes name the `metric` the scores are."""
-    figure = Figure(figsize=(min(20.0, 5.0 + 0.9 * len(tasks) * max(1, len(runs) / 2)), 3.8), layout="constrained")
-    bars, lines = figure.subplots(1, 2, width_ratios=[2, 1])
+    """Runs side by side: the final score of every task (bars) and the average so far after each task (lines;
+    NaN where a run did not score every seen task, eval.every > 1: its points only); both y axes name the
+    `metric` the scores are. More than SMALL_MULTIPLES tasks: the lines under the bars, t<index> labels (side
+    by side, 50 tasks made a 20-inch image the page shrank and labels that overlapped)."""
+    long = len(tasks) > SMALL_MULTIPLES
+    if long:
+        figure = Figure(figsize=(15.0, 7.6), layout="constrained")
+        bars, lines = figure.subplots(2, 1)
+    else:
+        figure = Figure(figsize=(min(20.0, 5.0 + 0.9 * len(tasks) * max(1, len(runs) / 2)), 3.8),
+                        layout="constrained")
+        bars, lines = figure.subplots(1, 2, width_ratios=[2, 1])
     width = 0.8 / len(runs)
     x = np.arange(len(tasks))
     for k, (run, final, trajectory) in enumerate(zip(runs, finals, trajectories, strict=True)):
         bars.bar(x - 0.4 + width * (k + 0.5), final, width=width, label=_short(run, 40))
-        lines.plot(np.arange(len(trajectory)), trajectory, marker="o", label=_short(run, 40))
-    bars.set_xticks(x, [f"t{i} {_short(t, 24)}" for i, t in enumerate(tasks)], rotation=30, ha="right", fontsize=7)
+        scored = np.flatnonzero(np.isfinite(trajectory))
+        lines.plot(scored, np.asarray(trajectory)[scored], marker="o", markersize=4 if long else 6,
+                   label=_short(run, 40))
+    if long:
+        bars.set_xticks(x, [f"t{i}" for i in x], rotation=90, fontsize=7)
+        bars.set_xlim(-0.6, len(tasks) - 0.4)
+        lines.set_xticks(x, [f"t{i}" for i in x], rotation=90, fontsize=7)
+        lines.set_xlim(-0.6, len(tasks) - 0.4)
+    else:
+        bars.set_xticks(x, [f"t{i} {_short(t, 24)}" for i, t in enumerate(tasks)], rotation=30, ha="right",
+                        fontsize=7)
+        lines.set_xticks(range(len(tasks)), [f"t{i}" for i in range(len(tasks))], fontsize=7)
     bars.set_title("Final score per task (last row of R)", fontsize=10)
     bars.set_ylabel(_short(metric), fontsize=8)
     lines.set_ylabel(_short(metric), fontsize=8)
-    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=min(2, len(runs)), frameon=False)
-    lines.set_xticks(range(len(tasks)), [f"t{i}" for i in range(len(tasks))], fontsize=7)
+    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12 if long else -0.3),
+                ncol=min(2, len(runs)), frameon=False)
     lines.set_title("Average over tasks seen, after each task", fontsize=10)
     lines.set_xlabel("after training task", fontsize=8)
     return figure

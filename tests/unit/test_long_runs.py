@@ -10,6 +10,7 @@ import numpy as np
 
 from dmea_dist import driver
 from dmea_dist.evaluation import plots
+from dmea_dist.evaluation.pages import comparison_section
 from dmea_dist.evaluation.report import format_matrix_table
 from dmea_dist.evaluation.run_data import (
     ground_truth,
@@ -99,3 +100,23 @@ def test_long_runs_figures_label_every_task_without_overlap(tmp_path):
     new = sum(kind == "new" for _, kind, _ in path_grid(run.paths, run.tasks)[1])
     assert paths.axes[0].get_xticklabels()[1].get_text() == f"t1\n+{new}"
     assert pseudo.axes[0].get_xticklabels()[0].get_text() == f"t{run.tasks.index(rows[0]['of'])}→t1"
+
+
+def test_a_comparison_of_long_runs_evaluated_every_fifth_task_is_drawn(tmp_path, monkeypatch):
+    """Two 50-task runs with eval.every 5 (what a long run uses): the comparison had no figure at all, only a
+    note, though the last row scores every task and every fifth row the average so far. It draws both, the
+    average at the rows that scored every seen task; its labels do not overlap and it fits the page."""
+    drawn = []
+    real = plots.comparison_figure
+    monkeypatch.setattr(plots, "comparison_figure", lambda *a, **kw: drawn.append(real(*a, **kw)) or drawn[-1])
+    runs = [load_run(make_long_run(tmp_path / "a", every=5)),
+            load_run(make_long_run(tmp_path / "b", every=5, method="acm", seed=1))]
+    section = comparison_section(runs)
+    assert section.panels[1].image and section.panels[2].table[0][0] == "final score"
+    figure = drawn[0]
+    assert figure.get_size_inches()[0] <= 15
+    bars, lines = figure.axes
+    points = lines.get_lines()[0].get_xdata()
+    assert list(points) == [0, *range(4, 50, 5)]  # after t0 (it alone seen), t4, t9, ..., t49
+    for ax in (bars, lines):
+        assert not _overlapping(figure, ax.get_xticklabels())
