@@ -21,6 +21,7 @@ import base64
 import html
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,7 +302,9 @@ def _trajectory(R: np.ndarray) -> np.ndarray:
 def summary_lines(run: RunData) -> list[str]:
     """What happened, in sentences a reader understands without the code."""
     m = run.metrics
-    lines = [f"{run.method} on {len(run.tasks)} tasks ({', '.join(run.tasks)}); run status: {run.status}."]
+    long = len(run.tasks) > plots.SMALL_MULTIPLES  # 50 names, and 49 selections below, were a 2,700-character wall
+    named = f"{run.tasks[0]}, ..., {run.tasks[-1]}: each in the per-task table" if long else ", ".join(run.tasks)
+    lines = [f"{run.method} on {len(run.tasks)} tasks ({named}); run status: {run.status}."]
     if run.unreadable:  # damaged, not missing: what they hold is absent below, not never made
         lines.append(f"Could not read {'; '.join(run.unreadable)}: what "
                      f"{'it holds' if len(run.unreadable) == 1 else 'they hold'} is missing from this report.")
@@ -321,7 +324,11 @@ def summary_lines(run: RunData) -> list[str]:
         lines.append(f"The model grew by {new} modules" + (f" ({params:,} parameters)" if params else "")
                      + (f"; {', '.join(full)} reused earlier modules in every layer." if full else "."))
     picks = [f"t{i} chose {', '.join(run.selected[t])}" for i, t in enumerate(run.tasks) if run.selected.get(t)]
-    if picks:
+    if picks and long:
+        chosen = Counter(old for t in run.tasks for old in run.selected.get(t, []))
+        lines.append(f"Selection: {len(picks)} tasks chose earlier ones (the per-task table's \"selected\"); most "
+                     "chosen: " + ", ".join(f"{old} ({k} times)" for old, k in chosen.most_common(3)) + ".")
+    elif picks:
         lines.append("Selection: " + "; ".join(picks) + ".")
     seconds = stage_seconds(run.history, run.tasks)
     total = sum(sum(s.values()) for s in seconds.values())

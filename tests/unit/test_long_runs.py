@@ -10,7 +10,7 @@ import numpy as np
 
 from dmea_dist import driver
 from dmea_dist.evaluation import plots
-from dmea_dist.evaluation.pages import comparison_section
+from dmea_dist.evaluation.pages import comparison_section, summary_lines
 from dmea_dist.evaluation.report import format_matrix_table
 from dmea_dist.evaluation.run_data import (
     ground_truth,
@@ -120,3 +120,13 @@ def test_a_comparison_of_long_runs_evaluated_every_fifth_task_is_drawn(tmp_path,
     assert list(points) == [0, *range(4, 50, 5)]  # after t0 (it alone seen), t4, t9, ..., t49
     for ax in (bars, lines):
         assert not _overlapping(figure, ax.get_xticklabels())
+
+
+def test_a_long_runs_summary_is_a_paragraph_not_every_name(tmp_path):
+    """'What happened' named all 50 tasks and every task's selection: a 2,700-character wall before the first
+    table. A long run names its first and last task and the most chosen ones; the per-task table has the rest."""
+    run = load_run(make_long_run(tmp_path, every=5, done=33, resumed=True))
+    lines = summary_lines(run)
+    assert len(" ".join(lines)) < 800, lines
+    assert lines[0].startswith("dmea on 50 tasks (synth.hotel.00, ..., synth.travel.07: each in the per-task table)")
+    assert any(line.startswith("Selection: 32 tasks chose earlier ones") and "times)" in line for line in lines)
