@@ -152,4 +152,5 @@ def failures_summary(failures: Sequence[str], *, uri: str) -> str:
         return ""
     first = redact_uri(failures[0].removeprefix("MLflow tracking: "))
     return (f"tracking: {len(failures)} MLflow call(s) failed during this run, so its record at {redact_uri(uri)} is "
-            f"incomplete (the run directory has every result); first: {_truncate(first, 300)}")
+            f"incomplete (the run directory has every result); first: {_truncate(first, 300)}; once the store works, "
+            f"`dmea resume RUN_DIR` (the run directory above) records the tasks whose record failed")

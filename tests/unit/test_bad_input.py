@@ -573,6 +573,7 @@ def test_tracking_failures_are_counted_and_summarised():
     summary = failures_summary(failures, uri="sqlite:///m.db")
     assert summary.startswith("tracking: 3 MLflow call(s) failed during this run, so its record at sqlite:///m.db "
                               "is incomplete (the run directory has every result); first: logging metrics")
+    assert summary.endswith("`dmea resume RUN_DIR` (the run directory above) records the tasks whose record failed")
     assert failures_summary([], uri="x") == ""
 
 
