@@ -144,8 +144,10 @@ def why_no_bwt(R, *, method: str | None = None) -> str:
     cause = ("multitask trains once, on every task together, after the last: there is no earlier training to "
              "forget" if method == "multitask" else "eval.every > 1 in a run from before every task was scored "
              "right after its training")
+    # a long run's 49 entries are one wall of text: the first few and how many
+    named = ", ".join(missing) if len(missing) <= 4 else f"{', '.join(missing[:3])}, ... ({len(missing)} entries)"
     return (f"bwt and forgetting not measured: they need each earlier task's score right after it was trained, "
-            f"and {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
+            f"and {named} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
 
 
 def summarize(R, *, baseline=None) -> dict[str, float]:

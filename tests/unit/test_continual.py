@@ -130,6 +130,15 @@ def test_forgetting_with_eval_every_against_loops_over_the_rows_scored():
         forgetting(R, every=every)
 
 
+def test_why_no_bwt_of_a_long_run_names_a_few_entries_and_the_count():
+    """A 50-task multitask run (or one from before the diagonal was scored) listed all 49 R[i][i] in one line."""
+    R = np.full((50, 50), NAN)
+    R[-1] = 1.0
+    why = why_no_bwt(R, method="multitask")
+    assert "R[0][0], R[1][1], R[2][2], ... (49 entries) were not evaluated" in why and "R[3][3]" not in why, why
+    assert "R[0][0], R[1][1] were not evaluated" in why_no_bwt([[NAN] * 3, [NAN] * 3, [1.0] * 3])
+
+
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"square.*\(2, 3\)"):
         final_average(np.zeros((2, 3)))
