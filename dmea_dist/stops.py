@@ -70,11 +70,7 @@ class StopRequest:
             if not self._recording:
                 raise SystemExit(128 + signum)
 
-        replaced = {}
-        with suppress(ValueError):  # not the main thread: no handlers, as Ray sets none there
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-                if signal.getsignal(signum) is not signal.SIG_IGN:
-                    replaced[signum] = signal.signal(signum, handler)
+        replaced = _on_termination_signals(handler)
         try:
             yield
         except BaseException as err:
@@ -165,14 +161,21 @@ def exit_on_termination() -> Iterator[None]:
             mute_lost_output()
         raise SystemExit(128 + signum)
 
-    replaced = {}
-    with suppress(ValueError):  # not the main thread: no handlers
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                replaced[signum] = signal.signal(signum, handler)
+    replaced = _on_termination_signals(handler)
     try:
         yield
     finally:
         for signum, previous in replaced.items():
             if signal.getsignal(signum) is handler:
                 signal.signal(signum, previous)
+
+
+def _on_termination_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """`handler` for SIGTERM and SIGHUP, except one ignored (`nohup`), which stays ignored; returns the handlers it
+    replaced. Off the main thread none can be set (nor does Ray set any there): nothing is replaced."""
+    replaced = {}
+    with suppress(ValueError):
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                replaced[signum] = signal.signal(signum, handler)
+    return replaced
