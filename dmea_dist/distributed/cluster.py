@@ -65,19 +65,35 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, dashboar
     global _dashboard_url
     _dashboard_url = None  # an earlier embedded Ray's, gone with it
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=logs)
+        with _command_keeps_sigterm():
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=logs)
         return address
     port = free_port()
     if dashboard:
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # module docstring: our State API only
     # address="local": always a new cluster of our own. Without it ray.init joins "the" cluster of the machine
     # (/tmp/ray/ray_current_cluster), someone else's, or fails on a stale file a dead one left behind.
-    with _quiet_token_notice(), _hangup_blocked():
+    with _quiet_token_notice(), _hangup_blocked(), _command_keeps_sigterm():
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env},
                            log_to_driver=logs)
     _dashboard_url = f"http://{context.dashboard_url}" if dashboard and context.dashboard_url else None
     return "local"
+
+
+@contextlib.contextmanager
+def _command_keeps_sigterm() -> Iterator[None]:
+    """SIGTERM keeps the handler the command set before Ray (`stops.exit_on_termination`: exit 143 through the
+    command's cleanup). `ray.init` replaces it with Ray's driver handler (`sys.exit(15)`) and a C++ one beneath that
+    prints `*** SIGTERM received` and a stack; `signal.signal` sets Python's again. Where no Python handler was set
+    (a Ray job's entry point before it drives, a library caller), Ray's stays."""
+    kept = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(kept):
+            with contextlib.suppress(ValueError):  # not the main thread: Ray set none either
+                signal.signal(signal.SIGTERM, kept)
 
 
 @contextlib.contextmanager

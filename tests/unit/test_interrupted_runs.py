@@ -499,3 +499,39 @@ def test_a_run_killed_before_it_is_driven_leaves_no_half_made_files(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 143, done.stderr
     assert list((tmp_path / "_cache").iterdir()) == []
+
+
+def test_the_commands_sigterm_handler_outlives_ray_init(monkeypatch):
+    """ray.init replaced the command's SIGTERM handler (exit 143 through its cleanup) with Ray's (sys.exit(15)) and
+    a C++ one that printed a stack, for the seconds before the run is driven. A process that set none (a Ray job's
+    entry point) keeps Ray's."""
+    import signal
+    import sys
+
+    from dmea_dist.distributed import cluster
+
+    def rays(signum, frame):
+        sys.exit(signum)
+
+    def init(**kwargs):  # what ray.init does to SIGTERM in the driver
+        signal.signal(signal.SIGTERM, rays)
+        return type("Context", (), {"dashboard_url": None})()
+
+    def commands(signum, frame):
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, commands)
+        cluster.connect(None)
+        assert signal.getsignal(signal.SIGTERM) is commands
+        cluster.connect("ray://head:10001")
+        assert signal.getsignal(signal.SIGTERM) is commands
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        cluster.connect(None)
+        assert signal.getsignal(signal.SIGTERM) is rays
+    finally:
+        signal.signal(signal.SIGTERM, before)
