@@ -473,13 +473,10 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             stepped = True
         except BaseException as err:
             with stop.recording():  # Ctrl-C pressed again and again, a SIGHUP after a SIGTERM: recorded all the same
-                stopped = stop.signal is not None or isinstance(err, RunStopped | KeyboardInterrupt | SystemExit)
+                stop_message = _stop_message(err, stop)
+                stopped = stop_message is not None
                 bar.close(ended="stopped" if stopped else "failed")
-                # SystemExit with no signal noted: Ray's own SIGTERM handler (sys.exit), where ours was not set (a
-                # signal before the run was driven, a driver off the main thread)
-                message = (f"stopped by {stop.signal.name}" if stop.signal else "stopped by SIGTERM"
-                           if isinstance(err, SystemExit) else "stopped by Ctrl-C"
-                           if isinstance(err, KeyboardInterrupt) else str(own_error(err)) or type(err).__name__)
+                message = stop_message or str(own_error(err)) or type(err).__name__
                 _try(lambda: coordinator.mark("stopped" if stopped else "failed", message))
                 tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
                 echo(f"{'stopped' if stopped else 'failed'}: the state of {run_dir} is saved at its last finished "
@@ -504,7 +501,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             tracker.finish_sequence(status="FINISHED")
         except BaseException as err:
             with stop.recording():
-                stopped = stop.signal is not None or isinstance(err, KeyboardInterrupt | SystemExit)
+                stopped = _stop_message(err, stop) is not None
                 tracker.finish_sequence(status="KILLED" if stopped else "FAILED")
                 echo(f"{'stopped' if stopped else 'failed'} while writing the results of {run_dir}: every task is "
                      f"done and saved; write them with: {resume_command(run_dir)}")
@@ -519,6 +516,17 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
              f"(dmea generate models:/{name}@{first} INPUT...)")
     return SequenceResult(run_dir=run_dir, tasks=names, R=R, metrics=metrics, parent_run_id=parent,
                           history=results["history"])
+
+
+def _stop_message(err: BaseException, stop: StopRequest) -> str | None:
+    """What stopped the run ("stopped by SIGHUP", ...), None where `err` is a failure."""
+    if stop.signal is not None:
+        return f"stopped by {stop.signal.name}"
+    if isinstance(err, SystemExit):  # no signal noted: Ray's own SIGTERM handler (sys.exit), where ours was not set
+        return "stopped by SIGTERM"
+    if isinstance(err, KeyboardInterrupt):
+        return "stopped by Ctrl-C"
+    return str(err) if isinstance(err, RunStopped) else None
 
 
 def where_line(run_dir: Path, config: RunConfig) -> str:
