@@ -10,10 +10,10 @@ from dmea_dist.evaluation.continual import (
     summarize,
 )
 from dmea_dist.evaluation.metrics import METRICS, bleu_score, exact_match, rouge_scores, score_task
-from dmea_dist.evaluation.report import format_matrix_table, render_html, render_markdown
+from dmea_dist.evaluation.report import format_matrix_table
 
 __all__ = [
     "METRICS", "as_matrix", "average_trajectory", "backward_transfer", "bleu_score", "exact_match",
-    "final_average", "forgetting", "format_matrix_table", "forward_transfer", "render_html", "render_markdown",
+    "final_average", "forgetting", "format_matrix_table", "forward_transfer",
     "rouge_scores", "score_task", "summarize",
 ]

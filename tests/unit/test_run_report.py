@@ -424,6 +424,19 @@ def test_markdown_report_shows_task_and_run_names_as_written(tmp_path):
     assert [f"t{i} {name}" for i, name in enumerate(shown)] == [c for c in page.cells if c.startswith("t") and c[1:2].isdigit()][:3]
 
 
+def test_html_report_shows_task_and_run_names_as_written(tmp_path):
+    """The same names in report.html: escaped wherever they go (summary, tables, headings), so none adds a tag."""
+    first = make_run(tmp_path / "a", tasks=ODD_NAMES)
+    second = make_run(tmp_path / "b", tasks=ODD_NAMES, method="acm").rename(tmp_path / "b" / "<i>old | run")
+    page = _Markup()
+    page.feed(write_report([first, second], out=tmp_path / "cmp").html.read_text())
+    assert not {"b", "i", "a", "code", "s", "del"} & set(page.tags), set(page.tags)
+    text = "".join(page.text)
+    assert "<i>old | run (acm)" in text
+    for name in ODD_NAMES:
+        assert name.replace("\n", " ") in text.replace("\n", " "), name
+
+
 def test_report_that_cannot_be_written_names_where_and_the_way_out(tmp_path, capsys):
     """--out naming a file (or a read-only run folder, a full disk): an OSError traceback, not a message."""
     run_dir = make_run(tmp_path)
