@@ -89,9 +89,18 @@ def test_task_summary_line():
                           "pseudo.kept.synth.restaurant.00": 32.0, "pseudo.requested.synth.restaurant.00": 32.0,
                           "pseudo.fidelity.synth.restaurant.00": 0.5, "R.synth.listops.00": 36.4}}
     history = [{"seconds": 10.0}, {"seconds": 2.3}]
-    assert task_summary(record, history, n_tasks=2) == (
-        "[2/2] synth.listops.00 done: 12.3s; 4 new modules; selected synth.restaurant.00; "
-        "pseudo samples 32/32, yield 100%, fidelity 50%; score 36.4")
+    assert task_summary(record, history, n_tasks=2).splitlines() == [
+        "[2/2] synth.listops.00 done: 12.3s; 4 new modules; score 36.4",
+        "    selected synth.restaurant.00",
+        "    pseudo samples 32/32, yield 100%",
+        "    pseudo-sample fidelity 50%"]
+
+
+def test_task_summary_of_a_first_task_is_its_headline_alone():
+    record = {"task_id": "synth.restaurant.00", "task_index": 0, "params": {},
+              "metrics": {"new_modules": 4.0, "R.synth.restaurant.00": 85.8}}
+    assert task_summary(record, [{"seconds": 12.0}], n_tasks=3) == \
+        "[1/3] synth.restaurant.00 done: 12.0s; 4 new modules; score 85.8"
 
 
 def test_task_summary_line_reads_pseudo_fidelity_against_real_inputs():
@@ -101,9 +110,9 @@ def test_task_summary_line_reads_pseudo_fidelity_against_real_inputs():
     record["metrics"].update({"pseudo.fidelity.synth.hotel.00": 0.5, "pseudo.fidelity.synth.listops.00": 0.0,
                               "pseudo.real_fidelity.synth.hotel.00": 0.75, "pseudo.real_fidelity.synth.listops.00": 0.05})
     assert task_summary(record, [], n_tasks=3).endswith(
-        "fidelity 25% (on real inputs 40%), lowest synth.listops.00 0% (on real inputs 5%)")
+        "    pseudo-sample fidelity 25% (on real inputs 40%), lowest synth.listops.00 0% (on real inputs 5%)")
     del record["metrics"]["pseudo.real_fidelity.synth.listops.00"]  # not all evaluated: no mean of a part
-    assert task_summary(record, [], n_tasks=3).endswith("fidelity 25%, lowest synth.listops.00 0%")
+    assert task_summary(record, [], n_tasks=3).endswith("\n    pseudo-sample fidelity 25%, lowest synth.listops.00 0%")
 
 
 def test_task_summary_line_names_the_least_faithful_task():
@@ -112,10 +121,11 @@ def test_task_summary_line_names_the_least_faithful_task():
                           for k, v in (("yield", 1.0), ("kept", 8.0), ("requested", 8.0))}}
     record["metrics"].update({"pseudo.fidelity.synth.hotel.00": 0.9, "pseudo.fidelity.synth.hotel.01": 0.3,
                               "pseudo.fidelity.synth.listops.00": 0.6})
-    assert task_summary(record, [], n_tasks=4).endswith("fidelity 60%, lowest synth.hotel.01 30%")
+    assert task_summary(record, [], n_tasks=4).endswith("\n    pseudo-sample fidelity 60%, lowest synth.hotel.01 30%")
 
 
 def test_task_summary_line_says_how_often_eta_sat_at_its_clamp():
     record = {"task_id": "synth.hotel.01", "task_index": 1, "params": {},
               "metrics": {"eta_clamp_rate": 0.25, "R.synth.hotel.01": 50.0}}
-    assert task_summary(record, [], n_tasks=2).endswith("eta at clamp 25%; score 50.0")
+    assert task_summary(record, [], n_tasks=2).splitlines() == [
+        "[2/2] synth.hotel.01 done: 0.0s; score 50.0", "    eta at clamp 25% of replay steps"]
