@@ -181,6 +181,17 @@ _RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 MAX_ALIAS_LENGTH = 255
 
 
+def search_runs(client, experiment_id: str, filter_string: str) -> list:
+    """Every run of `experiment_id` that `filter_string` matches, over all of MLflow's result pages."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def task_alias(task_id: str) -> str:
     """The registry alias of a task: every run of characters outside [A-Za-z0-9_-] becomes "-".
 

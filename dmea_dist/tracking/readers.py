@@ -20,6 +20,7 @@ from dmea_dist.tracking.common import (
     TrackingError,
     redact_uri,
     resolve_uri,
+    search_runs,
     sqlite_path,
 )
 
@@ -58,16 +59,6 @@ def find_task_runs(*, uri: str, experiment: str, parent_run_id: str) -> list[dic
     ]
 
 
-def _search_runs(client, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:  # MLflow pages search results
-        page = client.search_runs([experiment_id], filter_string=filter_string, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def download_task_modules(*, uri: str, run_id: str, dst: str | Path) -> Path:
     """Download the `modules/` folder of a task run into `dst`; returns `dst/modules`."""
     client = _reader_client(uri)
@@ -103,7 +94,7 @@ def _reader_client(uri: str):
 def _task_runs(client, experiment_id: str, parent_run_id: str) -> dict[int, Any]:
     """{task index: the latest FINISHED task run} of a sequence run."""
     latest: dict[int, Any] = {}
-    for run in _search_runs(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"):
+    for run in search_runs(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'"):
         index = int(run.data.tags.get(TASK_INDEX_TAG, -1))
         if run.info.status == "FINISHED" and (
             index not in latest or run.info.start_time > latest[index].info.start_time

@@ -43,6 +43,7 @@ from dmea_dist.tracking.common import (
     redact_config,
     redact_uri,
     resolve_uri,
+    search_runs,
 )
 from dmea_dist.tracking.registry import (
     ServableTask,
@@ -275,9 +276,8 @@ class Tracker:
         per task (not one more at each resume), and a model version it registered stays its only version."""
         earlier = None
         if self._resumed:
-            from dmea_dist.tracking.readers import _search_runs
 
-            earlier = max(_search_runs(self._client, self._experiment_id,
+            earlier = max(search_runs(self._client, self._experiment_id,
                                        f"tags.`{PARENT_TAG}` = '{self._parent_run_id}' and tags.`{TASK_INDEX_TAG}` = "
                                        f"'{task_index}' and attributes.status != 'FINISHED'"),
                           key=lambda run: run.info.start_time, default=None)
@@ -290,9 +290,8 @@ class Tracker:
         return earlier, True
 
     def _end_unfinished(self, parent_run_id: str) -> None:
-        from dmea_dist.tracking.readers import _search_runs
 
-        for run in _search_runs(self._client, self._experiment_id,
+        for run in search_runs(self._client, self._experiment_id,
                                 f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"):
             self._client.set_terminated(run.info.run_id, "KILLED")
 
