@@ -15,9 +15,10 @@ and BWT per method, and, for synthetic sequences, selection precision@K against 
 truth (`task_relatedness > 0`: the same family): per task with an earlier task of its family, the selected
 tasks of its family over min(K, such earlier tasks), averaged.
 
-Peak memory is the coordinator's (`ru_maxrss` of its process, the high-water mark since it started: on Ray
-the coordinator actor, not the training ranks or the generation and search actors; in process the whole
-run).
+Peak memory is the high-water mark of each process since it started (`ru_maxrss`): the coordinator's (on Ray
+the coordinator actor; in process the whole run) and, on Ray, the largest of each kind of worker that holds a
+model (training ranks, generation and search actors, or "replicas" where one pool does both), which each
+task's record holds (`worker_peak_rss_mib`; runs from before it have none).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def per_task(run_dir: Path) -> list[dict]:
         record = next((h for h in mine if h["stage"] == "record"), {})
         row.update(new=t.get("new_modules") or 0, params=record.get("module_parameters", 0),
                    pools=record.get("pool_sizes", []), peak=max((h.get("peak_rss_mib", 0) for h in mine), default=0),
+                   workers=record.get("worker_peak_rss_mib", {}),
                    selected=t.get("selected", []),
                    scored=sum(1 for x in state["R"][t["index"]] if x is not None))
         rows.append(row)
@@ -81,11 +83,13 @@ def precision_at_k(rows: list[dict]) -> tuple[float, int] | None:
 
 def print_table(name: str, rows: list[dict]) -> None:
     print(f"\n### {name}\n")
-    print("| # | task | " + " | ".join(STAGES) + " | peak MiB | new modules | module params | pool sizes |")
-    print("|" + "---|" * (len(STAGES) + 6))
+    print("| # | task | " + " | ".join(STAGES) + " | peak MiB | workers' peak MiB | new modules | module params | "
+          "pool sizes |")
+    print("|" + "---|" * (len(STAGES) + 7))
     for i, r in enumerate(rows, 1):
         stages = " | ".join(f"{r[s]:.1f}" for s in STAGES)
-        print(f"| {i} | {r['task']} | {stages} | {r['peak']:.0f} | {r['new']} | {r['params']:,} | "
+        workers = ", ".join(f"{role} {mib:.0f}" for role, mib in sorted(r.get("workers", {}).items())) or "-"
+        print(f"| {i} | {r['task']} | {stages} | {r['peak']:.0f} | {workers} | {r['new']} | {r['params']:,} | "
               f"{' '.join(map(str, r['pools']))} |")
 
 
@@ -105,9 +109,12 @@ def growth(rows: list[dict]) -> str:
     first, last = rows[4], rows[-1]
     evaluated = [(i, r) for i, r in enumerate(rows) if r["scored"]]
     early = next(((i, r) for i, r in evaluated if i >= 4), None)
+    roles = sorted(set(first.get("workers", {})) & set(last.get("workers", {})))
+    workers = (" (workers: " + ", ".join(f"{role} {last['workers'][role] / first['workers'][role]:.2f}x"
+                                         for role in roles) + ")") if roles else ""
     out = (f"task {n} / task 5: compute without evaluation {compute(last) / compute(first):.2f}x, "
-           f"peak memory {last['peak'] / max(first['peak'], 1):.2f}x; mean of tasks {n - 4}-{n} / mean of tasks "
-           f"5-9: compute without evaluation {mean_compute(rows[-5:]) / mean_compute(rows[4:9]):.2f}x")
+           f"peak memory {last['peak'] / max(first['peak'], 1):.2f}x{workers}; mean of tasks {n - 4}-{n} / mean of "
+           f"tasks 5-9: compute without evaluation {mean_compute(rows[-5:]) / mean_compute(rows[4:9]):.2f}x")
     if early is None or not last["scored"]:
         return out + "; evaluation: no task scored from task 5 on, or not the last"
     i, r = early

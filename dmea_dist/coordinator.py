@@ -16,7 +16,6 @@ driver steps it and is the only process that talks to MLflow.
 
 from __future__ import annotations
 
-import resource
 import shutil
 import threading
 import time
@@ -24,10 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from dmea_dist.config import RunConfig
-from dmea_dist.kernels import InProcessKernels, Kernels, Progress
+from dmea_dist.kernels import InProcessKernels, Kernels, Progress, process_memory
 from dmea_dist.method.lifecycle import Stage
 from dmea_dist.modeling.io import save_backbone, save_modules
 from dmea_dist.run import Run, build_run, reopen_run
@@ -38,14 +35,17 @@ from dmea_dist.state import RunState, StateError, load_state, save_state
 KernelsFactory = Callable[[Run, "Progress | None"], Kernels]
 
 
-def _footprint(model, stage: Stage) -> dict[str, Any]:
-    """This process's memory after a stage (peak so far, MiB), and the model's size after RECORD."""
-    out = {"rss_mib": psutil.Process().memory_info().rss / 2**20,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # ru_maxrss: KiB on Linux
+def _footprint(model, stage: Stage, kernels: Kernels) -> dict[str, Any]:
+    """This process's memory after a stage (peak so far, MiB); after RECORD also the model's size and the
+    worker processes' peak memory (on Ray the model's replicas and the training live there, not here)."""
+    out = process_memory()
     if stage is Stage.RECORD:
         out["pool_sizes"] = model.pool_sizes()
         out["module_parameters"] = sum(p.numel() for pool in model.pools for p in pool.parameters())
         out["token_row_parameters"] = sum(p.numel() for p in model.token_rows.parameters())
+        workers = kernels.worker_memory()
+        if workers:
+            out["worker_peak_rss_mib"] = workers
     return out
 
 
@@ -94,7 +94,7 @@ class Coordinator:
         started = time.perf_counter()
         summary = STAGES[stage](ctx, task)
         garbage = self._snapshot(stage)
-        summary = {**summary, **_footprint(ctx.run.model, stage)}
+        summary = {**summary, **_footprint(ctx.run.model, stage, ctx.kernels)}
         with self._saving:
             state.advance(summary, seconds=time.perf_counter() - started)  # keeps a stop `mark` made meanwhile
             save_state(state, ctx.run_dir)

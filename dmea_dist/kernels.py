@@ -16,12 +16,14 @@ from the config at the entry point: no worker ever receives a RunConfig.
 from __future__ import annotations
 
 import copy
+import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import psutil
 import torch
 
 from dmea_dist.data.formatting import BatchStream, Formatter
@@ -100,10 +102,22 @@ class Kernels(Protocol):
 
     def adapt(self, model, job: AdaptJob, *, checkpoint_dir: Path | None = None) -> AdaptResult: ...
 
+    def worker_memory(self) -> dict[str, float]:
+        """The high-water resident memory (MiB) of each kind of worker process that holds a model ("training",
+        "search", "generation", or "replicas" where one pool does both), the largest over its live processes;
+        {} where every kernel runs in the caller's process, whose own figure is then the run's."""
+        ...
+
     def close(self) -> None: ...
 
 
 # ------------------------------------------------------------------ the kernels themselves
+
+
+def process_memory() -> dict[str, float]:
+    """This process's resident memory now and its high-water mark since it started, MiB."""
+    return {"rss_mib": psutil.Process().memory_info().rss / 2**20,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # ru_maxrss: KiB on Linux
 
 
 def run_search_job(model, job: SearchJob, data: SearchData) -> CandidateResult:
@@ -239,6 +253,9 @@ class InProcessKernels:
                                  on_step=lambda done, total, **info: self.progress("adapt", done, total, **info))
         finally:
             model.to(device)
+
+    def worker_memory(self) -> dict[str, float]:
+        return {}  # no workers: the coordinator's process is the run's
 
     def close(self) -> None:
         pass

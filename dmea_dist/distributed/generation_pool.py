@@ -70,6 +70,7 @@ from dmea_dist.kernels import (
     GenerateRequest,
     chunks,
     merge_pseudo_samples,
+    process_memory,
     run_answer_request,
     run_generate_requests,
 )
@@ -230,6 +231,9 @@ class GenerationWorker:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def memory(self) -> dict[str, float]:
+        return process_memory()
 
 
 def _received(request: GenerateRequest, out: dict[str, Any]) -> PseudoSamples:

@@ -45,6 +45,7 @@ from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import (
     RESERVE_TIMEOUT_S,
     Progress,
+    peak_memory,
     raise_constructor_error,
     require_ray,
 )
@@ -191,6 +192,16 @@ class RayKernels:
                                  on_step=on_step)
         finally:
             model.to(device)
+
+    def worker_memory(self) -> dict[str, float]:
+        """Each started pool's largest peak memory (`Kernels.worker_memory`); Ray Train's workers, which live
+        for one job, are not asked."""
+        pools = ({"replicas": self.pool} if self.pool is self.search_pool else
+                 {"generation": self.pool, "search": self.search_pool})
+        workers = {role: pool.actors for role, pool in pools.items()}
+        if self.group is not None:
+            workers["training"] = self.group.workers
+        return peak_memory(workers)
 
     def close(self) -> None:
         """Release the generation and search actors, the training group and their CPUs (Ray itself stays up)."""

@@ -152,6 +152,11 @@ class TrainWorker:
         state = _trained_weights(self.model, job)
         return result, state if self.rank == 0 else None
 
+    def memory(self) -> dict[str, float]:
+        from dmea_dist.kernels import process_memory
+
+        return process_memory()
+
     def close(self) -> None:
         import torch.distributed as dist
 

@@ -42,6 +42,13 @@ def test_distributed_run_reproduces_the_in_process_run(tmp_path, ray_local):
     assert {"search", "generate", "adapt", "evaluate"} <= set(events), sorted(set(events))
     # the work really ran on Ray: search tasks, the generation pool and the training group
     assert placement["search"] and placement["generation"] and placement["train"], placement
+    # and each task's record holds those workers' peak memory: the replicas and the training live there, so the
+    # coordinator's own figure leaves them out (a process that imported torch holds well over 100 MiB)
+    workers = [h.get("worker_peak_rss_mib", {}) for h in distributed.history if h["stage"] == "record"]
+    assert all(w.get("training", 0) > 100 and max(w.get("generation", 0), w.get("replicas", 0)) > 100
+               for w in workers), workers
+    assert max(workers[-1].get("search", 0), workers[-1].get("replicas", 0)) > 100, workers
+    assert not any("worker_peak_rss_mib" in h for h in local.history)
 
 
 def _in_process_and_on_ray(config, tmp_path, *, relay=None):

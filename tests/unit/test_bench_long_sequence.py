@@ -32,6 +32,21 @@ def test_growth_ratios_and_evaluation_per_task_scored(bench):
     assert "0.50 s at task 5 (5 scored), 0.50 s at task 12 (12 scored)" in text
 
 
+def test_workers_peak_memory_against_task_5(bench, capsys):
+    """Each kind of worker's peak (the task's record) at the last task against task 5; a run from before the
+    record held them prints the coordinator's alone."""
+    table = rows([i + 1 for i in range(12)])
+    for i, row in enumerate(table):
+        row.update(task=f"t{i}", new=0, params=0, pools=[], workers={"training": 400.0 + 10 * i, "replicas": 300.0})
+    text = bench.growth(table)
+    assert "peak memory 1.20x (workers: replicas 1.00x, training 1.16x);" in text  # 510 / 440
+    bench.print_table("dmea", table)
+    assert "| replicas 300, training 510 |" in capsys.readouterr().out
+    for row in table:
+        del row["workers"]
+    assert "peak memory 1.20x; mean" in bench.growth(table)
+
+
 def test_evaluation_every_other_task_and_all_tasks(bench):
     # eval.every 2: tasks 2, 4, ... and the last are scored; task 5 has no evaluation to divide
     every = [i + 1 if (i + 1) % 2 == 0 or i == 11 else 0 for i in range(12)]

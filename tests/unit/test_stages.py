@@ -80,8 +80,43 @@ class FakeKernels:
                            etas={key: [1.5, 1.0] for key in replay} if job.scale else {},
                            clamp_hits=dict.fromkeys(replay, 0) if job.scale else {})
 
+    def worker_memory(self):
+        return {}  # as in process: no workers
+
     def close(self):
         self.calls.append("close")
+
+
+class WorkerKernels(FakeKernels):
+    """Kernels whose work runs in worker processes that report their peak memory, as `RayKernels` does."""
+
+    def worker_memory(self):
+        self.calls.append("worker_memory")
+        return {"training": 512.0, "replicas": 300.5}
+
+
+def test_each_task_records_its_workers_peak_memory(tmp_path):
+    """On Ray the model's replicas and the training live in worker processes: a task's RECORD entry holds their
+    peak memory beside the coordinator's own (issue 9: peak memory per task); asked once per task."""
+    config = _config(tmp_path, "dmea")
+    run_dir = tmp_path / "dmea"
+    coordinator = Coordinator(config, run_dir, kernels_factory=lambda run, progress: WorkerKernels(run),
+                              run=_run(config, run_dir))
+    while not coordinator.step()["done"]:
+        pass
+    history = load_state(run_dir).history
+    records = [h for h in history if h["stage"] == "record"]
+    assert [h["worker_peak_rss_mib"] for h in records] == [{"training": 512.0, "replicas": 300.5}] * len(TASKS)
+    assert all("worker_peak_rss_mib" not in h for h in history if h["stage"] != "record")
+    assert all(h["peak_rss_mib"] > 0 for h in history)
+    assert coordinator.ctx.kernels.calls.count("worker_memory") == len(TASKS)
+
+
+def test_in_process_records_no_worker_memory(tmp_path):
+    coordinator, _ = _coordinator(tmp_path, "dmea")
+    while not coordinator.step()["done"]:
+        pass
+    assert all("worker_peak_rss_mib" not in h for h in load_state(tmp_path / "dmea").history)
 
 
 def _config(tmp_path, method, adaptation=None, seed=0):
