@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dmea_dist.config import RunConfig, config_from_dict, dump_yaml
+from dmea_dist.config import RunConfig, config_from_dict
 from dmea_dist.errors import DmeaError
 from dmea_dist.evaluation import continual, report
 from dmea_dist.method.lifecycle import Stage
 from dmea_dist.progress import StageProgress, task_summary
 from dmea_dist.stops import StopRequest
+from dmea_dist.typed_yaml import dump_yaml
 
 # Keys a resumed run may change: where and how big the work runs, and where its files and records are
 # (a moved corpus or tracking store), not what it computes.

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmea_dist.config import RunConfig, dump_yaml
+from dmea_dist.config import RunConfig
 from dmea_dist.data.formatting import Formatter, encode_task
 from dmea_dist.data.lengths import check_lengths
 from dmea_dist.data.registry import load_task, normalize_user_tasks
@@ -48,6 +48,7 @@ from dmea_dist.errors import ConfigError, DataError
 from dmea_dist.files import make_dirs, sync_directory, sync_tree, write_text
 from dmea_dist.method.policy import MethodPolicy, method_policy
 from dmea_dist.offline import OFFLINE
+from dmea_dist.typed_yaml import dump_yaml
 
 if TYPE_CHECKING:  # torch and the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is
     # built, so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster

@@ -42,12 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dmea_dist.config import RunConfig, load_config, parse_yaml
+from dmea_dist.config import RunConfig, load_config
 from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.lengths import prompt_length
 from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
 from dmea_dist.errors import DmeaError
 from dmea_dist.state import task_folder_order
+from dmea_dist.typed_yaml import parse_yaml
 
 # torch and the model are imported where a model is loaded or answers: the driver stages every recorded
 # task's files (`stage_task`) without them, between two stages of the run

@@ -173,7 +173,8 @@ def test_an_override_that_is_not_yaml_is_refused_in_one_line(tmp_path):
 def test_a_run_config_whose_strings_look_like_exponent_floats_reads_back_as_written(tmp_path):
     """config.yaml was written with yaml.safe_dump, which leaves `1e5` unquoted (PyYAML reads it as a string),
     but configs are read with YAML 1.2 numbers: a run named 1e5 could not resume ("name must be str")."""
-    from dmea_dist.config import config_from_dict, dump_yaml
+    from dmea_dist.config import config_from_dict
+    from dmea_dist.typed_yaml import dump_yaml
 
     config = config_from_dict({"name": "1e5", "data": {"tasks": ["synth.hotel.00"]}, "train": {"lr": 1e-3}})
     path = tmp_path / "config.yaml"

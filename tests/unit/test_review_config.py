@@ -27,7 +27,7 @@ def test_a_key_given_twice_is_refused_not_the_last_one_kept(tmp_path, text, key,
 
 
 def test_a_merge_key_may_still_be_overridden():
-    from dmea_dist.config import parse_yaml
+    from dmea_dist.typed_yaml import parse_yaml
 
     assert parse_yaml("a: &b {lr: 0.1, batch_size: 2}\nc:\n  <<: *b\n  lr: 0.3\n")["c"] == {"lr": 0.3, "batch_size": 2}
 
@@ -175,7 +175,7 @@ def test_a_number_yaml_1_1_reads_in_another_base_is_refused(tmp_path, value, rea
 
 
 def test_numbers_that_read_alike_in_yaml_1_1_and_1_2_still_load(tmp_path):
-    from dmea_dist.config import parse_yaml
+    from dmea_dist.typed_yaml import parse_yaml
 
     assert parse_yaml("[0, 10, -3, 0x1f, 1_000, '010', synth.travel.03, 0.5]") == [
         0, 10, -3, 31, 1000, "010", "synth.travel.03", 0.5]
@@ -197,8 +197,8 @@ def test_a_set_of_one_list_item_says_the_list_is_set_whole(tmp_path, override):
 def test_resume_on_a_gpu_or_with_adaptation_moved_says_the_rest_is_not_bit_for_bit(tmp_path, capsys, override):
     """A change of threads or ranks said so; a GPU's kernels, or adaptation in the coordinator, change the sums as
     much and said nothing."""
-    from dmea_dist.config import dump_yaml
     from dmea_dist.driver import resume_config
+    from dmea_dist.typed_yaml import dump_yaml
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
