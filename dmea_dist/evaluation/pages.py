@@ -39,6 +39,7 @@ from dmea_dist.evaluation.run_data import (
     load_run,
     params_added,
     path_grid,
+    peak_memory,
     pseudo_samples,
     series,
     stage_seconds,
@@ -142,7 +143,9 @@ def run_sections(runs: list[RunData]) -> list[Section]:
         ("scores", "Scores R", "Row j: after training task j; column i: score on task i (colour over the "
          "run's own range; grey: not evaluated).", scores_panel),
         ("tasks", "Per task", "Own score right after training, final score, change, what the task added, "
-         "what it selected and how long it took.", task_panel),
+         "what it selected, how long it took, and the run's largest process by then: its high-water resident "
+         "memory and which it was (on Ray the training ranks and the model replicas are workers of their own).",
+         task_panel),
         ("similarity", "Task similarity", "Row n: new task, column i: earlier task. Subspace similarity "
          "chose the selected tasks; token similarity initialised the expansion search; ground truth is the "
          "generator's relatedness (synthetic tasks only).", similarity_panel),
@@ -183,6 +186,7 @@ def task_panel(run: RunData) -> Panel:
     added = params_added(run.paths, run.tasks, run.module_params)
     grid = dict(zip([t for t in run.tasks if t in run.paths], path_grid(run.paths, run.tasks), strict=True))
     seconds = stage_seconds(run.history, run.tasks)
+    memory = peak_memory(run.history, run.tasks)
     done = tasks_done(run)
     last = done - 1 if done else run.R.shape[0] - 1  # a stopped run: its latest scores, not the empty last row
     rows = []
@@ -192,9 +196,10 @@ def task_panel(run: RunData) -> Panel:
                      _fmt(run.R[last, i] - run.R[i, i], 1), "-" if new is None else str(new),
                      "-" if added.get(task) is None else f"{added[task]:,}",
                      _html_safe(", ".join(run.selected.get(task, [])) or "-"),
-                     f"{sum(seconds[task].values()):.1f}s"])
+                     f"{sum(seconds[task].values()):.1f}s",
+                     f"{memory[task][0]:,.0f} MiB ({memory[task][1]})" if task in memory else "-"])
     final = "final" if done == len(run.tasks) or not done else f"after t{last}"
-    header = ["task", "own", final, "change", "new modules", "params added", "selected", "time"]
+    header = ["task", "own", final, "change", "new modules", "params added", "selected", "time", "peak memory"]
     return Panel(table=(header, rows))
 
 

@@ -217,6 +217,22 @@ def stage_seconds(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, 
     return out
 
 
+def peak_memory(history: list[dict[str, Any]], tasks: list[str]) -> dict[str, tuple[float, str]]:
+    """{task: (MiB, process)}: the largest high-water resident memory of any of the run's processes by the end of
+    the task, and which process that was ("coordinator", or on Ray the largest worker's role: "training",
+    "replicas", "generation", "search"). Tasks whose history holds no memory figure are left out."""
+    out: dict[str, tuple[float, str]] = {}
+    for entry in history:
+        task = entry.get("task")
+        if task not in tasks:
+            continue
+        figures = {"coordinator": entry.get("peak_rss_mib"), **(entry.get("worker_peak_rss_mib") or {})}
+        for process, mib in figures.items():
+            if isinstance(mib, (int, float)) and mib > out.get(task, (0.0, ""))[0]:
+                out[task] = (float(mib), process)
+    return out
+
+
 def _record_matrix(tasks: list[str], records: dict[str, dict[str, Any]], param: str) -> np.ndarray | None:
     """[new][earlier] from the records' `param` ({earlier task: value}): token_similarity (expansion init),
     subspace_similarity (selection)."""

@@ -43,6 +43,7 @@ from dmea_dist.evaluation.run_data import (
     load_run,
     params_added,
     path_grid,
+    peak_memory,
     pseudo_samples,
     series,
     stage_seconds,
@@ -128,6 +129,22 @@ def test_load_run_reads_everything_the_report_shows(tmp_path):
     assert [(r["task"], r["of"], r["role"], r["fidelity"]) for r in rows] == [
         (TASKS[1], TASKS[0], "transfer", 0.6), (TASKS[2], TASKS[0], "transfer+replay", 0.7)]
     assert [r["real_fidelity"] for r in rows] == [None, 0.8]  # the generating model's, on real inputs
+
+
+def test_peak_memory_is_the_largest_process_by_the_end_of_each_task(tmp_path):
+    history = [{"task": TASKS[0], "stage": "adapt", "peak_rss_mib": 600.0},
+               {"task": TASKS[0], "stage": "record", "peak_rss_mib": 610.0},  # in process: the coordinator alone
+               {"task": TASKS[1], "stage": "record", "peak_rss_mib": 620.0,
+                "worker_peak_rss_mib": {"training": 900.5, "replicas": 700.0}},  # on Ray: the training rank
+               {"task": TASKS[2], "stage": "adapt"}]  # a run from before memory was recorded
+    assert peak_memory(history, TASKS) == {TASKS[0]: (610.0, "coordinator"), TASKS[1]: (900.5, "training")}
+    run_dir = make_run(tmp_path)
+    state = json.loads((run_dir / "state.json").read_text())
+    state["history"] = [dict(h, **({"peak_rss_mib": 500.0, "worker_peak_rss_mib": {"training": 1234.0}}
+                                   if h["stage"] == "evaluate" else {})) for h in state["history"]]
+    (run_dir / "state.json").write_text(json.dumps(state))
+    header, rows = task_panel(load_run(run_dir)).table
+    assert header[-1] == "peak memory" and [row[-1] for row in rows] == ["1,234 MiB (training)"] * 3
 
 
 def test_a_stopped_run_gets_metrics_over_the_tasks_it_finished(tmp_path):
