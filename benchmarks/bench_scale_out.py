@@ -30,7 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmea_dist.config import load_config  # noqa: E402
-from dmea_dist.driver import check_input, run_sequence, with_absolute_paths  # noqa: E402
+from dmea_dist.driver import run_sequence  # noqa: E402
+from dmea_dist.preflight import check_input, with_absolute_paths  # noqa: E402
 
 
 def stage_seconds(history) -> dict[str, float]:

@@ -156,7 +156,8 @@ def _is_adapter(param, model) -> bool:
 
 def cmd_run(args) -> int:
     from dmea_dist.config import load_config
-    from dmea_dist.driver import check_input, run_sequence
+    from dmea_dist.driver import run_sequence
+    from dmea_dist.preflight import check_input
 
     config = load_config(args.config, args.set)
     check_input(config)  # before Ray starts: on Ray, build_run's errors would come back as Ray tracebacks
@@ -170,7 +171,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from dmea_dist.driver import check_resume, resume_config, resume_sequence, run_lock
+    from dmea_dist.driver import resume_sequence
+    from dmea_dist.preflight import check_resume, resume_config, run_lock
     from dmea_dist.state import load_state
 
     config = resume_config(Path(args.run_dir), args.set)  # refuses unsafe changes before Ray starts

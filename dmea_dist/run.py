@@ -51,7 +51,7 @@ from dmea_dist.offline import OFFLINE
 from dmea_dist.typed_yaml import dump_yaml
 
 if TYPE_CHECKING:  # torch and the model's modules (transformers' GPT-2, ~1.5 s) are imported where a model is
-    # built, so the driver's input check (`driver.check_input`), which needs only the tokenizer, starts faster
+    # built, so the driver's input check (`preflight.check_input`), which needs only the tokenizer, starts faster
     from dmea_dist.modeling.model import DMEAModel
 
 HELDOUT_INDEX = 1000  # synthetic tasks at this index and above pretrain tiny backbones

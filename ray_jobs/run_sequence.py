@@ -36,18 +36,10 @@ from dmea_dist.distributed.cluster import (
     sized_for,
 )
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
-from dmea_dist.driver import (
-    check_input,
-    check_job_paths,
-    check_resume,
-    report_error,
-    resume_config,
-    resume_sequence,
-    run_lock,
-    run_sequence,
-)
+from dmea_dist.driver import report_error, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
 from dmea_dist.offline import no_downloads
+from dmea_dist.preflight import check_input, check_job_paths, check_resume, resume_config, run_lock
 from dmea_dist.state import load_state
 
 

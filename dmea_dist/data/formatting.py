@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from dmea_dist.data.tokenizer import SpecialTokenIds
 
 if TYPE_CHECKING:  # torch is imported by the batching functions only: the driver's input check (lengths
-    # through a Formatter) runs without it, before Ray starts (`driver.check_input`)
+    # through a Formatter) runs without it, before Ray starts (`preflight.check_input`)
     import torch
 
 IGNORE = -100  # label value cross-entropy skips

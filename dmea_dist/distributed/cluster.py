@@ -117,7 +117,7 @@ def _job_env_vars() -> set[str]:
     (ray/dashboard/modules/job/job_supervisor.py) and `ray.init` merges it with its own `runtime_env`, failing
     on any variable both set, even to the same value (ray/runtime_env/runtime_env.py `_merge_runtime_env`):
     a job that sets DS_ACCELERATOR=cpu on GPU nodes, or HF_HUB_OFFLINE, failed at connect."""
-    from dmea_dist.driver import job_runtime_env
+    from dmea_dist.preflight import job_runtime_env
 
     env_vars = job_runtime_env().get("env_vars")
     return set(env_vars) if isinstance(env_vars, dict) else set()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dmea_dist.config import load_config
-from dmea_dist.driver import without_credentials
+from dmea_dist.preflight import without_credentials
 from dmea_dist.tracking import (
     Tracker,
     TrackingError,

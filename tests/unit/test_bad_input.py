@@ -379,7 +379,7 @@ def test_truncate_is_said_by_dmea_run_before_any_work(workspace, capsys):
     write_rows(root, "mine.jsonl", [*GOOD_ROWS, long_row])
     config = write_config(root, ["mine"], data={**user_task(root, "mine", "data/mine.jsonl"), "overlength": "truncate"},
                           tracking={"enabled": False})
-    from dmea_dist.driver import check_input
+    from dmea_dist.preflight import check_input
 
     check_input(load_config(config))
     err = capsys.readouterr().err
@@ -397,7 +397,7 @@ def test_a_first_run_says_that_it_pretrains_the_backbone_and_a_second_does_not(w
 
     from transformers.utils import logging as transformers_logging
 
-    from dmea_dist.driver import check_input
+    from dmea_dist.preflight import check_input
 
     said = []
     handler = logging.Handler()

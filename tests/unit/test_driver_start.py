@@ -14,14 +14,15 @@ import sys
 import yaml
 
 from dmea_dist.config import load_config
-from dmea_dist.driver import check_input
+from dmea_dist.preflight import check_input
 
 DRIVER = """
 import sys
 
 from dmea_dist import cli  # noqa: F401 - what `dmea run` imports, in its order
 from dmea_dist.config import load_config
-from dmea_dist.driver import check_input, run_sequence  # noqa: F401
+from dmea_dist.driver import run_sequence  # noqa: F401
+from dmea_dist.preflight import check_input
 from dmea_dist.distributed.cluster import logical_cpus, ray_dashboard_url, sized_for  # noqa: F401
 from dmea_dist.distributed.coordinator import connect, launch_ranks, ray_coordinator_factory  # noqa: F401
 

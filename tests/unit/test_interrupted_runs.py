@@ -139,7 +139,7 @@ def test_the_run_lock_is_taken_again_by_the_process_that_holds_it_and_released_b
     both are done another process may take it."""
     import fcntl
 
-    from dmea_dist.driver import run_lock
+    from dmea_dist.preflight import run_lock
 
     with run_lock(tmp_path, resume=True):
         with run_lock(tmp_path):
@@ -467,7 +467,7 @@ from pathlib import Path
 
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 sys.path.insert(0, sys.argv[1])
-import dmea_dist.driver
+import dmea_dist.preflight
 from dmea_dist.cli import main
 from dmea_dist.run import _publish
 
@@ -481,7 +481,7 @@ def check_input(config):  # a cold run's pretraining, killed while it writes the
     _publish(Path(sys.argv[2]) / "_cache" / "backbone-0123", write)
 
 
-dmea_dist.driver.check_input = check_input
+dmea_dist.preflight.check_input = check_input
 sys.exit(main(["run", "configs/quickstart.yaml", "--in-process", "--set", f"output_dir={sys.argv[2]}"]))
 """
 

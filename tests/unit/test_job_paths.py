@@ -57,7 +57,7 @@ def test_a_working_dir_job_refuses_relative_output_paths_before_any_work(tmp_pat
 def test_a_job_without_working_dir_keeps_relative_paths(tmp_path, monkeypatch):
     """Without --working-dir the job runs where Ray's dashboard started: relative paths mean what they say."""
     from dmea_dist.config import config_from_dict
-    from dmea_dist.driver import check_job_paths
+    from dmea_dist.preflight import check_job_paths
 
     _in_a_job(monkeypatch, tmp_path, working_dir=False)
     check_job_paths(config_from_dict({"data": {"tasks": ["synth.hotel.00"]}}))  # no error

@@ -197,7 +197,7 @@ def test_a_set_of_one_list_item_says_the_list_is_set_whole(tmp_path, override):
 def test_resume_on_a_gpu_or_with_adaptation_moved_says_the_rest_is_not_bit_for_bit(tmp_path, capsys, override):
     """A change of threads or ranks said so; a GPU's kernels, or adaptation in the coordinator, change the sums as
     much and said nothing."""
-    from dmea_dist.driver import resume_config
+    from dmea_dist.preflight import resume_config
     from dmea_dist.typed_yaml import dump_yaml
 
     run_dir = tmp_path / "run"

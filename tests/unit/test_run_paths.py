@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from dmea_dist.config import config_from_dict
-from dmea_dist.driver import resume_config, resume_sequence, run_sequence, with_absolute_paths
+from dmea_dist.driver import resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
+from dmea_dist.preflight import resume_config, with_absolute_paths
 
 
 def _relative_config():
