@@ -77,3 +77,17 @@ def test_metrics_of_finished_and_stopped_runs_against_loops(every, all_tasks):
                 assert same(got, want), (T, R)
                 if T > 1:
                     assert continual.forgetting(R, every=every) == pytest.approx(want["forgetting"])
+
+
+def test_a_stopped_runs_task_table_compares_no_score_from_before_a_tasks_training():
+    """eval.every 2 with all_tasks, stopped after task 2 of 4: the table reads row 1 (the last full row), whose
+    R[1][2] = 15 was scored before task 2 was trained; its "change" was 15 - R[2][2] = -35, a drop that never
+    happened. Only tasks trained by the row read have a change."""
+    from dmea_dist.evaluation.pages import task_panel
+
+    R = np.array([[70, 20, NAN, NAN], [60, 40, 15, 10], [NAN, NAN, 50, 25], [NAN] * 4])
+    run = run_data.RunData(name="x", method="dmea", config_name="c", tasks=["a", "b", "c", "d"], R=R,
+                           metrics=run_data.sequence_metrics(R, every=2), status="stopped")
+    header, rows = task_panel(run).table
+    assert header[:4] == ["task", "own", "after t1", "change"]
+    assert [row[3] for row in rows] == ["-10.0", "0.0", "-", "-"]
