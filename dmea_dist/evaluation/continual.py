@@ -150,12 +150,13 @@ def why_no_bwt(R, *, method: str | None = None) -> str:
             f"and {named} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
 
 
-def summarize(R, *, baseline=None) -> dict[str, float]:
-    """All end-of-sequence numbers: final_average, bwt, forgetting, and fwt if `baseline`."""
+def summarize(R, *, baseline=None, every: int = 1) -> dict[str, float]:
+    """All end-of-sequence numbers: final_average, bwt, forgetting, and fwt if `baseline`. `every`: the
+    evaluation schedule that filled R (`eval.every`; `forgetting`)."""
     result = {
         "final_average": final_average(R),
         "bwt": backward_transfer(R),
-        "forgetting": forgetting(R),
+        "forgetting": forgetting(R, every=every),
     }
     if baseline is not None:
         result["fwt"] = forward_transfer(R, baseline)

@@ -165,6 +165,16 @@ def test_summarize_with_baseline():
         {"final_average": 70.0, "bwt": -10.0, "forgetting": 12.5, "fwt": 47.5})
 
 
+def test_summarize_a_matrix_evaluated_every_other_task():
+    """eval.every 2 scores rows 1 and 3 in full and rows 0 and 2 on their own task alone: forgetting takes the
+    schedule, as the run's own metrics do."""
+    R = [[80, NAN, NAN, NAN], [70, 60, NAN, NAN], [NAN, NAN, 50, NAN], [65, 55, 45, 90]]
+    # forgetting: task 0's best 80 -> 65, task 1's 60 -> 55, task 2's 50 -> 45
+    assert summarize(R, every=2) == pytest.approx({"final_average": 63.75, "bwt": -25 / 3, "forgetting": 25 / 3})
+    with pytest.raises(ValueError):
+        summarize(R)  # every=1 expects every seen task scored in each row
+
+
 def test_why_no_bwt_names_multitask_not_eval_every_for_a_multitask_run():
     """multitask trains once, at the end, so R has only its last row; the reason given was eval.every > 1,
     a setting the user never changed."""
