@@ -156,7 +156,7 @@ def _is_adapter(param, model) -> bool:
 
 def cmd_run(args) -> int:
     from dmea_dist.config import load_config
-    from dmea_dist.driver import run_sequence
+    from dmea_dist.driver import command_started, run_sequence
     from dmea_dist.preflight import check_input
 
     config = load_config(args.config, args.set)
@@ -166,12 +166,12 @@ def cmd_run(args) -> int:
         config, factory = _ray(args.address or config.ray.address, config)
     with _tracking_reported(config):
         run_sequence(config, run_dir=args.run_dir, progress=not args.quiet, coordinator_factory=factory,
-                     check=False)
+                     check=False, started=command_started())
     return 0
 
 
 def cmd_resume(args) -> int:
-    from dmea_dist.driver import resume_sequence
+    from dmea_dist.driver import command_started, resume_sequence
     from dmea_dist.preflight import check_resume, resume_config, run_lock
     from dmea_dist.state import load_state
 
@@ -188,7 +188,8 @@ def cmd_resume(args) -> int:
             overrides += size_overrides(config.ray, sized.ray)  # a run started in process has no sizes yet
         with _tracking_reported(config):
             resume_sequence(args.run_dir, overrides=overrides, progress=not args.quiet, coordinator_factory=factory,
-                            check=False, saved=list(args.set))  # not the sizes this cluster gave unset keys
+                            check=False, saved=list(args.set),  # not the sizes this cluster gave unset keys
+                            started=command_started())
     return 0
 
 

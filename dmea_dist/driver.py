@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,13 +89,15 @@ def report_error(err: DmeaError) -> int:
 
 def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
                  coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
-                 echo: Callable[[str], None] = print, check: bool = True) -> SequenceResult:
+                 echo: Callable[[str], None] = print, check: bool = True,
+                 started: float | None = None) -> SequenceResult:
     """Run the whole task sequence of `config` in a new run directory; returns the R matrix and metrics.
 
     `coordinator_factory` makes what steps the stages: by default an in-process
     `Coordinator`; `dmea run` on Ray passes one that starts it as an actor.
     `check`: refuse bad input first (`check_input`), before anything is written;
-    False when the caller has just done it.
+    False when the caller has just done it. `started`: when the command began (`time.time()`; the CLI and the Ray
+    job pass their process's start), from which the run's time line counts its one-time start-up.
     """
     from dmea_dist.state import STATE_FILE
 
@@ -111,18 +114,19 @@ def run_sequence(config: RunConfig, *, run_dir: str | Path | None = None,
         raise DmeaError(f"{run_dir} already holds a run; continue it with `dmea resume {run_dir}` "
                         f"or choose another --run-dir")
     return _drive(config, run_dir, resume=False, coordinator_factory=coordinator_factory, progress=progress,
-                  echo=echo, remove_unstarted=ours)
+                  echo=echo, remove_unstarted=ours, started=started)
 
 
 def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
                     coordinator_factory: CoordinatorFactory | None = None, progress: bool = True,
                     echo: Callable[[str], None] = print, check: bool = True,
-                    saved: list[str] | None = None) -> SequenceResult:
+                    saved: list[str] | None = None, started: float | None = None) -> SequenceResult:
     """Continue the run in `run_dir` from its last finished stage, in the same MLflow parent run.
 
     `check`: refuse a tracking store that cannot take the run first (`check_resume`); False when the caller
     has just done it (before starting Ray). `saved`: the overrides written into the run's config.yaml for
     later resumes (default: all of `overrides`); the user's `--set`s, not the sizes a cluster gave them.
+    `started`: as `run_sequence`'s.
     """
     from dmea_dist.files import write_text
     from dmea_dist.state import load_state
@@ -146,7 +150,7 @@ def resume_sequence(run_dir: str | Path, *, overrides: list[str] | None = None,
         echo(f"resuming {run_dir} at task {state.task_index + 1}/{len(state.tasks)} "
              f"({state.tasks[min(state.task_index, len(state.tasks) - 1)].task_id}), stage {state.stage.value}")
         return _drive(config, run_dir, resume=True, coordinator_factory=coordinator_factory, progress=progress,
-                      echo=echo)
+                      echo=echo, started=started)
 
 
 def local_coordinator(config: RunConfig, run_dir: Path, *, resume: bool, progress=None):
@@ -156,12 +160,14 @@ def local_coordinator(config: RunConfig, run_dir: Path, *, resume: bool, progres
 
 
 def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factory: CoordinatorFactory | None,
-           progress: bool, echo: Callable[[str], None], remove_unstarted: bool = False) -> SequenceResult:
+           progress: bool, echo: Callable[[str], None], remove_unstarted: bool = False,
+           started: float | None = None) -> SequenceResult:
     """`remove_unstarted`: a new run's folder, made for it, is removed if the run fails or is stopped before
     its coordinator is built (a cluster too small for its pools, `ray job stop` at start-up): nothing ran,
     nothing was recorded, and a folder left "running" at task 1 would only look like a live run."""
     from dmea_dist.tracking import Tracker, registered_model_name, task_aliases
 
+    clock = {"started": time.time() if started is None else started, "from_command": started is not None}
     stop = StopRequest()
     with run_lock(run_dir), stop.on_termination():
         bar = StageProgress(config.data.tasks, enabled=progress)
@@ -185,8 +191,10 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
         try:
             parent = _open_tracking(tracker, coordinator, config, run_dir)
             _record_unrecorded(tracker, coordinator, config)
+            clock["first_stage"] = time.time()
             with stop.on_sigint(echo):
                 _step_until_done(coordinator, tracker, config, bar, stop, echo)
+            clock["last_stage"] = time.time()
             results = coordinator.results()
             stepped = True
         except BaseException as err:
@@ -226,6 +234,7 @@ def _drive(config: RunConfig, run_dir: Path, *, resume: bool, coordinator_factor
             raise
 
     print_results(echo, names, R, metrics, metric=config.eval.metric, method=config.method.name)
+    echo(time_line(clock, time.time(), resume=resume))
     echo(where_line(run_dir, config))
     if tracker.active:
         name = registered_model_name(config.name, config.method.name, run_dir.name)
@@ -245,6 +254,26 @@ def _stop_message(err: BaseException, stop: StopRequest) -> str | None:
     if isinstance(err, KeyboardInterrupt):
         return "stopped by Ctrl-C"
     return str(err) if isinstance(err, RunStopped) else None
+
+
+def command_started() -> float:
+    """When this process started (`time.time()`'s clock): the command's own start, imports included."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def time_line(clock: dict[str, float], end: float, *, resume: bool) -> str:
+    """Where the command's time went: the one-time start-up (until the first stage), the stages, the finish
+    (issue 9: start-up is paid once per run, and shown). `clock`: started, first_stage, last_stage (time.time());
+    `from_command`: `started` is the command's own start (its imports, input check and a first run's backbone
+    pretraining count), else the drive's."""
+    before = ("imports, input check, the backbone, Ray, the coordinator" if clock["from_command"]
+              else "the coordinator and tracking")
+    stages = "the rest of the stages" if resume else "the stages"
+    return (f"\ntime: {end - clock['started']:.1f} s: {clock['first_stage'] - clock['started']:.1f} s to start ({before}; "
+            f"once per run), {clock['last_stage'] - clock['first_stage']:.1f} s in {stages}, "
+            f"{end - clock['last_stage']:.1f} s to finish (the report, the records)")
 
 
 def where_line(run_dir: Path, config: RunConfig) -> str:

@@ -36,7 +36,7 @@ from dmea_dist.distributed.cluster import (
     sized_for,
 )
 from dmea_dist.distributed.coordinator import connect, ray_coordinator_factory
-from dmea_dist.driver import report_error, resume_sequence, run_sequence
+from dmea_dist.driver import command_started, report_error, resume_sequence, run_sequence
 from dmea_dist.errors import DmeaError
 from dmea_dist.offline import no_downloads
 from dmea_dist.preflight import check_input, check_job_paths, check_resume, resume_config, run_lock
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         # as `dmea resume`: a run still running is refused now, not once Ray is joined
         with run_lock(Path(args.resume), resume=True) if args.resume else contextlib.nullcontext():
             if args.resume and load_state(args.resume).done:  # as `dmea resume`: its results need no Ray
-                result = resume_sequence(args.resume, overrides=args.set, check=False)
+                result = resume_sequence(args.resume, overrides=args.set, check=False, started=command_started())
             else:
                 result = _on_ray(args, config)
     except DmeaError as err:
@@ -90,8 +90,10 @@ def _on_ray(args, config):
     config = dataclasses.replace(config, ray=sized)
     if args.resume:
         return resume_sequence(args.resume, overrides=overrides, coordinator_factory=ray_coordinator_factory,
-                               check=False, saved=args.set)  # not the sizes this cluster gave unset keys
-    return run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory, check=False)
+                               check=False, saved=args.set,  # not the sizes this cluster gave unset keys
+                               started=command_started())
+    return run_sequence(config, run_dir=args.run_dir, coordinator_factory=ray_coordinator_factory, check=False,
+                        started=command_started())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,32 @@ def test_a_run_started_in_a_relative_directory_is_named_after_it(tmp_path, monke
     (tracker,) = fakes
     assert tracker.run_names == [run_dir.name]
     assert tracker.registered == ["fake-dmea-20260101-000000-abcd"] * 2
+
+
+class SlowCoordinator(FakeCoordinator):
+    """Each stage takes 0.05 s: 6 stages x 2 tasks."""
+
+    def step(self):
+        time.sleep(0.05)
+        return super().step()
+
+
+def test_the_run_says_where_its_time_went_start_up_once_then_the_stages(tmp_path, fakes):
+    """Issue 9: start-up is paid once per run and shown in the run's output. The CLI passes its process's start,
+    so the start-up counts its imports, input check and a first run's pretraining."""
+    lines = []
+    started = time.time() - 100.0
+    run_sequence(_config(tmp_path), coordinator_factory=SlowCoordinator, progress=False, echo=lines.append,
+                 check=False, started=started)
+    line = next(x for x in lines if x.strip().startswith("time:"))
+    total, start, stages, finish = (float(x) for x in re.findall(r"(\d+\.\d) s", line))
+    assert 100.0 <= start < 105.0 and 0.6 <= stages < 5.0 and total == pytest.approx(start + stages + finish, abs=0.15)
+    assert "(imports, input check, the backbone, Ray, the coordinator; once per run)" in line
+    lines.clear()
+    run_sequence(_config(tmp_path), coordinator_factory=SlowCoordinator, progress=False, echo=lines.append,
+                 check=False)  # called from Python: the drive's own start
+    line = next(x for x in lines if x.strip().startswith("time:"))
+    assert float(re.findall(r"(\d+\.\d) s to start", line)[0]) < 5.0 and "(the coordinator and tracking;" in line
 
 
 class WarningCoordinator(FakeCoordinator):
