@@ -171,8 +171,8 @@ def test_resume_on_other_ranks_says_the_adaptation_it_stopped_in_starts_again(tm
     start stopped at step 10 of 30, resumed with ray.num_train_workers=2, showed `adapt 1/30`)."""
     import json
 
-    from dmea_dist.driver import resume_config
     from dmea_dist.method.lifecycle import Stage
+    from dmea_dist.preflight import resume_config
     from dmea_dist.state import load_state, save_state
 
     run_dir = _stopped_run(tmp_path)
@@ -201,8 +201,8 @@ def test_a_run_stopped_by_ctrl_c_says_where_in_one_line_without_stopped_twice(ca
 def test_a_refused_resume_names_what_may_change_as_the_keys_are_written(tmp_path):
     """The refusal listed `data.root*, output_dir*, tracking.uri*` (no such keys) and said `name` or
     `tracking.experiment` would change what the run computes."""
-    from dmea_dist.driver import resume_config
     from dmea_dist.errors import DmeaError
+    from dmea_dist.preflight import resume_config
 
     run_dir = _stopped_run(tmp_path)
     with pytest.raises(DmeaError) as refused:
