@@ -153,7 +153,7 @@ def build_engine(
     divide V, and `step` then takes {piece: closure} per group.
     """
     names = _check_params(model, params)
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     config = _check_ds_config(ds_config, on_cpu=on_cpu)
     clip = 0.0
@@ -637,7 +637,8 @@ def _check_ds_config(ds_config: dict[str, Any], *, on_cpu: bool) -> dict[str, An
     return config
 
 
-def _import_deepspeed():
+def import_deepspeed():
+    """DeepSpeed, imported (the only place it is): on its CPU accelerator where no GPU is visible."""
     # DeepSpeed picks its accelerator once, at first use: CPU unless CUDA is present
     # or DS_ACCELERATOR says otherwise (set it to "cpu" for CPU runs on GPU nodes).
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():

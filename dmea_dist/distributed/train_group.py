@@ -89,10 +89,11 @@ class TrainWorker:
     def __init__(self, snapshot: dict[str, Any] | None, *, engine: EngineSettings, cpus: float):
         configure_threads(cpus)
         check_gpu()
-        import deepspeed  # noqa: F401 - imported now, while the run starts, not in the first job
-
-        from dmea_dist.distributed import train_workers  # noqa: F401 - likewise (the ZeRO-3 gathering)
+        from dmea_dist.distributed import train_workers  # noqa: F401 - now, not in the first job (ZeRO-3 gathering)
         from dmea_dist.distributed.generation_pool import build_model
+        from dmea_dist.engine import import_deepspeed
+
+        import_deepspeed()  # likewise, while the run starts
 
         self.model = build_model(snapshot) if snapshot is not None else None  # None: `load` gives it
         self.engine = engine

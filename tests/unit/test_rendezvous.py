@@ -62,7 +62,7 @@ def test_a_one_rank_group_starts_though_the_port_it_was_offered_is_taken(tmp_pat
         for module in (engine, rendezvous):
             module.free_port = taken_port
         os.environ.pop("WORLD_SIZE", None)
-        engine._init_distributed(engine._import_deepspeed(), "gloo")
+        engine._init_distributed(engine.import_deepspeed(), "gloo")
         assert dist.is_initialized() and dist.get_world_size() == 1
         assert int(os.environ["MASTER_PORT"]) not in [t.getsockname()[1] for t in thieves]
         print("group started")
