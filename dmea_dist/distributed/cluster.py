@@ -5,7 +5,7 @@
 * `worker_env` / `configure_threads`: CPU workers use CPU DeepSpeed and as many torch
   threads as the CPUs they reserved: more threads than cores makes every worker slower.
 * `gather`: results in submission order, progress as they finish in any order, the first failure at once.
-* `peak_memory`: the largest high-water memory of a set of workers (the run's per-task record).
+* `actors_peak_memory`: the largest high-water memory of each role's actors (the run's per-task record).
 * `raise_constructor_error`: the error an actor's constructor raised, where it is ours, instead of Ray's
   ActorDiedError.
 
@@ -34,7 +34,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from dmea_dist.errors import ClusterTooSmall, DmeaError
@@ -279,16 +279,16 @@ def gather(refs: list, *, label: str, progress: Progress | None) -> list:
     return [values[ref] for ref in refs]
 
 
-def peak_memory(workers: dict[str, list], *, wait_s: float = 1.0) -> dict[str, float]:
+def actors_peak_memory(workers: dict[str, list], *, wait_s: float = 1.0) -> dict[str, float]:
     """The largest high-water resident memory (MiB) of each role's actors (workers with `memory()`), asked
-    all at once. Bookkeeping: an actor that died, or is still starting after `wait_s` (a pool warming up while
-    the first task ends), is left out rather than waited for or raised; a role none of whose actors answered
-    is absent."""
+    all at once. Bookkeeping: an actor that died or failed to answer, or is still starting after `wait_s` (a pool
+    warming up while the first task ends), is left out rather than waited for or raised; a role none of whose
+    actors answered is absent."""
     refs = {actor.memory.remote(): role for role, actors in workers.items() for actor in actors}
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait_s) if refs else ([], [])
     peaks: dict[str, float] = {}
     for ref in ready:
-        with contextlib.suppress(RayActorError):
+        with contextlib.suppress(RayError):
             peak = ray.get(ref)["peak_rss_mib"]
             peaks[refs[ref]] = max(peak, peaks.get(refs[ref], 0.0))
     return peaks

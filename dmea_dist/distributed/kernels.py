@@ -45,7 +45,7 @@ from dmea_dist.config import RayConfig
 from dmea_dist.distributed.cluster import (
     RESERVE_TIMEOUT_S,
     Progress,
-    peak_memory,
+    actors_peak_memory,
     raise_constructor_error,
     require_ray,
 )
@@ -201,7 +201,7 @@ class RayKernels:
         workers = {role: pool.actors for role, pool in pools.items()}
         if self.group is not None:
             workers["training"] = self.group.workers
-        return peak_memory(workers)
+        return actors_peak_memory(workers)
 
     def close(self) -> None:
         """Release the generation and search actors, the training group and their CPUs (Ray itself stays up)."""
