@@ -300,7 +300,10 @@ class DMEAModel(nn.Module):
             return None
         _, rows, lookup = table
         where = lookup[args[0]]  # (batch, seq): the row of each token, -1 for the backbone's own
-        taken = rows[where.clamp(min=0)].to(output.dtype)
+        # an embedding lookup, not `rows[index]`: on CPU, index's backward adds float gradients with atomic
+        # adds at 2+ threads, in an order that changes run to run (the rows, and then the whole run, differed
+        # in the last digits); embedding's backward adds them in token order, the bits of a 1-thread run
+        taken = nn.functional.embedding(where.clamp(min=0), rows).to(output.dtype)
         return torch.where((where >= 0).unsqueeze(-1), taken, output)
 
     def _head_with_rows(self, module, args, output):

@@ -30,9 +30,9 @@ def quickstart(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     config = load_config(CONFIG, [f"output_dir={tmp}/runs", f"tracking.uri={uri}"])
     printed: list[str] = []
-    # at one thread, as each Ray worker computes: on an Intel Xeon with AMX (machine C, docs/RESULTS.md 0d) the
-    # same run at two threads gave another R in each of three runs (listops's pseudo-sample yield 0.84 in one,
-    # under the floor below, 0.94 in the others); at one thread it computes what `dmea run` on Ray computes
+    # at one thread, as each Ray worker computes, so the floors below hold for what `dmea run` on Ray computes;
+    # at two threads the run is another draw (float sums split over threads; reproducible since the token
+    # rows' gradient is summed in order, docs/RESULTS.md 0d)
     with torch_threads(1):
         result = run_sequence(config, run_dir=tmp / "run", progress=False, echo=printed.append)
     return config, result, uri, "\n".join(printed)

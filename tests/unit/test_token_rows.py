@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -206,3 +207,36 @@ def test_which_rows_a_task_claims_follows_model_token_rows(config, tmp_path, set
     run = SimpleNamespace(config=run_config, tasks=[task], policy=SimpleNamespace(joint=False), model=model)
     assert _claim_token_rows(SimpleNamespace(run=run, special=special), task) == claimed
     assert model.token_rows.owners == ({"a": claimed} if claimed else {})
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a race between two threads needs two cores")
+def test_rows_gradient_is_the_same_bits_at_two_threads_as_at_one(config):
+    """The rows' gradient, summed over every position a row's token fills, came out in another order on
+    every call at two threads (torch's CPU indexing backward adds float32 gradients with atomic adds):
+    an in-process run at two threads trained other rows each time and ended at another R matrix. It must
+    be the bits a one-thread run gets (Ray workers run at one thread), call after call."""
+    from dmea_dist.run import torch_threads
+
+    model = DMEAModel.from_config(config, seed=0).train()  # float32: the race is in float32's kernel
+    path = model.add_modules()
+    model.set_path("a", path)
+    model.claim_token_rows("a", UNTRAINED)
+    (rows,) = model.token_rows_parameters("a")
+    rows.requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    # 64 x 48 positions x 32 wide: a gather large enough for torch to split it over threads
+    ids = torch.tensor(UNTRAINED)[torch.randint(len(UNTRAINED), (64, 48), generator=generator)]
+    upstream = torch.randn(64, 48, config.n_embd, generator=generator)
+
+    def rows_gradient() -> torch.Tensor:
+        rows.grad = None
+        with model.route(path):
+            hidden = model.backbone.transformer.wte(ids)
+        (hidden * upstream).sum().backward()
+        return rows.grad.clone()
+
+    with torch_threads(1):
+        one_thread = rows_gradient()
+    with torch_threads(2):
+        for _ in range(10):
+            assert torch.equal(rows_gradient(), one_thread)
