@@ -439,12 +439,4 @@ def sequence_metrics(R: np.ndarray, *, baseline: np.ndarray | None = None, every
     """Final average, BWT and forgetting where the R matrix has what they need; FWT when tasks were
     also evaluated before they were trained (`eval.all_tasks`) against the untrained `baseline`.
     `every`: eval.every (the rows that scored only the task just trained)."""
-    out = {"final_average": continual.final_average(R)}
-    if not np.isnan(np.diag(R)).any():
-        out["bwt"] = continual.backward_transfer(R)
-        out["forgetting"] = continual.forgetting(R, every=every)
-    n = R.shape[0]
-    above = [R[i - 1, i] for i in range(1, n)]
-    if n > 1 and baseline is not None and not np.isnan(above).any() and not np.isnan(baseline[1:]).any():
-        out["fwt"] = continual.forward_transfer(R, baseline)
-    return out
+    return continual.measured(R, baseline=baseline, every=every)

@@ -150,6 +150,23 @@ def why_no_bwt(R, *, method: str | None = None) -> str:
             f"and {named} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
 
 
+def measured(R, *, baseline=None, every: int = 1) -> dict[str, float]:
+    """The end-of-sequence numbers that R has the entries for (a metric missing one is left out, not raised):
+    what a run reports. final_average, bwt and forgetting; fwt where `baseline` (untrained scores, NaN where
+    not measured) and the entries above the diagonal are there (`eval.all_tasks`). `every`: as `forgetting`."""
+    metrics = {"final_average": final_average, "bwt": backward_transfer,
+               "forgetting": lambda m: forgetting(m, every=every)}
+    if baseline is not None and as_matrix(R).shape[0] > 1:  # one task: nothing is learned before another
+        metrics["fwt"] = lambda m: forward_transfer(m, baseline)
+    out = {}
+    for name, metric in metrics.items():
+        try:
+            out[name] = metric(R)
+        except ValueError:  # entries it needs were not evaluated
+            pass
+    return out
+
+
 def summarize(R, *, baseline=None, every: int = 1) -> dict[str, float]:
     """All end-of-sequence numbers: final_average, bwt, forgetting, and fwt if `baseline`. `every`: the
     evaluation schedule that filled R (`eval.every`; `forgetting`)."""

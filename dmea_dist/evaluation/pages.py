@@ -192,8 +192,9 @@ def task_panel(run: RunData) -> Panel:
     rows = []
     for i, task in enumerate(run.tasks):
         new = sum(kind == "new" for _, kind, _ in grid[task]) if task in grid else None
-        rows.append([f"t{i} {_html_safe(task)}", _fmt(run.R[i, i], 1), _fmt(run.R[last, i], 1),
+        rows.append([f"t{i} {_html_safe(task)}", _fmt(run.R[i, i], 1),
                      # a task past the row read (a stopped run) has there a score from before its training
+                     _fmt(run.R[last, i] if i <= last else None, 1),
                      _fmt(run.R[last, i] - run.R[i, i] if i <= last else None, 1), "-" if new is None else str(new),
                      "-" if added.get(task) is None else f"{added[task]:,}",
                      _html_safe(", ".join(run.selected.get(task, [])) or "-"),

@@ -86,7 +86,8 @@ def load_run(run_dir: str | Path) -> RunData:
     method = config.get("method", {})
     return RunData(
         name=run_dir.resolve().name, method=str(method.get("name", "?")), config_name=str(config.get("name", "?")),
-        tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json", unreadable) or sequence_metrics(R, every=_every(config)),
+        tasks=tasks, R=R, metrics=_read_json(run_dir / "metrics.json", unreadable) or sequence_metrics(
+            R, every=_every(config), baseline=_baseline(state.get("baseline"), len(tasks))),
         metric_name=str(config.get("eval", {}).get("metric", "rouge")),
         status=_status(run_dir, state),
         similarity=_matrix(state["similarity"], len(tasks)) if state.get("similarity") else
@@ -97,6 +98,13 @@ def load_run(run_dir: str | Path) -> RunData:
         records=records, history=list(state.get("history") or []), module_params=_module_params(run_dir),
         eta_clamp=tuple(method.get("adaptation", {}).get("eta_clamp", ())) or None,
         unreadable=[f"{file.relative_to(run_dir)} ({why})" for file, why in unreadable])
+
+
+def _baseline(values, n_tasks: int) -> list | None:
+    """state.json's untrained scores (FWT's baseline), one per task, or None where the run has none."""
+    if not isinstance(values, list) or len(values) != n_tasks:
+        return None
+    return [v if isinstance(v, int | float) else None for v in values]
 
 
 def _every(config: dict) -> int:
@@ -127,23 +135,18 @@ def last_evaluated(R: np.ndarray) -> int | None:
     return int(evaluated[-1]) if evaluated.size else None
 
 
-def sequence_metrics(R: np.ndarray, *, every: int = 1) -> dict[str, float]:
-    """A_T, BWT and forgetting where R has what they need (a stopped run: over the tasks done); `every`: the run's
+def sequence_metrics(R: np.ndarray, *, every: int = 1, baseline=None) -> dict[str, float]:
+    """A_T, BWT, forgetting and (with the untrained `baseline` of an `eval.all_tasks` run) FWT where R has
+    what they need; a stopped run's over the tasks done, up to its last full row. `every`: the run's
     eval.every."""
     from dmea_dist.evaluation import continual
 
     last = last_evaluated(R)
     if last is None:
         return {}
-    sub = R[: last + 1, : last + 1]
-    out = {}
-    for name, fn in (("final_average", continual.final_average), ("bwt", continual.backward_transfer),
-                     ("forgetting", lambda m: continual.forgetting(m, every=every))):
-        try:
-            out[name] = fn(sub)
-        except ValueError:  # entries it needs were not evaluated
-            pass
-    return out
+    if baseline is not None:
+        baseline = np.array([np.nan if b is None else b for b in baseline], dtype=np.float64)[: last + 1]
+    return continual.measured(R[: last + 1, : last + 1], baseline=baseline, every=every)
 
 
 # ------------------------------------------------------------------- figure data (pure)

@@ -68,6 +68,11 @@ def test_metrics_of_finished_and_stopped_runs_against_loops(every, all_tasks):
             L, want = reference(R)
             assert run_data.last_evaluated(R) == L, (T, stop, R)
             assert same(run_data.sequence_metrics(R, every=every), want), (T, stop, R)
+            # FWT (all_tasks) over the tasks done, from state.json's untrained scores (None: never measured)
+            untrained = [None, *(float(rng.integers(0, 4)) for _ in range(T - 1))]
+            if all_tasks and L is not None and L > 0:
+                want = {**want, "fwt": sum(R[i - 1][i] - untrained[i] for i in range(1, L + 1)) / L}
+            assert same(run_data.sequence_metrics(R, every=every, baseline=untrained), want), (T, stop, R)
             if stop is None:
                 assert L == T - 1
                 baseline = rng.uniform(0, 30, size=T)
@@ -91,3 +96,5 @@ def test_a_stopped_runs_task_table_compares_no_score_from_before_a_tasks_trainin
     header, rows = task_panel(run).table
     assert header[:4] == ["task", "own", "after t1", "change"]
     assert [row[3] for row in rows] == ["-10.0", "0.0", "-", "-"]
+    # nor a score under "after t1" for a task not trained by then (R[1][2] and R[1][3] were scored untrained)
+    assert [row[2] for row in rows] == ["60.0", "40.0", "-", "-"]

@@ -153,6 +153,18 @@ def test_a_stopped_run_gets_metrics_over_the_tasks_it_finished(tmp_path):
     assert run.metrics["final_average"] == pytest.approx(55.0) and run.metrics["bwt"] == pytest.approx(-10.0)
 
 
+def test_a_stopped_run_that_scored_untrained_tasks_reports_fwt_over_the_tasks_it_finished(tmp_path):
+    """eval.all_tasks: R[j][j+1] is task j+1 before its training, state.json's baseline the untrained scores.
+    A finished run has FWT in metrics.json; a stopped one's report computed none (the driver's did)."""
+    R = [[80.0, 30.0, 9.0], [70.0, 40.0, 20.0], [None] * 3]
+    run_dir = make_run(tmp_path, finished=False, R=R)
+    state = json.loads((run_dir / "state.json").read_text())
+    (run_dir / "state.json").write_text(json.dumps({**state, "baseline": [None, 10.0, 5.0]}))
+    run = load_run(run_dir)
+    assert run.metrics["fwt"] == pytest.approx(30.0 - 10.0)  # over task 1 only: task 2 was never trained
+    assert run.metrics["bwt"] == pytest.approx(-10.0)
+
+
 def test_a_stopped_run_evaluated_every_other_task_gets_metrics_after_its_last_evaluation(tmp_path):
     """eval.every=2: rows 0 and 2 stay empty; a run stopped after task 1 has A over R[1][0..1], not nothing."""
     run = load_run(make_run(tmp_path, finished=False, R=[[None] * 3, [70.0, 40.0, None], [None] * 3]))
