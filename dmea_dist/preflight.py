@@ -100,7 +100,7 @@ def resume_command(run_dir: Path, environ=os.environ) -> str:
 
 
 def check_input(config: RunConfig) -> None:
-    """Refuse bad input here, before Ray starts or anything is written (DESIGN section 6).
+    """Refuse bad input here, before Ray starts or anything is written.
 
     `build_run` checks the same, but on Ray it runs in the coordinator actor,
     where an error comes back as a Ray traceback, after the run directory and

@@ -131,7 +131,7 @@ class RayTrainAdapter:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        # DeepSpeed's accelerator said outright: cpu on a GPU node for CPU runs (DESIGN section 4), cuda for GPU
+        # DeepSpeed's accelerator said outright: cpu on a GPU node for CPU runs (auto-detection picks cuda), cuda for GPU
         # ranks, which would inherit a driver's DS_ACCELERATOR=cpu otherwise (worker_env)
         env = worker_env(self._threads(), gpu=self.use_gpu)
         loop_config = {"model": ray.put(model), "job": ray.put(job), "engine": self.engine,

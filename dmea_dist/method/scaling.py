@@ -10,7 +10,7 @@ batches `g_t` (pseudo samples of a selected task run through the new path):
 with `t` the training progress in epochs (fractional). At t = 0, eta_i is the
 squared-norm ratio (a replayed task with a small gradient is amplified, one
 with a large gradient damped); as `t` grows, eta_i decays to 1 and the plain
-sum is left. Only replay streams are scaled (DESIGN.md section 1): transfer
+sum is left. Only replay streams are scaled (DMEA's rule, arXiv 2310.09886): transfer
 streams train the new path on the new task's behalf and are added with weight
 exactly 1, never compared.
 

@@ -1,6 +1,6 @@
 """Losses and small training helpers shared by the stages.
 
-The training objective of a task (DESIGN section 1) is
+The training objective of a task (DMEA, arXiv 2310.09886, after LAMOL and ACM) is
 
     loss = QA loss on `answer <eos>`  +  lm_lambda * LM loss on the whole sample
 

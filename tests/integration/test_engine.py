@@ -236,7 +236,7 @@ def _reference_step(model, params, data, step, progress, *, scale):
     for key in ROUTES:
         grads[key], losses[key], reached[key] = _global_group_gradient(model, params, data, step, key)
     sq = {key: float(sum((g * g).sum() for g in gs)) for key, gs in grads.items()}
-    # The new task's squared norm over the parameters each replayed path reaches (DESIGN.md 1.3).
+    # The new task's squared norm over the parameters each replayed path reaches (scaling.matched_sq_norms).
     matched = {key: float(sum((grads["new"][k] ** 2).sum() for k in reached[key])) for key in REPLAYED}
     raw = {key: _reference_raw_eta(matched[key], sq[key], progress) for key in REPLAYED}
     etas = {key: _clamp(raw[key]) if scale else 1.0 for key in REPLAYED}

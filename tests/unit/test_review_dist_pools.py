@@ -161,7 +161,7 @@ def test_a_pool_call_fails_as_soon_as_one_of_its_actors_dies_not_after_the_other
 
 
 def test_a_ray_job_whose_runtime_env_sets_a_variable_the_run_sets_too_connects(monkeypatch):
-    """`ray job submit --runtime-env-json '{"env_vars": {"DS_ACCELERATOR": "cpu"}}'` (DESIGN: force it for CPU runs
+    """`ray job submit --runtime-env-json '{"env_vars": {"DS_ACCELERATOR": "cpu"}}'` (forced for CPU runs
     on GPU nodes), or HF_HUB_OFFLINE for an offline cluster: `connect` passed ray.init its own env_vars with the same
     keys, and Ray 2.60 refuses to merge a job's runtime env with a driver's that sets any variable again
     ("Failed to merge the Job's runtime env ... because of a conflict"): the job failed before it started."""
