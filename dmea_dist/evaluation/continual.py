@@ -151,19 +151,21 @@ def why_no_bwt(R, *, method: str | None = None) -> str:
 
 
 def measured(R, *, baseline=None, every: int = 1) -> dict[str, float]:
-    """The end-of-sequence numbers that R has the entries for (a metric missing one is left out, not raised):
-    what a run reports. final_average, bwt and forgetting; fwt where `baseline` (untrained scores, NaN where
-    not measured) and the entries above the diagonal are there (`eval.all_tasks`). `every`: as `forgetting`."""
-    metrics = {"final_average": final_average, "bwt": backward_transfer,
-               "forgetting": lambda m: forgetting(m, every=every)}
-    if baseline is not None and as_matrix(R).shape[0] > 1:  # one task: nothing is learned before another
-        metrics["fwt"] = lambda m: forward_transfer(m, baseline)
-    out = {}
-    for name, metric in metrics.items():
-        try:
-            out[name] = metric(R)
-        except ValueError:  # entries it needs were not evaluated
-            pass
+    """The end-of-sequence numbers a run reports, from an R whose last row scored every task: final_average;
+    bwt and forgetting when every task was scored right after its training (R's diagonal: multitask never
+    is); fwt when the untrained `baseline` is given and every task was scored before its training too (the
+    entries above the diagonal, `eval.all_tasks`). Whatever else is missing raises, as each metric does: a
+    missing evaluation is a bug in the run. `every`: as `forgetting`."""
+    matrix = as_matrix(R)
+    out = {"final_average": final_average(matrix)}
+    if not np.isnan(np.diag(matrix)).any():
+        out["bwt"] = backward_transfer(matrix)
+        out["forgetting"] = forgetting(matrix, every=every)
+    n = matrix.shape[0]
+    if n > 1 and baseline is not None:
+        base = np.asarray(baseline, dtype=np.float64)
+        if not np.isnan([matrix[i - 1, i] for i in range(1, n)]).any() and not np.isnan(base[1:]).any():
+            out["fwt"] = forward_transfer(matrix, base)
     return out
 
 

@@ -183,3 +183,18 @@ def test_why_no_bwt_names_multitask_not_eval_every_for_a_multitask_run():
     assert "R[0][0], R[1][1] were not evaluated" in why and "multitask trains once" in why
     assert "eval.every" not in why
     assert "eval.every" in why_no_bwt(R) and why_no_bwt(FULL, method="multitask") == ""
+
+
+def test_measured_leaves_out_what_the_protocol_skips_and_raises_on_what_a_run_lost():
+    """What a run reports: BWT and forgetting are absent where the diagonal was never scored (multitask), FWT
+    where untrained tasks were not scored; an entry the protocol needs but lacks is a bug, and raises."""
+    from dmea_dist.evaluation.continual import measured
+
+    multitask = [[NAN, NAN], [60.0, 70.0]]
+    assert measured(multitask, baseline=[NAN, 5.0]) == {"final_average": pytest.approx(65.0)}
+    assert measured([[90.0]], baseline=[1.0]) == {"final_average": 90.0, "bwt": pytest.approx(NAN, nan_ok=True),
+                                                  "forgetting": pytest.approx(NAN, nan_ok=True)}
+    with pytest.raises(ValueError, match=r"R\[1\]\[1\]"):  # the last row lost a score
+        measured([[80.0, NAN], [70.0, NAN]])
+    with pytest.raises(ValueError, match=r"R\[1\]\[0\]"):  # the diagonal is there, a row forgetting reads is not
+        measured([[80.0, NAN, NAN], [NAN, 50.0, NAN], [60.0, 40.0, 30.0]])

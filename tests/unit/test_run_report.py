@@ -163,6 +163,10 @@ def test_a_stopped_run_that_scored_untrained_tasks_reports_fwt_over_the_tasks_it
     run = load_run(run_dir)
     assert run.metrics["fwt"] == pytest.approx(30.0 - 10.0)  # over task 1 only: task 2 was never trained
     assert run.metrics["bwt"] == pytest.approx(-10.0)
+    for damaged in ([None, 10.0], [None, "ten", 5.0]):  # a hand-edited state.json: no FWT, the rest stands
+        (run_dir / "state.json").write_text(json.dumps({**state, "baseline": damaged}))
+        assert load_run(run_dir).metrics == {"final_average": pytest.approx(55.0), "bwt": pytest.approx(-10.0),
+                                             "forgetting": pytest.approx(10.0)}
 
 
 def test_a_stopped_run_evaluated_every_other_task_gets_metrics_after_its_last_evaluation(tmp_path):
