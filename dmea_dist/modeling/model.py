@@ -278,6 +278,22 @@ class DMEAModel(nn.Module):
         self.token_rows.clear()
         self._row_lookup = None
 
+    @contextlib.contextmanager
+    def only_rows_of(self, task_ids) -> Iterator[None]:
+        """Inside the block only these tasks' rows apply; the other tasks' tokens embed and score with the
+        backbone's rows, as before those tasks claimed them. E.g. an earlier task with the rows that existed
+        when it was trained: a later task's trained rows compete in every task's softmax (the tied head scores
+        them whatever the route), and this measures what they cost it (benchmarks/token_rows_leak.py)."""
+        keep = set(task_ids)
+        every = self.token_rows.tasks
+        self.token_rows.tasks = nn.ModuleDict({key: rows for key, rows in every.items() if rows.task_id in keep})
+        self._row_lookup = None
+        try:
+            yield
+        finally:
+            self.token_rows.tasks = every
+            self._row_lookup = None
+
     def token_rows_parameters(self, task_id: str | None) -> list[nn.Parameter]:
         """The trainable rows of `task_id` (none when it holds none)."""
         return [] if task_id is None else self.token_rows.parameters_of(task_id)

@@ -240,3 +240,23 @@ def test_rows_gradient_is_the_same_bits_at_two_threads_as_at_one(config):
     with torch_threads(2):
         for _ in range(10):
             assert torch.equal(rows_gradient(), one_thread)
+
+
+def test_only_rows_of_scores_as_the_model_did_before_the_other_tasks_claimed_rows(config):
+    """A later task's trained rows change what an earlier task answers (they compete in the tied head's softmax
+    whatever the route); inside `only_rows_of` the model computes exactly what it computed before they existed,
+    and after the block the later rows apply again."""
+    model = build(config)
+    path = model.add_modules()
+    model.claim_token_rows("a", [81, 82])
+    with torch.no_grad():
+        model.token_rows_parameters("a")[0].add_(1.0)
+    before = model(IDS, path=path).logits
+    model.claim_token_rows("b", [84, 90, 91])
+    with torch.no_grad():
+        model.token_rows_parameters("b")[0].mul_(3.0)
+    with_b = model(IDS, path=path).logits
+    assert not torch.equal(with_b, before)
+    with model.only_rows_of(["a"]):
+        torch.testing.assert_close(model(IDS, path=path).logits, before, rtol=0, atol=0)
+    torch.testing.assert_close(model(IDS, path=path).logits, with_b, rtol=0, atol=0)
