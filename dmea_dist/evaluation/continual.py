@@ -150,22 +150,30 @@ def why_no_bwt(R, *, method: str | None = None) -> str:
             f"and {named} {'was' if len(missing) == 1 else 'were'} not evaluated ({cause})")
 
 
-def measured(R, *, baseline=None, every: int = 1) -> dict[str, float]:
+def measured(R, *, baseline=None, every: int = 1, strict: bool = True) -> dict[str, float]:
     """The end-of-sequence numbers a run reports, from an R whose last row scored every task: final_average;
     bwt and forgetting when every task was scored right after its training (R's diagonal: multitask never
     is); fwt when the untrained `baseline` is given and every task was scored before its training too (the
     entries above the diagonal, `eval.all_tasks`). Whatever else is missing raises, as each metric does: a
-    missing evaluation is a bug in the run. `every`: as `forgetting`."""
+    missing evaluation is a bug in the run. strict=False (a report of whatever run folder it is given):
+    such a metric is left out instead. `every`: as `forgetting`."""
     matrix = as_matrix(R)
-    out = {"final_average": final_average(matrix)}
+    metrics = {"final_average": final_average}
     if not np.isnan(np.diag(matrix)).any():
-        out["bwt"] = backward_transfer(matrix)
-        out["forgetting"] = forgetting(matrix, every=every)
+        metrics["bwt"] = backward_transfer
+        metrics["forgetting"] = lambda m: forgetting(m, every=every)
     n = matrix.shape[0]
     if n > 1 and baseline is not None:
         base = np.asarray(baseline, dtype=np.float64)
         if not np.isnan([matrix[i - 1, i] for i in range(1, n)]).any() and not np.isnan(base[1:]).any():
-            out["fwt"] = forward_transfer(matrix, base)
+            metrics["fwt"] = lambda m: forward_transfer(m, base)
+    out = {}
+    for name, metric in metrics.items():
+        try:
+            out[name] = metric(matrix)
+        except ValueError:
+            if strict:
+                raise
     return out
 
 

@@ -196,5 +196,8 @@ def test_measured_leaves_out_what_the_protocol_skips_and_raises_on_what_a_run_lo
                                                   "forgetting": pytest.approx(NAN, nan_ok=True)}
     with pytest.raises(ValueError, match=r"R\[1\]\[1\]"):  # the last row lost a score
         measured([[80.0, NAN], [70.0, NAN]])
+    lost = [[80.0, NAN, NAN], [NAN, 50.0, NAN], [60.0, 40.0, 30.0]]
     with pytest.raises(ValueError, match=r"R\[1\]\[0\]"):  # the diagonal is there, a row forgetting reads is not
-        measured([[80.0, NAN, NAN], [NAN, 50.0, NAN], [60.0, 40.0, 30.0]])
+        measured(lost)
+    # a report of such a folder: what it has, the rest left out
+    assert measured(lost, strict=False) == {"final_average": pytest.approx(130 / 3), "bwt": pytest.approx(-15.0)}
