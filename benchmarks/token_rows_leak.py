@@ -3,8 +3,10 @@
 The rows of words the backbone never learned (`model.token_rows`) are scored by the tied LM head for every
 task, whatever its path, so rows a later task trains compete in an earlier task's softmax. For each earlier
 task of each run this answers the task's test inputs (as the run's evaluation does: greedy, eval.max_samples,
-eval.max_new_tokens) with the run's final modules twice: with every task's rows (R's last row, to the digit)
-and with only the rows of the tasks up to it (`DMEAModel.only_rows_of`), and prints both and the change.
+eval.max_new_tokens) with the run's final modules twice: with every task's rows, as runs before the rows were
+scoped evaluated (R's last row of such a run, to the digit), and with only the rows of the tasks up to it, as
+runs now evaluate and serve every task (`DMEAModel.only_rows_of`; R's last row of such a run). It prints both
+and the change.
 
     python benchmarks/token_rows_leak.py RUN_DIR [RUN_DIR ...] [--data-root ../shared/data]
 
@@ -39,13 +41,12 @@ def leak(run_dir: Path, data_root: str | None) -> list[tuple[str, float, float, 
         inputs = [{"context": r["context"], "question": r["question"]} for r in rows[name]]
         references = [r["answer"] for r in rows[name]]
 
-        def score(name=name, inputs=inputs, references=references) -> float:
+        def score(name=name, inputs=inputs, references=references, served=served) -> float:
             answers = served.generate(inputs, task=name, max_new_tokens=config.eval.max_new_tokens)
             return score_task(config.eval.metric, answers, references)["primary"]
 
-        every_row = score()
-        with served.models[name].only_rows_of(names[: i + 1]):
-            own_rows = score()
+        own_rows = score()  # a task is served in its scope: the rows of the tasks up to it
+        every_row = score(served=dataclasses.replace(served, scopes={}))  # no scopes: every task's rows
         out.append((name, float(R[i, i]), float(R[-1, i]), every_row, own_rows))
     return out
 

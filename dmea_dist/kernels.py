@@ -83,12 +83,14 @@ class GenerateRequest(SampleWant):
 @dataclass(frozen=True)
 class AnswerRequest:
     """Answers to `rows` (context, question) along `path`, or along `paths` (one per row: several tasks
-    in one request, each row through its own task's path)."""
+    in one request, each row through its own task's path); `scopes`: the token rows each row sees (its task's
+    scope; None: every task's)."""
 
     task_id: str
     rows: list[dict]
     path: list[int] | None
     paths: list[list[int] | None] | None = None
+    scopes: list[tuple[str, ...] | None] | None = None
 
 
 class Kernels(Protocol):
@@ -201,6 +203,8 @@ def run_answer_request(model, formatter: Formatter, request: AnswerRequest, deco
     for part in parts if parts is not None else range(len(pieces)):
         start, stop = pieces[part]
         routing = {"path": request.path} if request.paths is None else {"paths": request.paths[start:stop]}
+        if request.scopes is not None:
+            routing["scopes"] = request.scopes[start:stop]
         answers += generate_answers(model, formatter, request.rows[start:stop], **routing,
                                     batch_size=decoding.batch_size, max_new_tokens=decoding.max_new_tokens,
                                     decoding=decoding.decoding, top_k=decoding.top_k,

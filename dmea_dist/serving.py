@@ -13,7 +13,9 @@ task). `stage_task` writes the folder of one task alone: what a registered
 task model carries (tracking/registry.py).
 
 Every task answers with the weights its own folder recorded, whatever else is
-loaded beside it. All loaded tasks of a module-based run share one backbone,
+loaded beside it, and with the token rows that existed when it was recorded
+(its scope: a later task's rows would compete in its softmax, whatever the
+route; `DMEAModel.only_rows_of`). All loaded tasks of a module-based run share one backbone,
 their modules in its pools, so a batch of rows of several tasks runs each row
 along its own path (`DMEAModel.route_batch`). Where a later task reused a
 module and trained it further, its folder holds other weights under the same
@@ -38,7 +40,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,7 @@ from dmea_dist.data.formatting import Formatter
 from dmea_dist.data.lengths import prompt_length
 from dmea_dist.data.tokenizer import load_pretrained_tokenizer, load_tokenizer
 from dmea_dist.errors import DmeaError
+from dmea_dist.method.policy import method_policy
 from dmea_dist.state import task_folder_order
 from dmea_dist.typed_yaml import parse_yaml
 
@@ -70,6 +73,7 @@ class ServedTasks:
     models: dict[str, DMEAModel]  # task -> model (one shared model unless full fine-tuning)
     paths: dict[str, list[int] | None]  # task -> its path (None: full fine-tuning)
     task: str | None  # the task of inputs that name none
+    scopes: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # task -> whose token rows it sees
 
     @property
     def tasks(self) -> list[str]:
@@ -89,7 +93,8 @@ class ServedTasks:
         for members in groups.values():
             model = self.models[rows[members[0]]["task"]]
             out = generate_answers(model, self.formatter, [rows[i] for i in members],
-                                   paths=[self.paths[rows[i]["task"]] for i in members], decoding=decoding,
+                                   paths=[self.paths[rows[i]["task"]] for i in members],
+                                   scopes=[self.scopes.get(rows[i]["task"]) for i in members], decoding=decoding,
                                    max_new_tokens=max_new_tokens, top_k=top_k or self.config.eval.top_k,
                                    batch_size=batch_size or self.config.eval.batch_size, seed=seed)
             for i, answer in zip(members, out, strict=True):
@@ -218,6 +223,7 @@ def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None, l
         tokenizer = _tokenizer(run_dir / "tokenizer")
     models: dict[str, DMEAModel] = {}
     paths: dict[str, list[int] | None] = {}
+    scopes: dict[str, tuple[str, ...] | None] = {}
     shared, pools = None, None
     for task_id in task_ids:
         modules = task_dir(run_dir, task_id)
@@ -228,10 +234,14 @@ def _load_folder(run_dir: Path, wanted: list[str] | None, default: str | None, l
             source = config.model.pretrained or run_dir / "backbone"
             shared = _backbone(source, tokenizer, config).eval()
             pools = _Pools(shared, latest=latest)
-        pools.put(read_path_modules(shared, modules))
+        recorded = read_path_modules(shared, modules)
+        pools.put(recorded)
         models[task_id], paths[task_id] = shared, shared.path_of(task_id)
+        # the rows its folder holds are those of the tasks up to it (every task's rows at the time it was
+        # recorded); multitask claims every task's rows in its one training, at the last task
+        scopes[task_id] = None if method_policy(config.method.name).joint else tuple(recorded.rows)
     return ServedTasks(config=config, formatter=Formatter(tokenizer, max_length=config.model.max_length),
-                       models=models, paths=paths, task=default if default in models else None)
+                       models=models, paths=paths, task=default if default in models else None, scopes=scopes)
 
 
 class _Pools:

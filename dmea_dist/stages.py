@@ -103,6 +103,16 @@ class RunContext:
     def path(self, task_id: str) -> list[int] | None:
         return None if self.run.policy.full_finetune else self.run.model.path_of(task_id)
 
+    def scope(self, task_id: str) -> tuple[str, ...] | None:
+        """The tasks whose token rows `task_id`'s samples see: those up to it, the rows it was trained with (a
+        later task's trained rows would compete in its softmax through the tied head, whatever its path:
+        `DMEAModel.only_rows_of`). None (every task's) where no rows train, and for multitask, whose one
+        training claims every task's rows at once."""
+        if not self.run.config.trains_token_rows or self.run.policy.joint:
+            return None
+        index = next(t.index for t in self.run.tasks if t.task_id == task_id)
+        return tuple(t.task_id for t in self.run.tasks[: index + 1])
+
     def task_dir(self, task: Task) -> Path:
         return self.run_dir / "tasks" / task_folder(task.index, task.task_id)
 
@@ -263,7 +273,8 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
     def draw(tasks: list[str]) -> None:
         """Generate n pseudo samples of each of `tasks` along its own path; record and store them."""
         requests = [GenerateRequest(task_id=old, task_index=earlier.index(old), path=ctx.path(old), n=n,
-                                    seed=ctx.settings.train.seed + task.index) for old in tasks]
+                                    seed=ctx.settings.train.seed + task.index, scope=ctx.scope(old))
+                    for old in tasks]
         for out in ctx.kernels.generate(ctx.run.model, requests) if requests and n else []:
             counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
                       "kept": len(out.rows), "truncated": out.truncated,
@@ -338,7 +349,11 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
     # a fresh module set (first task, or multitask's joint training) trains longer
     epochs = tr.first_task_epochs if task.index == 0 or policy.joint else ctx.settings.adaptation.epochs
     rows = _claim_token_rows(ctx, task)
-    job = AdaptJob(sources=_sources(ctx, task), trainable=ctx.path(task.task_id), epochs=epochs,
+    sources = _sources(ctx, task)
+    # a replayed task trains in its own scope; the new task and transfer (new-task data) see every row
+    scopes = {key: scope for key, _, _ in sources
+              if key.startswith("replay:") and (scope := ctx.scope(key.split(":", 1)[1])) is not None}
+    job = AdaptJob(sources=sources, trainable=ctx.path(task.task_id), epochs=epochs, scopes=scopes,
                    lm_lambda=tr.lm_lambda, scale=policy.scaling, progress=ctx.settings.adaptation.progress,
                    batch_size=tr.batch_size, pad_id=ctx.special.pad, seed=tr.seed + task.index,
                    autocast=tr.autocast, mixing="all" if policy.joint else ctx.settings.adaptation.mixing,
@@ -421,10 +436,14 @@ def evaluate(ctx: RunContext, task: Task) -> dict[str, Any]:
         targets = [t for t in targets if t.index in (task.index, task.index + 1)]
     # every target's test rows in one request, each row along its task's path (unseen tasks, for forward
     # transfer, along the newest path): batches fill across tasks, and the pool shards one request
+    # and in its scope: the token rows of the tasks up to it (an unseen task sees every row, as the newest)
     rows = [_test_rows(ctx, t) for t in targets]
     paths = [ctx.path(t.task_id if t.index <= task.index else task.task_id) for t in targets]
+    scopes = [ctx.scope(t.task_id) if t.index <= task.index else None for t in targets]
     request = AnswerRequest(task_id="*", rows=[r for part in rows for r in part], path=None,
-                            paths=[p for part, p in zip(rows, paths, strict=True) for _ in part])
+                            paths=[p for part, p in zip(rows, paths, strict=True) for _ in part],
+                            scopes=None if all(s is None for s in scopes) else
+                            [s for part, s in zip(rows, scopes, strict=True) for _ in part])
     (answers,) = ctx.kernels.answer(ctx.run.model, [request])
     row, start = {}, 0
     for target, part in zip(targets, rows, strict=True):

@@ -43,9 +43,10 @@ FORMAT = "dmea-adapt-progress"
 def job_digest(job: AdaptJob, *, world_size: int) -> str:
     """A fingerprint of everything that decides the job's steps (its data, paths, settings, world size)."""
     h = hashlib.sha256()
-    # virtual_shards and rows left out at their defaults: a checkpoint written before they existed still matches
+    # virtual_shards, rows and scopes left out at their defaults: a checkpoint written before they existed
+    # still matches
     settings = {k: v for k, v in asdict(job).items()
-                if k != "sources" and not (k in ("virtual_shards", "rows") and not v)}
+                if k != "sources" and not (k in ("virtual_shards", "rows", "scopes") and not v)}
     h.update(json.dumps({**settings, "world_size": world_size}, sort_keys=True, default=str).encode())
     for key, (qa, lm), path in job.sources:
         h.update(json.dumps([key, path, len(qa)]).encode())

@@ -62,6 +62,7 @@ class Source:
     key: str  # "new", "transfer:<task>", "replay:<task>", or a task id (multitask)
     batches: BatchStream
     path: list[int] | None
+    scope: tuple[str, ...] | None = None  # the tasks whose token rows it sees (a replayed task's: those up to it)
 
     @property
     def scaled(self) -> bool:
@@ -93,10 +94,11 @@ class AdaptResult:
 
 
 def _loss(engine, qa: dict, lm: dict, *, path, lm_lambda: float, autocast: str,
-          token_weights: Mapping[int, float] | None) -> torch.Tensor:
+          token_weights: Mapping[int, float] | None, scope=None) -> torch.Tensor:
     device = qa["input_ids"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-        return task_loss(engine, qa, lm, path=path, lm_lambda=lm_lambda, token_weights=token_weights).float()
+        return task_loss(engine, qa, lm, path=path, lm_lambda=lm_lambda, token_weights=token_weights,
+                         scope=scope).float()
 
 
 def _piece_loss(engine, qa: dict, lm: dict, *, dropout_seed: int, **kwargs) -> torch.Tensor:
@@ -171,7 +173,8 @@ def adapt(engine: Engine, *, sources: Sequence[Source], epochs: float, lm_lambda
         t = step / per_epoch if progress == "epochs" else step / total
         sub_batches = []
         for key in keys:
-            loss_args = dict(path=live[key].path, lm_lambda=lm_lambda, autocast=autocast, token_weights=token_weights)
+            loss_args = dict(path=live[key].path, scope=live[key].scope, lm_lambda=lm_lambda, autocast=autocast,
+                             token_weights=token_weights)
             if virtual_shards:
                 pieces = live[key].batches.shard_batches(used[key], virtual_shards)
                 closure = {s: functools.partial(_piece_loss, engine, _to(qa, device), _to(lm, device), **loss_args,
@@ -233,6 +236,7 @@ class AdaptJob:
     token_weights: dict[int, float] | None = None  # loss weight per target token (the answer separator)
     virtual_shards: int = 0  # > 0: fixed pieces per batch, results independent of the rank count
     rows: str | None = None  # the task whose token rows train with the path (DMEAModel.claim_token_rows)
+    scopes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # source key -> its token-row scope (Source)
 
 
 def set_trainable(model, trainable: list[int] | None, rows: str | None = None) -> list[torch.nn.Parameter]:
@@ -322,7 +326,7 @@ def _run(model, target, params, job: AdaptJob, *, engine_factory, shard, on_step
         engine = engine_factory(target, params)
         sources = [Source(key, BatchStream(qa, lm, batch_size=job.batch_size, pad_id=job.pad_id,
                                            seed=f"{job.seed}:{key}", shard=shard, token_weights=job.token_weights),
-                          path)
+                          path, job.scopes.get(key))
                    for key, (qa, lm), path in job.sources]
         start, partial, on_checkpoint = 0, None, None
         if checkpoint_dir is not None:

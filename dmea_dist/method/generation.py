@@ -168,26 +168,30 @@ class OneSeparator(LogitsProcessor):
 
 @dataclass(frozen=True)
 class SampleWant:
-    """`n` pseudo samples of one task: its generation token starts them, its path runs them."""
+    """`n` pseudo samples of one task: its generation token starts them, its path runs them, seeing the token
+    rows of the tasks in `scope` (the tasks up to it; None: every task's, `DMEAModel.only_rows_of`)."""
 
     task_id: str
     task_index: int
     path: list[int] | None
     n: int
+    scope: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
 @torch.no_grad()
 def generate_pseudo_samples(model, formatter: Formatter, *, task_id: str, task_index: int,
                             path: Sequence[int] | None, n: int, top_k: int = 20, batch_size: int = 32,
                             max_new_tokens: int | None = None, seed: int = 0, answer: str = "greedy",
-                            separator: str = "free", max_rounds: int | None = None) -> PseudoSamples:
+                            separator: str = "free", max_rounds: int | None = None,
+                            scope: Sequence[str] | None = None) -> PseudoSamples:
     """Generate `n` well-formed pseudo samples of one task (fewer if sampling keeps failing).
 
     answer: "greedy" samples the input (top-k) and decodes the answer greedily;
     "sampled" samples both (LAMOL/ACM). separator: "free" (the model's own
     draws) or "one" (`OneSeparator`).
     """
-    want = SampleWant(task_id, task_index, None if path is None else list(path), n)
+    want = SampleWant(task_id, task_index, None if path is None else list(path), n,
+                      scope=None if scope is None else tuple(scope))
     (out,) = generate_pseudo_samples_of(model, formatter, [want], top_k=top_k, batch_size=batch_size,
                                         max_new_tokens=max_new_tokens, seed=seed, answer=answer,
                                         separator=separator, max_rounds=max_rounds)
@@ -234,6 +238,9 @@ def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[Samp
         prompt = torch.tensor([[special.tasks[wants[i].task_index]] for i in owners], dtype=torch.long)
         paths = [wants[i].path for i in owners]
         routing = {"path": paths[0]} if all(p == paths[0] for p in paths) else {"paths": paths}
+        scopes = [wants[i].scope for i in owners]
+        if any(s is not None for s in scopes):  # each row sees the token rows of its own task's scope
+            routing["scopes"] = scopes
         out = model.generate(prompt, **routing, attention_mask=torch.ones_like(prompt), do_sample=True,
                              top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=special.eos,
                              pad_token_id=special.pad, use_cache=True, suppress_tokens=list(special.tasks),
@@ -259,12 +266,14 @@ def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[Samp
 def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path: Sequence[int] | None = None,
                      paths: Sequence[Sequence[int] | None] | None = None, batch_size: int = 32,
                      max_new_tokens: int = 64, decoding: str = "greedy", top_k: int = 20,
-                     seed: int = 0) -> list[str]:
+                     seed: int = 0, scopes: Sequence[Sequence[str] | None] | None = None) -> list[str]:
     """Answer every row (`context`, `question`) along `path`; returns decoded answers.
 
     `paths`: one path per row instead (several tasks in one batch: each row runs
     along its own task's path, `DMEAModel.route_batch`); greedy answers are the
-    ones each row gets in a batch of its own task. (Any batch cuts answers at
+    ones each row gets in a batch of its own task. `scopes`: the token rows each
+    row sees (its task's scope, `DMEAModel.rows_per_row`; None: every task's).
+    (Any batch cuts answers at
     n_positions minus its widest prompt, so an answer that runs that long
     without an end token depends on its batch's widest prompt.)
     """
@@ -272,6 +281,8 @@ def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path:
         raise ValueError(f"decoding {decoding!r} unknown; choose greedy or top_k")
     if paths is not None and (path is not None or len(paths) != len(rows)):
         raise ValueError(f"paths needs one path per row ({len(rows)} rows, {len(paths)} paths) and no `path`")
+    if scopes is not None and len(scopes) != len(rows):
+        raise ValueError(f"scopes needs one scope per row ({len(rows)} rows, {len(scopes)} scopes)")
     special = formatter.special
     torch.manual_seed(seed)
     was_training = model.training
@@ -281,6 +292,8 @@ def generate_answers(model, formatter: Formatter, rows: Sequence[dict], *, path:
         chunk = rows[start:start + batch_size]
         routing = {"path": path} if paths is None else {"paths": [None if p is None else list(p)
                                                                    for p in paths[start:start + batch_size]]}
+        if scopes is not None:
+            routing["scopes"] = list(scopes[start:start + batch_size])
         batch = left_pad([formatter.prompt_ids(r["context"], r["question"]) for r in chunk], pad_id=special.pad)
         budget = max(1, min(max_new_tokens, _positions(model) - batch["input_ids"].shape[1]))
         sampling = {"do_sample": True, "top_k": top_k} if decoding == "top_k" else {"do_sample": False}

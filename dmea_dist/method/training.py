@@ -52,13 +52,15 @@ def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
 
 
 def task_loss(model, qa_batch: dict, lm_batch: dict, *, path: Sequence[int] | None, lm_lambda: float,
-              token_weights: Mapping[int, float] | None = None) -> torch.Tensor:
-    """QA + lm_lambda * LM loss of one batch of one task along `path` (None: active route)."""
-    qa = model(qa_batch["input_ids"], attention_mask=qa_batch["attention_mask"], path=path).logits
+              token_weights: Mapping[int, float] | None = None, scope: Sequence[str] | None = None) -> torch.Tensor:
+    """QA + lm_lambda * LM loss of one batch of one task along `path` (None: active route), seeing the token
+    rows of the tasks in `scope` (None: the active scope; `DMEAModel.only_rows_of`)."""
+    routing = {"path": path} if scope is None else {"path": path, "scope": scope}
+    qa = model(qa_batch["input_ids"], attention_mask=qa_batch["attention_mask"], **routing).logits
     loss = lm_cross_entropy(qa, qa_batch["labels"], token_weights, qa_batch.get("denominator"))
     if lm_lambda == 0:
         return loss
-    lm = model(lm_batch["input_ids"], attention_mask=lm_batch["attention_mask"], path=path).logits
+    lm = model(lm_batch["input_ids"], attention_mask=lm_batch["attention_mask"], **routing).logits
     return loss + lm_lambda * lm_cross_entropy(lm, lm_batch["labels"], token_weights, lm_batch.get("denominator"))
 
 

@@ -18,8 +18,12 @@ Key decisions:
   text uses, added special tokens) can be given to the first task whose data
   uses them, as a small trainable table beside the frozen embedding. The
   table overrides those rows in the input embedding and in the tied LM head,
-  whatever the route, and a task's rows train only in its own adaptation,
-  so a later task never moves them (as a module that nobody reuses).
+  and a task's rows train only in its own adaptation, so a later task never
+  moves them (as a module that nobody reuses). A forward sees the rows of the
+  tasks in its scope (`scope=` / `scopes=`, `only_rows_of`; default every
+  task's): an earlier task's samples run in the scope of the tasks up to it,
+  so a later task's trained rows cannot compete in its softmax through the
+  tied head, whatever the route (the token-row leak, RESULTS 0d).
 - Dropout and attention: the backbone's dropout and SDPA attention are
   swapped for `dropout.py`'s, which compute the same function with a cheaper
   dropout mask in CPU training (40% of a tiny model's step was torch's
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +80,10 @@ class DMEAModel(nn.Module):
         self._routers = [LayerRouter(pool) for pool in self.pools]
         self.token_rows = TokenTable()
         self._row_lookup: torch.Tensor | None = None  # (vocab,) index into the table's rows, -1: none
+        self._row_owner: torch.Tensor | None = None  # (rows,) which TaskRows entry each row of the table is
+        # the tasks whose rows the forwards see: None every task's, a set, or one (set or None) per batch row
+        self._scope: frozenset[str] | list[frozenset[str] | None] | None = None
+        self._scope_mask: tuple | None = None  # (scope, lookup) it was computed for, and the mask
         backbone.get_input_embeddings().register_forward_hook(self._embed_with_rows)
         head = backbone.get_output_embeddings()
         if head is not None:
@@ -279,27 +287,40 @@ class DMEAModel(nn.Module):
         self._row_lookup = None
 
     @contextlib.contextmanager
-    def only_rows_of(self, task_ids) -> Iterator[None]:
-        """Inside the block only these tasks' rows apply; the other tasks' tokens embed and score with the
-        backbone's rows, as before those tasks claimed them. E.g. an earlier task with the rows that existed
-        when it was trained: a later task's trained rows compete in every task's softmax (the tied head scores
-        them whatever the route), and this measures what they cost it (benchmarks/token_rows_leak.py)."""
-        keep = set(task_ids)
-        every = self.token_rows.tasks
-        self.token_rows.tasks = nn.ModuleDict({key: rows for key, rows in every.items() if rows.task_id in keep})
-        self._row_lookup = None
+    def only_rows_of(self, task_ids: Iterable[str] | None) -> Iterator[None]:
+        """Inside the block only these tasks' rows apply (None: every task's); the other tasks' tokens embed and
+        score with the backbone's rows, as before those tasks claimed them. An earlier task runs in the scope of
+        the tasks up to it: a later task's trained rows would otherwise compete in its softmax (the tied head
+        scores them whatever the route)."""
+        with self._scoped(None if task_ids is None else frozenset(task_ids)):
+            yield
+
+    @contextlib.contextmanager
+    def rows_per_row(self, scopes: list[Iterable[str] | None]) -> Iterator[None]:
+        """`only_rows_of` per row: row b of every batch inside the block sees the rows of the tasks in
+        `scopes[b]` (None: every task's), so tasks of different scopes share a batch (evaluation, serving)."""
+        if not scopes:
+            raise ValueError("rows_per_row needs one scope per row of the batch, got none")
+        sets = [None if s is None else frozenset(s) for s in scopes]
+        with self._scoped(sets[0] if all(s == sets[0] for s in sets) else sets):
+            yield
+
+    @contextlib.contextmanager
+    def _scoped(self, scope) -> Iterator[None]:
+        saved = self._scope
+        self._scope = scope
         try:
             yield
         finally:
-            self.token_rows.tasks = every
-            self._row_lookup = None
+            self._scope = saved
 
     def token_rows_parameters(self, task_id: str | None) -> list[nn.Parameter]:
         """The trainable rows of `task_id` (none when it holds none)."""
         return [] if task_id is None else self.token_rows.parameters_of(task_id)
 
-    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(token ids, their rows, lookup) of every task's rows; None without rows."""
+    def _rows(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(token ids, their rows, lookup, shown) of every task's rows, for a batch of `batch` rows; None without
+        rows or with none in scope. shown: None (every row), or a (rows,) or (batch, rows) mask (`_shown`)."""
         if not len(self.token_rows.tasks):  # asked on every forward: no owners' id lists built here
             return None
         ids, rows = self.token_rows()
@@ -307,29 +328,65 @@ class DMEAModel(nn.Module):
             vocab = self.backbone.get_input_embeddings().weight.shape[0]
             lookup = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
             lookup[ids] = torch.arange(len(ids), device=ids.device)
+            sizes = torch.tensor([len(entry.ids) for entry in self.token_rows.tasks.values()], device=ids.device)
             self._row_lookup = lookup
-        return ids, rows, self._row_lookup
+            self._row_owner = torch.repeat_interleave(torch.arange(len(sizes), device=ids.device), sizes)
+        shown = self._shown(batch)
+        if shown is False:
+            return None
+        return ids, rows, self._row_lookup, shown
+
+    def _shown(self, batch: int) -> torch.Tensor | bool | None:
+        """Which rows of the table the active scope shows: None every row, False none, else a (rows,) or (batch,
+        rows) mask; computed once per scope and table."""
+        scope = self._scope
+        if scope is None:
+            return None
+        cached = self._scope_mask
+        if cached is not None and cached[0] is scope and cached[1] is self._row_lookup:
+            mask = cached[2]
+        else:
+            owners = [entry.task_id for entry in self.token_rows.tasks.values()]
+            scopes = [scope] if isinstance(scope, frozenset) else scope
+            shown = torch.tensor([[s is None or owner in s for owner in owners] for s in scopes],
+                                 dtype=torch.bool, device=self._row_owner.device)
+            mask = shown[:, self._row_owner]
+            if isinstance(scope, frozenset):
+                mask = mask[0]
+                mask = None if bool(mask.all()) else False if not bool(mask.any()) else mask
+            self._scope_mask = (scope, self._row_lookup, mask)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != batch:
+            raise ValueError(f"token-row scopes were given for {mask.shape[0]} rows, the batch has {batch}: give "
+                             "one scope per row of the batch")
+        return mask
 
     def _embed_with_rows(self, module, args, output):
-        table = self._rows()
+        table = self._rows(args[0].shape[0])
         if table is None:
             return None
-        _, rows, lookup = table
+        _, rows, lookup, shown = table
         where = lookup[args[0]]  # (batch, seq): the row of each token, -1 for the backbone's own
         # an embedding lookup, not `rows[index]`: on CPU, index's backward adds float gradients with atomic
         # adds at 2+ threads, in an order that changes run to run (the rows, and then the whole run, differed
         # in the last digits); embedding's backward adds them in token order, the bits of a 1-thread run
-        taken = nn.functional.embedding(where.clamp(min=0), rows).to(output.dtype)
-        return torch.where((where >= 0).unsqueeze(-1), taken, output)
+        row = where.clamp(min=0)
+        taken = nn.functional.embedding(row, rows).to(output.dtype)
+        use = where >= 0
+        if shown is not None:  # a token whose row is out of scope embeds as the backbone's row
+            use = use & (shown[row] if shown.dim() == 1 else shown.gather(1, row))
+        return torch.where(use.unsqueeze(-1), taken, output)
 
     def _head_with_rows(self, module, args, output):
-        table = self._rows()
+        hidden = args[0]
+        table = self._rows(hidden.shape[0])
         if table is None:
             return None
-        ids, rows, _ = table
-        hidden = args[0]
-        logits = hidden @ rows.to(hidden.dtype).T  # the tied head: a token's logit is hidden . its row
-        return output.index_copy(-1, ids, logits.to(output.dtype))
+        ids, rows, _, shown = table
+        logits = (hidden @ rows.to(hidden.dtype).T).to(output.dtype)  # the tied head: a logit is hidden . its row
+        if shown is not None:  # an out-of-scope token keeps the backbone's logit
+            logits = torch.where(shown if shown.dim() == 1 else shown[:, None, :], logits,
+                                 output.index_select(-1, ids))
+        return output.index_copy(-1, ids, logits)
 
     # ------------------------------------------------------------------ routing
 
@@ -407,10 +464,13 @@ class DMEAModel(nn.Module):
         path: list[int] | None = None,
         task_id: str | None = None,
         paths: list[list[int] | None] | None = None,
+        scope: Iterable[str] | None = None,
+        scopes: list[Iterable[str] | None] | None = None,
         labels: torch.Tensor | None = None,
         **kwargs,
     ):
-        """The backbone's CausalLMOutput, along `path` / the task's path / one path per row / the active route."""
+        """The backbone's CausalLMOutput, along `path` / the task's path / one path per row / the active route,
+        seeing the token rows of the tasks in `scope` (`scopes`: one per row; default: the active scope)."""
         if sum(x is not None for x in (path, task_id, paths)) > 1:
             raise ValueError("give either path or task_id (or paths: one per row), not several")
         if task_id is not None:
@@ -419,25 +479,37 @@ class DMEAModel(nn.Module):
             raise RuntimeError(
                 "with gradient checkpointing, blocks are recomputed during backward, after a "
                 "per-call path is reset: run forward and backward inside `with model.route(path):`"
-            )
+            )  # a scope needs no such care: rows live in the embedding and the head, which are not recomputed
         # no path: whatever route/mixing is active; none -> the plain backbone
-        with self._routing(path, paths):
+        with self._routing(path, paths, scope, scopes):
             return self.backbone(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
             )
 
     def generate(self, input_ids: torch.Tensor, *, path: list[int] | None = None,
-                 paths: list[list[int] | None] | None = None, **kwargs):
-        """`backbone.generate` along `path`, or `paths` (one per row), else the active route."""
+                 paths: list[list[int] | None] | None = None, scope: Iterable[str] | None = None,
+                 scopes: list[Iterable[str] | None] | None = None, **kwargs):
+        """`backbone.generate` along `path`, or `paths` (one per row), else the active route; with the token
+        rows of `scope` (or `scopes`, one per row), else the active scope."""
         if path is not None and paths is not None:
             raise ValueError("give either path or paths, not both")
-        with self._routing(path, paths):
+        with self._routing(path, paths, scope, scopes):
             return self.backbone.generate(input_ids=input_ids, **kwargs)
 
-    def _routing(self, path, paths):
-        if paths is not None:
-            return self.route_batch(paths)
-        return contextlib.nullcontext() if path is None else self.route(path)
+    @contextlib.contextmanager
+    def _routing(self, path, paths, scope=None, scopes=None) -> Iterator[None]:
+        if scope is not None and scopes is not None:
+            raise ValueError("give either scope or scopes (one per row), not both")
+        with contextlib.ExitStack() as stack:
+            if paths is not None:
+                stack.enter_context(self.route_batch(paths))
+            elif path is not None:
+                stack.enter_context(self.route(path))
+            if scope is not None:
+                stack.enter_context(self.only_rows_of(scope))
+            elif scopes is not None:
+                stack.enter_context(self.rows_per_row(scopes))
+            yield
 
     # ------------------------------------------------------------- parameters
 

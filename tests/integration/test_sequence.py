@@ -152,3 +152,23 @@ def test_a_recorded_task_served_later_scores_as_in_the_run(quickstart):
     answers = served.generate(test, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
     score = score_task("rouge", answers, [r["answer"] for r in test])["primary"]
     assert score == pytest.approx(result.R[2, 2], abs=1e-6)
+
+
+def test_the_first_task_served_beside_the_later_ones_scores_as_in_the_run(quickstart):
+    """Served beside the tasks after it, the first task answers as the run evaluated it: with the modules its
+    folder recorded it scores what it scored after it was learned (R[0, 0]), with the run's final modules
+    (`latest`) what the run's last evaluation gave it (R[2, 0]). (Here only the first task claims token rows:
+    what a later task's rows would change is pinned by test_token_rows and test_stages' scope tests.)"""
+    from dmea_dist.data.registry import load_task
+    from dmea_dist.evaluation.metrics import score_task
+    from dmea_dist.serving import load_task_model
+
+    config, result, _, _ = quickstart
+    test = load_task(A, data_root=None, synth_seed=config.data.synth_seed,
+                     synth_sizes=config.data.synth_sizes)["test"].to_list()[: config.eval.max_samples]
+    for latest, expected in ((False, result.R[0, 0]), (True, result.R[2, 0])):
+        served = load_task_model(result.run_dir, A, tasks=[A, UNRELATED, B], latest=latest)
+        answers = served.generate(test, max_new_tokens=config.eval.max_new_tokens,
+                                  batch_size=config.eval.batch_size)
+        score = score_task("rouge", answers, [r["answer"] for r in test])["primary"]
+        assert score == pytest.approx(expected, abs=1e-6), f"latest={latest}"

@@ -44,6 +44,8 @@ class FakeKernels:
         self.calls: list[str] = []
         self.adapt_jobs = []
         self.search_jobs = []
+        self.generate_requests = []
+        self.answer_requests = []
 
     def search(self, model, jobs, data):
         self.calls.append("search")
@@ -60,6 +62,7 @@ class FakeKernels:
 
     def generate(self, model, requests):
         self.calls.append("generate")
+        self.generate_requests += requests
         rows = {t.task_id: t.rows["train"] for t in self.run.tasks}
         return [PseudoSamples(r.task_id, rows=[{"task_id": r.task_id, "context": x["context"], "question": "",
                                                 "answer": x["answer"][:1]} for x in rows[r.task_id][: r.n]],
@@ -67,6 +70,7 @@ class FakeKernels:
 
     def answer(self, model, requests):
         self.calls.append("answer")
+        self.answer_requests += requests
         return [[row["answer"][0] for row in r.rows] for r in requests]
 
     def adapt(self, model, job, *, checkpoint_dir=None):
@@ -608,6 +612,34 @@ def test_every_stream_of_an_adaptation_runs_along_the_path_it_should(tmp_path, m
             assert path != new_path or method == "lamol"  # FakeKernels' new paths differ from the old ones
         task_index = 2 if kind == "new" else index[old]
         assert {ex.input_ids[0] for ex in lm} == {run.formatter.special.tasks[task_index]}, key  # LM examples
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_earlier_task_is_generated_replayed_and_evaluated_in_the_scope_of_the_tasks_up_to_it(tmp_path, method):
+    """A later task's trained token rows would compete in an earlier task's softmax (the tied head scores them
+    whatever the path): each earlier task's pseudo samples, replay stream and test rows see only the rows of
+    the tasks up to it; the new task and transfer into it see every row. Methods without rows, and multitask
+    (one training claims every task's rows), scope nothing."""
+    coordinator, kernels = _coordinator(tmp_path, method)
+    while not coordinator.state.done:
+        coordinator.step()
+    run = coordinator.ctx.run
+    scoped = run.config.trains_token_rows and method != "multitask"
+    assert scoped == (method in ("dmea", "acm", "adapter"))  # model.token_rows=auto: words for module methods
+    up_to = {t.task_id: tuple(TASKS[: t.index + 1]) if scoped else None for t in run.tasks}
+    assert bool(kernels.generate_requests) == (method in ("dmea", "acm", "lamol"))  # the methods that replay
+    for request in kernels.generate_requests:
+        assert request.scope == up_to[request.task_id]
+    for job in kernels.adapt_jobs:
+        assert job.scopes == {key: up_to[key.split(":", 1)[1]] for key, _, _ in job.sources
+                              if scoped and key.startswith("replay:")}
+    assert any(job.scopes for job in kernels.adapt_jobs) == (scoped and method != "adapter")  # adapter: no replay
+    shown = [t.rows["test"][:3] for t in run.tasks]  # eval.max_samples=3
+    evaluations = [r for r in kernels.answer_requests if r.task_id == "*"]
+    assert len(evaluations) == (1 if method == "multitask" else len(TASKS))
+    for request in evaluations:
+        expected = [up_to[t.task_id] for t in run.tasks for _ in shown[t.index]][: len(request.rows)]
+        assert request.scopes == (expected if scoped else None)
 
 
 class SecondCandidateWinsKernels(FakeKernels):

@@ -60,12 +60,13 @@ def two_tasks(config) -> tuple[DMEAModel, list[int], list[int]]:
     return model, path_a, path_b
 
 
-def written_into_backbone(model: DMEAModel) -> DMEAModel:
-    """The reference: the same modules on a backbone whose embedding matrix holds the rows, without rows."""
+def written_into_backbone(model: DMEAModel, tasks=None) -> DMEAModel:
+    """The reference: the same modules on a backbone whose embedding matrix holds the rows (of `tasks`; default
+    every task's), without rows."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
         weight = reference.backbone.get_input_embeddings().weight
-        for task in list(reference.token_rows.owners):
+        for task in list(reference.token_rows.owners) if tasks is None else tasks:
             (rows,) = reference.token_rows_parameters(task)
             weight[torch.tensor(reference.token_rows.ids_of(task))] = rows
     reference.clear_token_rows()
@@ -260,3 +261,51 @@ def test_only_rows_of_scores_as_the_model_did_before_the_other_tasks_claimed_row
     with model.only_rows_of(["a"]):
         torch.testing.assert_close(model(IDS, path=path).logits, before, rtol=0, atol=0)
     torch.testing.assert_close(model(IDS, path=path).logits, with_b, rtol=0, atol=0)
+
+
+def test_a_scope_sees_exactly_the_rows_of_its_tasks_in_every_row_of_a_shared_batch(config):
+    """An earlier task runs in the scope of the tasks up to it: its rows (and any in scope) apply, a later task's
+    embed and score as the backbone's own. The reference writes only the scope's rows into the backbone. One batch
+    may hold rows of several scopes (`scopes=`, evaluation and serving across tasks): each row computes what it
+    computes with its scope alone."""
+    model, path_a, path_b = two_tasks(config)
+    only_a, every = written_into_backbone(model, ["a"]), written_into_backbone(model)
+    with torch.no_grad():
+        scoped = model(IDS, path=path_a, scope=["a"]).logits
+        torch.testing.assert_close(scoped, only_a(IDS, path=path_a).logits, rtol=0, atol=1e-10)
+        assert (scoped - every(IDS, path=path_a).logits).abs().max() > 1e-3  # b's rows would have changed it
+        mixed = model(IDS, paths=[path_a, path_b], scopes=[["a"], None]).logits
+        torch.testing.assert_close(mixed[0], only_a(IDS[:1], path=path_a).logits[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(mixed[1], every(IDS[1:], path=path_b).logits[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(model(IDS, path=path_a, scope=[]).logits,  # no task's rows: the bare backbone
+                                   written_into_backbone(model, [])(IDS, path=path_a).logits, rtol=0, atol=1e-10)
+    prompt = torch.tensor([[81], [84]])
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, paths=[path_a, path_a], scopes=[["a"], None], **kwargs),
+                       torch.cat([only_a.generate(prompt[:1], path=path_a, **kwargs),
+                                  every.generate(prompt[1:], path=path_a, **kwargs)]))
+
+
+def test_a_scoped_loss_gives_no_gradient_to_rows_out_of_its_scope(config):
+    """Replay of an earlier task trains in its scope: a later task's rows get no gradient from it (they are not
+    in its softmax), while without the scope they would."""
+    model, path_a, _ = two_tasks(config)
+    rows_b = model.token_rows_parameters("b")[0]
+    rows_b.requires_grad_(True)
+
+    def gradient(**scope):
+        rows_b.grad = None
+        model(IDS, path=path_a, **scope).logits.logsumexp(-1).sum().backward()
+        return rows_b.grad
+
+    assert gradient(scope=["a"]) is None or not gradient(scope=["a"]).any()
+    assert gradient().abs().max() > 0
+    assert gradient(scope=["a", "b"]).abs().max() > 0
+
+
+def test_scopes_must_name_one_scope_per_row(config):
+    model, path_a, _ = two_tasks(config)
+    with pytest.raises(ValueError, match="one scope per row"):
+        model(IDS, path=path_a, scopes=[["a"], ["b"], None])
+    with pytest.raises(ValueError, match="either scope or scopes"):
+        model(IDS, path=path_a, scope=["a"], scopes=[["a"], None])
