@@ -309,3 +309,44 @@ def test_scopes_must_name_one_scope_per_row(config):
         model(IDS, path=path_a, scopes=[["a"], ["b"], None])
     with pytest.raises(ValueError, match="either scope or scopes"):
         model(IDS, path=path_a, scope=["a"], scopes=[["a"], None])
+
+
+def test_a_served_task_answers_in_the_scope_its_folder_recorded(tmp_path, monkeypatch):
+    """Served beside a later task whose rows would win its softmax, a task answers exactly what it answers
+    alone: each task sees the rows its folder recorded (those of the tasks up to it), not the later task's."""
+    import dataclasses
+    import shutil
+
+    from transformers import GPT2Config
+
+    from dmea_dist import serving
+    from dmea_dist.data.tokenizer import train_bpe_tokenizer
+    from tests.conftest import REPO_ROOT
+
+    tokenizer = train_bpe_tokenizer(["alpha beta gamma", "delta epsilon zeta"] * 4, vocab_size=40, max_tasks=2)
+    gpt = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                     bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    gpt.dmea_untrained_tokens = list(range(len(tokenizer)))
+
+    def backbone(*args, **kwargs) -> DMEAModel:
+        return DMEAModel.from_config(gpt, bottleneck=4, seed=0)
+
+    model, run_dir = backbone(), tmp_path / "run"
+    model.set_path("a", model.add_modules())
+    model.claim_token_rows("a", tokenizer("alpha beta gamma")["input_ids"])
+    save_path_modules(model, "a", run_dir / "tasks/000-a/modules")
+    model.set_path("b", model.add_modules())
+    model.claim_token_rows("b", tokenizer(" ".join("abcdefghijklmnopqrstuvwxyz"))["input_ids"])  # far rows
+    with torch.no_grad():
+        model.token_rows_parameters("b")[0].normal_(0, 30, generator=torch.Generator().manual_seed(0))
+    save_path_modules(model, "b", run_dir / "tasks/001-b/modules")
+    shutil.copy(REPO_ROOT / "configs/quickstart.yaml", run_dir / "config.yaml")
+    monkeypatch.setattr(serving, "_tokenizer", lambda directory: tokenizer)
+    monkeypatch.setattr(serving, "_backbone", backbone)
+    inputs = ["alpha beta", "gamma alpha gamma"]
+    alone = serving.load_task_model(run_dir, "a").generate(inputs, max_new_tokens=6)
+    beside = serving.load_task_model(run_dir, "a", tasks=["a", "b"])
+    assert beside.scopes == {"a": ("a",), "b": ("a", "b")}
+    assert beside.generate(inputs, max_new_tokens=6) == alone
+    # without scopes b's rows are in a's softmax, and change its answers
+    assert dataclasses.replace(beside, scopes={}).generate(inputs, max_new_tokens=6) != alone
