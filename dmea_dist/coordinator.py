@@ -27,7 +27,7 @@ from dmea_dist.config import RunConfig
 from dmea_dist.kernels import InProcessKernels, Kernels, Progress, process_memory
 from dmea_dist.method.lifecycle import Stage
 from dmea_dist.modeling.io import save_backbone, save_modules
-from dmea_dist.run import Run, build_run, reopen_run
+from dmea_dist.run import Run, build_policy, build_run, reopen_run
 from dmea_dist.settings import decoding_settings, engine_settings
 from dmea_dist.stages import STAGES, RunContext, StageSettings, matrix
 from dmea_dist.state import RunState, StateError, load_state, save_state
@@ -49,6 +49,22 @@ def _footprint(model, stage: Stage, kernels: Kernels) -> dict[str, Any]:
     return out
 
 
+def _check_token_row_scopes(state: RunState, config: RunConfig, run_dir: Path) -> None:
+    """A run whose state predates token-row scopes (RunState.token_row_scopes) resumes only where its R rows are
+    the same either way: before any task trained rows after the first's. Later, its earlier tasks were scored
+    and replayed with every task's rows, and finishing it with scopes would mix the two in one R matrix."""
+    if state.token_row_scopes:
+        return
+    if (config.trains_token_rows and not build_policy(config).joint and len(state.tasks) > 1
+            and state.completed(1, Stage.ADAPT)):
+        raise StateError(
+            f"{run_dir}: this run started before each earlier task was generated, replayed and scored with only "
+            f"the token rows of the tasks up to it; its R rows so far scored earlier tasks with every task's rows, "
+            f"and finishing it now would mix the two. Finish it with the dmea-dist checkout that started it (one "
+            f"before the commit 'Token rows are scoped'), or start it again")
+    state.token_row_scopes = True  # nothing scored yet differs: from here on it is a run with scopes
+
+
 def in_process_kernels(run: Run, progress: Progress | None = None) -> Kernels:
     return InProcessKernels(run.formatter, engine=engine_settings(run.config), decoding=decoding_settings(run.config),
                             progress=progress)
@@ -67,6 +83,7 @@ class Coordinator:
             if list(config.data.tasks) != state.task_ids:
                 raise StateError(f"{run_dir}: the config's tasks {list(config.data.tasks)} are not the run's "
                                  f"{state.task_ids}")
+            _check_token_row_scopes(state, config, run_dir)
             run = run or reopen_run(config, run_dir, backbone=state.backbone, modules=state.modules)
         else:
             run = run or build_run(config, run_dir=run_dir)

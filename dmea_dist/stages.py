@@ -350,7 +350,8 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
     epochs = tr.first_task_epochs if task.index == 0 or policy.joint else ctx.settings.adaptation.epochs
     rows = _claim_token_rows(ctx, task)
     sources = _sources(ctx, task)
-    # a replayed task trains in its own scope; the new task and transfer (new-task data) see every row
+    # a replayed task trains in its own scope; the new task and transfer (an earlier task's pseudo samples
+    # along the new path, which serves only the new task) in the new task's: every row
     scopes = {key: scope for key, _, _ in sources
               if key.startswith("replay:") and (scope := ctx.scope(key.split(":", 1)[1])) is not None}
     job = AdaptJob(sources=sources, trainable=ctx.path(task.task_id), epochs=epochs, scopes=scopes,
@@ -413,7 +414,7 @@ def _sources(ctx: RunContext, task: Task) -> list:
     replay = replay_tasks(policy=ctx.run.policy, new_path=new_path, paths=ctx.run.model.paths, earlier=list(earlier))
     transfer = ts.transfer if ts.transfer is not None else ts.selected  # see TaskState.transfer
     for old_id in transfer if ctx.run.policy.transfer else []:
-        # a replayed task whose own path is the new path already trains exactly what transfer would
+        # a replayed task whose own path is the new path already trains what transfer would (in its own scope)
         if old_id in ts.pseudo and not (old_id in replay and ctx.path(old_id) == new_path):
             sources.append((f"transfer:{old_id}", encode(old_id), new_path))
     for old_id in replay:

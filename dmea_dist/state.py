@@ -77,6 +77,9 @@ class RunState:
     backbone: str | None = None  # the fine-tuned backbone (full fine-tuning), else the run's own
     mlflow_parent_run_id: str | None = None
     stage_count: int = 0  # stages finished; names snapshot files uniquely
+    # every earlier task generated, replayed and scored in its token-row scope (RunContext.scope); False in
+    # states written before scopes existed, whose R rows scored earlier tasks with every task's rows
+    token_row_scopes: bool = False
 
     @classmethod
     def new(cls, task_ids: list[str]) -> RunState:
@@ -84,7 +87,7 @@ class RunState:
             raise ValueError("the task sequence is empty")
         n = len(task_ids)
         return cls(tasks=[TaskState(t, i) for i, t in enumerate(task_ids)], R=_nans(n, n),
-                   similarity=_nans(n, n), baseline=[None] * n)
+                   similarity=_nans(n, n), baseline=[None] * n, token_row_scopes=True)
 
     # ------------------------------------------------------------- position
 

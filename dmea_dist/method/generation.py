@@ -238,9 +238,7 @@ def generate_pseudo_samples_of(model, formatter: Formatter, wants: Sequence[Samp
         prompt = torch.tensor([[special.tasks[wants[i].task_index]] for i in owners], dtype=torch.long)
         paths = [wants[i].path for i in owners]
         routing = {"path": paths[0]} if all(p == paths[0] for p in paths) else {"paths": paths}
-        scopes = [wants[i].scope for i in owners]
-        if any(s is not None for s in scopes):  # each row sees the token rows of its own task's scope
-            routing["scopes"] = scopes
+        routing["scopes"] = [wants[i].scope for i in owners]  # each row sees the token rows of its task's scope
         out = model.generate(prompt, **routing, attention_mask=torch.ones_like(prompt), do_sample=True,
                              top_k=top_k, max_new_tokens=max_new_tokens, eos_token_id=special.eos,
                              pad_token_id=special.pad, use_cache=True, suppress_tokens=list(special.tasks),

@@ -342,18 +342,18 @@ class DMEAModel(nn.Module):
         scope = self._scope
         if scope is None:
             return None
-        cached = self._scope_mask
-        if cached is not None and cached[0] is scope and cached[1] is self._row_lookup:
+        cached = self._scope_mask  # by value: a training step's forwards each bring their own set of one scope
+        if cached is not None and cached[1] is self._row_lookup and cached[0] == scope:
             mask = cached[2]
         else:
             owners = [entry.task_id for entry in self.token_rows.tasks.values()]
             scopes = [scope] if isinstance(scope, frozenset) else scope
-            shown = torch.tensor([[s is None or owner in s for owner in owners] for s in scopes],
-                                 dtype=torch.bool, device=self._row_owner.device)
-            mask = shown[:, self._row_owner]
-            if isinstance(scope, frozenset):
-                mask = mask[0]
-                mask = None if bool(mask.all()) else False if not bool(mask.any()) else mask
+            shown = torch.tensor([[s is None or owner in s for owner in owners] for s in scopes], dtype=torch.bool)
+            if isinstance(scope, frozenset) and (shown.all() or not shown.any()):  # decided here, not on a GPU
+                mask = None if shown.all() else False
+            else:
+                mask = shown.to(self._row_owner.device)[:, self._row_owner]
+                mask = mask[0] if isinstance(scope, frozenset) else mask
             self._scope_mask = (scope, self._row_lookup, mask)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] != batch:
             raise ValueError(f"token-row scopes were given for {mask.shape[0]} rows, the batch has {batch}: give "

@@ -30,7 +30,7 @@ from dmea_dist.modeling.adapters import LayerModule
 from dmea_dist.modeling.io import module_key
 from dmea_dist.modeling.model import DMEAModel
 from dmea_dist.run import Run, build_policy, load_tasks
-from dmea_dist.state import load_state
+from dmea_dist.state import StateError, load_state
 
 METHODS = ["dmea", "acm", "adapter", "finetune", "lamol", "multitask"]
 TASKS = ["synth.hotel.00", "synth.listops.00", "synth.hotel.01"]
@@ -346,6 +346,32 @@ def test_a_coordinator_built_from_the_files_continues_where_the_run_stopped(tmp_
     assert kernels.calls.count("adapt") == 2  # tasks 1 and 2 only: task 0's adaptation is not redone
     # the pseudo samples of task 1 were read back from their Parquet files, not from memory
     assert any(key.startswith("replay:") for key, _, _ in kernels.adapt_jobs[0].sources)
+
+
+@pytest.mark.parametrize(("method", "stopped_at", "refused"), [
+    ("dmea", (1, Stage.ADAPT), False), ("dmea", (1, Stage.EVALUATE), True), ("lamol", (1, Stage.EVALUATE), False),
+    ("multitask", (2, Stage.EVALUATE), False)])
+def test_a_run_started_before_token_row_scopes_resumes_only_where_its_scores_would_not_mix(
+        tmp_path, method, stopped_at, refused):
+    """A state written before scopes existed (no token_row_scopes) whose earlier tasks were already scored with a
+    later task's token rows is refused with what to do; one that stopped before any later task trained rows
+    resumes, with scopes from then on. Methods without rows (lamol) and multitask have nothing to mix."""
+    first, _ = _coordinator(tmp_path, method)
+    while (first.state.task_index, first.state.stage) != stopped_at:
+        first.step()
+    first.close()
+    file = tmp_path / method / "state.json"
+    old = json.loads(file.read_text())
+    del old["token_row_scopes"]  # as a checkout before scopes wrote it
+    file.write_text(json.dumps(old))
+    if refused:
+        with pytest.raises(StateError, match="checkout that started it"):
+            _coordinator(tmp_path, method, resume=True)
+        assert json.loads(file.read_text()) == old  # nothing is changed by the refusal
+        return
+    second, _ = _coordinator(tmp_path, method, resume=True)
+    second.step()
+    assert load_state(tmp_path / method).token_row_scopes
 
 
 @pytest.mark.parametrize("method", ["dmea", "lamol"])
