@@ -36,7 +36,7 @@ def main() -> None:
         out = generate_pseudo_samples(served.models[task], served.formatter, task_id=task, task_index=index,
                                       path=served.paths[task], n=args.n, top_k=ad.top_k_sampling, seed=args.seed,
                                       answer=ad.pseudo_answer, separator=ad.pseudo_separator, batch_size=args.n,
-                                      max_rounds=1)
+                                      max_rounds=1, scope=served.scopes.get(task))  # the rows up to it, as a run
         faithful = fidelity(task, out.rows)
         print(f"| {task} | {out.well_formed}/{out.generated} | {'-' if faithful is None else f'{faithful:.2f}'} | "
               + " | ".join(str(out.reasons.get(r, 0)) for r in reasons) + " |")
