@@ -226,29 +226,35 @@ def select(ctx: RunContext, task: Task) -> dict[str, Any]:
     return {"selected": chosen, "similarity": sims}
 
 
-def _representations(ctx: RunContext, task: Task, path: list[int] | None = None) -> list[torch.Tensor]:
-    """`task`'s per-layer representations along `path` (default: its own)."""
+def _representations(ctx: RunContext, task: Task, path: list[int] | None = None,
+                     scope: tuple[str, ...] | None = None) -> list[torch.Tensor]:
+    """`task`'s per-layer representations along `path` (default: its own), seeing the token rows of `scope`
+    (default: the active scope, every row unless set: at the end of its adaptation, the tasks up to it)."""
     n = ctx.settings.selection.n_samples
     qa = task.train[0][:n]
     batches = [collate(qa[i:i + 32], pad_id=ctx.special.pad) for i in range(0, len(qa), 32)]
     path = ctx.path(task.task_id) if path is None else path
-    return selection.collect_representations(ctx.run.model, batches, path=path, n_samples=n)
+    return selection.collect_representations(ctx.run.model, batches, path=path, n_samples=n, scope=scope)
 
 
 def _representations_for(ctx: RunContext, task: Task, earlier: list[Task]) -> Iterator[tuple[Task, list]]:
     """(earlier task, the new task's representations to compare with its basis), by `selection.route`:
-    along the new task's own path, or along each earlier task's path, the network its basis was read from
-    (computed once per distinct path)."""
+    along the new task's own path (every row), or in the network each earlier task's basis was read from:
+    its path, with the token rows of the tasks up to it (computed once per distinct path and scope)."""
     if ctx.settings.selection.route == "own":
         reps = _representations(ctx, task)
         yield from ((t, reps) for t in earlier)
         return
-    by_path: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    # the rows a scope shows matter only where the new task's inputs hold their tokens: key by those owners
+    tokens = {int(tok) for example in task.train[0][:ctx.settings.selection.n_samples] for tok in example.input_ids}
+    holders = {owner for owner, ids in ctx.run.model.token_rows.owners.items() if tokens.intersection(ids)}
+    seen: dict[tuple, list[torch.Tensor]] = {}
     for t in earlier:
-        path = tuple(ctx.path(t.task_id))
-        if path not in by_path:
-            by_path[path] = _representations(ctx, task, list(path))
-        yield t, by_path[path]
+        path, scope = ctx.path(t.task_id), ctx.scope(t.task_id)
+        key = (tuple(path), None if scope is None else frozenset(holders.intersection(scope)))
+        if key not in seen:
+            seen[key] = _representations(ctx, task, path, scope)
+        yield t, seen[key]
 
 
 def _basis(ctx: RunContext, task: Task) -> list[torch.Tensor]:

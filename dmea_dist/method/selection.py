@@ -11,8 +11,9 @@ For a new task with representations `R_n` (d_model, N) per layer,
 
 which is 1 when task n's inputs lie inside task i's subspace and ~sqrt(r/d)
 for unrelated directions. The top-K earlier tasks are selected. By default
-(`method.selection.route=earlier`) `R_n` is read along task i's path, the
-network `U_i` was read from, so both live in one space; `own` reads it along
+(`method.selection.route=earlier`) `R_n` is read along task i's path with the
+token rows of the tasks up to i, the network `U_i` was read from, so both live
+in one space; `own` reads it along
 the new task's path (the stage chooses, dmea_dist.stages.select).
 
 A sample's representation at a layer is the mean of its non-padding token
@@ -83,11 +84,13 @@ def rank_tasks(similarities: Mapping[str, float], *, selected: Sequence[str], mo
 
 
 @torch.no_grad()
-def collect_representations(model, batches, *, path: Sequence[int] | None, n_samples: int) -> list[torch.Tensor]:
+def collect_representations(model, batches, *, path: Sequence[int] | None, n_samples: int,
+                            scope: Sequence[str] | None = None) -> list[torch.Tensor]:
     """Per layer, the (d_model, N) matrix of mean block-input states of up to `n_samples` samples.
 
     `batches` yields dicts with input_ids and attention_mask (one task); the
-    model runs along `path`.
+    model runs along `path`, seeing the token rows of the tasks in `scope`
+    (None: the active scope, every row unless one is set).
     """
     columns: list[list[torch.Tensor]] | None = None
     seen = 0
@@ -96,7 +99,7 @@ def collect_representations(model, batches, *, path: Sequence[int] | None, n_sam
     for batch in batches:
         mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)  # (batch, seq, 1)
         with model.capture_block_inputs() as rec:
-            model(batch["input_ids"], attention_mask=batch["attention_mask"], path=path)
+            model(batch["input_ids"], attention_mask=batch["attention_mask"], path=path, scope=scope)
         if columns is None:
             columns = [[] for _ in rec.layers]
         for layer, states in enumerate(rec.layers):  # states: (batch, seq, d_model)

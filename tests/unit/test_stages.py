@@ -549,6 +549,37 @@ def test_selection_reads_the_new_tasks_inputs_along_the_route_it_is_set_to(tmp_p
     assert (moved < 1e-6) if route == "earlier" else (moved > 1e-3)
 
 
+@pytest.mark.parametrize("one_path", [False, True])
+def test_selection_along_an_earlier_path_sees_only_the_token_rows_that_earlier_task_was_read_with(tmp_path, one_path):
+    """A basis is read when its task ends, with the rows of the tasks up to it; `route=earlier` reads the new
+    task's inputs in that same network, so a later task's rows (here task 1's, over tokens of the new task's
+    inputs, set to noise) move task 1's similarity, not task 0's, also where task 1 reused task 0's whole path.
+    Reference: the representations collected directly in each task's scope, projected onto the stored bases."""
+    from dmea_dist import stages
+    from dmea_dist.data.formatting import collate
+    from dmea_dist.method import selection
+
+    ctx = _at_select(tmp_path, "earlier")
+    task, model, n = ctx.run.tasks[2], ctx.run.model, ctx.settings.selection.n_samples
+    owned = set(model.token_rows.ids_of(TASKS[0]))
+    inputs = sorted({int(t) for ex in task.train[0][:n] for t in ex.input_ids} - owned)
+    assert inputs  # the new task's inputs hold tokens task 0 does not own
+    torch.manual_seed(2)
+    model.put_token_rows(TASKS[1], torch.tensor(inputs), 3 * torch.randn(len(inputs), model.d_model))
+    if one_path:
+        model.set_path(TASKS[1], ctx.path(TASKS[0]))
+    sims = stages.select(ctx, task)["similarity"]
+
+    def reference(old, scope):
+        reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
+                                                 path=ctx.path(old.task_id), n_samples=n, scope=scope)
+        return selection.task_similarity(stages._basis(ctx, old), reps)
+
+    for old in ctx.run.tasks[:2]:
+        assert sims[old.task_id] == pytest.approx(reference(old, TASKS[: old.index + 1]), abs=1e-6)
+    assert abs(reference(ctx.run.tasks[0], None) - sims[TASKS[0]]) > 1e-3  # every row would have moved it
+
+
 class PartlyRightKernels(FakeKernels):
     """Answers that realise the first k test inputs of every task at the k-th evaluation, and nothing else."""
 
