@@ -172,3 +172,19 @@ def test_the_first_task_served_beside_the_later_ones_scores_as_in_the_run(quicks
                                   batch_size=config.eval.batch_size)
         score = score_task("rouge", answers, [r["answer"] for r in test])["primary"]
         assert score == pytest.approx(expected, abs=1e-6), f"latest={latest}"
+
+
+def test_the_token_row_leak_benchmark_reads_each_earlier_tasks_final_as_the_run_scored_it(quickstart):
+    """benchmarks/token_rows_leak.py serves each earlier task with the run's final modules in its scope, which
+    must give R's last row (what RESULTS 0e reads from it); with every task's rows it gives the same here, where
+    only the first task claims rows (what later rows change is pinned by test_token_rows)."""
+    from tests.unit.bench_script import load_script
+
+    _, result, _, _ = quickstart
+    with torch_threads(1):
+        rows = load_script("token_rows_leak").leak(result.run_dir, None)
+    assert [name for name, *_ in rows] == [A, UNRELATED]
+    for i, (_, learned, final, every_row, own_rows) in enumerate(rows):
+        assert (learned, final) == (result.R[i, i], result.R[-1, i])
+        assert own_rows == pytest.approx(result.R[-1, i], abs=1e-6)
+        assert every_row == pytest.approx(own_rows, abs=1e-6)
