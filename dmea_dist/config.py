@@ -259,8 +259,9 @@ class SelectionConfig:
     n_samples: int = 100  # samples whose representations define a task's subspace
     site: Literal["block_input"] = "block_input"  # where representations are read
     # the path the new task's inputs take when compared with an earlier task's basis: "earlier", that task's
-    # own path (the network its basis was read from), or "own", the new task's path after expansion, whose
-    # new modules have had only the search's training (docs/RESULTS.md, "Selection along the earlier path")
+    # own path with the token rows of the tasks up to it (the network its basis was read from), or "own", the
+    # new task's path after expansion with every row, whose new modules have had only the search's training
+    # (docs/RESULTS.md, "Selection along the earlier path")
     route: Literal["earlier", "own"] = "earlier"
 
     def __post_init__(self):

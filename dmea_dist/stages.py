@@ -228,8 +228,8 @@ def select(ctx: RunContext, task: Task) -> dict[str, Any]:
 
 def _representations(ctx: RunContext, task: Task, path: list[int] | None = None,
                      scope: tuple[str, ...] | None = None) -> list[torch.Tensor]:
-    """`task`'s per-layer representations along `path` (default: its own), seeing the token rows of `scope`
-    (default: the active scope, every row unless set: at the end of its adaptation, the tasks up to it)."""
+    """`task`'s per-layer representations along `path` (default: its own), seeing the token rows of the tasks in
+    `scope` (None: every task's)."""
     n = ctx.settings.selection.n_samples
     qa = task.train[0][:n]
     batches = [collate(qa[i:i + 32], pad_id=ctx.special.pad) for i in range(0, len(qa), 32)]
@@ -240,7 +240,8 @@ def _representations(ctx: RunContext, task: Task, path: list[int] | None = None,
 def _representations_for(ctx: RunContext, task: Task, earlier: list[Task]) -> Iterator[tuple[Task, list]]:
     """(earlier task, the new task's representations to compare with its basis), by `selection.route`:
     along the new task's own path (every row), or in the network each earlier task's basis was read from:
-    its path, with the token rows of the tasks up to it (computed once per distinct path and scope)."""
+    its path, with the token rows of the tasks up to it (computed once per distinct path and set of those
+    tasks that own tokens of the new task's inputs: the other rows in scope cannot move them)."""
     if ctx.settings.selection.route == "own":
         reps = _representations(ctx, task)
         yield from ((t, reps) for t in earlier)
@@ -251,7 +252,8 @@ def _representations_for(ctx: RunContext, task: Task, earlier: list[Task]) -> It
     seen: dict[tuple, list[torch.Tensor]] = {}
     for t in earlier:
         path, scope = ctx.path(t.task_id), ctx.scope(t.task_id)
-        key = (tuple(path), None if scope is None else frozenset(holders.intersection(scope)))
+        key = (None if path is None else tuple(path),
+               None if scope is None else frozenset(holders.intersection(scope)))
         if key not in seen:
             seen[key] = _representations(ctx, task, path, scope)
         yield t, seen[key]
@@ -369,7 +371,7 @@ def adapt(ctx: RunContext, task: Task) -> dict[str, Any]:
     result = ctx.kernels.adapt(ctx.run.model, job, checkpoint_dir=ctx.task_dir(task) / "adapt_checkpoint")
     if policy.selection == "subspace":  # only subspace selection reads the bases
         bases = [selection.subspace_basis(r, epsilon=ctx.settings.selection.epsilon)
-                 for r in _representations(ctx, task)]
+                 for r in _representations(ctx, task, scope=ctx.scope(task.task_id))]
         file = ctx.task_dir(task) / "basis.safetensors"
         with atomic_path(file) as partial:
             save_file({f"layer{layer}": b.contiguous() for layer, b in enumerate(bases)}, str(partial))

@@ -13,8 +13,8 @@ which is 1 when task n's inputs lie inside task i's subspace and ~sqrt(r/d)
 for unrelated directions. The top-K earlier tasks are selected. By default
 (`method.selection.route=earlier`) `R_n` is read along task i's path with the
 token rows of the tasks up to i, the network `U_i` was read from, so both live
-in one space; `own` reads it along
-the new task's path (the stage chooses, dmea_dist.stages.select).
+in one space; `own` reads it along the new task's path (the stage chooses,
+dmea_dist.stages.select).
 
 A sample's representation at a layer is the mean of its non-padding token
 states there (one column per sample), which keeps the matrix (d_model, N)
@@ -90,7 +90,7 @@ def collect_representations(model, batches, *, path: Sequence[int] | None, n_sam
 
     `batches` yields dicts with input_ids and attention_mask (one task); the
     model runs along `path`, seeing the token rows of the tasks in `scope`
-    (None: the active scope, every row unless one is set).
+    (None: every task's rows).
     """
     columns: list[list[torch.Tensor]] | None = None
     seen = 0
@@ -98,8 +98,8 @@ def collect_representations(model, batches, *, path: Sequence[int] | None, n_sam
     model.eval()
     for batch in batches:
         mask = batch["attention_mask"].unsqueeze(-1).to(torch.float32)  # (batch, seq, 1)
-        with model.capture_block_inputs() as rec:
-            model(batch["input_ids"], attention_mask=batch["attention_mask"], path=path, scope=scope)
+        with model.capture_block_inputs() as rec, model.only_rows_of(scope):
+            model(batch["input_ids"], attention_mask=batch["attention_mask"], path=path)
         if columns is None:
             columns = [[] for _ in rec.layers]
         for layer, states in enumerate(rec.layers):  # states: (batch, seq, d_model)

@@ -534,8 +534,9 @@ def test_selection_reads_the_new_tasks_inputs_along_the_route_it_is_set_to(tmp_p
     sims = stages.select(ctx, task)["similarity"]
     for old in ctx.run.tasks[:2]:
         path = ctx.path(old.task_id if route == "earlier" else task.task_id)
+        scope = ctx.scope(old.task_id) if route == "earlier" else None  # None: every row
         reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
-                                                 path=path, n_samples=n)
+                                                 path=path, n_samples=n, scope=scope)
         bases = stages._basis(ctx, old)
         reference = np.mean([selection.projection_ratio(b, r) for b, r in zip(bases, reps, strict=True)])
         assert sims[old.task_id] == pytest.approx(reference, abs=1e-6)
@@ -543,7 +544,7 @@ def test_selection_reads_the_new_tasks_inputs_along_the_route_it_is_set_to(tmp_p
     clean = {}
     for old in ctx.run.tasks[:2]:
         reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
-                                                 path=ctx.path(old.task_id), n_samples=n)
+                                                 path=ctx.path(old.task_id), n_samples=n, scope=ctx.scope(old.task_id))
         clean[old.task_id] = selection.task_similarity(stages._basis(ctx, old), reps)
     moved = max(abs(sims[t] - clean[t]) for t in clean)
     assert (moved < 1e-6) if route == "earlier" else (moved > 1e-3)
