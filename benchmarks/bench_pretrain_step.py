@@ -9,6 +9,10 @@ data-parallel processes would do).
 
     python benchmarks/bench_pretrain_step.py
     python benchmarks/bench_pretrain_step.py --settings 2x32,1x32,1x16 --steps 50
+    python benchmarks/bench_pretrain_step.py --settings 2x32 --variants fp32,bf16,fused,fp32   # alternating
+
+Variants: fp32 (what pretrain_lm does), bf16 (the forward under CPU autocast to bfloat16: AVX-512 BF16 and
+AMX do bf16 products in hardware), fused (AdamW's fused CPU kernel instead of its per-tensor loop).
 """
 
 from __future__ import annotations
@@ -24,20 +28,23 @@ MODEL = {"n_layer": 4, "n_embd": 64, "n_head": 4, "n_positions": 128, "activatio
          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 STEP = r"""
-import json, sys, time, torch
+import contextlib, json, sys, time, torch
 from transformers import GPT2Config, GPT2LMHeadModel
 threads, batch, steps, vocab = (int(a) for a in sys.argv[1:5])
+variant = sys.argv[6]
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 cfg = GPT2Config(vocab_size=vocab, bos_token_id=0, eos_token_id=0, **json.loads(sys.argv[5]))
 model = GPT2LMHeadModel(cfg)
 model.loss_type = "ForCausalLM"
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True if variant == "fused" else None)
+autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant == "bf16" else contextlib.nullcontext
 x = torch.randint(0, vocab, (batch, 64))
 for i in range(steps + 10):
     if i == 10:
         start = time.perf_counter()
-    loss = model(input_ids=x, labels=x).loss
+    with autocast():
+        loss = model(input_ids=x, labels=x).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -51,15 +58,22 @@ def main() -> None:
     ap.add_argument("--settings", default="2x32,1x32,1x16", help="THREADSxBATCH, comma-separated")
     ap.add_argument("--steps", type=int, default=50, help="timed steps per setting (after 10 untimed)")
     ap.add_argument("--vocab", type=int, default=730)
+    ap.add_argument("--variants", default="fp32", help="fp32, bf16 or fused, comma-separated, run in this order")
     args = ap.parse_args()
-    print("| threads | batch (64-token windows) | ms per step |")
-    print("| --- | --- | --- |")
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - {"fp32", "bf16", "fused"})
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from fp32, bf16, fused")
+    print("| threads | batch (64-token windows) | variant | ms per step |")
+    print("| --- | --- | --- | --- |")
     for setting in args.settings.split(","):
         threads, batch = setting.split("x")
-        out = subprocess.run([sys.executable, "-c", STEP, threads, batch, str(args.steps), str(args.vocab),
-                              json.dumps(MODEL)],
-                             capture_output=True, text=True, check=True)
-        print(f"| {threads} | {batch} | {float(out.stdout.strip().splitlines()[-1]):.1f} |", flush=True)
+        for variant in variants:
+            out = subprocess.run([sys.executable, "-c", STEP, threads, batch, str(args.steps), str(args.vocab),
+                                  json.dumps(MODEL), variant],
+                                 capture_output=True, text=True, check=True)
+            print(f"| {threads} | {batch} | {variant} | {float(out.stdout.strip().splitlines()[-1]):.1f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
