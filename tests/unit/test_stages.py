@@ -500,6 +500,17 @@ def test_usable_transfer_under_random_selection_stands_in_from_the_unselected_ta
     assert ts.transfer == [TASKS[1]]
 
 
+def _read_directly(ctx, task, path, scope) -> list[torch.Tensor]:
+    """The new task's per-layer representations along `path` with the rows of `scope` (None: every row),
+    collected without the stage."""
+    from dmea_dist.data.formatting import collate
+    from dmea_dist.method import selection
+
+    n = ctx.settings.selection.n_samples
+    return selection.collect_representations(ctx.run.model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
+                                             path=path, n_samples=n, scope=scope)
+
+
 def _at_select(tmp_path, route: str):
     """A dmea run stopped at the last task's SELECT, its new layer-0 module (its own path's) set to noise."""
     config = _config(tmp_path, "dmea")
@@ -526,25 +537,22 @@ def test_selection_reads_the_new_tasks_inputs_along_the_route_it_is_set_to(tmp_p
     path, so the new task's own modules cannot move it; `own` reads them along the new path. Reference: the
     representations collected directly, projected onto the stored bases."""
     from dmea_dist import stages
-    from dmea_dist.data.formatting import collate
     from dmea_dist.method import selection
 
     ctx = _at_select(tmp_path, route)
-    task, model, n = ctx.run.tasks[2], ctx.run.model, ctx.settings.selection.n_samples
+    task = ctx.run.tasks[2]
     sims = stages.select(ctx, task)["similarity"]
     for old in ctx.run.tasks[:2]:
         path = ctx.path(old.task_id if route == "earlier" else task.task_id)
         scope = ctx.scope(old.task_id) if route == "earlier" else None  # None: every row
-        reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
-                                                 path=path, n_samples=n, scope=scope)
+        reps = _read_directly(ctx, task, path, scope)
         bases = stages._basis(ctx, old)
         reference = np.mean([selection.projection_ratio(b, r) for b, r in zip(bases, reps, strict=True)])
         assert sims[old.task_id] == pytest.approx(reference, abs=1e-6)
     # the noise in the new module moves what `own` reads, not what `earlier` reads
     clean = {}
     for old in ctx.run.tasks[:2]:
-        reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
-                                                 path=ctx.path(old.task_id), n_samples=n, scope=ctx.scope(old.task_id))
+        reps = _read_directly(ctx, task, ctx.path(old.task_id), ctx.scope(old.task_id))
         clean[old.task_id] = selection.task_similarity(stages._basis(ctx, old), reps)
     moved = max(abs(sims[t] - clean[t]) for t in clean)
     assert (moved < 1e-6) if route == "earlier" else (moved > 1e-3)
@@ -557,7 +565,6 @@ def test_selection_along_an_earlier_path_sees_only_the_token_rows_that_earlier_t
     inputs, set to noise) move task 1's similarity, not task 0's, also where task 1 reused task 0's whole path.
     Reference: the representations collected directly in each task's scope, projected onto the stored bases."""
     from dmea_dist import stages
-    from dmea_dist.data.formatting import collate
     from dmea_dist.method import selection
 
     ctx = _at_select(tmp_path, "earlier")
@@ -572,8 +579,7 @@ def test_selection_along_an_earlier_path_sees_only_the_token_rows_that_earlier_t
     sims = stages.select(ctx, task)["similarity"]
 
     def reference(old, scope):
-        reps = selection.collect_representations(model, [collate(task.train[0][:n], pad_id=ctx.special.pad)],
-                                                 path=ctx.path(old.task_id), n_samples=n, scope=scope)
+        reps = _read_directly(ctx, task, ctx.path(old.task_id), scope)
         return selection.task_similarity(stages._basis(ctx, old), reps)
 
     for old in ctx.run.tasks[:2]:
