@@ -26,7 +26,8 @@ synthetic tasks, dmea, seeds 0-2; also selection precision@K against the generat
 ({dmea, acm, dmea without gradient scaling} x seeds 0-4), route (dmea with method.selection.route own and
 earlier: synth10 seeds 0-4 and RNNLG+E2E seed 0, both orders), route-s123 (the same on RNNLG+E2E seeds 1-3), gamma (dmea
 with method.adaptation.gamma=0.5, both orders, seeds 0-3), gamma1 (dmea at
-1.0), gamma-acm (acm at 0.5, seeds 0-3). Run dirs: OUT/runs/<label>; logs:
+1.0), gamma-acm (acm at 0.5, seeds 0-3), split-all (dmea with method.adaptation.pseudo_split=all, both orders,
+seeds 0-3). Run dirs: OUT/runs/<label>; logs:
 OUT/logs/<label>.log. Wall time is the sum of the stage seconds in state.json (lifecycle.json in older checkouts) (backbone
 pretraining, which is cached per config and seed, is not a stage and is not counted; "process s" is the
 whole subprocess, pretraining included, as execute() recorded it in the run dir's command.txt). After the
@@ -129,6 +130,11 @@ def matrix(synth_config: str) -> dict[str, list[Run]]:
                         for seed in (0, 1, 2, 3) for order, cfg in ORDERS.items()]
     groups["gamma-acm"] = [(f"gamma-{order}-acm-0.5-s{seed}", "acm, gamma 0.5", cfg, order, seed,
                             ["method.name=acm", "method.adaptation.gamma=0.5"])
+                           for seed in (0, 1, 2, 3) for order, cfg in ORDERS.items()]
+    # the pseudo-sample budget split the old way (one gamma * N over replayed and selected tasks alike), both
+    # orders, seeds 0-3; compare with main-*-dmea-s* (replay's budget over the replayed tasks, RESULTS 0g)
+    groups["split-all"] = [(f"split-{order}-dmea-all-s{seed}", "dmea, one budget for all", cfg, order, seed,
+                            ["method.name=dmea", "method.adaptation.pseudo_split=all"])
                            for seed in (0, 1, 2, 3) for order, cfg in ORDERS.items()]
     for m, o in (("dmea", ["method.name=dmea"]), ("acm", ["method.name=acm"]),
                  ("dmea-no-gs", ["method.name=dmea", "method.adaptation.gradient_scaling=false"])):

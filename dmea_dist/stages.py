@@ -50,6 +50,7 @@ from dmea_dist.method import expansion, selection
 from dmea_dist.method.adaptation import AdaptJob
 from dmea_dist.method.generation import (
     pseudo_sample_counts,
+    pseudo_sample_plan,
     read_pseudo_samples,
     write_pseudo_samples,
     yield_warnings,
@@ -272,18 +273,24 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
     earlier = [t.task_id for t in ctx.earlier(task)]
     transfer = ts.selected if policy.transfer else []
     replay = replay_tasks(policy=policy, new_path=ctx.path(task.task_id), paths=ctx.run.model.paths, earlier=earlier)
-    wanted = sorted(set(transfer) | set(replay), key=earlier.index)
-    n = pseudo_sample_counts(ad.gamma, len(task.rows["train"]), len(wanted), budget=ad.pseudo_budget)
+    n_train = len(task.rows["train"])
+    sizes = pseudo_sample_plan(ad.gamma, n_train, replay=replay, transfer=transfer, budget=ad.pseudo_budget,
+                               split=ad.pseudo_split)
+    wanted = sorted(sizes, key=earlier.index)
+    # a task that stands in for a selected one the gate dropped (transfer=usable) is drawn at a selected task's count
+    stand_in = (pseudo_sample_counts(ad.gamma, n_train, len(transfer), budget=ad.pseudo_budget)
+                if ad.pseudo_split == "by_use" else max(sizes.values(), default=0))
     summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "yield": {}, "fidelity": {},
                "warnings": []}
     rec = ctx.record(task)
 
     def draw(tasks: list[str]) -> None:
-        """Generate n pseudo samples of each of `tasks` along its own path; record and store them."""
-        requests = [GenerateRequest(task_id=old, task_index=earlier.index(old), path=ctx.path(old), n=n,
-                                    seed=ctx.settings.train.seed + task.index, scope=ctx.scope(old))
-                    for old in tasks]
-        for out in ctx.kernels.generate(ctx.run.model, requests) if requests and n else []:
+        """Generate pseudo samples of each of `tasks` along its own path; record and store them."""
+        requests = [GenerateRequest(task_id=old, task_index=earlier.index(old), path=ctx.path(old),
+                                    n=sizes.get(old, stand_in), seed=ctx.settings.train.seed + task.index,
+                                    scope=ctx.scope(old))
+                    for old in tasks if sizes.get(old, stand_in)]
+        for out in ctx.kernels.generate(ctx.run.model, requests) if requests else []:
             counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
                       "kept": len(out.rows), "truncated": out.truncated,
                       **{f"dropped_{why}": k for why, k in out.reasons.items()}}  # why the others were dropped

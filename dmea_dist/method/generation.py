@@ -77,6 +77,26 @@ def pseudo_sample_counts(gamma: float, n_train: int, n_tasks: int, *, budget: st
     return total if budget == "per_task" else max(1, total // n_tasks)
 
 
+def pseudo_sample_plan(gamma: float, n_train: int, *, replay: Sequence[str], transfer: Sequence[str],
+                       budget: str = "total", split: str = "by_use") -> dict[str, int]:
+    """Pseudo samples to draw of each earlier task replayed or selected for transfer (replay's order, then
+    transfer's).
+
+    split "by_use": replay's budget is split over the replayed tasks (ACM's, whatever is selected besides) and
+    transfer's over the selected tasks; a task in both is drawn once, at the larger count. "all": one budget
+    over every task drawn, so a selected task takes its share from the replayed ones.
+    """
+    if split not in ("by_use", "all"):
+        raise ValueError(f"pseudo_split {split!r} unknown; choose by_use or all")
+    wanted = list(dict.fromkeys([*replay, *transfer]))
+    if split == "all":
+        n = pseudo_sample_counts(gamma, n_train, len(wanted), budget=budget)
+        return dict.fromkeys(wanted, n)
+    n_replay = pseudo_sample_counts(gamma, n_train, len(replay), budget=budget)
+    n_transfer = pseudo_sample_counts(gamma, n_train, len(transfer), budget=budget)
+    return {t: max(n_replay if t in replay else 0, n_transfer if t in transfer else 0) for t in wanted}
+
+
 def yield_warnings(out: PseudoSamples, *, min_yield: float, new_task: str) -> list[str]:
     """What a user must hear about a task's pseudo samples: low yield, a shortfall, none at all."""
     warnings = []

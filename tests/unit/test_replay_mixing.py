@@ -9,7 +9,12 @@ import torch
 
 from dmea_dist.data.formatting import BatchStream, Example
 from dmea_dist.method.adaptation import step_plan
-from dmea_dist.method.generation import PseudoSamples, pseudo_sample_counts, yield_warnings
+from dmea_dist.method.generation import (
+    PseudoSamples,
+    pseudo_sample_counts,
+    pseudo_sample_plan,
+    yield_warnings,
+)
 
 
 def test_alternate_takes_one_replay_batch_per_step_round_robin():
@@ -48,6 +53,24 @@ def test_pseudo_sample_budget_is_gamma_n_in_total_by_default():
     assert pseudo_sample_counts(0.2, 400, 3, budget="per_task") == 80
     assert pseudo_sample_counts(0.2, 10, 5) == 1  # at least one each
     assert pseudo_sample_counts(0.0, 400, 3) == 0 and pseudo_sample_counts(0.2, 400, 0) == 0
+
+
+def test_a_selected_task_does_not_take_its_samples_from_the_replay_budget():
+    """ACM's budget is gamma * N over the tasks it replays: DMEA's transfer draws come on top, not out of it."""
+    # the new task trains restaurant's whole path and selects e2e and restaurant (ABCDE's hotel): 80 for
+    # restaurant's replay alone, 80 / 2 for each selected task; restaurant is drawn once, at the larger count
+    plan = pseudo_sample_plan(0.2, 400, replay=["restaurant"], transfer=["e2e", "restaurant"])
+    assert plan == {"restaurant": 80, "e2e": 40}
+    # "all" (the split before 2026-12-08): one 80 over both, so the replayed task got 40
+    assert pseudo_sample_plan(0.2, 400, replay=["restaurant"], transfer=["e2e", "restaurant"], split="all") == \
+        {"restaurant": 40, "e2e": 40}
+    # two replayed and one selected task that is neither: the replayed share 80 / 2 whatever is selected
+    assert pseudo_sample_plan(0.2, 400, replay=["a", "b"], transfer=["c"]) == {"a": 40, "b": 40, "c": 80}
+    assert pseudo_sample_plan(0.2, 400, replay=["a", "b"], transfer=[]) == {"a": 40, "b": 40}  # acm: as before
+    assert pseudo_sample_plan(0.2, 400, replay=["a"], transfer=["c"], budget="per_task") == {"a": 80, "c": 80}
+    assert pseudo_sample_plan(0.0, 400, replay=["a"], transfer=["c"]) == {"a": 0, "c": 0}
+    with pytest.raises(ValueError, match="pseudo_split"):
+        pseudo_sample_plan(0.2, 400, replay=["a"], transfer=[], split="even")
 
 
 def test_shortfalls_and_low_yield_are_said():

@@ -462,6 +462,33 @@ def test_gated_transfer_leaves_out_a_selected_task_whose_pseudo_samples_mostly_f
         assert f"transfer:{TASKS[0]}" in keys and ts.transfer == [TASKS[0]]
 
 
+@pytest.mark.parametrize("split", ["by_use", "all"])
+def test_the_replayed_tasks_share_the_replay_budget_whatever_is_selected_besides(tmp_path, split):
+    """The last task replays both earlier tasks (the fake search shares every layer but the first) and selects
+    one: its replay budget, gamma * N, is split over the two replayed tasks, and the selected one is drawn at
+    the transfer budget; under split "all" one budget is split over every task drawn."""
+    config = _config(tmp_path, "dmea", adaptation={"gamma": 1.0, "pseudo_split": split})
+    run_dir, made = tmp_path / split, []
+    run = _run(config, run_dir)
+
+    def kernels(run, progress):
+        made.append(FakeKernels(run))
+        return made[-1]
+
+    coordinator = Coordinator(config, run_dir, kernels_factory=kernels, run=run)
+    while not coordinator.state.done:
+        coordinator.step()
+    ts, kernels = coordinator.state.tasks[2], made[0]
+    budget = len(run.tasks[2].rows["train"])  # gamma 1: N pseudo samples
+    assert budget >= 4 and set(ts.selected) < {TASKS[0], TASKS[1]}
+    (selected,), (other,) = ts.selected, {TASKS[0], TASKS[1]} - set(ts.selected)
+    asked = {r.task_id: r.n for r in kernels.generate_requests[-2:]}
+    if split == "by_use":
+        assert asked == {selected: budget, other: budget // 2}
+    else:
+        assert asked == {selected: budget // 2, other: budget // 2}
+
+
 def test_usable_transfer_takes_the_next_task_in_selection_order_when_a_selected_one_fails_the_gate(tmp_path):
     """transfer=usable: the selected task's samples fail the gate, so the next task in selection's order is
     drawn and transferred in its place (gated transfers nothing here: the test above)."""
@@ -833,8 +860,8 @@ class ShortKernels(FakeKernels):
 
 
 def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path):
-    """Per replayed or transferred task: requested (gamma * N in all, split over them), generated, well formed,
-    kept, yield and fidelity (the share of kept answers that realise their own input); the clamp rate; and a
+    """Per replayed or transferred task: requested (replay's gamma * N split over the replayed tasks, a selected
+    task at least transfer's, gamma * N split over the selected), generated, well formed, kept, yield and fidelity (the share of kept answers that realise their own input); the clamp rate; and a
     warning for a task replayed with fewer samples than it asked for."""
     import math
 
@@ -849,8 +876,11 @@ def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path)
     m, n_train, gamma = record["metrics"], 12, config.method.adaptation.gamma
     drawn = sorted(ts.pseudo)
     assert drawn == sorted(TASKS[:2])  # both earlier tasks: hotel.00 replayed and selected, listops.00 replayed
-    asked = max(1, math.ceil(gamma * n_train) // len(drawn))
+    budget = math.ceil(gamma * n_train)
+    shares = {TASKS[0]: max(budget // 2, budget), TASKS[1]: budget // 2}  # replayed by both, selected: TASKS[0]
+    assert ts.selected == [TASKS[0]]
     for t in drawn:
+        asked = shares[t]
         kept = 2 * asked // 3
         assert m[f"pseudo.requested.{t}"] == asked and m[f"pseudo.generated.{t}"] == asked
         assert m[f"pseudo.well_formed.{t}"] == kept and m[f"pseudo.kept.{t}"] == kept
@@ -858,7 +888,7 @@ def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path)
         assert m[f"pseudo.fidelity.{t}"] == pytest.approx(math.ceil(kept / 2) / kept)
         assert any(f"pseudo samples of {t}" in w and f"{kept} of {asked} requested" in w
                    for w in record["params"]["warnings"])
-    assert sum(m[f"pseudo.requested.{t}"] for t in drawn) <= math.ceil(gamma * n_train)
+    assert m[f"pseudo.requested.{TASKS[1]}"] * len(drawn) <= budget  # the replay-only task: its share of replay's
     assert m["eta_clamp_rate"] == pytest.approx(0.25)
 
 
