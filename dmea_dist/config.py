@@ -275,12 +275,12 @@ class AdaptationConfig:
     """Stage 3: train the new task with transfer and replay, balanced by gradient scaling."""
 
     epochs: float = 9.0
-    gamma: float = 0.2  # pseudo samples = gamma * new task's training size (see pseudo_budget)
+    gamma: float = 0.2  # pseudo samples = gamma * new task's training size, per use (see pseudo_budget, pseudo_split)
     pseudo_budget: Literal["total", "per_task"] = "total"  # total: split over the old tasks (LAMOL/ACM)
-    # which tasks share a "total" budget: by_use, replay's gamma * N over the replayed tasks (ACM's budget, whatever
-    # is selected) and transfer's over the selected tasks, a task in both drawn once at the larger count; all, one
-    # gamma * N over every task drawn (before 2026-12-08: a selected task took its share from the replayed ones,
-    # even when the transfer gate then dropped it; docs/RESULTS.md section 0g)
+    # which tasks share a "total" budget: by_use, gamma * N for replay split over the replayed tasks (ACM's split)
+    # and gamma * N for transfer over the selected tasks, a task in both drawn once at the larger count and used
+    # whole by both; all, one gamma * N over every task drawn (before 2026-12-08: a selected task took its share
+    # from the replayed ones, even when the transfer gate then dropped it; docs/RESULTS.md section 0g)
     pseudo_split: Literal["by_use", "all"] = "by_use"
     # alternate: each step = one new-task batch + one batch of one replayed task, round-robin, reshuffled
     # every round (ACM's order), + one of one transfer stream by a second rotation where there are any

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -212,6 +213,13 @@ def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> 
         raise DmeaError(f"{run_dir} has no config.yaml: not a run directory; pass the folder `dmea run` printed")
     saved = yaml.safe_load(source.read_text())
     raw = yaml.safe_load(source.read_text())
+    for keys, old in ADDED_SINCE.items():  # a run written before such a key resumes as it started
+        if _missing(saved, keys):
+            for d in (saved, raw):
+                _put(d, keys, old)
+            if note:
+                print(f"note: {source} was written before {'.'.join(keys)} existed: the run resumes with "
+                      f"{old!r}, what it computed with", file=sys.stderr)
     for item in overrides:
         apply_override(raw, item, source=str(source))
     config = config_from_dict(raw, source=str(source))
@@ -241,6 +249,23 @@ def resume_config(run_dir: Path, overrides: list[str], *, note: bool = True) -> 
               f"training rank(s): its checkpoint (step {steps}) is of {ranks['before']} and continues only on as "
               f"many (resume without changing them to continue from it)", file=sys.stderr)
     return config
+
+
+# config keys added since runs were first written, with the value that computes what the code before them did
+ADDED_SINCE: dict[tuple[str, ...], Any] = {("method", "adaptation", "pseudo_split"): "all"}  # a520ff7, 2026-12-08
+
+
+def _missing(raw: dict, keys: tuple[str, ...]) -> bool:
+    """Whether the section holding `keys` is there and the key is not (a run's config.yaml holds every key)."""
+    for k in keys[:-1]:
+        raw = raw.get(k) if isinstance(raw, dict) else None
+    return isinstance(raw, dict) and keys[-1] not in raw
+
+
+def _put(raw: dict, keys: tuple[str, ...], value: Any) -> None:
+    for k in keys[:-1]:
+        raw = raw[k]
+    raw[keys[-1]] = value
 
 
 def _checkpointed_steps(run_dir: Path) -> int | None:

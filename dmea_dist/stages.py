@@ -284,12 +284,13 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
                "warnings": []}
     rec = ctx.record(task)
 
-    def draw(tasks: list[str]) -> None:
-        """Generate pseudo samples of each of `tasks` along its own path; record and store them."""
+    def draw(tasks: list[str], n: int | None = None) -> None:
+        """Generate pseudo samples of each of `tasks` along its own path (n each, default its planned count);
+        record and store them."""
         requests = [GenerateRequest(task_id=old, task_index=earlier.index(old), path=ctx.path(old),
-                                    n=sizes.get(old, stand_in), seed=ctx.settings.train.seed + task.index,
+                                    n=sizes[old] if n is None else n, seed=ctx.settings.train.seed + task.index,
                                     scope=ctx.scope(old))
-                    for old in tasks if sizes.get(old, stand_in)]
+                    for old in tasks if (sizes[old] if n is None else n)]
         for out in ctx.kernels.generate(ctx.run.model, requests) if requests else []:
             counts = {"requested": out.requested, "generated": out.generated, "well_formed": out.well_formed,
                       "kept": len(out.rows), "truncated": out.truncated,
@@ -327,7 +328,8 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
         while len(ts.transfer) < len(transfer) and waiting:
             short = len(transfer) - len(ts.transfer)
             batch, waiting = waiting[:short], waiting[short:]
-            draw([t for t in batch if t not in summary["yield"]])  # a replayed task's samples exist already
+            # a replayed task's samples exist already: drawn again only where a selected task's count is larger
+            draw([t for t in batch if t not in summary["yield"] or sizes.get(t, 0) < stand_in], n=stand_in)
             ts.transfer += [t for t in batch if usable(t)]
             tried += batch
     for t in tried:

@@ -82,9 +82,10 @@ def pseudo_sample_plan(gamma: float, n_train: int, *, replay: Sequence[str], tra
     """Pseudo samples to draw of each earlier task replayed or selected for transfer (replay's order, then
     transfer's).
 
-    split "by_use": replay's budget is split over the replayed tasks (ACM's, whatever is selected besides) and
-    transfer's over the selected tasks; a task in both is drawn once, at the larger count. "all": one budget
-    over every task drawn, so a selected task takes its share from the replayed ones.
+    split "by_use": replay's budget is split over the replayed tasks (ACM's split; a replay-only task's share
+    does not depend on what is selected) and transfer's over the selected tasks; a task in both is drawn once,
+    at the larger count, and both uses take all of it. "all": one budget over every task drawn, so a selected
+    task takes its share from the replayed ones.
     """
     if split not in ("by_use", "all"):
         raise ValueError(f"pseudo_split {split!r} unknown; choose by_use or all")

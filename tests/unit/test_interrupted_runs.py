@@ -191,6 +191,26 @@ def test_resume_on_other_ranks_says_the_adaptation_it_stopped_in_starts_again(tm
     assert capsys.readouterr().err == ""
 
 
+def test_a_run_written_before_a_config_key_existed_resumes_with_what_it_computed(tmp_path, capsys):
+    """method.adaptation.pseudo_split (a520ff7) changed what DMEA's generation asks for; a run whose config.yaml
+    predates it resumes with the split it started with ("all"), not the new default, and says so."""
+    import yaml
+
+    from dmea_dist.preflight import resume_config
+
+    run_dir = _stopped_run(tmp_path)
+    assert resume_config(run_dir, []).method.adaptation.pseudo_split == "by_use"  # written by this code: its own
+    assert "written before" not in capsys.readouterr().err
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del raw["method"]["adaptation"]["pseudo_split"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert resume_config(run_dir, []).method.adaptation.pseudo_split == "all"
+    assert "written before method.adaptation.pseudo_split existed: the run resumes with 'all'" in \
+        capsys.readouterr().err
+    assert resume_config(run_dir, [], note=False).method.adaptation.pseudo_split == "all"
+    assert capsys.readouterr().err == ""
+
+
 def test_a_run_stopped_by_ctrl_c_says_where_in_one_line_without_stopped_twice(capsys):
     from dmea_dist.driver import RunStopped, report_error
 

@@ -492,7 +492,7 @@ def test_the_replayed_tasks_share_the_replay_budget_whatever_is_selected_besides
 def test_usable_transfer_takes_the_next_task_in_selection_order_when_a_selected_one_fails_the_gate(tmp_path):
     """transfer=usable: the selected task's samples fail the gate, so the next task in selection's order is
     drawn and transferred in its place (gated transfers nothing here: the test above)."""
-    config = _config(tmp_path, "dmea", adaptation={"transfer": "usable", "min_yield": 0.9})
+    config = _config(tmp_path, "dmea", adaptation={"transfer": "usable", "min_yield": 0.9, "gamma": 1.0})
     run_dir, made = tmp_path / "usable", []
 
     def kernels(run, progress):
@@ -510,6 +510,12 @@ def test_usable_transfer_takes_the_next_task_in_selection_order_when_a_selected_
     assert record["params"]["transfer"] == [TASKS[1]] and record["params"]["selected"] == [TASKS[0]]
     assert any(TASKS[0] in w and "not transferred" in w for w in record["params"]["warnings"])
     assert f"pseudo.yield.{TASKS[1]}" in record["metrics"]  # the stand-in's draw is recorded like any other
+    # the stand-in is replayed too (its share of replay's budget: N / 2) and is drawn again at a selected task's
+    # count (transfer's budget over one selected task: N), which its replay then uses as well
+    budget = len(coordinator.ctx.run.tasks[2].rows["train"])
+    assert [(r.task_id, r.n) for r in made[0].generate_requests[-3:]] == \
+        [(TASKS[0], budget), (TASKS[1], budget // 2), (TASKS[1], budget)]
+    assert record["metrics"][f"pseudo.requested.{TASKS[1]}"] == budget
 
 
 def test_usable_transfer_under_random_selection_stands_in_from_the_unselected_tasks(tmp_path):
@@ -877,7 +883,8 @@ def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path)
     drawn = sorted(ts.pseudo)
     assert drawn == sorted(TASKS[:2])  # both earlier tasks: hotel.00 replayed and selected, listops.00 replayed
     budget = math.ceil(gamma * n_train)
-    shares = {TASKS[0]: max(budget // 2, budget), TASKS[1]: budget // 2}  # replayed by both, selected: TASKS[0]
+    # both replayed (replay's budget over two); TASKS[0] also selected (transfer's over one), at the larger count
+    shares = {TASKS[0]: budget, TASKS[1]: budget // 2}
     assert ts.selected == [TASKS[0]]
     for t in drawn:
         asked = shares[t]
