@@ -49,9 +49,9 @@ from dmea_dist.kernels import (
 from dmea_dist.method import expansion, selection
 from dmea_dist.method.adaptation import AdaptJob
 from dmea_dist.method.generation import (
-    pseudo_sample_counts,
     pseudo_sample_plan,
     read_pseudo_samples,
+    stand_in_count,
     write_pseudo_samples,
     yield_warnings,
 )
@@ -277,9 +277,8 @@ def generate(ctx: RunContext, task: Task) -> dict[str, Any]:
     sizes = pseudo_sample_plan(ad.gamma, n_train, replay=replay, transfer=transfer, budget=ad.pseudo_budget,
                                split=ad.pseudo_split)
     wanted = sorted(sizes, key=earlier.index)
-    # a task that stands in for a selected one the gate dropped (transfer=usable) is drawn at a selected task's count
-    stand_in = (pseudo_sample_counts(ad.gamma, n_train, len(transfer), budget=ad.pseudo_budget)
-                if ad.pseudo_split == "by_use" else max(sizes.values(), default=0))
+    stand_in = stand_in_count(sizes, ad.gamma, n_train, transfer=transfer, budget=ad.pseudo_budget,
+                              split=ad.pseudo_split)
     summary = {"transfer": transfer, "replay": replay, "pseudo_samples": {}, "yield": {}, "fidelity": {},
                "warnings": []}
     rec = ctx.record(task)

@@ -98,6 +98,15 @@ def pseudo_sample_plan(gamma: float, n_train: int, *, replay: Sequence[str], tra
     return {t: max(n_replay if t in replay else 0, n_transfer if t in transfer else 0) for t in wanted}
 
 
+def stand_in_count(plan: dict[str, int], gamma: float, n_train: int, *, transfer: Sequence[str],
+                   budget: str = "total", split: str = "by_use") -> int:
+    """The count of a task drawn in place of a selected one the transfer gate dropped (`transfer=usable`): a
+    selected task's share of transfer's budget ("by_use"), or the one share of `plan` ("all")."""
+    if split == "all":
+        return max(plan.values(), default=0)
+    return pseudo_sample_counts(gamma, n_train, len(transfer), budget=budget)
+
+
 def yield_warnings(out: PseudoSamples, *, min_yield: float, new_task: str) -> list[str]:
     """What a user must hear about a task's pseudo samples: low yield, a shortfall, none at all."""
     warnings = []

@@ -13,6 +13,7 @@ from dmea_dist.method.generation import (
     PseudoSamples,
     pseudo_sample_counts,
     pseudo_sample_plan,
+    stand_in_count,
     yield_warnings,
 )
 
@@ -71,6 +72,11 @@ def test_a_selected_task_does_not_take_its_samples_from_the_replay_budget():
     assert pseudo_sample_plan(0.0, 400, replay=["a"], transfer=["c"]) == {"a": 0, "c": 0}
     with pytest.raises(ValueError, match="pseudo_split"):
         pseudo_sample_plan(0.2, 400, replay=["a"], transfer=[], split="even")
+    # a stand-in for a selected task the gate dropped: a selected task's share (80 / 2), or "all"'s one share
+    plan = pseudo_sample_plan(0.2, 400, replay=["a"], transfer=["b", "c"])
+    assert stand_in_count(plan, 0.2, 400, transfer=["b", "c"]) == 40
+    old_plan = pseudo_sample_plan(0.2, 400, replay=["a"], transfer=["b", "c"], split="all")
+    assert stand_in_count(old_plan, 0.2, 400, transfer=["b", "c"], split="all") == 26  # 80 // 3
 
 
 def test_shortfalls_and_low_yield_are_said():

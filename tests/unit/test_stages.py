@@ -867,7 +867,8 @@ class ShortKernels(FakeKernels):
 
 def test_the_task_record_holds_what_generation_and_adaptation_measured(tmp_path):
     """Per replayed or transferred task: requested (replay's gamma * N split over the replayed tasks, a selected
-    task at least transfer's, gamma * N split over the selected), generated, well formed, kept, yield and fidelity (the share of kept answers that realise their own input); the clamp rate; and a
+    task at least transfer's, gamma * N split over the selected), generated, well formed, kept, yield and
+    fidelity (the share of kept answers that realise their own input); the clamp rate; and a
     warning for a task replayed with fewer samples than it asked for."""
     import math
 
